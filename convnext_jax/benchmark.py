@@ -1,0 +1,166 @@
+"""Benchmarks that print the figures recorded in docs/benchmarks.md (never timed tests).
+
+  python -m convnext_jax.benchmark forward [--model convnext_tiny] [--batch 8] [--size 224]
+      Forward img/s of the jitted Flax model beside PyTorch eager (transformers' ConvNext,
+      same weights) in this one process; float32.
+  python -m convnext_jax.benchmark convert [--model convnext_xlarge] [--workdir DIR]
+      Writes a random official .pth of the model, then times `convnext-convert import` and
+      `export` (official, timm, hf), each in a fresh process, with its peak resident memory.
+
+Needs torch (and transformers for `forward`); imports no TensorFlow.
+"""
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convnext_jax import convert
+from convnext_jax import models
+
+
+def _versions() -> str:
+  import torch  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  return (f'python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, '
+          f'torch {torch.__version__}, {os.cpu_count()} CPU cores, {platform.machine()}, '
+          f'jax backend {jax.default_backend()}')
+
+
+def _time_calls(fn, warmup: int, iters: int) -> float:
+  """Median seconds per call after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_forward(args):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  spec = models.get_spec(args.model)
+  config_cls, model_cls = ((transformers.ConvNextV2Config,
+                            transformers.ConvNextV2ForImageClassification) if spec.use_grn else
+                           (transformers.ConvNextConfig,
+                            transformers.ConvNextForImageClassification))
+  torch.manual_seed(0)
+  hf = model_cls(config_cls(hidden_sizes=list(spec.dims), depths=list(spec.depths),
+                            num_labels=1000, layer_norm_eps=1e-6)).eval()
+  _, params = convert.torch_to_flax(hf.state_dict())
+  params = jax.device_put(params)
+  images = np.random.default_rng(0).standard_normal(
+      (args.batch, 3, args.size, args.size)).astype(np.float32)
+  images_nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
+  images_torch = torch.from_numpy(images)
+
+  print(_versions())
+  print(f'{args.model} forward, batch {args.batch}, {args.size}x{args.size}, float32; torch '
+        f'threads {torch.get_num_threads()}; median of {args.iters} after {args.warmup} warm-up')
+  results = {}
+  variants = [('auto', models.compiler_options(), ''), ('auto', None, ', XLA default options'),
+              ('conv', models.compiler_options(), '')]
+  for impl, options, note in variants:
+    model = models.create_model(args.model, depthwise_impl=impl)
+    fn = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x),
+                 compiler_options=options)
+    logits = fn(params, images_nhwc).block_until_ready()
+    seconds = _time_calls(lambda fn=fn: fn(params, images_nhwc).block_until_ready(),
+                          args.warmup, args.iters)
+    results[f'jax (depthwise {impl}{note})'] = (seconds, np.asarray(logits))
+  with torch.inference_mode():
+    torch_logits = hf(images_torch).logits.numpy()
+    seconds = _time_calls(lambda: hf(images_torch), args.warmup, args.iters)
+  results['torch eager (transformers)'] = (seconds, torch_logits)
+
+  torch_seconds = results['torch eager (transformers)'][0]
+  for name, (seconds, logits) in results.items():
+    diff = np.abs(logits - torch_logits).max()
+    print(f'  {name:42s} {args.batch / seconds:8.1f} img/s  {seconds * 1e3:8.1f} ms/batch  '
+          f'x{torch_seconds / seconds:5.2f} vs torch  max|dlogits| {diff:.1e}')
+
+
+def _child_peak_rss_mb(argv) -> tuple[float, float]:
+  """Runs argv in a fresh process; returns (seconds, peak RSS in MB of that process)."""
+  code = ('import resource, runpy, sys, time; sys.argv = sys.argv[1:]; t = time.perf_counter()\n'
+          'try:\n  runpy.run_module(sys.argv[0], run_name="__main__")\n'
+          'except SystemExit as e:\n  assert not e.code, e.code\n'
+          'print("BENCH", time.perf_counter() - t, '
+          'resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n')
+  result = subprocess.run([sys.executable, '-c', code, *argv], capture_output=True, text=True,
+                          check=False, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  if result.returncode:
+    raise RuntimeError(result.stderr)
+  line = [l for l in result.stderr.splitlines() if l.startswith('BENCH')][-1]
+  _, seconds, rss = line.split()
+  return float(seconds), float(rss)
+
+
+def bench_convert(args):
+  import torch  # pylint: disable=g-import-not-at-top
+
+  workdir = args.workdir or tempfile.mkdtemp(prefix='convnext_bench_')
+  src = os.path.join(workdir, f'{args.model}_official.pth')
+  print(_versions())
+  shapes = models.param_shapes(models.create_model(args.model))
+  maps = convert.layouts.tensor_maps(args.model, 1000, 'official')
+  rng = np.random.default_rng(0)
+  state_dict = {
+      m.torch_key: torch.from_numpy(
+          rng.standard_normal(m.torch_shape, dtype=np.float32) * np.float32(0.02))
+      for m in maps
+  }
+  torch.save({'model': state_dict}, src)
+  del state_dict
+  size_mb = os.path.getsize(src) / 2**20
+  print(f'{args.model}: {models.count_params(shapes):,} parameters, official .pth '
+        f'{size_mb:.0f} MB (float32); each step a fresh `python -m convnext_jax.convert` '
+        'process, time includes its imports')
+  ckpt = os.path.join(workdir, 'orbax')
+  steps = [('import official .pth -> orbax', ['import', src, ckpt]),
+           ('export orbax -> official .pth', ['export', ckpt, os.path.join(workdir, 'o.pth')]),
+           ('export orbax -> timm .safetensors',
+            ['export', ckpt, os.path.join(workdir, 'o.safetensors')]),
+           ('export orbax -> hf directory', ['export', ckpt, os.path.join(workdir, 'hf')])]
+  for name, argv in steps:
+    seconds, rss = _child_peak_rss_mb(['convnext_jax.convert', *argv, '--overwrite'])
+    print(f'  {name:36s} {seconds:6.1f} s   peak RSS {rss:7.0f} MB = '
+          f'{rss / size_mb:4.2f}x the checkpoint')
+  if not args.workdir:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(workdir)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m convnext_jax.benchmark')
+  sub = parser.add_subparsers(dest='command', required=True)
+  p = sub.add_parser('forward', help='Flax vs PyTorch eager forward throughput')
+  p.add_argument('--model', default='convnext_tiny', choices=models.list_models())
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--size', type=int, default=224)
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--iters', type=int, default=10)
+  p.set_defaults(run=bench_forward)
+  p = sub.add_parser('convert', help='conversion time and peak memory')
+  p.add_argument('--model', default='convnext_xlarge', choices=models.list_models())
+  p.add_argument('--workdir', help='keep the files here (default: a temporary directory)')
+  p.set_defaults(run=bench_convert)
+  args = parser.parse_args(argv)
+  args.run(args)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,135 @@
+"""`convnext-convert`: ConvNeXt weights between PyTorch files and orbax params checkpoints.
+
+  convnext-convert import SRC DEST [--model NAME] [--ema] [--overwrite]
+      SRC: official .pth ({'model': ...} / {'model_ema': ...}), timm .safetensors/.pth/.bin,
+      or a Hugging Face model directory. DEST: an orbax params checkpoint directory.
+  convnext-convert export SRC DEST [--layout official|timm|hf] [--overwrite]
+      SRC: an orbax params checkpoint. DEST: .pth (official), .safetensors (timm) or a
+      directory (Hugging Face); --layout overrides the guess from DEST's suffix.
+  convnext-convert inspect SRC
+      Prints what SRC holds: layout, model, classes, parameter count.
+
+Errors are one line on stderr with exit status 1; nothing is written unless conversion
+succeeded (outputs go to a temporary path and are renamed into place).
+"""
+
+import argparse
+import sys
+import time
+
+from convnext_jax import checkpoints
+from convnext_jax import models
+from convnext_jax.convert import files
+from convnext_jax.convert import layouts
+
+PROG = 'convnext-convert'
+
+
+def _guess_layout(dest: str) -> str:
+  if dest.endswith(files.PICKLE_SUFFIXES):
+    return 'official'
+  if dest.endswith(files.SAFETENSORS_SUFFIX):
+    return 'timm'
+  return 'hf'
+
+
+def run_import(args) -> str:
+  state_dict, info = files.load_torch_checkpoint(args.src, ema=args.ema)
+  try:
+    layout = layouts.detect_layout(layouts.strip_wrapper_prefix(state_dict))
+    model_name, params = layouts.torch_to_flax(state_dict, model_name=args.model, consume=True)
+  except layouts.ConversionError as e:
+    raise layouts.ConversionError(f'{args.src}: {e}') from None
+  del state_dict
+  num_classes = layouts.num_classes_of(params)
+  metadata = {
+      'model_name': model_name,
+      'num_classes': num_classes,
+      'class_names': info['class_names'],
+      'source': info['source'],
+      'source_layout': layout,
+      'ema': info['ema'],
+  }
+  checkpoints.save_params(args.dest, params, metadata, overwrite=args.overwrite)
+  weights = 'EMA' if info['ema'] else 'raw'
+  return (f'wrote {args.dest}: {model_name}, {num_classes} classes, {weights} weights '
+          f'from {layout} {args.src}')
+
+
+def run_export(args) -> str:
+  params, metadata = checkpoints.load_params(args.src)
+  model_name = metadata['model_name']
+  layout = args.layout or _guess_layout(args.dest)
+  num_classes = layouts.num_classes_of(params)
+  state_dict = layouts.flax_to_torch(params, model_name, layout)
+  del params
+  if layout == 'official':
+    files.save_official_pth(state_dict, args.dest, overwrite=args.overwrite)
+  elif layout == 'timm':
+    files.save_safetensors(state_dict, args.dest, overwrite=args.overwrite)
+  else:
+    files.save_hf_directory(state_dict, args.dest, model_name, num_classes,
+                            metadata.get('class_names'), overwrite=args.overwrite)
+  return f'wrote {args.dest}: {model_name}, {num_classes} classes, {layout} layout'
+
+
+def run_inspect(args) -> str:
+  if checkpoints.is_params_checkpoint(args.src):
+    params, metadata = checkpoints.load_params(args.src)
+    facts = dict(metadata, parameters=models.count_params(params))
+  else:
+    state_dict, info = files.load_torch_checkpoint(args.src, ema=args.ema)
+    state_dict = layouts.strip_wrapper_prefix(state_dict)
+    try:
+      layout = layouts.detect_layout(state_dict)
+      model_name, num_classes = layouts.detect_model(state_dict, layout)
+    except layouts.ConversionError as e:
+      raise layouts.ConversionError(f'{args.src}: {e}') from None
+    facts = dict(layout=layout, model_name=model_name, num_classes=num_classes,
+                 ema=info['ema'], parameters=models.count_params(state_dict))
+  return '\n'.join(f'{k}: {v}' for k, v in facts.items() if k != 'class_names')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog=PROG, description='Convert ConvNeXt weights between PyTorch and JAX/Flax.')
+  sub = parser.add_subparsers(dest='command', required=True)
+
+  p = sub.add_parser('import', help='PyTorch file or HF directory -> orbax params checkpoint')
+  p.add_argument('src', help='.pth/.bin/.safetensors file or Hugging Face model directory')
+  p.add_argument('dest', help='orbax checkpoint directory to create')
+  p.add_argument('--model', choices=models.list_models(), metavar='NAME',
+                 help='expected model name (default: detected from the weights)')
+  p.add_argument('--ema', action='store_true',
+                 help="take 'model_ema' from an official training checkpoint")
+  p.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')
+  p.set_defaults(run=run_import)
+
+  p = sub.add_parser('export', help='orbax params checkpoint -> PyTorch file or HF directory')
+  p.add_argument('src', help='orbax params checkpoint directory')
+  p.add_argument('dest', help='.pth (official), .safetensors (timm) or directory (hf)')
+  p.add_argument('--layout', choices=layouts.LAYOUTS,
+                 help='output key layout (default: from the suffix of DEST)')
+  p.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')
+  p.set_defaults(run=run_export)
+
+  p = sub.add_parser('inspect', help='describe a checkpoint')
+  p.add_argument('src', help='PyTorch file, HF directory or orbax params checkpoint')
+  p.add_argument('--ema', action='store_true', help="describe 'model_ema' of a .pth")
+  p.set_defaults(run=run_inspect)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  start = time.perf_counter()
+  try:
+    message = args.run(args)
+  except (layouts.ConversionError, checkpoints.CheckpointError, OSError) as e:
+    print(f'{PROG}: error: {e}', file=sys.stderr)
+    return 1
+  if args.command == 'inspect':
+    print(message)
+  else:
+    print(f'{message} ({time.perf_counter() - start:.1f} s)')
+  return 0

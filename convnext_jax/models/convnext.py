@@ -1,0 +1,207 @@
+"""ConvNeXt V1/V2 (hierarchical) and isotropic ConvNeXt as Flax linen modules.
+
+Liu et al., "A ConvNet for the 2020s" (2022); Woo et al., "ConvNeXt V2" (2023).
+
+Submodules are named after the official PyTorch modules (`downsample_layers.0.0`,
+`stages.1.2`, `dwconv`, `norm`, `pwconv1`, `gamma`, `grn`, `head`; isotropic: `stem`,
+`blocks.7`), so a parameter path joined with '.' is the official state-dict key with
+`kernel`/`scale` in place of `weight`. Conversion (`convnext_jax.convert`) relies on this.
+
+Inputs are NHWC images. `output` selects what `__call__` returns:
+  'logits'     (N, num_classes) float32 logits (pre-logits features when num_classes == 0);
+  'pre_logits' (N, C) pooled, normalised features, what the head sees;
+  'stages'     a tuple of the four stage feature maps (NHWC) for dense-prediction backbones;
+               isotropic models return a 1-tuple with the final feature map.
+"""
+
+from collections.abc import Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from convnext_jax.models import layers
+
+Dtype = Any
+OUTPUTS = ('logits', 'pre_logits', 'stages')
+
+
+class Block(nn.Module):
+  """dwconv 7x7 -> LayerNorm -> Linear C->4C -> GELU (erf) [-> GRN] -> Linear 4C->C
+  [-> * gamma] -> drop path -> + shortcut."""
+  dim: int
+  drop_path_rate: float = 0.0
+  layer_scale_init_value: float | None = 1e-6
+  use_grn: bool = False
+  norm_eps: float = 1e-6
+  depthwise_impl: str = 'auto'
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    dense = functools.partial(nn.Dense, kernel_init=layers.dense_init, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    shortcut = x
+    x = layers.DepthwiseConv(7, impl=self.depthwise_impl, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name='dwconv')(x)
+    x = _layer_norm(self.norm_eps, self.dtype, self.param_dtype, 'norm')(x)
+    x = dense(4 * self.dim, name='pwconv1')(x)
+    x = nn.gelu(x, approximate=False)
+    if self.use_grn:
+      x = layers.GlobalResponseNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name='grn')(x)
+    x = dense(self.dim, name='pwconv2')(x)
+    if self.layer_scale_init_value:
+      gamma = self.param('gamma', nn.initializers.constant(self.layer_scale_init_value),
+                         (self.dim,), self.param_dtype)
+      x = x * gamma.astype(x.dtype)
+    if train and self.drop_path_rate > 0.0:
+      # make_rng folds in this block's path, so every block draws its own mask.
+      x = layers.drop_path(x, self.drop_path_rate, self.make_rng('drop_path'))
+    return shortcut + x
+
+
+def _layer_norm(eps, dtype, param_dtype, name):
+  # Two-pass variance (E[(x - mean)^2]) as PyTorch computes it; the fast E[x^2] - mean^2 form
+  # loses precision when |mean| >> std, which ConvNeXt's stem activations do reach.
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
+
+
+def _drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
+  """Linearly increasing stochastic-depth rates, one per block in order (first is 0)."""
+  return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
+
+
+def _make_block(module, dim, drop_path_rate, name):
+  """A Block configured from `module`'s attributes, created in its (compact) scope."""
+  # `train` (argument 2, counting self) is a Python bool that selects code paths.
+  cls = nn.remat(Block, static_argnums=(2,)) if module.remat else Block
+  return cls(dim, drop_path_rate=drop_path_rate,
+             layer_scale_init_value=module.layer_scale_init_value, use_grn=module.use_grn,
+             norm_eps=module.norm_eps, depthwise_impl=module.depthwise_impl,
+             dtype=module.dtype, param_dtype=module.param_dtype, name=name)
+
+
+def _head(module, x, output):
+  """Global average pool -> LayerNorm `norm` -> Linear `head`, in `module`'s scope."""
+  # The mean over H*W positions runs in float32.
+  x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+  x = _layer_norm(module.norm_eps, module.dtype, module.param_dtype, 'norm')(x)
+  if output == 'pre_logits' or not module.num_classes:
+    return x
+  init = layers.scaled_init(layers.dense_init, module.head_init_scale)
+  # The bias is zero-initialised, so scaling it by head_init_scale is a no-op.
+  x = nn.Dense(module.num_classes, kernel_init=init, dtype=module.dtype,
+               param_dtype=module.param_dtype, name='head')(x)
+  return x.astype(jnp.float32)
+
+
+def _check_output(output):
+  if output not in OUTPUTS:
+    raise ValueError(f'output must be one of {OUTPUTS}, got {output!r}')
+
+
+class _ConvNeXtBase(nn.Module):
+  """Attributes and output shortcuts shared by the hierarchical and isotropic models.
+
+  Attributes:
+    num_classes: head outputs; 0 drops the head (pooled features are returned).
+    drop_path_rate: stochastic depth of the last block; rates grow linearly from 0.
+    layer_scale_init_value: init of the per-channel layer scale; 0/None disables it.
+    head_init_scale: multiplies the initial head weights and bias.
+    use_grn: ConvNeXt-V2 Global Response Norm in each block.
+    norm_eps: epsilon of every LayerNorm (1e-6; timm's xxlarge uses 1e-5).
+    remat: rematerialise each block in the backward pass (saves activation memory).
+    depthwise_impl: 'auto', 'conv' or 'shift'; see `layers.depthwise_conv2d`.
+    dtype: compute dtype (e.g. jnp.bfloat16); None follows the inputs and params.
+    param_dtype: parameter dtype.
+  """
+  num_classes: int = 1000
+  drop_path_rate: float = 0.0
+  layer_scale_init_value: float | None = 1e-6
+  head_init_scale: float = 1.0
+  use_grn: bool = False
+  norm_eps: float = 1e-6
+  remat: bool = False
+  depthwise_impl: str = 'auto'
+  dtype: Dtype | None = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def forward_features(self, x, train: bool = False):
+    """Pooled, normalised features (N, C), what the classifier head sees."""
+    return self(x, train, output='pre_logits')
+
+  def forward_stages(self, x, train: bool = False):
+    """The stage feature maps (NHWC), for detection and segmentation backbones."""
+    return self(x, train, output='stages')
+
+
+class ConvNeXt(_ConvNeXtBase):
+  """Hierarchical ConvNeXt (V1 with layer scale, V2 with GRN).
+
+  Attributes (besides those of `_ConvNeXtBase`):
+    depths: blocks per stage.
+    dims: channels per stage.
+  """
+  depths: Sequence[int] = (3, 3, 9, 3)
+  dims: Sequence[int] = (96, 192, 384, 768)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, output: str = 'logits'):
+    _check_output(output)
+    if len(self.depths) != len(self.dims):
+      raise ValueError(f'depths {tuple(self.depths)} and dims {tuple(self.dims)} differ in length')
+    norm = functools.partial(_layer_norm, self.norm_eps, self.dtype, self.param_dtype)
+    conv = functools.partial(nn.Conv, padding='VALID', kernel_init=layers.dense_init,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+    rates = _drop_path_rates(self.drop_path_rate, sum(self.depths))
+
+    x = jnp.asarray(x, self.dtype)
+    stage_maps = []
+    for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
+      if i == 0:
+        x = conv(dim, (4, 4), strides=(4, 4), name='downsample_layers.0.0')(x)
+        x = norm('downsample_layers.0.1')(x)
+      else:
+        x = norm(f'downsample_layers.{i}.0')(x)
+        x = conv(dim, (2, 2), strides=(2, 2), name=f'downsample_layers.{i}.1')(x)
+      for j in range(depth):
+        rate = rates[sum(self.depths[:i]) + j]
+        x = _make_block(self, dim, rate, f'stages.{i}.{j}')(x, train)
+      stage_maps.append(x)
+    if output == 'stages':
+      return tuple(stage_maps)
+    return _head(self, x, output)
+
+
+class ConvNeXtIsotropic(_ConvNeXtBase):
+  """Isotropic ConvNeXt (paper section 3.3): a ViT-like stack of ConvNeXt blocks.
+
+  Stem conv `patch_size` x `patch_size` stride `patch_size` (no norm) -> `depth` blocks of
+  width `dim` (`blocks.{k}`) -> mean -> LayerNorm -> head. Layer scale is off by default
+  (the released S and B models have none).
+  """
+  depth: int = 18
+  dim: int = 384
+  patch_size: int = 16
+  layer_scale_init_value: float | None = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, output: str = 'logits'):
+    _check_output(output)
+    rates = _drop_path_rates(self.drop_path_rate, self.depth)
+    x = jnp.asarray(x, self.dtype)
+    x = nn.Conv(self.dim, (self.patch_size, self.patch_size),
+                strides=(self.patch_size, self.patch_size), padding='VALID',
+                kernel_init=layers.dense_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                name='stem')(x)
+    for k in range(self.depth):
+      x = _make_block(self, self.dim, rates[k], f'blocks.{k}')(x, train)
+    if output == 'stages':
+      return (x,)
+    return _head(self, x, output)
+

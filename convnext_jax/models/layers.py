@@ -1,0 +1,142 @@
+"""Building blocks shared by the ConvNeXt models: depthwise conv, GRN, drop path, inits.
+
+Everything here is written NHWC (channels last), the layout XLA prefers on TPU and GPU.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+
+# The official code initialises weights with timm's `trunc_normal_(w, std=.02)`, whose bounds
+# a=-2, b=2 are absolute values, not multiples of std: N(0, 0.02^2) cut at +-100 std, in effect
+# an untruncated normal. (Sampling it by inverse CDF in float32, as both torch and
+# `jax.random.truncated_normal` do, maps uniforms that round to +-1 onto the +-2 bounds, leaving
+# rare spikes at +-2; sampling the normal and clipping gives the intended distribution.)
+_INIT_STD = 0.02
+_INIT_BOUND = 2.0
+
+
+def dense_init(key, shape, dtype=jnp.float32):
+  """Conv and linear weight init of the official ConvNeXt code: N(0, 0.02^2) within +-2."""
+  normal = jax.random.normal(key, shape, jnp.float32) * _INIT_STD
+  return jnp.clip(normal, -_INIT_BOUND, _INIT_BOUND).astype(dtype)
+
+
+def scaled_init(init, scale: float):
+  """Returns `init` multiplied by `scale` (used for `head_init_scale`)."""
+  if scale == 1.0:
+    return init
+
+  def scaled(key, shape, dtype=jnp.float32):
+    return init(key, shape, dtype) * jnp.asarray(scale, dtype)
+
+  return scaled
+
+
+def _depthwise_lax_conv(x, kernel, padding):
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
+
+
+def _depthwise_shifted_sum(x, kernel, padding):
+  """Depthwise conv as a sum of kh*kw shifted copies of x, each scaled per channel.
+
+  The arithmetic is that of the grouped convolution (up to the order of the additions).
+  """
+  kh, kw = kernel.shape[:2]
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out = None
+  for i in range(kh):
+    rows = xp[:, i:i + h]
+    for j in range(kw):
+      term = rows[:, :, j:j + w] * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def depthwise_conv2d(x, kernel, padding: int, impl: str = 'auto'):
+  """Stride-1 depthwise 2-D convolution of NHWC `x` with an HWIO kernel of shape (kh, kw, 1, C).
+
+  Why two implementations: XLA:CPU lowers a grouped convolution (`feature_group_count=C`)
+  to a slow generic loop. Measured on a 2-core x86 host with jax 0.10.2, the 7x7 depthwise conv
+  on an 8x56x56x96 input took 364 ms as a grouped conv and 12 ms as 49 fused shifted
+  multiply-adds. On GPU (cuDNN) and TPU the grouped convolution is the fast, native path.
+  `impl='auto'` picks per backend at lowering time (`lax.platform_dependent`), so one jitted
+  function is right wherever it is compiled. Both are exact to float32 rounding.
+
+  Args:
+    x: (N, H, W, C) input.
+    kernel: (kh, kw, 1, C) depthwise kernel.
+    padding: symmetric spatial zero padding.
+    impl: 'auto', 'conv' (grouped lax convolution) or 'shift' (shifted multiply-adds).
+
+  Returns:
+    The (N, H + 2 * padding - kh + 1, W + 2 * padding - kw + 1, C) output.
+  """
+  if impl == 'conv':
+    return _depthwise_lax_conv(x, kernel, padding)
+  if impl == 'shift':
+    return _depthwise_shifted_sum(x, kernel, padding)
+  if impl != 'auto':
+    raise ValueError(f"depthwise_impl must be 'auto', 'conv' or 'shift', got {impl!r}")
+  return lax.platform_dependent(
+      x, kernel,
+      cpu=lambda x, k: _depthwise_shifted_sum(x, k, padding),
+      default=lambda x, k: _depthwise_lax_conv(x, k, padding))
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise conv with bias; params `kernel` (kh, kw, 1, C) and `bias` (C,) like `nn.Conv`."""
+  kernel_size: int = 7
+  impl: str = 'auto'
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    kernel = self.param('kernel', dense_init, (self.kernel_size, self.kernel_size, 1, channels),
+                        self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = depthwise_conv2d(x, kernel, self.kernel_size // 2, self.impl)
+    return y + bias
+
+
+class GlobalResponseNorm(nn.Module):
+  """ConvNeXt-V2 Global Response Normalization over NHWC maps.
+
+  gx = L2 norm over (H, W) per channel; nx = gx / (mean_c gx + eps);
+  out = gamma * (x * nx) + beta + x, with gamma and beta zero-initialised (identity at init).
+  """
+  eps: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    gamma = self.param('gamma', nn.initializers.zeros, (channels,), self.param_dtype)
+    beta = self.param('beta', nn.initializers.zeros, (channels,), self.param_dtype)
+    x, gamma, beta = nn.dtypes.promote_dtype(x, gamma, beta, dtype=self.dtype)
+    # The spatial sum of squares runs in float32 even under bfloat16 compute: it sums H*W terms.
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    gx = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True))
+    nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + self.eps)
+    return gamma * (x * nx.astype(x.dtype)) + beta + x
+
+
+def drop_path(x, rate: float, rng) -> jax.Array:
+  """Stochastic depth: zeroes whole samples with probability `rate`, rescales survivors."""
+  keep_prob = 1.0 - rate
+  if keep_prob <= 0.0:  # Every sample dropped; avoids 0/0 in the rescaling.
+    return jnp.zeros_like(x)
+  mask = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))

@@ -1,0 +1,144 @@
+"""The ConvNeXt model zoo: names as timm spells them, and `create_model`."""
+
+import dataclasses
+import fnmatch
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from convnext_jax.models.convnext import ConvNeXt
+from convnext_jax.models.convnext import ConvNeXtIsotropic
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Architecture of one named variant (what conversion and layer decay need to know)."""
+  name: str
+  isotropic: bool
+  depths: tuple[int, ...]  # Hierarchical: blocks per stage. Isotropic: (depth,).
+  dims: tuple[int, ...]  # Hierarchical: channels per stage. Isotropic: (dim,).
+  layer_scale_init_value: float | None
+  use_grn: bool = False
+  norm_eps: float = 1e-6
+
+  @property
+  def version(self) -> int:
+    return 2 if self.use_grn else 1
+
+  def module_kwargs(self) -> dict[str, Any]:
+    """Keyword arguments of the Flax module class for this variant."""
+    common = dict(layer_scale_init_value=self.layer_scale_init_value, use_grn=self.use_grn,
+                  norm_eps=self.norm_eps)
+    if self.isotropic:
+      return dict(depth=self.depths[0], dim=self.dims[0], **common)
+    return dict(depths=self.depths, dims=self.dims, **common)
+
+
+_HIERARCHICAL = {
+    'atto': ((2, 2, 6, 2), (40, 80, 160, 320)),
+    'femto': ((2, 2, 6, 2), (48, 96, 192, 384)),
+    'pico': ((2, 2, 6, 2), (64, 128, 256, 512)),
+    'nano': ((2, 2, 8, 2), (80, 160, 320, 640)),
+    'tiny': ((3, 3, 9, 3), (96, 192, 384, 768)),
+    'small': ((3, 3, 27, 3), (96, 192, 384, 768)),
+    'base': ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    'large': ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    'xlarge': ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+    'xxlarge': ((3, 4, 30, 3), (384, 768, 1536, 3072)),
+    'huge': ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+_V1_SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base', 'large', 'xlarge',
+             'xxlarge')
+_V2_SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base', 'large', 'huge')
+# Official isotropic models: layer scale off for S and B, 1e-6 for L (as released and trained).
+_ISOTROPIC = {'small': (18, 384, 0.0), 'base': (18, 768, 0.0), 'large': (36, 1024, 1e-6)}
+
+
+def _build_specs() -> dict[str, ModelSpec]:
+  specs = {}
+  for size in _V1_SIZES:
+    depths, dims = _HIERARCHICAL[size]
+    name = f'convnext_{size}'
+    # timm builds xxlarge with LayerNorm eps 1e-5 (its released weights were trained so).
+    specs[name] = ModelSpec(name, False, depths, dims, 1e-6,
+                            norm_eps=1e-5 if size == 'xxlarge' else 1e-6)
+  for size in _V2_SIZES:
+    depths, dims = _HIERARCHICAL[size]
+    name = f'convnextv2_{size}'
+    specs[name] = ModelSpec(name, False, depths, dims, None, use_grn=True)
+  for size, (depth, dim, ls) in _ISOTROPIC.items():
+    name = f'convnext_isotropic_{size}'
+    specs[name] = ModelSpec(name, True, (depth,), (dim,), ls)
+  return specs
+
+
+MODEL_SPECS: dict[str, ModelSpec] = _build_specs()
+
+
+def list_models(pattern: str = '*') -> list[str]:
+  """Names of the registered models matching a shell-style `pattern`, in registry order."""
+  return [name for name in MODEL_SPECS if fnmatch.fnmatch(name, pattern)]
+
+
+def get_spec(name: str) -> ModelSpec:
+  """The `ModelSpec` of a registered model name.
+
+  Raises:
+    ValueError: unknown name.
+  """
+  try:
+    return MODEL_SPECS[name]
+  except KeyError:
+    raise ValueError(
+        f'unknown model {name!r}; known models: {", ".join(MODEL_SPECS)}') from None
+
+
+_DEFAULT = object()
+
+
+def create_model(name: str,
+                 *,
+                 num_classes: int = 1000,
+                 drop_path_rate: float = 0.0,
+                 layer_scale_init_value: Any = _DEFAULT,
+                 head_init_scale: float = 1.0,
+                 dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32,
+                 **overrides) -> nn.Module:
+  """Builds a ConvNeXt Flax module by name.
+
+  Args:
+    name: one of `list_models()`, e.g. 'convnext_tiny', 'convnextv2_base',
+      'convnext_isotropic_small'.
+    num_classes: classifier outputs; 0 builds no head (pooled features are returned).
+    drop_path_rate: stochastic depth rate of the last block (linear from 0).
+    layer_scale_init_value: layer-scale init; default is the variant's own (1e-6 for V1,
+      none for V2 and isotropic S/B, 1e-6 for isotropic L). 0 or None disables it.
+    head_init_scale: scales the initial head weights (0.001 when fine-tuning a new head).
+    dtype: compute dtype, e.g. `jnp.bfloat16` for mixed precision.
+    param_dtype: parameter dtype.
+    **overrides: any other module attribute (`remat=True`, `depthwise_impl='conv'`,
+      `norm_eps`, or `depths`/`dims` for custom sizes).
+
+  Returns:
+    An unbound `ConvNeXt` or `ConvNeXtIsotropic` module. Call it on NHWC images with
+    `model.apply({'params': params}, images, train=False)`; `train=True` needs an rng stream
+    named 'drop_path' when drop_path_rate > 0.
+
+  Raises:
+    ValueError: unknown name or attribute.
+  """
+  spec = get_spec(name)
+  kwargs = spec.module_kwargs()
+  if layer_scale_init_value is not _DEFAULT:
+    kwargs['layer_scale_init_value'] = layer_scale_init_value
+  kwargs.update(num_classes=num_classes, drop_path_rate=drop_path_rate,
+                head_init_scale=head_init_scale, dtype=dtype, param_dtype=param_dtype)
+  kwargs.update(overrides)
+  cls = ConvNeXtIsotropic if spec.isotropic else ConvNeXt
+  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f'{name}: unknown model argument(s) {unknown}; valid: {sorted(fields)}')
+  return cls(**kwargs)
