@@ -6,8 +6,12 @@
   python -m convnext_jax.benchmark convert [--model convnext_xlarge] [--workdir DIR]
       Writes a random official .pth of the model, then times `convnext-convert import` and
       `export` (official, timm, hf), each in a fresh process, with its peak resident memory.
+  python -m convnext_jax.benchmark input [--images 256] [--size 224]
+      Training and evaluation preprocessing, images/s on one CPU core, on ImageNet-sized
+      JPEGs it generates, beside a Pillow implementation of the same transforms (timm's).
 
-Needs torch (and transformers for `forward`); imports no TensorFlow.
+`forward` and `convert` need torch (and transformers for `forward`) and import no
+TensorFlow; `input` imports TensorFlow.
 """
 
 import argparse
@@ -144,6 +148,92 @@ def bench_convert(args):
     shutil.rmtree(workdir)
 
 
+def _synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
+  """ImageNet-like JPEGs: about 500x375 (some portrait), quality 90, with gradients, shapes,
+  texture and noise so that the encoder and RandAugment see photographic statistics."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image, ImageDraw, ImageFilter  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  images = []
+  for i in range(count):
+    width, height = (500, 375) if i % 4 else (375, 500)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    colors = rng.uniform(0, 255, (2, 3))
+    t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))
+    t = (t - t.min()) / (np.ptp(t) + 1e-6)
+    array = colors[0] * t[..., None] + colors[1] * (1 - t[..., None])
+    array += rng.normal(0, 12, array.shape)
+    image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+      x0, y0 = rng.integers(0, width - 40), rng.integers(0, height - 40)
+      box = [x0, y0, x0 + rng.integers(20, 200), y0 + rng.integers(20, 200)]
+      fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+      (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    image = image.filter(ImageFilter.GaussianBlur(0.7))
+    buffer = io.BytesIO()
+    image.save(buffer, 'JPEG', quality=90)
+    images.append(buffer.getvalue())
+  return images
+
+
+def bench_input(args):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from convnext_jax.data import pil_reference  # pylint: disable=g-import-not-at-top
+  from convnext_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+  jpegs = _synthetic_jpegs(args.images)
+  mean_kb = np.mean([len(j) for j in jpegs]) / 1024
+  print(f'{args.images} synthetic JPEGs, 500x375 / 375x500, quality 90, mean {mean_kb:.0f} KB; '
+        f'output {args.size}x{args.size} uint8; one thread each (tf.data private pool of 1)')
+  print(f'tensorflow {tf.__version__}, ' + _versions())
+  train = pipeline.TrainPreprocess(args.size, randaugment=args.randaugment)
+  evaluate = pipeline.EvalPreprocess(args.size, pipeline.default_crop_pct(args.size))
+
+  def tf_rate(fn, with_seed):
+    ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
+    if with_seed:
+      ds = ds.map(lambda i, b: fn(b, tf.stack([tf.constant(0, tf.int64), i])))
+    else:
+      ds = ds.map(lambda i, b: fn(b))
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = False
+    iterator = iter(ds.with_options(options))
+    for _ in range(args.warmup):
+      next(iterator)
+    start = time.perf_counter()
+    for _ in range(args.iters):
+      next(iterator)
+    return args.iters / (time.perf_counter() - start)
+
+  rng = np.random.default_rng(0)
+
+  def pil_rate(fn):
+    for i in range(args.warmup):
+      fn(jpegs[i % len(jpegs)], rng)
+    start = time.perf_counter()
+    for i in range(args.iters):
+      fn(jpegs[i % len(jpegs)], rng)
+    return args.iters / (time.perf_counter() - start)
+
+  spec = args.randaugment or 'none'
+  rows = [
+      (f'train: decode+RRC, bicubic, flip, RandAugment {spec}',
+       tf_rate(train, True),
+       pil_rate(lambda b, r: pil_reference.train_transform(b, r, args.size, args.randaugment))),
+      (f'eval: decode, resize {int(args.size / evaluate.crop_pct)}, centre crop',
+       tf_rate(evaluate, False),
+       pil_rate(lambda b, r: pil_reference.eval_transform(b, args.size, evaluate.crop_pct))),
+  ]
+  print(f'  {"pipeline":62s} {"tf.data":>12s} {"Pillow":>12s}')
+  for name, tf_ips, pil_ips in rows:
+    print(f'  {name:62s} {tf_ips:8.0f} img/s {pil_ips:8.0f} img/s   x{tf_ips / pil_ips:.2f}')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m convnext_jax.benchmark')
   sub = parser.add_subparsers(dest='command', required=True)
@@ -158,6 +248,13 @@ def main(argv=None):
   p.add_argument('--model', default='convnext_xlarge', choices=models.list_models())
   p.add_argument('--workdir', help='keep the files here (default: a temporary directory)')
   p.set_defaults(run=bench_convert)
+  p = sub.add_parser('input', help='preprocessing images/s per CPU core, tf.data vs Pillow')
+  p.add_argument('--images', type=int, default=256, help='distinct JPEGs to generate')
+  p.add_argument('--size', type=int, default=224)
+  p.add_argument('--randaugment', default='rand-m9-mstd0.5-inc1')
+  p.add_argument('--warmup', type=int, default=50)
+  p.add_argument('--iters', type=int, default=600)
+  p.set_defaults(run=bench_input)
   args = parser.parse_args(argv)
   args.run(args)
 

@@ -1,35 +1,47 @@
-"""Orbax checkpoints of ConvNeXt parameters.
+"""Orbax checkpoints: converted params checkpoints and training workdirs.
 
 A *params checkpoint* (what `convnext-convert import` writes) is one orbax checkpoint
 directory with two items:
   params/    the Flax 'params' tree (an orbax PyTree item);
   metadata/  JSON: model_name, num_classes, class_names, source, layout, ema, format.
 
-Loading is by directory; `load_params` is the one entry point conversion uses to read Flax
-weights back. Nothing here imports TensorFlow.
+A *training workdir* holds `checkpoints/<step>/` written by an orbax CheckpointManager, each
+with the items:
+  state/     the train state {'params', 'opt_state', 'ema_params', 'step', 'rng'};
+  metadata/  JSON: model_name, num_classes, class_names, the per-process data positions,
+             the process count, the metrics of that step.
+
+`load_params(path, which, step)` reads Flax weights from either kind: it is what conversion
+(export), `init_from` and prediction use. Nothing here imports TensorFlow.
 """
 
-import os
+import re
 from typing import Any
 
+from absl import logging
 from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from convnext_jax.fileio import atomic_output
+from convnext_jax.sharding import path_name
 
 PARAMS_ITEM = 'params'
 METADATA_ITEM = 'metadata'
+STATE_ITEM = 'state'
+CHECKPOINT_DIR = 'checkpoints'
 PARAMS_FORMAT = 'convnext_jax.params'
 FORMAT_VERSION = 1
+# Where the raw and EMA weights live in the train state.
+STATE_KEYS = {'raw': 'params', 'ema': 'ema_params'}
 
 
 class CheckpointError(ValueError):
   """A checkpoint path that cannot be read as asked; the message is one readable line."""
 
 
-def _checkpointer() -> ocp.Checkpointer:
+def _params_checkpointer() -> ocp.Checkpointer:
   # Writing one array at a time (1 GB in flight) and without zstd keeps a large model's save
   # near one copy of the weights in memory; float weights barely compress anyway.
   params_handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, use_compression=False)
@@ -55,10 +67,10 @@ def save_params(path: str, params: Any, metadata: dict[str, Any], overwrite: boo
     # Orbax commits remote checkpoints itself (a success marker is written last).
     if epath.Path(path).exists() and not overwrite:
       raise FileExistsError(f'{path} already exists; pass --overwrite to replace it')
-    _checkpointer().save(path, args=args, force=overwrite)
+    _params_checkpointer().save(path, args=args, force=overwrite)
     return
   with atomic_output(path, overwrite) as tmp:
-    _checkpointer().save(tmp, args=args)
+    _params_checkpointer().save(tmp, args=args)
 
 
 def is_params_checkpoint(path: str) -> bool:
@@ -67,45 +79,188 @@ def is_params_checkpoint(path: str) -> bool:
   return (root / PARAMS_ITEM).is_dir() and (root / METADATA_ITEM).exists()
 
 
-def load_metadata(path: str) -> dict[str, Any]:
-  """The metadata JSON of a params checkpoint."""
-  restored = _checkpointer().restore(
-      path, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))
+def _read_json_item(directory: epath.Path) -> dict[str, Any]:
+  restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      **{METADATA_ITEM: ocp.JsonCheckpointHandler()})).restore(
+          directory, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))
   return dict(restored[METADATA_ITEM])
 
 
-def load_params(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads a params checkpoint into host memory.
-
-  Args:
-    path: a directory written by `save_params`.
-
-  Returns:
-    (params, metadata): params as a nested dict of numpy arrays.
-
-  Raises:
-    CheckpointError: `path` is missing or is not a params checkpoint.
-  """
-  if not epath.Path(path).exists():
-    raise CheckpointError(f'{path} does not exist')
-  if not is_params_checkpoint(path):
-    raise CheckpointError(
-        f'{path} is not a convnext_jax params checkpoint (no {PARAMS_ITEM}/ and '
-        f'{METADATA_ITEM}/ inside); create one with `convnext-convert import`')
-  metadata = load_metadata(path)
-  return restore_numpy_tree(os.path.join(path, PARAMS_ITEM)), metadata
-
-
-def restore_numpy_tree(item_dir: str) -> dict[str, Any]:
-  """Restores an orbax PyTree item as host numpy arrays, whatever it was saved from."""
+def restore_numpy_tree(item_dir, subtree: str | None = None) -> dict[str, Any]:
+  """Restores an orbax PyTree item (or one top-level key of it) as host numpy arrays."""
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(item_dir).item_metadata.tree
+  if subtree is not None:
+    if subtree not in tree:
+      raise CheckpointError(f'{item_dir} has no {subtree!r} (it has {sorted(tree)})')
+    tree = {subtree: tree[subtree]}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return _as_dict(restored)
+  restored = checkpointer.restore(
+      item_dir, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
+                                            partial_restore=subtree is not None))
+  restored = _as_dict(restored)
+  return restored[subtree] if subtree is not None else restored
 
 
 def _as_dict(tree):
   if isinstance(tree, dict):
     return {k: _as_dict(v) for k, v in tree.items()}
   return np.asarray(tree)
+
+
+# ----------------------------------------------------------------------------------------
+# Training workdirs.
+# ----------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / CHECKPOINT_DIR
+
+
+def workdir_steps(workdir: str) -> list[int]:
+  """Committed checkpoint steps of a training workdir, ascending ([] if none)."""
+  directory = checkpoint_dir(workdir)
+  if not directory.is_dir():
+    return []
+  steps = []
+  for child in directory.iterdir():
+    if re.fullmatch(r'\d+', child.name) and (child / STATE_ITEM).exists():
+      steps.append(int(child.name))
+  return sorted(steps)
+
+
+def training_manager(workdir: str, *, save_interval_steps: int, keep: int,
+                     best_metric: str | None = None,
+                     enable_async: bool = True) -> ocp.CheckpointManager:
+  """A CheckpointManager over `workdir/checkpoints` keeping the last `keep` steps and, with
+  `best_metric`, the step with the highest value of that metric."""
+  policies = [ocp.checkpoint_managers.LatestN(keep)]
+  if best_metric:
+    policies.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: metrics[best_metric], n=1,
+        keep_checkpoints_without_metrics=False))
+  # Explicit save decisions: every `save_interval_steps` steps and on a preemption notice
+  # (orbax's default would also save the first step of every run).
+  save_policy = ocp.checkpoint_managers.AnySavePolicy([
+      ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+      ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      save_decision_policy=save_policy,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=enable_async, create=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=(STATE_ITEM, METADATA_ITEM))
+
+
+def save_training(manager: ocp.CheckpointManager, step: int, state, metadata: dict[str, Any],
+                  metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+  """Saves (asynchronously) if `step` is due or `force`; returns whether a save started."""
+  return manager.save(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(state),
+      METADATA_ITEM: ocp.args.JsonSave(metadata),
+  }), metrics=metrics, force=force)
+
+
+def restore_training(manager: ocp.CheckpointManager, step: int, abstract_state):
+  """Restores `step` onto the shardings of `abstract_state` (any mesh or device count)."""
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+      METADATA_ITEM: ocp.args.JsonRestore(),
+  }))
+  return restored[STATE_ITEM], dict(restored[METADATA_ITEM])
+
+
+def is_training_workdir(path: str) -> bool:
+  return bool(workdir_steps(path))
+
+
+def load_params(path: str, which: str = 'ema', step: int | None = None):
+  """Flax params and metadata from a params checkpoint or a training workdir, on the host.
+
+  Args:
+    path: a `convnext-convert import` directory, or a training workdir.
+    which: 'ema' or 'raw' weights of a training workdir ('ema' falls back to 'raw', with a
+      warning, when the run kept no EMA). A params checkpoint holds one set.
+    step: a workdir's step (None: the latest).
+
+  Returns:
+    (params as nested numpy dicts, metadata dict).
+
+  Raises:
+    CheckpointError: nothing loadable at `path`, or no such step.
+  """
+  if which not in STATE_KEYS:
+    raise CheckpointError(f"params must be 'ema' or 'raw', got {which!r}")
+  if not epath.Path(path).exists():
+    raise CheckpointError(f'{path} does not exist')
+  if is_params_checkpoint(path):
+    metadata = _read_json_item(epath.Path(path))
+    return restore_numpy_tree(epath.Path(path) / PARAMS_ITEM), metadata
+  steps = workdir_steps(path)
+  if not steps:
+    raise CheckpointError(
+        f'{path} is neither a convnext_jax params checkpoint (params/ and metadata/ inside) '
+        f'nor a training workdir with {CHECKPOINT_DIR}/<step>/; create one with '
+        '`convnext-convert import` or by training')
+  if step is None or step < 0:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f'{path} has no checkpoint at step {step}; it has steps {steps}')
+  step_dir = checkpoint_dir(path) / str(step)
+  metadata = _read_json_item(step_dir)
+  state_dir = step_dir / STATE_ITEM
+  keys = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  key = STATE_KEYS[which]
+  if key not in keys or not keys[key]:
+    if which == 'ema':
+      logging.warning('%s step %d has no EMA weights; using the raw ones', path, step)
+    key = STATE_KEYS['raw']
+  metadata = dict(metadata, step=step, weights='ema' if key == 'ema_params' else 'raw')
+  return restore_numpy_tree(state_dir, key), metadata
+
+
+def merge_params(initial, loaded, *, reinit_head: bool = True, strict: bool = True):
+  """Takes `loaded` values into the tree of `initial` (a freshly initialised model).
+
+  A head whose shape differs (another class count) keeps its fresh initialisation (made with
+  head_init_scale). Any other missing, unexpected or mis-shaped name is an error when
+  `strict`, otherwise it keeps its initial value and is logged.
+
+  Returns:
+    (merged tree, report dict with 'missing', 'unexpected', 'misshaped', 'reinitialized').
+
+  Raises:
+    CheckpointError: `strict` and the trees differ beyond the head.
+  """
+  flat_init = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(initial)[0]}
+  flat_loaded = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  report = {'missing': [], 'unexpected': [], 'misshaped': [], 'reinitialized': []}
+  merged = {}
+  for name, value in flat_init.items():
+    if name not in flat_loaded:
+      report['missing'].append(name)
+      merged[name] = value
+    elif np.shape(flat_loaded[name]) != np.shape(value):
+      kind = 'reinitialized' if reinit_head and name.startswith('head/') else 'misshaped'
+      report[kind].append(f'{name} {np.shape(flat_loaded[name])} -> {np.shape(value)}')
+      merged[name] = value
+    else:
+      merged[name] = np.asarray(flat_loaded[name], dtype=np.asarray(value).dtype)
+  report['unexpected'] = [n for n in flat_loaded if n not in flat_init]
+  # A checkpoint without a head (num_classes 0) feeding a classifier: a new head.
+  if reinit_head and all(n.startswith('head/') for n in report['missing']):
+    report['reinitialized'] += report['missing']
+    report['missing'] = []
+  problems = {k: v for k, v in report.items() if v and k != 'reinitialized'}
+  if problems and strict:
+    listing = '; '.join(f'{k} {len(v)}: {", ".join(v[:5])}{" ..." if len(v) > 5 else ""}'
+                        for k, v in problems.items())
+    raise CheckpointError(f'init_from does not match the model: {listing}; set '
+                          'config.init_from.strict=False to keep initial values for these')
+  for kind, names in report.items():
+    if names:
+      logging.warning('init_from %s: %s', kind, ', '.join(names))
+  leaves = [merged[path_name(p)] for p, _ in jax.tree_util.tree_flatten_with_path(initial)[0]]
+  return jax.tree.unflatten(jax.tree.structure(initial), leaves), report
+

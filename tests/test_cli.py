@@ -163,8 +163,8 @@ def test_error_wrong_variant(tmp_path, capsys, weights):
   src = _write_pth(tmp_path / 'atto.pth', weights['raw_official'])
   _assert_fails_cleanly(
       capsys, tmp_path, ['import', src, tmp_path / 'out', '--model', 'convnext_nano'],
-      f'{src}: official state dict does not match convnext_nano (it looks like convnext_atto): missing '
-      '18 key(s): stages.2.6.dwconv.bias, ', str(tmp_path / 'out'))
+      f'{src}: official state dict does not match convnext_nano (it looks like convnext_atto): '
+      'missing 18 key(s): stages.2.6.dwconv.bias, ', str(tmp_path / 'out'))
 
 
 def test_error_missing_and_unexpected_keys(tmp_path, capsys, weights):
@@ -251,7 +251,7 @@ def test_error_isotropic_to_hf(tmp_path, capsys):
 def test_error_not_a_checkpoint(tmp_path, capsys):
   (tmp_path / 'notes').mkdir()
   _assert_fails_cleanly(capsys, tmp_path, ['export', tmp_path / 'notes', tmp_path / 'o.pth'],
-                        'is not a convnext_jax params checkpoint', str(tmp_path / 'o.pth'))
+                        'is neither a convnext_jax params checkpoint', str(tmp_path / 'o.pth'))
   _assert_fails_cleanly(capsys, tmp_path, ['import', tmp_path / 'notes', tmp_path / 'out'],
                         'is a directory without config.json', str(tmp_path / 'out'))
 

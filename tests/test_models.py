@@ -253,6 +253,22 @@ def test_depthwise_implementations_agree():
     layers.depthwise_conv2d(x, k, 3, 'fft')
 
 
+def test_shifted_depthwise_gradients_equal_the_convolution_ones():
+  # The shifted sum has its own backward pass (a custom VJP); it must be the convolution's.
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 8))
+  k = jax.random.normal(jax.random.key(1), (7, 7, 1, 8))
+  w = jax.random.normal(jax.random.key(2), x.shape)  # A non-uniform cotangent.
+
+  def loss(impl):
+    return lambda x, k: (layers.depthwise_conv2d(x, k, 3, impl) * w).sum()
+
+  conv = jax.grad(loss('conv'), argnums=(0, 1))(x, k)
+  shift = jax.jit(jax.grad(loss('shift'), argnums=(0, 1)))(x, k)
+  for got, want in zip(shift, conv):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
+
+
 def test_auto_depthwise_lowers_to_shifted_sum_on_cpu():
   x = jnp.zeros((1, 8, 8, 4))
   k = jnp.zeros((7, 7, 1, 4))

@@ -3,9 +3,11 @@
   convnext-convert import SRC DEST [--model NAME] [--ema] [--overwrite]
       SRC: official .pth ({'model': ...} / {'model_ema': ...}), timm .safetensors/.pth/.bin,
       or a Hugging Face model directory. DEST: an orbax params checkpoint directory.
-  convnext-convert export SRC DEST [--layout official|timm|hf] [--overwrite]
-      SRC: an orbax params checkpoint. DEST: .pth (official), .safetensors (timm) or a
-      directory (Hugging Face); --layout overrides the guess from DEST's suffix.
+  convnext-convert export SRC DEST [--layout official|timm|hf] [--params ema|raw]
+                                   [--step N] [--overwrite]
+      SRC: an orbax params checkpoint, or a training workdir (its EMA or raw weights, at the
+      latest or a given step). DEST: .pth (official), .safetensors (timm) or a directory
+      (Hugging Face); --layout overrides the guess from DEST's suffix.
   convnext-convert inspect SRC
       Prints what SRC holds: layout, model, classes, parameter count.
 
@@ -57,7 +59,7 @@ def run_import(args) -> str:
 
 
 def run_export(args) -> str:
-  params, metadata = checkpoints.load_params(args.src)
+  params, metadata = checkpoints.load_params(args.src, which=args.params, step=args.step)
   model_name = metadata['model_name']
   layout = args.layout or _guess_layout(args.dest)
   num_classes = layouts.num_classes_of(params)
@@ -70,7 +72,9 @@ def run_export(args) -> str:
   else:
     files.save_hf_directory(state_dict, args.dest, model_name, num_classes,
                             metadata.get('class_names'), overwrite=args.overwrite)
-  return f'wrote {args.dest}: {model_name}, {num_classes} classes, {layout} layout'
+  weights = (f", {metadata['weights']} weights of step {metadata['step']}"
+             if 'step' in metadata else '')
+  return f'wrote {args.dest}: {model_name}, {num_classes} classes, {layout} layout{weights}'
 
 
 def run_inspect(args) -> str:
@@ -106,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(run=run_import)
 
   p = sub.add_parser('export', help='orbax params checkpoint -> PyTorch file or HF directory')
-  p.add_argument('src', help='orbax params checkpoint directory')
+  p.add_argument('src', help='orbax params checkpoint, or training workdir')
   p.add_argument('dest', help='.pth (official), .safetensors (timm) or directory (hf)')
+  p.add_argument('--params', choices=('ema', 'raw'), default='ema',
+                 help='weights of a training workdir (default: ema, else raw)')
+  p.add_argument('--step', type=int, default=None,
+                 help='checkpoint step of a training workdir (default: the latest)')
   p.add_argument('--layout', choices=layouts.LAYOUTS,
                  help='output key layout (default: from the suffix of DEST)')
   p.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')

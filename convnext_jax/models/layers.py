@@ -3,6 +3,7 @@
 Everything here is written NHWC (channels last), the layout XLA prefers on TPU and GPU.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -44,13 +45,10 @@ def _depthwise_lax_conv(x, kernel, padding):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
 
 
-def _depthwise_shifted_sum(x, kernel, padding):
-  """Depthwise conv as a sum of kh*kw shifted copies of x, each scaled per channel.
-
-  The arithmetic is that of the grouped convolution (up to the order of the additions).
-  """
+def _shifted_sum(x, kernel, padding):
+  """sum over (i, j) of x padded and shifted by (i, j), times kernel[i, j, 0] per channel."""
   kh, kw = kernel.shape[:2]
-  h, w = x.shape[1:3]
+  h, w = x.shape[1] + 2 * padding - kh + 1, x.shape[2] + 2 * padding - kw + 1
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   out = None
   for i in range(kh):
@@ -59,6 +57,40 @@ def _depthwise_shifted_sum(x, kernel, padding):
       term = rows[:, :, j:j + w] * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_shifted_sum(x, kernel, padding):
+  """Depthwise conv as a sum of kh*kw shifted copies of x, each scaled per channel.
+
+  The arithmetic is that of the grouped convolution (up to the order of the additions). The
+  hand-written backward pass keeps the gradient in the same shifted form (dx is a shifted
+  sum of dy with the flipped kernel; dkernel[i, j] a channel-wise sum of x shifted by (i, j)
+  times dy); differentiating the 49 slices instead made the backward pass slower to run
+  and to compile (measured on convnext_atto at 64 px, batch 64: 2.1 s and 67 s compile vs
+  1.2 s and 33 s per training step).
+  """
+  return _shifted_sum(x, kernel, padding)
+
+
+def _depthwise_forward(x, kernel, padding):
+  return _shifted_sum(x, kernel, padding), (x, kernel)
+
+
+def _depthwise_backward(padding, residuals, dy):
+  x, kernel = residuals
+  kh, kw, _, channels = kernel.shape
+  h, w = dy.shape[1:3]
+  dx = _shifted_sum(dy, kernel[::-1, ::-1], kh - 1 - padding)
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  dkernel = jnp.stack([
+      (xp[:, i:i + h, j:j + w] * dy).reshape(-1, channels).sum(axis=0)
+      for i in range(kh) for j in range(kw)
+  ])
+  return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise_shifted_sum.defvjp(_depthwise_forward, _depthwise_backward)
 
 
 def depthwise_conv2d(x, kernel, padding: int, impl: str = 'auto'):

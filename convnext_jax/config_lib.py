@@ -1,0 +1,209 @@
+"""The base training config and the recipe builders the files in `configs/` call.
+
+Durations are given in epochs here and turned into steps in one place
+(`train.schedule_steps`), from the dataset size and the global batch. Every config accepts
+an argument string after the file name, e.g. `--config configs/convnext_t_in1k.py:runlocal`:
+  runlocal   shrink anything to a CPU smoke run (tiny batch, few steps, small images, the
+             built-in dataset unless the config already uses a local one);
+  res=384    the training/evaluation resolution (fine-tuning configs).
+"""
+
+import ml_collections
+
+# RandAugment's fill colour: the ImageNet mean in 0..255, as timm passes it.
+IMAGENET_MEAN_FILL = (124, 116, 104)
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'runlocal,res=384' -> {'runlocal': '', 'res': '384'}."""
+  out = {}
+  for part in (arg or '').split(','):
+    part = part.strip()
+    if part:
+      key, _, value = part.partition('=')
+      out[key] = value
+  return out
+
+
+def base() -> ml_collections.ConfigDict:
+  """Shared defaults: the official ImageNet-1K from-scratch recipe at 224."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'convnext_tiny'
+  c.model.num_classes = -1  # -1: the dataset's class count.
+  c.model.drop_path_rate = 0.1
+  c.model.layer_scale_init_value = -1.0  # -1: the variant's default.
+  c.model.head_init_scale = 1.0
+  c.model.dtype = 'bfloat16'  # Compute dtype; parameters and optimizer state stay float32.
+  c.model.remat = False
+  # Other create_model arguments, e.g. depths=(2, 2, 6, 2), dims=(...) for a custom size.
+  c.model.overrides = ml_collections.ConfigDict()
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'imagenet2012'
+  c.dataset.data_dir = ''  # '' : tfds's default (TFDS_DATA_DIR or ~/tensorflow_datasets).
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'validation'
+  c.dataset.label_key = 'label'
+  # Builder arguments, e.g. root='/data/flowers' for class_folder.
+  c.dataset.builder_kwargs = ml_collections.ConfigDict()
+  # Extra evaluation sets: 'name:split:label_key' strings, e.g. 'imagenet_v2:test:label'.
+  c.dataset.extra_eval = ()
+
+  c.input = ml_collections.ConfigDict()
+  c.input.image_size = 224
+  c.input.eval_image_size = -1  # -1: image_size.
+  c.input.crop_pct = -1.0  # -1: 0.875 below 384 px, 1.0 (square resize) from 384.
+  c.input.scale = (0.08, 1.0)
+  c.input.ratio = (3 / 4, 4 / 3)
+  c.input.hflip = 0.5
+  c.input.randaugment = 'rand-m9-mstd0.5-inc1'
+  c.input.fill = IMAGENET_MEAN_FILL
+  c.input.random_erasing = 0.25
+  c.input.mixup_alpha = 0.8
+  c.input.cutmix_alpha = 1.0
+  c.input.mixup_prob = 1.0
+  c.input.mixup_switch_prob = 0.5
+  c.input.label_smoothing = 0.1
+  c.input.shuffle_buffer = 10_000
+  c.input.threads = 0  # tf.data thread pool size; 0: TensorFlow's default.
+
+  c.global_batch_size = 4096
+  c.grad_accum_steps = 1
+  c.num_epochs = 300.0
+  c.num_steps = -1  # > 0 overrides num_epochs.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 4e-3  # Absolute, at global_batch_size (the official code does not rescale).
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_epochs = 20.0
+  c.optim.warmup_steps = -1  # >= 0 overrides warmup_epochs.
+  c.optim.weight_decay = 0.05
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.layer_decay = 1.0
+  c.optim.layer_decay_scheme = 'group'
+  c.optim.grad_clip_norm = 0.0
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.9999  # 0 disables the EMA.
+  c.ema.warmup = False
+
+  c.mesh = (-1, 1, 1)  # (data, fsdp, model); -1 takes the remaining devices.
+  c.sharding_min_size = 2**14
+
+  c.log_every_steps = 100
+  c.eval_every_epochs = 1.0
+  c.eval_every_steps = -1  # > 0 overrides eval_every_epochs.
+  c.eval_batch_size = -1  # -1: global_batch_size (rounded to the data-parallel size).
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.keep_best_checkpoint = True
+  c.profile_start_step = -1  # >= 0: trace profile_num_steps steps from here.
+  c.profile_num_steps = 5
+
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.path = ''  # A `convnext-convert import` checkpoint or a training workdir.
+  c.init_from.params = 'ema'  # 'ema' or 'raw' (workdirs); converted ones hold one set.
+  c.init_from.step = -1  # -1: latest (workdirs).
+  c.init_from.strict = True  # Besides a re-initialised head, names and shapes must match.
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict, local_dataset: bool = True) -> None:
+  """Shrinks `c` in place for a CPU smoke run."""
+  no_root = c.dataset.name == 'class_folder' and not c.dataset.builder_kwargs.get('root')
+  if local_dataset and (c.dataset.name in ('imagenet2012', 'imagenet22k') or no_root):
+    c.dataset.name = 'convnext_shapes'
+    c.dataset.eval_split = 'validation'
+    c.dataset.builder_kwargs = ml_collections.ConfigDict()
+    c.dataset.extra_eval = ()
+  c.model.dtype = 'float32'
+  c.input.image_size = 64
+  c.input.eval_image_size = -1
+  c.input.shuffle_buffer = 512
+  c.global_batch_size = 16
+  c.grad_accum_steps = 1
+  c.num_steps = 6
+  c.optim.warmup_steps = 2
+  c.log_every_steps = 2
+  c.eval_every_steps = 6
+  c.eval_batch_size = 64
+  c.checkpoint_every_steps = 6
+  c.init_from.path = ''  # A smoke run has no pre-trained weights to start from.
+
+
+def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the shared arguments (`runlocal`) and returns `c`."""
+  if 'runlocal' in parse_arg(arg):
+    runlocal(c)
+  return c
+
+
+def in1k(model: str, drop_path_rate: float, arg: str | None = None,
+         warmup_epochs: float = 20.0):
+  """ImageNet-1K from scratch at 224 (300 epochs, EMA): the paper's table."""
+  c = base()
+  c.model.name = model
+  c.model.drop_path_rate = drop_path_rate
+  c.optim.warmup_epochs = warmup_epochs
+  return finalize(c, arg)
+
+
+def in22k(model: str, drop_path_rate: float, arg: str | None = None):
+  """ImageNet-22K pre-training at 224: 90 epochs, 5 warmup, no EMA, 21841 classes."""
+  c = base()
+  c.model.name = model
+  c.model.drop_path_rate = drop_path_rate
+  c.dataset.name = 'imagenet22k'
+  c.num_epochs = 90.0
+  c.optim.warmup_epochs = 5.0
+  c.ema.decay = 0.0
+  return finalize(c, arg)
+
+
+def finetune(model: str, drop_path_rate: float, layer_decay: float, arg: str | None = None,
+             ema: bool = False, default_res: int = 224) -> ml_collections.ConfigDict:
+  """Fine-tuning on ImageNet-1K: AdamW lr 5e-5 at batch 512, weight decay 1e-8, 30 epochs,
+  cosine without warmup, no Mixup/CutMix (label smoothing, RandAugment and Random Erasing
+  kept), layer-wise lr decay, a new head at head_init_scale 0.001 when classes differ.
+
+  Arguments: init=PATH (required: a training workdir or converted checkpoint), step=N,
+  params=ema|raw, res=224|384.
+  """
+  c = base()
+  finetune_recipe(c, model, drop_path_rate, layer_decay, arg, ema, default_res)
+  require_init(c, arg)
+  return finalize(c, arg)
+
+
+def finetune_recipe(c: ml_collections.ConfigDict, model: str, drop_path_rate: float,
+                    layer_decay: float, arg: str | None, ema: bool, default_res: int) -> None:
+  """Sets the fine-tuning recipe (see `finetune`) on `c` in place."""
+  args = parse_arg(arg)
+  c.model.name = model
+  c.model.drop_path_rate = drop_path_rate
+  c.model.head_init_scale = 0.001
+  c.global_batch_size = 512
+  c.num_epochs = 30.0
+  c.optim.lr = 5e-5
+  c.optim.weight_decay = 1e-8
+  c.optim.warmup_epochs = 0.0
+  c.optim.layer_decay = layer_decay
+  c.input.mixup_alpha = 0.0
+  c.input.cutmix_alpha = 0.0
+  c.ema.decay = 0.9999 if ema else 0.0
+  c.init_from.path = args.get('init', '')
+  c.init_from.params = args.get('params') or 'ema'
+  c.init_from.step = int(args.get('step') or -1)
+  c.input.image_size = int(args.get('res') or default_res)
+
+
+def require_init(c: ml_collections.ConfigDict, arg: str | None) -> None:
+  """Raises ValueError when a fine-tuning config has no weights to start from."""
+  if not c.init_from.path and 'runlocal' not in parse_arg(arg):
+    raise ValueError('fine-tuning needs pre-trained weights: append :init=PATH to the config '
+                     '(a training workdir or a `convnext-convert import` directory)')

@@ -1,0 +1,138 @@
+"""Host-side image ops on TensorFlow: fused JPEG decode and crop, Pillow-equivalent resizing.
+
+Every op takes encoded bytes or uint8 (H, W, 3) tensors, runs eagerly and inside
+`tf.data.Dataset.map`, and draws randomness only from stateless ops seeded by the caller, so
+an example's augmentation is a function of (seed, its position in the stream).
+
+The geometry follows torchvision/timm on PIL images, which the official ConvNeXt recipe
+uses: RandomResizedCrop's sampling and fallback, `Resize(int)`'s shorter-side rule, and
+CenterCrop's rounding. Resizing is bicubic with Pillow's antialiasing (kernel widened when
+downscaling), rounded and clipped to uint8 as Pillow returns it.
+"""
+
+import math
+
+import tensorflow as tf
+
+
+def random_resized_crop_window(image_shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                               attempts: int = 10):
+  """torchvision's RandomResizedCrop window: (top, left, height, width), int32.
+
+  Up to `attempts` draws of an area fraction in `scale` and a log-uniform aspect ratio in
+  `ratio`; the first whose (rounded) box fits is used, at a uniform position. If none fits,
+  the centre crop of the whole image with its aspect ratio clamped into `ratio`.
+
+  Args:
+    image_shape: (height, width, ...) of the image, a tensor or sequence.
+    seed: shape-[2] integer tensor for stateless random ops.
+    scale: range of the crop area as a fraction of the image area.
+    ratio: range of the crop aspect ratio (width / height).
+    attempts: number of tries before the fallback.
+  """
+  height = tf.cast(image_shape[0], tf.float32)
+  width = tf.cast(image_shape[1], tf.float32)
+  area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  target_area = height * width * tf.random.stateless_uniform(
+      [attempts], area_seed, minval=scale[0], maxval=scale[1])
+  log_ratio = tf.random.stateless_uniform(
+      [attempts], ratio_seed, minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
+  aspect = tf.exp(log_ratio)
+  # Python's round() (used by torchvision) rounds half to even, as tf.round does.
+  w = tf.round(tf.sqrt(target_area * aspect))
+  h = tf.round(tf.sqrt(target_area / aspect))
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32))  # Index of the first fitting attempt.
+  in_ratio = width / height
+  fallback_w = tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width)
+  fallback_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
+  found = tf.reduce_any(fits)
+  crop_h = tf.cast(tf.where(found, h[first], fallback_h), tf.int32)
+  crop_w = tf.cast(tf.where(found, w[first], fallback_w), tf.int32)
+  height_i = tf.cast(image_shape[0], tf.int32)
+  width_i = tf.cast(image_shape[1], tf.int32)
+  # Uniform integer offsets in [0, H - h] and [0, W - w], inclusive.
+  top = tf.random.stateless_uniform([], top_seed, minval=0, maxval=height_i - crop_h + 1,
+                                    dtype=tf.int32)
+  left = tf.random.stateless_uniform([], left_seed, minval=0, maxval=width_i - crop_w + 1,
+                                     dtype=tf.int32)
+  top = tf.where(found, top, (height_i - crop_h) // 2)
+  left = tf.where(found, left, (width_i - crop_w) // 2)
+  return tf.stack([top, left, crop_h, crop_w])
+
+
+# TensorFlow's default JPEG IDCT is libjpeg's fast integer one; the accurate one gives the
+# same pixels as Pillow (measured: identical, and no slower).
+_DCT_METHOD = 'INTEGER_ACCURATE'
+
+
+def decode_rgb(image_bytes):
+  """Decodes JPEG, PNG, GIF or BMP bytes to uint8 (H, W, 3); grayscale and CMYK become RGB."""
+  return tf.cond(
+      tf.io.is_jpeg(image_bytes),
+      lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method=_DCT_METHOD),
+      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
+
+
+def image_shape(image_bytes):
+  """(height, width, channels) of encoded image bytes, reading only a JPEG's header."""
+  return tf.cond(tf.io.is_jpeg(image_bytes),
+                 lambda: tf.image.extract_jpeg_shape(image_bytes),
+                 lambda: tf.shape(decode_rgb(image_bytes)))
+
+
+def decode_and_crop(image_bytes, window):
+  """Decodes only the `window` (top, left, height, width) of an image to uint8 (h, w, 3).
+
+  JPEGs use the fused `decode_and_crop_jpeg`, which skips the DCT work outside the window;
+  other formats (ImageNet has a PNG named .JPEG) are decoded whole, then cropped. The fused
+  path differs from decode-then-crop only in the window's edge columns, where chroma
+  upsampling lacks the neighbouring pixels (measured: about 0.5% of a 200x300 window).
+  """
+
+  def other():
+    image = decode_rgb(image_bytes)
+    return tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
+
+  return tf.cond(tf.io.is_jpeg(image_bytes),
+                 lambda: tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3,
+                                                       dct_method=_DCT_METHOD),
+                 other)
+
+
+def resize(image, size):
+  """Bicubic resize of uint8 (H, W, 3) to `size` (height, width), as Pillow's BICUBIC.
+
+  `antialias=True` widens the cubic kernel (a = -0.5) by the downscale factor, which is what
+  Pillow does; the result is rounded and clipped to uint8 like Pillow's output.
+  """
+  resized = tf.image.resize(tf.cast(image, tf.float32), size, method='bicubic', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def shorter_side_size(height, width, shorter: int):
+  """torchvision `Resize(shorter)`: the shorter side becomes `shorter`, the longer one
+  `int(shorter * long / short)` (truncated)."""
+  height = tf.cast(height, tf.int64)
+  width = tf.cast(width, tf.int64)
+  short = tf.minimum(height, width)
+  long_side = tf.maximum(height, width)
+  new_long = (shorter * long_side) // short
+  size = tf.where(height <= width, tf.stack([shorter, new_long]), tf.stack([new_long, shorter]))
+  return tf.cast(size, tf.int32)
+
+
+def center_crop(image, size: int):
+  """torchvision CenterCrop of a (H, W, C) image at least `size` on each side."""
+  shape = tf.shape(image)
+  # round((H - size) / 2) with Python's half-to-even rounding.
+  top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2.0), tf.int32)
+  return tf.slice(image, [top, left, 0], [size, size, -1])
+
+
+def random_flip(image, seed, prob: float = 0.5):
+  """Mirrors the image left-right with probability `prob`."""
+  flip = tf.random.stateless_uniform([], seed) < prob
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)

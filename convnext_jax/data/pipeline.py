@@ -1,0 +1,332 @@
+"""tf.data pipelines over tfds-prepared datasets, sharded per host.
+
+Training: each process reads its own even share of the split (`tfds.even_splits`), as an
+endless stream of epochs. Epoch e's order is a pure function of (seed, e) (file order and
+shuffle buffer seeded by it), and every example is augmented with stateless random ops
+seeded by (seed, process, its position in the stream). So the same seed gives the same
+batches, and a run restarted at position p re-enters epoch p // N at offset p % N, skipping
+only undecoded records of that epoch instead of replaying it.
+
+Evaluation: each process reads its share in order, pads it with masked blank examples to a
+common number of batches, so that every example of the split is counted exactly once
+whatever the host and device counts.
+
+Images that cannot be decoded are dropped (`ignore_errors`) and counted: each example
+carries its stream position, so a gap between consecutive positions is a skipped record.
+Batches hold uint8 images; normalisation and the batch-level augmentations run on device
+(`convnext_jax.data.batch_ops`).
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from convnext_jax.data import DEFAULT_CROP_PCT
+from convnext_jax.data import default_crop_pct  # pylint: disable=unused-import (re-export)
+from convnext_jax.data import image_ops
+from convnext_jax.data import randaugment as randaugment_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPreprocess:
+  """RandomResizedCrop (fused with JPEG decode) -> bicubic resize -> flip -> RandAugment.
+
+  Attributes:
+    image_size: output height and width.
+    scale: RandomResizedCrop area range.
+    ratio: RandomResizedCrop aspect-ratio range.
+    hflip: probability of a horizontal flip (0 disables).
+    randaugment: a timm RandAugment spec such as 'rand-m9-mstd0.5-inc1', or None/'' for none.
+    fill: RandAugment's fill colour for geometric ops (the dataset mean, 0..255).
+  """
+  image_size: int = 224
+  scale: tuple[float, float] = (0.08, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  hflip: float = 0.5
+  randaugment: str | None = 'rand-m9-mstd0.5-inc1'
+  fill: tuple[int, int, int] = randaugment_lib.FILL_IMAGENET
+
+  def __call__(self, image_bytes, seed):
+    crop_seed, flip_seed, augment_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 3))
+    window = image_ops.random_resized_crop_window(
+        image_ops.image_shape(image_bytes), crop_seed, self.scale, self.ratio)
+    image = image_ops.decode_and_crop(image_bytes, window)
+    image = image_ops.resize(image, (self.image_size, self.image_size))
+    if self.hflip > 0:
+      image = image_ops.random_flip(image, flip_seed, self.hflip)
+    if self.randaugment:
+      config = randaugment_lib.RandAugmentConfig.parse(self.randaugment)
+      image = randaugment_lib.rand_augment(image, augment_seed, config, self.fill)
+    return image
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPreprocess:
+  """Resize the shorter side to int(size / crop_pct) and centre-crop, or (crop_pct >= 1)
+  resize straight to size x size; bicubic throughout."""
+  image_size: int = 224
+  crop_pct: float = DEFAULT_CROP_PCT
+
+  def __call__(self, image_bytes):
+    image = image_ops.decode_rgb(image_bytes)
+    if self.crop_pct >= 1.0:
+      return image_ops.resize(image, (self.image_size, self.image_size))
+    shape = tf.shape(image)
+    size = image_ops.shorter_side_size(shape[0], shape[1], int(self.image_size / self.crop_pct))
+    image = image_ops.resize(image, size)
+    return image_ops.center_crop(image, self.image_size)
+
+
+# ----------------------------------------------------------------------------------------
+# Per-host shards of a split.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HostShard:
+  """The records one process reads: (file, skip, take) triples, in split order."""
+  split: str
+  files: tuple[str, ...]
+  skips: tuple[int, ...]
+  takes: tuple[int, ...]
+
+  @property
+  def num_examples(self) -> int:
+    return sum(self.takes)
+
+
+def host_shard(builder: tfds.core.DatasetBuilder, split: str, process_index: int,
+               process_count: int) -> HostShard:
+  """Process `process_index`'s even share of `split` (shares differ by at most one).
+
+  Raises:
+    ValueError: the dataset is not stored as TFRecord files, or a share would be empty.
+  """
+  file_format = getattr(builder.info, 'file_format', None)
+  if file_format is not None and 'tfrecord' not in str(file_format).lower():
+    raise ValueError(f'{builder.name}: the input pipeline reads TFRecord datasets, this one is '
+                     f'stored as {file_format}; prepare it with --file_format=tfrecord')
+  sub_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+  instructions = builder.info.splits[sub_split].file_instructions
+  shard = HostShard(str(sub_split), tuple(i.filename for i in instructions),
+                    tuple(int(i.skip) for i in instructions),
+                    tuple(int(i.take) for i in instructions))
+  if not shard.num_examples:
+    raise ValueError(f'{builder.name} {split}: process {process_index} of {process_count} '
+                     'gets no examples; use fewer processes or a larger split')
+  return shard
+
+
+def _read_records(shard: HostShard, file_seed=None, cycle_length: int = 16):
+  """Serialized records of a shard; file order shuffled by `file_seed` (a tensor) if given."""
+  files = tf.data.Dataset.from_tensor_slices(
+      (list(shard.files), np.asarray(shard.skips, np.int64), np.asarray(shard.takes, np.int64)))
+  if file_seed is not None:
+    files = files.shuffle(len(shard.files), seed=file_seed)
+  return files.interleave(
+      lambda f, skip, take: tf.data.TFRecordDataset(f, buffer_size=8 << 20).skip(skip).take(take),
+      cycle_length=min(cycle_length, len(shard.files)), block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _parse(builder, record, label_key: str):
+  features = builder.info.features.deserialize_example(
+      record, decoders={'image': tfds.decode.SkipDecoding()})
+  return features['image'], features[label_key]
+
+
+def _options(threads: int | None) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  if threads:
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+# ----------------------------------------------------------------------------------------
+# Training stream.
+# ----------------------------------------------------------------------------------------
+
+
+def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
+  """Assembles each process's batch into global `jax.Array`s sharded over the batch axis.
+
+  `position` stays on the host (it is bookkeeping, see `StreamTracker`).
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if k != 'position'}
+
+
+def host_seed(seed: int, process_index: int) -> int:
+  """A per-process seed, so that hosts draw different augmentations."""
+  return (seed * 1_000_003 + process_index) % (2**62)
+
+
+def train_dataset(builder: tfds.core.DatasetBuilder,
+                  split: str,
+                  *,
+                  per_host_batch: int,
+                  preprocess: TrainPreprocess,
+                  seed: int,
+                  start_position: int = 0,
+                  shuffle_buffer: int = 10_000,
+                  process_index: int = 0,
+                  process_count: int = 1,
+                  label_key: str = 'label',
+                  threads: int | None = None) -> tf.data.Dataset:
+  """The endless, deterministic training stream of one process, batched.
+
+  Args:
+    builder: a prepared tfds builder.
+    split: e.g. 'train'.
+    per_host_batch: examples per batch on this process (global batch / process count).
+    preprocess: the per-example transform.
+    seed: run seed; epoch order and augmentation derive from it.
+    start_position: stream position to start at (0, or a checkpoint's `next_position`).
+    shuffle_buffer: examples in the shuffle buffer (after a per-epoch file shuffle).
+    process_index: this process.
+    process_count: number of processes reading the split.
+    label_key: the label feature.
+    threads: tf.data thread-pool size (None: TensorFlow's default).
+
+  Returns:
+    Batches {'image': (B, S, S, 3) uint8, 'label': (B,) int32, 'position': (B,) int64}.
+  """
+  shard = host_shard(builder, split, process_index, process_count)
+  epoch_size = shard.num_examples
+  start_epoch, offset = divmod(int(start_position), epoch_size)
+  logging.info('%s %s: process %d/%d reads %s (%d examples, %d per batch) from position %d '
+               '(epoch %d + %d)', builder.name, split, process_index, process_count,
+               shard.split, epoch_size, per_host_batch, start_position, start_epoch, offset)
+  seed_host = host_seed(seed, process_index)
+
+  def epoch_records(epoch):
+    epoch_seed = tf.cast(seed_host, tf.int64) * 100_003 + epoch
+    records = _read_records(shard, file_seed=epoch_seed)
+    return records.shuffle(shuffle_buffer, seed=epoch_seed + 1)
+
+  def example(position, record):
+    image_bytes, label = _parse(builder, record, label_key)
+    seed_pair = tf.stack([tf.constant(seed_host, tf.int64), position])
+    return {'image': preprocess(image_bytes, seed_pair), 'label': tf.cast(label, tf.int32),
+            'position': position}
+
+  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records).skip(offset)
+  ds = ds.enumerate(start=int(start_position))
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.ignore_errors(log_warning=True)
+  ds = ds.batch(per_host_batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: every example exactly once.
+# ----------------------------------------------------------------------------------------
+
+
+def eval_num_batches(builder, split: str, per_host_batch: int, process_count: int) -> int:
+  """Batches every process yields: enough for the largest share."""
+  largest = max(host_shard(builder, split, i, process_count).num_examples
+                for i in range(process_count))
+  return math.ceil(largest / per_host_batch)
+
+
+def eval_dataset(builder: tfds.core.DatasetBuilder,
+                 split: str,
+                 *,
+                 per_host_batch: int,
+                 preprocess: EvalPreprocess,
+                 process_index: int = 0,
+                 process_count: int = 1,
+                 label_key: str = 'label',
+                 num_classes: int | None = None,
+                 threads: int | None = None) -> tuple[tf.data.Dataset, int]:
+  """One pass over this process's share of `split`, padded to a common batch count.
+
+  Args:
+    builder, split, per_host_batch, process_index, process_count, threads: as for training.
+    preprocess: the evaluation transform.
+    label_key: the label feature. A sequence feature (e.g. ImageNet-ReaL's 'real_label')
+      becomes a multi-hot (B, num_classes) float32 label, and examples with no label are
+      masked out, as the ReaL protocol does.
+    num_classes: needed for sequence labels.
+
+  Returns:
+    (dataset, num_batches): batches {'image', 'label', 'mask' (bool), 'position'};
+    padding examples have mask False and position -1.
+  """
+  shard = host_shard(builder, split, process_index, process_count)
+  num_batches = eval_num_batches(builder, split, per_host_batch, process_count)
+  logging.info('%s %s: process %d/%d evaluates %s (%d examples) in %d batches of %d',
+               builder.name, split, process_index, process_count, shard.split,
+               shard.num_examples, num_batches, per_host_batch)
+  size = preprocess.image_size
+  multi_label = isinstance(builder.info.features[label_key], tfds.features.Sequence)
+  if multi_label and not num_classes:
+    raise ValueError(f'{builder.name}: {label_key!r} holds label lists; pass num_classes')
+
+  def example(position, record):
+    image_bytes, label = _parse(builder, record, label_key)
+    if multi_label:
+      mask = tf.size(label) > 0
+      label = tf.reduce_max(tf.one_hot(label, num_classes, dtype=tf.float32), axis=0)
+    else:
+      mask = tf.constant(True)
+      label = tf.cast(label, tf.int32)
+    return {'image': preprocess(image_bytes), 'label': label, 'mask': mask, 'position': position}
+
+  ds = _read_records(shard).enumerate()
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.ignore_errors(log_warning=True)
+  blank = {
+      'image': tf.zeros([size, size, 3], tf.uint8),
+      'label': tf.zeros([num_classes], tf.float32) if multi_label else tf.constant(0, tf.int32),
+      'mask': tf.constant(False),
+      'position': tf.constant(-1, tf.int64),
+  }
+  # Padding after the real examples; `take` fixes the count even if some were skipped.
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat())
+  ds = ds.take(num_batches * per_host_batch).batch(per_host_batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads)), num_batches
+
+
+# ----------------------------------------------------------------------------------------
+# Bookkeeping of positions and skipped records.
+# ----------------------------------------------------------------------------------------
+
+
+class StreamTracker:
+  """Follows a batch stream's positions: where to resume, and how many records were skipped.
+
+  Positions of consecutive kept examples increase by one unless records in between could
+  not be decoded, so the skipped count is exact once their batches have been consumed.
+  """
+
+  def __init__(self, start_position: int = 0):
+    self.next_position = int(start_position)
+    self.skipped = 0
+
+  def update(self, positions: np.ndarray) -> None:
+    positions = np.asarray(positions)
+    positions = positions[positions >= 0]  # Evaluation padding has position -1.
+    if positions.size:
+      last = int(positions.max())
+      self.skipped += (last + 1 - self.next_position) - positions.size
+      self.next_position = last + 1
+
+  def close(self, end_position: int) -> None:
+    """Counts records skipped after the last kept one (a finite pass ending at `end`)."""
+    self.skipped += max(0, int(end_position) - self.next_position)
+    self.next_position = max(self.next_position, int(end_position))
+
+  def state(self) -> dict[str, Any]:
+    return {'next_position': self.next_position, 'skipped': self.skipped}
+

@@ -1,0 +1,80 @@
+"""Evaluation: top-1 / top-5 of raw and EMA parameters over a whole split, exactly once.
+
+Batches come from `data.pipeline.eval_dataset`, padded with masked examples so every process
+runs the same number of steps; clu `Average` metrics weigh each example by its mask. A label
+is an int class or, for ImageNet-ReaL, a multi-hot vector (correct if the prediction is any
+of the valid labels).
+"""
+
+from collections.abc import Iterable
+import time
+
+from absl import logging
+from clu import metrics
+import flax
+import jax
+import jax.numpy as jnp
+
+from convnext_jax.data import batch_ops
+from convnext_jax.data import pipeline
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+  top1: metrics.Average.from_output('top1')
+  top5: metrics.Average.from_output('top5')
+
+
+def topk_correct(logits, labels, k: int):
+  """1.0 where a label is among the top-k logits. `labels`: (B,) ints or (B, K) multi-hot."""
+  top = jax.lax.top_k(logits, k)[1]
+  if labels.ndim == 2:  # Multi-hot: any valid label in the top k.
+    return jnp.any(jnp.take_along_axis(labels, top, axis=1) > 0, axis=1).astype(jnp.float32)
+  return jnp.any(top == labels[:, None], axis=1).astype(jnp.float32)
+
+
+def make_eval_step(model, dtype):
+  """jit-able (params_by_name, batch) -> {name: EvalMetrics}."""
+
+  def step(params_by_name, batch):
+    images = batch_ops.normalize(batch['image'], dtype=dtype)
+    out = {}
+    for name, params in params_by_name.items():
+      logits = model.apply({'params': params}, images, train=False)
+      out[name] = EvalMetrics.single_from_model_output(
+          top1=topk_correct(logits, batch['label'], 1),
+          top5=topk_correct(logits, batch['label'], 5), mask=batch['mask'])
+    return out
+
+  return step
+
+
+def evaluate(eval_step, params_by_name, dataset, num_batches: int, sharding,
+             num_examples: int) -> tuple[dict[str, float], int]:
+  """Runs one pass; returns ({'<name>/top1': ..., '<name>/top5': ...}, skipped records).
+
+  Args:
+    eval_step: jitted `make_eval_step(...)`.
+    params_by_name: e.g. {'raw': params, 'ema': ema_params}.
+    dataset: this process's padded batches.
+    num_batches: batches each process yields.
+    sharding: the batch sharding, to assemble global arrays.
+    num_examples: this process's records, to count undecodable ones at the end.
+  """
+  start = time.perf_counter()
+  totals = None
+  tracker = pipeline.StreamTracker()
+  batches: Iterable = dataset.as_numpy_iterator()
+  for batch in batches:
+    tracker.update(batch['position'])
+    step_metrics = eval_step(params_by_name, pipeline.to_global_arrays(batch, sharding))
+    totals = step_metrics if totals is None else {
+        name: totals[name].merge(m) for name, m in step_metrics.items()}
+  tracker.close(num_examples)
+  results = {}
+  for name, collection in (totals or {}).items():
+    for metric, value in collection.compute().items():
+      results[f'{name}/{metric}'] = float(value)
+  logging.info('evaluated %d batches in %.1f s: %s', num_batches,
+               time.perf_counter() - start, results)
+  return results, tracker.skipped

@@ -1,0 +1,125 @@
+"""From a config to prepared tfds datasets, the training iterator of global arrays, and the
+evaluation sets. The only training-side module that touches TensorFlow."""
+
+import dataclasses
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from convnext_jax import datasets
+from convnext_jax.data import pipeline
+
+# Datasets built locally from nothing (or from the user's folder): prepared on first use.
+_AUTO_PREPARE = ('convnext_shapes', 'class_folder')
+
+
+def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
+  """A prepared tfds builder; local datasets are prepared once, by process 0."""
+  builder = datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
+  if builder.is_prepared():
+    return builder
+  if name.split('/')[0] not in _AUTO_PREPARE:
+    raise ValueError(
+        f'dataset {name} is not prepared in {builder.data_dir_root}; prepare it first (see '
+        "README 'Datasets'), or set config.dataset.data_dir to where it was prepared")
+  if jax.process_index() == 0:
+    logging.info('preparing %s in %s', name, builder.data_dir_root)
+    builder.download_and_prepare()
+  multihost_utils.sync_global_devices(f'prepare {name}')
+  return datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
+
+
+class TrainIterator:
+  """Global `jax.Array` batches of the training stream; tracks its position and skips."""
+
+  def __init__(self, dataset: tf.data.Dataset, sharding, start_position: int):
+    self._iterator = dataset.as_numpy_iterator()
+    self._sharding = sharding
+    self._tracker = pipeline.StreamTracker(start_position)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterator)
+    self._tracker.update(batch['position'])
+    return pipeline.to_global_arrays(batch, self._sharding)
+
+  @property
+  def next_position(self) -> int:
+    """Where this process's stream resumes after the batches handed out so far."""
+    return self._tracker.next_position
+
+  @property
+  def skipped(self) -> int:
+    return self._tracker.skipped
+
+
+@dataclasses.dataclass
+class Evaluator:
+  name: str
+  dataset: tf.data.Dataset
+  num_batches: int
+  num_examples: int  # This process's records (to count undecodable ones).
+
+
+class Inputs:
+  """The datasets of one config: sizes, classes, and pipelines on demand."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    # tf.data runs on the host; TensorFlow must not claim accelerator memory.
+    tf.config.set_visible_devices([], 'GPU')
+    self._config = config
+    cd = config.dataset
+    self._kwargs = dict(cd.builder_kwargs)
+    self.builder = _builder(cd.name, cd.data_dir, self._kwargs)
+    label = self.builder.info.features[cd.label_key]
+    self.num_classes = label.num_classes
+    self.class_names = list(label.names)
+    self.num_train_examples = self.builder.info.splits[cd.train_split].num_examples
+
+  def train_iterator(self, per_host_batch: int, start_position: int, sharding) -> TrainIterator:
+    c = self._config
+    preprocess = pipeline.TrainPreprocess(
+        c.input.image_size, scale=tuple(c.input.scale), ratio=tuple(c.input.ratio),
+        hflip=c.input.hflip, randaugment=c.input.randaugment or None,
+        fill=tuple(c.input.fill))
+    dataset = pipeline.train_dataset(
+        self.builder, c.dataset.train_split, per_host_batch=per_host_batch,
+        preprocess=preprocess, seed=c.seed, start_position=start_position,
+        shuffle_buffer=c.input.shuffle_buffer, process_index=jax.process_index(),
+        process_count=jax.process_count(), label_key=c.dataset.label_key,
+        threads=c.input.threads or None)
+    return TrainIterator(dataset, sharding, start_position)
+
+  def eval_preprocess(self) -> pipeline.EvalPreprocess:
+    c = self._config.input
+    size = c.eval_image_size if c.eval_image_size > 0 else c.image_size
+    crop_pct = c.crop_pct if c.crop_pct > 0 else pipeline.default_crop_pct(size)
+    return pipeline.EvalPreprocess(size, crop_pct)
+
+  def evaluators(self, per_host_batch: int) -> list[Evaluator]:
+    """The main evaluation split, then `dataset.extra_eval` ('name:split[:label_key]')."""
+    cd = self._config.dataset
+    sets = [(cd.name.split('/')[0], self.builder, cd.eval_split, cd.label_key)]
+    for entry in cd.extra_eval:
+      name, split, *label_key = entry.split(':')
+      builder = _builder(name, cd.data_dir, {})
+      sets.append((name.split('/')[0], builder, split, label_key[0] if label_key else 'label'))
+    out = []
+    for name, builder, split, label_key in sets:
+      dataset, num_batches = pipeline.eval_dataset(
+          builder, split, per_host_batch=per_host_batch, preprocess=self.eval_preprocess(),
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          label_key=label_key, num_classes=self.num_classes,
+          threads=self._config.input.threads or None)
+      shard = pipeline.host_shard(builder, split, jax.process_index(), jax.process_count())
+      out.append(Evaluator(f'{name}_{split}' if len(sets) > 1 else name, dataset, num_batches,
+                           shard.num_examples))
+    return out
+

@@ -1,0 +1,321 @@
+"""`convnext-predict`: the top classes of a ConvNeXt checkpoint for image files.
+
+  python -m convnext_jax.predict --checkpoint PATH [--params ema|raw] [--step N]
+      [--size 224] [--crop_pct F] [--labels FILE] [--top_k 5] [--batch_size 32] [--json]
+      IMAGE...
+
+PATH is a params checkpoint (`convnext-convert import`) or a training workdir (its EMA or
+raw weights, at the latest or a given step). Each image goes through the evaluation
+transform of training (shorter side to int(size / crop_pct), bicubic, centre crop; ImageNet
+mean and std), on Pillow (`data.pil_reference`), so nothing here imports TensorFlow.
+
+Output: per image its path, then one `  probability  label` line per class, best first; or,
+with --json, a JSON list of {"image", "predictions": [{"class", "label", "probability"}]}.
+Class names come from --labels (one per line), else the checkpoint's metadata, else, for
+1000 classes, the ImageNet-1K names that tensorflow_datasets ships, else `class N`.
+
+Errors (a missing or unreadable image, a missing checkpoint, a label file of the wrong
+length) are one line on stderr and exit status 2.
+"""
+
+import argparse
+import ast
+from collections.abc import Iterator
+from collections.abc import Sequence
+import functools
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+from etils import epath
+import jax
+import numpy as np
+from PIL import Image
+
+from convnext_jax import checkpoints
+from convnext_jax import models
+from convnext_jax.convert import layouts
+from convnext_jax.data import batch_ops
+from convnext_jax.data import default_crop_pct
+from convnext_jax.data import pil_reference
+from convnext_jax.sharding import path_name
+
+PROG = 'convnext-predict'
+EXIT_ERROR = 2
+# The ImageNet-1K class names in class-index order ('tench, Tinca tinca' first), as a list
+# literal in a module of the tensorflow_datasets package.
+_IMAGENET_NAMES_MODULE = ('datasets', 'siscore', 'labels.py')
+_IMAGENET_NAMES_VARIABLE = 'IMAGENET_LABELS_LIST'
+_IMAGENET_NUM_CLASSES = 1000
+
+
+class PredictError(ValueError):
+  """A problem with the inputs of a prediction; the message is one readable line."""
+
+
+# ----------------------------------------------------------------------------------------
+# Class names.
+# ----------------------------------------------------------------------------------------
+
+
+def imagenet_class_names() -> list[str] | None:
+  """The 1000 ImageNet-1K class names in index order, or None if they cannot be found.
+
+  They are read from the installed tensorflow_datasets source without importing it (which
+  would import TensorFlow): its SI-Score labels module holds them as a list literal.
+  """
+  try:
+    spec = importlib.util.find_spec('tensorflow_datasets')
+  except (ImportError, ValueError):
+    spec = None
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = os.path.join(list(spec.submodule_search_locations)[0], *_IMAGENET_NAMES_MODULE)
+  try:
+    with open(path, encoding='utf-8') as f:
+      tree = ast.parse(f.read())
+  except (OSError, SyntaxError):
+    return None
+  for node in tree.body:
+    if (isinstance(node, ast.Assign) and len(node.targets) == 1 and
+        isinstance(node.targets[0], ast.Name) and node.targets[0].id == _IMAGENET_NAMES_VARIABLE):
+      try:
+        names = ast.literal_eval(node.value)
+      except ValueError:
+        return None
+      if len(names) == _IMAGENET_NUM_CLASSES and all(isinstance(n, str) for n in names):
+        return list(names)
+  return None
+
+
+def read_label_file(path: str, num_classes: int) -> list[str]:
+  """One class name per line (trailing blank lines ignored), exactly `num_classes` of them.
+
+  Raises:
+    PredictError: the file is missing or holds another number of names.
+  """
+  try:
+    text = epath.Path(path).read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise PredictError(f'cannot read labels file {path} ({e}); pass a text file with one '
+                       'class name per line') from None
+  names = [line.strip() for line in text.splitlines()]
+  while names and not names[-1]:
+    names.pop()
+  if len(names) != num_classes:
+    raise PredictError(f'labels file {path} has {len(names)} names but the model has '
+                       f'{num_classes} classes; give one name per line, one per class')
+  return names
+
+
+def class_names(metadata: dict[str, Any], num_classes: int,
+                labels_file: str | None = None) -> list[str]:
+  """Names for the model's classes: --labels, else metadata, else ImageNet-1K, else
+  'class N'."""
+  if labels_file:
+    return read_label_file(labels_file, num_classes)
+  names = metadata.get('class_names')
+  if isinstance(names, (list, tuple)) and len(names) == num_classes:
+    return [str(n) for n in names]
+  if num_classes == _IMAGENET_NUM_CLASSES:
+    names = imagenet_class_names()
+    if names is not None:
+      return names
+  return [f'class {i}' for i in range(num_classes)]
+
+
+# ----------------------------------------------------------------------------------------
+# Images.
+# ----------------------------------------------------------------------------------------
+
+
+def check_images(paths: Sequence[str]) -> None:
+  """Fails early on a path that is missing or not an image (reads only headers).
+
+  Raises:
+    PredictError: the first such path.
+  """
+  for path in paths:
+    if not epath.Path(path).is_file():
+      raise PredictError(f'image {path} does not exist or is not a file; check the path')
+    try:
+      with epath.Path(path).open('rb') as f, Image.open(f):
+        pass
+    except Exception as e:  # pylint: disable=broad-except
+      raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, error: Exception) -> PredictError:
+  if isinstance(error, Image.UnidentifiedImageError):
+    # Pillow's own message names a file object, not the path.
+    reason = 'not an image format Pillow knows'
+  else:
+    reason = f'{type(error).__name__}: {error}'
+  return PredictError(f'cannot read image {path} ({reason}); pass JPEG, PNG, GIF, BMP or '
+                      'WebP files')
+
+
+def load_image(path: str, size: int, crop_pct: float) -> np.ndarray:
+  """The evaluation crop of an image file: uint8 (size, size, 3).
+
+  Raises:
+    PredictError: the file cannot be read or decoded.
+  """
+  try:
+    return pil_reference.eval_transform(epath.Path(path).read_bytes(), size, crop_pct)
+  except Exception as e:  # pylint: disable=broad-except
+    # Decoders report corrupt files with many exception types (OSError, SyntaxError,
+    # struct.error, DecompressionBombError, ...).
+    raise _unreadable(path, e) from None
+
+
+# ----------------------------------------------------------------------------------------
+# Model.
+# ----------------------------------------------------------------------------------------
+
+
+def load_model(checkpoint: str, which: str = 'ema', step: int | None = None):
+  """(model, params on the default device, metadata) of a checkpoint.
+
+  Raises:
+    PredictError: no checkpoint at `checkpoint`, an unknown model, a model without a
+      classifier, or params that do not fit the model.
+    checkpoints.CheckpointError: the checkpoint cannot be read as asked.
+  """
+  if not epath.Path(checkpoint).exists():
+    raise PredictError(f'checkpoint {checkpoint} does not exist; pass a params checkpoint '
+                       '(from `convnext-convert import`) or a training workdir')
+  params, metadata = checkpoints.load_params(checkpoint, which=which, step=step)
+  num_classes = layouts.num_classes_of(params)
+  if not num_classes:
+    raise PredictError(f'checkpoint {checkpoint} has no classifier head; prediction needs '
+                       'a model trained or fine-tuned for classification')
+  model_name = metadata.get('model_name')
+  try:
+    model = models.create_model(model_name, num_classes=num_classes)
+  except ValueError as e:
+    raise PredictError(f'checkpoint {checkpoint}: {e}') from None
+  expected = {path_name(p): tuple(v.shape) for p, v in
+              jax.tree_util.tree_flatten_with_path(models.param_shapes(model, 32))[0]}
+  found = {path_name(p): tuple(np.shape(v)) for p, v in
+           jax.tree_util.tree_flatten_with_path(params)[0]}
+  if expected != found:
+    wrong = sorted(n for n in expected.keys() | found.keys()
+                   if expected.get(n) != found.get(n))
+    raise PredictError(f'checkpoint {checkpoint} does not fit {model_name} with {num_classes} '
+                       f'classes ({len(wrong)} names differ: {", ".join(wrong[:5])}); '
+                       'was it written by convnext_jax?')
+  return model, jax.device_put(params), metadata
+
+
+# Cached so that repeated calls in one process (a notebook, tests) reuse the compiled forward.
+@functools.lru_cache(maxsize=8)
+def make_predict_fn(model, top_k: int):
+  """A jitted (params, uint8 NHWC images) -> (top-k probabilities, top-k class indices)."""
+
+  def predict(params, images):
+    logits = model.apply({'params': params}, batch_ops.normalize(images), train=False)
+    return jax.lax.top_k(jax.nn.softmax(logits.astype(np.float32), axis=-1), top_k)
+
+  return jax.jit(predict, compiler_options=models.compiler_options())
+
+
+def predict_files(predict_fn, params, paths: Sequence[str], size: int, crop_pct: float,
+                  batch_size: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+  """Yields (path, top-k probabilities, top-k indices) per image, in order.
+
+  Every batch has the same shape (the last one padded by repeating an image), so the
+  forward compiles once.
+  """
+  batch_size = max(1, min(batch_size, len(paths)))
+  for start in range(0, len(paths), batch_size):
+    chunk = list(paths[start:start + batch_size])
+    images = [load_image(p, size, crop_pct) for p in chunk]
+    images += [images[-1]] * (batch_size - len(images))
+    probs, indices = jax.device_get(predict_fn(params, np.stack(images)))
+    for i, path in enumerate(chunk):
+      yield path, probs[i], indices[i]
+
+
+# ----------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog=PROG, description='Top classes of a ConvNeXt checkpoint for image files.')
+  parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
+  parser.add_argument('--checkpoint', required=True,
+                      help='orbax params checkpoint, or training workdir')
+  parser.add_argument('--params', choices=tuple(checkpoints.STATE_KEYS), default='ema',
+                      help='weights of a training workdir (default: ema, else raw); '
+                      'ignored for a params checkpoint')
+  parser.add_argument('--step', type=int, default=None,
+                      help='checkpoint step of a training workdir (default: the latest)')
+  parser.add_argument('--size', type=int, default=224, help='input size (default: 224)')
+  parser.add_argument('--crop_pct', type=float, default=None,
+                      help='centre-crop fraction (default: 0.875 below size 384, else 1.0)')
+  parser.add_argument('--labels', metavar='FILE',
+                      help='class names, one per line (default: the checkpoint\'s, else '
+                      'ImageNet-1K names for 1000 classes, else "class N")')
+  parser.add_argument('--top_k', type=int, default=5,
+                      help='classes shown per image (default: 5)')
+  parser.add_argument('--batch_size', type=int, default=32,
+                      help='images per forward pass (default: 32)')
+  parser.add_argument('--json', action='store_true', help='print a JSON list instead')
+  return parser
+
+
+def _check_args(args) -> None:
+  for flag in ('size', 'top_k', 'batch_size'):
+    if getattr(args, flag) < 1:
+      raise PredictError(f'--{flag} must be at least 1, got {getattr(args, flag)}')
+  if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
+    raise PredictError(f'--crop_pct must be in (0, 1], got {args.crop_pct}')
+
+
+def run(args) -> Iterator[dict[str, Any]]:
+  """Yields {'image', 'predictions': [{'class', 'label', 'probability'}]} per image."""
+  _check_args(args)
+  check_images(args.images)
+  model, params, metadata = load_model(args.checkpoint, args.params, args.step)
+  num_classes = model.num_classes
+  names = class_names(metadata, num_classes, args.labels)
+  crop_pct = default_crop_pct(args.size) if args.crop_pct is None else args.crop_pct
+  predict_fn = make_predict_fn(model, min(args.top_k, num_classes))
+  for path, probs, indices in predict_files(predict_fn, params, args.images, args.size,
+                                            crop_pct, args.batch_size):
+    yield {'image': path,
+           'predictions': [{'class': int(k), 'label': names[k], 'probability': float(p)}
+                           for p, k in zip(probs, indices)]}
+
+
+def format_text(result: dict[str, Any]) -> str:
+  """The image path, then `  0.8123  label` per prediction."""
+  lines = [result['image']]
+  lines += [f"  {p['probability']:.4f}  {p['label']}" for p in result['predictions']]
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  results = []
+  try:
+    for result in run(args):
+      if args.json:
+        results.append(result)
+      else:
+        print(format_text(result), flush=True)
+  except (PredictError, checkpoints.CheckpointError, OSError) as e:
+    print(f'{PROG}: error: {e}', file=sys.stderr)
+    return EXIT_ERROR
+  if args.json:
+    print(json.dumps(results, indent=2))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

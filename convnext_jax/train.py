@@ -1,0 +1,445 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom: logging and process facts; mesh; input; model and optimizer (abstract
+shapes first); shard and materialise the state directly on the mesh; resume, or initialise
+from converted weights; evaluators; the loop (log, evaluate, checkpoint, stop on
+preemption).
+
+The train state is a plain pytree {'params', 'opt_state', 'ema_params', 'step', 'rng'}
+('ema_params' only with an EMA) donated into one jitted step per optimizer update. Inside
+the step: uint8 images are normalised, Random Erasing, Mixup/CutMix (one lambda per
+per-device batch) and label smoothing are applied, the loss is averaged over
+`grad_accum_steps` micro-batches, AdamW updates the params, and the EMA follows once.
+"""
+
+import dataclasses
+import math
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import metrics
+from clu import parameter_overview
+from clu import periodic_actions
+import flax
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from convnext_jax import checkpoints
+from convnext_jax import evaluate
+from convnext_jax import input_pipeline
+from convnext_jax import models
+from convnext_jax import optim
+from convnext_jax import sharding
+from convnext_jax.data import batch_ops
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  grad_norm: metrics.Average.from_output('grad_norm')
+  param_norm: metrics.LastValue.from_output('param_norm')
+  lr: metrics.LastValue.from_output('lr')
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Every duration of a run in optimizer steps, derived in one place."""
+  steps_per_epoch: int
+  total_steps: int
+  warmup_steps: int
+  eval_every: int
+
+
+def schedule_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> Schedule:
+  """Epoch-based durations -> steps: an epoch is num_train_examples // global_batch steps."""
+  steps_per_epoch = max(1, num_train_examples // config.global_batch_size)
+  total = (config.num_steps if config.num_steps > 0 else
+           max(1, round(config.num_epochs * steps_per_epoch)))
+  warmup = (config.optim.warmup_steps if config.optim.warmup_steps >= 0 else
+            round(config.optim.warmup_epochs * steps_per_epoch))
+  eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else
+                max(1, round(config.eval_every_epochs * steps_per_epoch)))
+  return Schedule(steps_per_epoch, total, min(warmup, total - 1), eval_every)
+
+
+def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Fails early, with one line each, on batch sizes the mesh and processes cannot split."""
+  dp = sharding.data_parallel_size(mesh)
+  processes = jax.process_count()
+  micro = config.global_batch_size // max(1, config.grad_accum_steps)
+  if config.global_batch_size % config.grad_accum_steps:
+    raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by '
+                     f'grad_accum_steps {config.grad_accum_steps}')
+  if micro % dp:
+    raise ValueError(f'micro-batch {micro} (global_batch_size / grad_accum_steps) is not '
+                     f'divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)}); '
+                     'change global_batch_size or config.mesh')
+  if config.global_batch_size % processes:
+    raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
+                     f'{processes} processes')
+
+
+def create_model(config, num_classes: int):
+  kwargs = dict(num_classes=num_classes, drop_path_rate=config.model.drop_path_rate,
+                head_init_scale=config.model.head_init_scale,
+                dtype=DTYPES[config.model.dtype], remat=config.model.remat)
+  if config.model.layer_scale_init_value >= 0:
+    kwargs['layer_scale_init_value'] = config.model.layer_scale_init_value
+  kwargs.update(_overrides(config))
+  return models.create_model(config.model.name, **kwargs)
+
+
+def _overrides(config) -> dict[str, Any]:
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v
+          for k, v in config.model.overrides.items()}
+
+
+def model_spec(config) -> models.ModelSpec:
+  """The ModelSpec of the configured model, with depths/dims overrides (for layer decay)."""
+  spec = models.get_spec(config.model.name)
+  overrides = _overrides(config)
+  if spec.isotropic:
+    depths = (overrides['depth'],) if 'depth' in overrides else spec.depths
+    dims = (overrides['dim'],) if 'dim' in overrides else spec.dims
+  else:
+    depths, dims = overrides.get('depths', spec.depths), overrides.get('dims', spec.dims)
+  return dataclasses.replace(spec, depths=tuple(depths), dims=tuple(dims))
+
+
+def make_train_step(model, optimizer, schedule_fn, config, num_classes: int,
+                    num_shards: int):
+  """The jit-able (state, batch) -> (state, TrainMetrics) of one optimizer update."""
+  cin = config.input
+  accum = config.grad_accum_steps
+  compute_dtype = DTYPES[config.model.dtype]
+  mix = cin.mixup_alpha > 0 or cin.cutmix_alpha > 0
+
+  def mixup_one(key, images, labels):
+    out, targets, _ = batch_ops.mixup_cutmix(
+        key, images, labels, num_classes, mixup_alpha=cin.mixup_alpha,
+        cutmix_alpha=cin.cutmix_alpha, prob=cin.mixup_prob, switch_prob=cin.mixup_switch_prob,
+        label_smoothing=cin.label_smoothing)
+    return out, targets
+
+  def augment(key, images, labels):
+    k_erase, k_mix = jax.random.split(key)
+    images = batch_ops.normalize(images)
+    if cin.random_erasing > 0:
+      images = batch_ops.random_erasing(k_erase, images, prob=cin.random_erasing)
+    if mix:
+      images, targets = batch_ops.per_device(mixup_one, num_shards)(k_mix, images, labels)
+    else:
+      targets = batch_ops.smooth_one_hot(labels, num_classes, cin.label_smoothing)
+    return images.astype(compute_dtype), targets
+
+  def loss_fn(params, images, targets, key):
+    logits = model.apply({'params': params}, images, train=True, rngs={'drop_path': key})
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def micro_step(params, images, labels, key):
+    k_aug, k_drop = jax.random.split(key)
+    images, targets = augment(k_aug, images, labels)
+    return grad_fn(params, images, targets, k_drop)
+
+  def step(state, batch):
+    params = state['params']
+    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    if accum == 1:
+      loss, grads = micro_step(params, batch['image'], batch['label'], key)
+    else:
+      # Strided micro-batches (example i goes to micro-batch i % accum), so each device
+      # holds its share of every micro-batch under the batch sharding.
+      def split(x):
+        return x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+
+      def body(carry, xs):
+        images, labels, k = xs
+        loss, grads = micro_step(params, images, labels, k)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+      zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(
+          body, zero, (split(batch['image']), split(batch['label']),
+                       jax.random.split(key, accum)))
+      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+    updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+    params = optax.apply_updates(params, updates)
+    new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
+    if 'ema_params' in state:
+      decay = optim.ema_decay_at(state['step'], config.ema.decay, config.ema.warmup)
+      new_state['ema_params'] = optim.update_ema(state['ema_params'], params, decay)
+    step_metrics = TrainMetrics.single_from_model_output(
+        loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+        lr=schedule_fn(state['step']))
+    return new_state, step_metrics
+
+  return step
+
+
+def create_train_state(config, model, optimizer, mesh: jax.sharding.Mesh, image_size: int,
+                       use_ema: bool):
+  """The initial train state, created directly sharded on `mesh`.
+
+  The state's shapes come from `jax.eval_shape`; the sharding rules turn them into
+  shardings; `jax.jit(init, out_shardings=...)` then materialises every array in place, so
+  no host or device ever holds an unsharded copy of a large model.
+
+  Returns:
+    (state, state_shardings, abstract_state).
+  """
+
+  def init_state(key):
+    params = model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']
+    state = {'params': params, 'opt_state': optimizer.init(params),
+             'step': jnp.zeros((), jnp.int32),
+             'rng': jax.random.key_data(jax.random.key(config.seed + 1))}
+    if use_ema:
+      state['ema_params'] = params
+    return state
+
+  abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
+  param_shardings = sharding.tree_shardings(abstract['params'], mesh,
+                                            min_fsdp_size=config.sharding_min_size)
+  state_shardings = {
+      'params': param_shardings,
+      'opt_state': sharding.like_params_shardings(abstract['opt_state'], abstract['params'],
+                                                  param_shardings, mesh),
+      'step': sharding.replicated(mesh),
+      'rng': sharding.replicated(mesh),
+  }
+  if use_ema:
+    state_shardings['ema_params'] = param_shardings
+  state = jax.jit(init_state, out_shardings=state_shardings,
+                  compiler_options=models.compiler_options())(jax.random.key(config.seed))
+  return state, state_shardings, abstract
+
+
+class _Preemption:
+  """SIGTERM (e.g. a spot VM's notice) -> stop at the next step boundary, after saving."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() > 1:
+      # jax.distributed's preemption service owns SIGTERM and synchronises the notice
+      # across processes (orbax's `reached_preemption`); a Python handler would replace it.
+      return
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: rely on orbax's preemption notice only.
+      pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint at the next step boundary, then exiting')
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) in `workdir`, evaluating and checkpointing; returns the last eval."""
+  # ---- Logging and process facts. ----
+  process = jax.process_index()
+  writer = metric_writers.create_default_writer(workdir, just_logging=process > 0)
+  logging.info('process %d of %d; %d local / %d global devices (%s)', process,
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+
+  # ---- Mesh. ----
+  mesh = sharding.make_mesh(config.mesh)
+  validate(config, mesh)
+  num_shards = sharding.data_parallel_size(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  per_host_batch = config.global_batch_size // jax.process_count()
+  logging.info('mesh %s; global batch %d = %d per process = %d per data-parallel device, %d '
+               'micro-batch(es)', dict(mesh.shape), config.global_batch_size, per_host_batch,
+               config.global_batch_size // num_shards, config.grad_accum_steps)
+
+  # ---- Input. ----
+  inputs = input_pipeline.Inputs(config)
+  num_classes = config.model.num_classes if config.model.num_classes >= 0 else (
+      inputs.num_classes)
+  sched = schedule_steps(config, inputs.num_train_examples)
+  logging.info('%d training examples, %d classes: %d steps per epoch, %d steps, %d warmup',
+               inputs.num_train_examples, num_classes, sched.steps_per_epoch,
+               sched.total_steps, sched.warmup_steps)
+
+  # ---- Model and optimizer, as abstract shapes first. ----
+  model = create_model(config, num_classes)
+  spec = model_spec(config)
+  lr_fn = optim.lr_schedule(config.optim.lr, config.optim.min_lr, sched.warmup_steps,
+                            sched.total_steps)
+  image_size = config.input.image_size
+  params_shape = models.param_shapes(model, image_size)
+  optimizer = optim.make_optimizer(
+      lr_fn, params_shape, spec, weight_decay=config.optim.weight_decay, b1=config.optim.b1,
+      b2=config.optim.b2, eps=config.optim.eps, layer_decay=config.optim.layer_decay,
+      layer_decay_scheme=config.optim.layer_decay_scheme,
+      grad_clip_norm=config.optim.grad_clip_norm)
+  use_ema = config.ema.decay > 0
+
+  # ---- Shard and materialise directly on the mesh. ----
+  state, state_shardings, abstract = create_train_state(config, model, optimizer, mesh,
+                                                        image_size, use_ema)
+  logging.info('parameter sharding:\n%s', sharding.describe(state_shardings['params']))
+  options = models.compiler_options()
+  parameter_overview.log_parameter_overview(state['params'], include_stats=False,
+                                            jax_logging_process=0)
+
+  # ---- Resume, or initialise from other weights. ----
+  best_metric = 'top1' if config.keep_best_checkpoint else None
+  manager = checkpoints.training_manager(
+      workdir, save_interval_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
+      best_metric=best_metric)
+  start_position = 0
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract_with_shardings = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        state_shardings)
+    state, metadata = checkpoints.restore_training(manager, latest, abstract_with_shardings)
+    start_position = _start_position(metadata, latest, per_host_batch)
+    logging.info('resumed from step %d (data position %d)', latest, start_position)
+  elif config.init_from.path:
+    state = _init_from(config, state, state_shardings, use_ema)
+  start_step = int(state['step'])
+
+  # ---- Evaluators. ----
+  eval_step = jax.jit(evaluate.make_eval_step(model, DTYPES[config.model.dtype]),
+                      compiler_options=options)
+  evaluators = inputs.evaluators(_eval_batch(config, num_shards) // jax.process_count())
+
+  def run_evals(step):
+    params_by_name = {'raw': state['params']}
+    if use_ema:
+      params_by_name['ema'] = state['ema_params']
+    results = {}
+    for ev in evaluators:
+      values, skipped = evaluate.evaluate(eval_step, params_by_name, ev.dataset, ev.num_batches,
+                                          batch_sharding, ev.num_examples)
+      results.update({f'{ev.name}/{k}': v for k, v in values.items()})
+      if skipped:
+        results[f'{ev.name}/skipped_images'] = skipped
+    writer.write_scalars(step, results)
+    return results
+
+  # ---- The loop. ----
+  train_step = jax.jit(
+      make_train_step(model, optimizer, lr_fn, config, num_classes, num_shards),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+      donate_argnums=(0,), compiler_options=models.compiler_options(training=True))
+  train_iter = inputs.train_iterator(per_host_batch, start_position, batch_sharding)
+  report = periodic_actions.ReportProgress(num_train_steps=sched.total_steps, writer=writer)
+  hooks = [report]
+  if config.profile_start_step >= 0 and process == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile_start_step,
+                                          num_profile_steps=config.profile_num_steps))
+  preemption = _Preemption()
+  train_metrics = None
+  last_eval: dict[str, float] = {}
+  window_start, window_steps = time.perf_counter(), 0
+  logging.info('training from step %d to %d', start_step, sched.total_steps)
+  for step in range(start_step, sched.total_steps):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      batch = next(train_iter)
+      state, step_metrics = train_step(state, batch)
+    train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+    done = step + 1
+    window_steps += 1
+    for hook in hooks:
+      hook(done)
+    final = done == sched.total_steps
+    if done % config.log_every_steps == 0 or final:
+      scalars = {f'train/{k}': v for k, v in train_metrics.compute().items()}
+      elapsed = time.perf_counter() - window_start
+      scalars['train/images_per_sec'] = window_steps * config.global_batch_size / elapsed
+      scalars['train/epoch'] = done / sched.steps_per_epoch
+      if train_iter.skipped:
+        scalars['train/skipped_images'] = train_iter.skipped
+      writer.write_scalars(done, scalars)
+      train_metrics, window_start, window_steps = None, time.perf_counter(), 0
+    ckpt_metrics = None
+    if done % sched.eval_every == 0 or final:
+      last_eval = run_evals(done)
+      main_eval = f'{evaluators[0].name}/{"ema" if use_ema else "raw"}/top1'
+      ckpt_metrics = {'top1': last_eval.get(main_eval, 0.0)}
+    # A SIGTERM flag is per process; with several processes, orbax's preemption notice
+    # (synchronised through jax.distributed) decides, so that all of them stop together.
+    preempted = manager.reached_preemption(done) or (
+        preemption.requested and jax.process_count() == 1)
+    force = final or preempted or ckpt_metrics is not None
+    if force or manager.should_save(done):
+      # The data positions are gathered from every process: only when a save is due.
+      metadata = _metadata(config, inputs, num_classes, train_iter.next_position, done,
+                           last_eval)
+      checkpoints.save_training(manager, done, state, metadata, metrics=ckpt_metrics,
+                                force=force)
+    if preempted:
+      logging.warning('preempted at step %d: checkpoint written, exiting', done)
+      break
+  manager.wait_until_finished()
+  manager.close()
+  preemption.restore()
+  writer.flush()
+  return last_eval
+
+
+def _eval_batch(config, num_shards: int) -> int:
+  size = config.eval_batch_size if config.eval_batch_size > 0 else config.global_batch_size
+  multiple = math.lcm(num_shards, jax.process_count())
+  return max(multiple, size // multiple * multiple)
+
+
+def _metadata(config, inputs, num_classes, next_position, step, last_eval) -> dict[str, Any]:
+  positions = multihost_utils.process_allgather(np.asarray(next_position, np.int64))
+  return {
+      'model_name': config.model.name,
+      'num_classes': num_classes,
+      'class_names': inputs.class_names if len(inputs.class_names) == num_classes else None,
+      'dataset': config.dataset.name,
+      'step': step,
+      'data_positions': np.atleast_1d(positions).tolist(),
+      'process_count': jax.process_count(),
+      'metrics': last_eval,
+      'config': config.to_json_best_effort(),
+  }
+
+
+def _start_position(metadata, step: int, per_host_batch: int) -> int:
+  positions = metadata.get('data_positions') or []
+  if metadata.get('process_count') == jax.process_count() and len(positions) == (
+      jax.process_count()):
+    return int(positions[jax.process_index()])
+  # Another process count splits the data differently: continue at the same epoch fraction.
+  logging.warning('resuming with %d processes from a run with %s: data position estimated',
+                  jax.process_count(), metadata.get('process_count'))
+  return step * per_host_batch
+
+
+def _init_from(config, state, state_shardings, use_ema: bool):
+  init = config.init_from
+  loaded, metadata = checkpoints.load_params(init.path, which=init.params,
+                                             step=init.step if init.step >= 0 else None)
+  logging.info('init_from %s: %s (%s)', init.path, metadata.get('model_name'),
+               metadata.get('weights', 'params'))
+  host_params = jax.device_get(state['params'])
+  merged, _ = checkpoints.merge_params(host_params, loaded, strict=init.strict)
+  params = jax.device_put(merged, state_shardings['params'])
+  state = dict(state, params=params)
+  if use_ema:
+    state['ema_params'] = jax.tree.map(jnp.copy, params)
+  return state

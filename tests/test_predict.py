@@ -1,0 +1,206 @@
+"""`convnext-predict`: top-k output against a direct forward pass, class names, workdirs,
+the command line without TensorFlow, and one-line errors with exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from convnext_jax import checkpoints
+from convnext_jax import models
+from convnext_jax import predict
+from convnext_jax.data import batch_ops
+from convnext_jax.data import pil_reference
+import helpers
+
+SIZE = 64
+NAMES = ['cat', 'dog', 'bird']
+
+
+def _biased_params(model, favoured: int, seed: int = 0):
+  """Random params whose head bias makes `favoured` the clear top-1 on any image, while
+  the other classes keep probabilities far from 0 (so the softmax check means something)."""
+  params = helpers.random_params(model, seed)
+  params['head']['kernel'] = params['head']['kernel'] * 0.1
+  bias = np.zeros_like(params['head']['bias'])
+  bias[favoured] = 3.0
+  params['head']['bias'] = bias
+  return params
+
+
+def _write_image(path, height, width, seed):
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:height, 0:width]
+  image = np.stack([xx * 255 / width, yy * 255 / height, (xx * yy) % 251], -1)
+  image = np.clip(image + rng.normal(0, 20, image.shape), 0, 255).astype(np.uint8)
+  Image.fromarray(image).save(path)
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp('predict')
+  model = models.create_model('convnext_atto', num_classes=len(NAMES))
+  params = _biased_params(model, favoured=1)
+  checkpoint = str(root / 'atto3')
+  checkpoints.save_params(checkpoint, params,
+                          {'model_name': 'convnext_atto', 'num_classes': 3,
+                           'class_names': NAMES})
+  images = [_write_image(root / 'wide.png', 60, 90, 0),
+            _write_image(root / 'tall.jpg', 80, 50, 1),
+            _write_image(root / 'square.jpg', 70, 70, 2)]
+  return dict(root=root, model=model, params=params, checkpoint=checkpoint, images=images)
+
+
+def _direct_probabilities(model, params, paths, crop_pct=0.875):
+  """softmax(logits) of the model on the evaluation crops, without the predict module."""
+  images = np.stack([pil_reference.eval_transform(open(p, 'rb').read(), SIZE, crop_pct)
+                     for p in paths])
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
+      params, batch_ops.normalize(images))
+  return np.asarray(jax.nn.softmax(np.asarray(logits, np.float64), axis=-1))
+
+
+def _run(argv, capsys):
+  code = predict.main(argv)
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_text_output_is_sorted_probabilities_with_metadata_names(files, capsys):
+  code, out, err = _run(['--checkpoint', files['checkpoint'], '--size', str(SIZE),
+                         *files['images'][:2]], capsys)
+  assert code == 0, err
+  lines = out.splitlines()
+  # Top 5 of 3 classes: all three, per image.
+  assert len(lines) == 2 * (1 + 3)
+  for block, path in zip((lines[:4], lines[4:]), files['images'][:2]):
+    assert block[0] == path
+    probs = [float(line.split()[0]) for line in block[1:]]
+    labels = [line.split(maxsplit=1)[1] for line in block[1:]]
+    assert all(line.startswith('  ') for line in block[1:])
+    assert labels[0] == 'dog' and sorted(labels) == sorted(NAMES)
+    assert probs == sorted(probs, reverse=True) and probs[0] > 0.5
+    assert sum(probs) <= 1.0 + 2e-4
+
+
+def test_json_matches_direct_softmax_across_padded_batches(files, capsys):
+  # Three images at batch size 2: the second batch is padded.
+  code, out, err = _run(['--checkpoint', files['checkpoint'], '--size', str(SIZE),
+                         '--batch_size', '2', '--json', *files['images']], capsys)
+  assert code == 0, err
+  results = json.loads(out)
+  expected = _direct_probabilities(files['model'], files['params'], files['images'])
+  assert [r['image'] for r in results] == files['images']
+  for result, probs in zip(results, expected):
+    predictions = result['predictions']
+    order = np.argsort(-probs)
+    assert [p['class'] for p in predictions] == list(order)
+    assert [p['label'] for p in predictions] == [NAMES[k] for k in order]
+    np.testing.assert_allclose([p['probability'] for p in predictions], probs[order],
+                               atol=1e-5)
+    assert predictions[0]['label'] == 'dog'
+
+
+def test_training_workdir_ema_and_raw_weights(files, capsys):
+  model = files['model']
+  state = {'params': _biased_params(model, favoured=0), 'ema_params': files['params'],
+           'step': np.int32(7)}
+  workdir = str(files['root'] / 'workdir')
+  manager = checkpoints.training_manager(workdir, save_interval_steps=1, keep=2,
+                                         enable_async=False)
+  checkpoints.save_training(manager, 7, state, {'model_name': 'convnext_atto',
+                                                'num_classes': 3, 'class_names': NAMES},
+                            force=True)
+  manager.close()
+  labels = files['root'] / 'labels.txt'
+  labels.write_text('Cat\nDog\nBird\n\n')
+  top1 = {}
+  for which in ('ema', 'raw'):
+    code, out, err = _run(['--checkpoint', workdir, '--params', which, '--step', '7',
+                           '--size', str(SIZE), '--labels', str(labels), '--json',
+                           *files['images'][:2]], capsys)
+    assert code == 0, err
+    top1[which] = json.loads(out)[0]['predictions'][0]['label']
+  # --labels overrides the metadata's names.
+  assert top1 == {'ema': 'Dog', 'raw': 'Cat'}
+
+
+def test_class_names_fallbacks(tmp_path):
+  imagenet = predict.imagenet_class_names()
+  assert len(imagenet) == 1000 and imagenet[0].startswith('tench')
+  assert imagenet[1].startswith('goldfish') and imagenet[999].startswith('toilet tissue')
+  assert predict.class_names({'class_names': NAMES}, 3) == NAMES
+  # Names of the wrong length in metadata are ignored.
+  assert predict.class_names({'class_names': NAMES}, 1000) == imagenet
+  assert predict.class_names({}, 21841)[:2] == ['class 0', 'class 1']
+  wnids = tmp_path / 'wnids.txt'
+  wnids.write_text('\n'.join(f'n{i:08d}' for i in range(21841)) + '\n')
+  assert predict.class_names({}, 21841, str(wnids))[5] == 'n00000005'
+
+
+def test_default_crop_pct():
+  # The training pipeline's rule (pinned at the same sizes in test_pipeline.py); importing it
+  # here would cost a TensorFlow import.
+  assert [predict.default_crop_pct(s) for s in (64, 224, 383, 384, 512)] == [
+      0.875, 0.875, 0.875, 1.0, 1.0]
+
+
+def test_command_line_imagenet_names_without_tensorflow(files):
+  model = models.create_model('convnext_atto', num_classes=1000)
+  checkpoint = str(files['root'] / 'atto1000')
+  checkpoints.save_params(checkpoint, _biased_params(model, favoured=0),
+                          {'model_name': 'convnext_atto', 'num_classes': 1000})
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, '-X', 'importtime', '-m', 'convnext_jax.predict', '--checkpoint',
+       checkpoint, '--size', str(SIZE), '--top_k', '3', files['images'][2]],
+      capture_output=True, text=True, check=False, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0] == files['images'][2] and len(lines) == 4
+  assert lines[1].split(maxsplit=1)[1] == 'tench, Tinca tinca'
+  imported = {line.rsplit('|', 1)[-1].strip().split('.')[0]
+              for line in result.stderr.splitlines() if line.startswith('import time:')}
+  assert 'jax' in imported
+  assert not imported & {'tensorflow', 'tensorflow_datasets', 'keras', 'tf_keras'}
+
+
+def test_missing_image(files, capsys):
+  missing = str(files['root'] / 'nope.jpg')
+  code, out, err = _run(['--checkpoint', files['checkpoint'], files['images'][0], missing],
+                        capsys)
+  assert code == 2 and not out
+  assert err.strip() == (f'convnext-predict: error: image {missing} does not exist or is not '
+                         'a file; check the path')
+
+
+def test_unreadable_image(files, capsys):
+  bad = files['root'] / 'notes.jpg'
+  bad.write_bytes(b'this is not a picture')
+  code, out, err = _run(['--checkpoint', files['checkpoint'], str(bad)], capsys)
+  assert code == 2 and not out and len(err.splitlines()) == 1
+  assert err.strip() == (f'convnext-predict: error: cannot read image {bad} (not an image '
+                         'format Pillow knows); pass JPEG, PNG, GIF, BMP or WebP files')
+
+
+def test_missing_checkpoint(files, capsys):
+  missing = str(files['root'] / 'no_checkpoint')
+  code, out, err = _run(['--checkpoint', missing, files['images'][0]], capsys)
+  assert code == 2 and not out and len(err.splitlines()) == 1
+  assert f'checkpoint {missing} does not exist' in err and 'convnext-convert import' in err
+
+
+def test_label_file_with_wrong_count(files, capsys):
+  labels = files['root'] / 'four.txt'
+  labels.write_text('a\nb\nc\nd\n')
+  code, out, err = _run(['--checkpoint', files['checkpoint'], '--labels', str(labels),
+                         files['images'][0]], capsys)
+  assert code == 2 and not out
+  assert err.strip() == (f'convnext-predict: error: labels file {labels} has 4 names but the '
+                         'model has 3 classes; give one name per line, one per class')

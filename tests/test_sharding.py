@@ -1,0 +1,124 @@
+"""Sharding: the same training steps under different meshes give the same results."""
+
+import jax
+import numpy as np
+import pytest
+
+from convnext_jax import config_lib
+from convnext_jax import models
+from convnext_jax import optim
+from convnext_jax import sharding
+from convnext_jax import train
+
+STEPS = 3
+BATCH = 16
+SIZE = 32
+NUM_CLASSES = 10
+
+
+def _config(mesh):
+  c = config_lib.base()
+  c.model.name = 'convnext_atto'
+  c.model.overrides.depths = (1, 1, 2, 1)  # Small: compile time dominates on CPU.
+  c.model.overrides.dims = (16, 32, 64, 128)
+  # XLA's grouped convolution: a far smaller program to compile than the CPU default (the
+  # shifted sum, tested equal to it in test_models); the sharding logic is the same.
+  c.model.overrides.depthwise_impl = 'conv'
+  c.model.dtype = 'float32'
+  c.model.drop_path_rate = 0.1  # Drop-path masks must not depend on the sharding either.
+  c.input.mixup_alpha = 0.0  # Mixup pairs within each data-parallel shard: mesh-dependent.
+  c.input.cutmix_alpha = 0.0
+  c.input.random_erasing = 0.5
+  c.global_batch_size = BATCH
+  c.optim.lr = 1e-3
+  # Adam divides by sqrt(v) + eps: with the default 1e-8, gradients at float32 noise level
+  # (different reduction orders under different meshes) become O(lr) updates. A large eps
+  # keeps the update proportional to the gradient, so the comparison tests the sharding.
+  c.optim.eps = 1e-3
+  c.optim.layer_decay = 0.9
+  c.ema.decay = 0.9
+  c.mesh = mesh
+  c.sharding_min_size = 256  # Shard even this small model's tensors over 'fsdp'.
+  return c
+
+
+def _batches():
+  rng = np.random.default_rng(0)
+  return [{'image': rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
+           'label': rng.integers(0, NUM_CLASSES, (BATCH,), dtype=np.int32)}
+          for _ in range(STEPS)]
+
+
+def _run(mesh_shape, devices):
+  config = _config(mesh_shape)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  train.validate(config, mesh)
+  model = train.create_model(config, NUM_CLASSES)
+  lr_fn = optim.lr_schedule(config.optim.lr, 0.0, 1, 10)
+  optimizer = optim.make_optimizer(lr_fn, models.param_shapes(model, SIZE),
+                                   train.model_spec(config),
+                                   layer_decay=config.optim.layer_decay, eps=config.optim.eps)
+  state, shardings, _ = train.create_train_state(config, model, optimizer, mesh, SIZE, True)
+  batch_sharding = sharding.batch_sharding(mesh)
+  step = jax.jit(
+      train.make_train_step(model, optimizer, lr_fn, config, NUM_CLASSES,
+                            sharding.data_parallel_size(mesh)),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      donate_argnums=(0,))
+  initial = jax.device_get(state['params'])
+  losses = []
+  for batch in _batches():
+    state, metrics = step(state, jax.device_put(batch, batch_sharding))
+    losses.append(float(metrics.compute()['loss']))
+  return losses, jax.device_get(state), state, initial
+
+
+@pytest.fixture(scope='module')
+def single_device():
+  return _run((1, 1, 1), jax.devices()[:1])
+
+
+@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (4, 2, 1), (4, 1, 2)],
+                         ids=['data8', 'data4_fsdp2', 'data4_model2'])
+def test_meshes_match_a_single_device(single_device, mesh_shape):
+  ref_losses, ref_state, _, initial = single_device
+  losses, state, device_state, _ = _run(mesh_shape, jax.devices())
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  # The steps moved the parameters by far more than the tolerance below: a mis-sharded
+  # reduction would show as differences of this order.
+  moved = np.abs(flat(ref_state['params']) - flat(initial)).max()
+  assert moved > 1e-3
+  for key in ('params', 'ema_params', 'opt_state'):
+    np.testing.assert_allclose(flat(state[key]), flat(ref_state[key]), rtol=1e-4, atol=2e-5,
+                               err_msg=key)
+  # The state really is laid out as the mesh says.
+  params = device_state['params']
+  pw1 = params['stages.1.0']['pwconv1']['kernel']
+  if mesh_shape[2] == 2:  # MLP hidden dim split over 'model'.
+    assert pw1.sharding.spec[-1] == 'model'
+    assert pw1.addressable_shards[0].data.shape[-1] == pw1.shape[-1] // 2
+  if mesh_shape[1] == 2:  # FSDP: this 32x128 kernel is split in two.
+    assert 'fsdp' in jax.tree.leaves(tuple(pw1.sharding.spec))
+    assert pw1.addressable_shards[0].data.size == pw1.size // 2
+    mu = device_state['opt_state']
+    assert any('fsdp' in str(getattr(x, 'sharding', '')) for x in jax.tree.leaves(mu))
+  if mesh_shape == (8, 1, 1):
+    assert pw1.sharding.is_fully_replicated
+
+
+def test_validate_rejects_batches_the_mesh_cannot_split():
+  config = _config((8, 1, 1))
+  config.global_batch_size = 12
+  mesh = sharding.make_mesh(config.mesh)
+  with pytest.raises(ValueError, match=r'micro-batch 12 .* not divisible by the '
+                     r'data-parallel size 8'):
+    train.validate(config, mesh)
+  config.global_batch_size = 32
+  config.grad_accum_steps = 3
+  with pytest.raises(ValueError, match='not divisible by grad_accum_steps 3'):
+    train.validate(config, mesh)
+  with pytest.raises(ValueError, match='has 6 devices but 8 are available'):
+    sharding.make_mesh((3, 2, 1))
+  with pytest.raises(ValueError, match='does not divide 8 devices'):
+    sharding.make_mesh((-1, 3, 1))

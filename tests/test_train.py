@@ -1,0 +1,249 @@
+"""The training system end to end on the built-in dataset, on 8 CPU devices: a short demo
+run trains, evaluates and checkpoints; its TensorBoard events hold the logged scalars; a
+stopped run resumes to the same parameters (also on another device count); fine-tuning from
+a converted checkpoint re-initialises the head; the conversion CLI exports from the workdir.
+
+Not shown here: that a short run learns the dataset well above chance. convnext_shapes is
+slow to start learning (about two epochs at chance, for a plain CNN as well), which is more
+than this suite's budget; see docs/benchmarks.md."""
+
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from convnext_jax import checkpoints
+from convnext_jax import config_lib
+from convnext_jax import convert
+from convnext_jax import models
+from convnext_jax import optim
+from convnext_jax import train
+from convnext_jax.convert import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEMO_STEPS = 40
+
+
+def _demo_config(arg=None):
+  spec = importlib.util.spec_from_file_location('demo_config', REPO / 'configs' / 'demo.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='session')
+def shapes_dir(tmp_path_factory):
+  """A data_dir where `convnext_shapes` is built (by the first run that needs it)."""
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def short_demo_config(data_dir):
+  """configs/demo.py cut to fit the suite: smaller images, fewer steps, lighter augmentation."""
+  c = _demo_config()
+  c.dataset.data_dir = data_dir
+  c.input.image_size = 32
+  c.input.randaugment = ''
+  c.input.random_erasing = 0.0
+  c.global_batch_size = 64
+  c.num_steps = DEMO_STEPS
+  c.optim.warmup_steps = 10
+  c.log_every_steps = 10
+  c.eval_every_steps = DEMO_STEPS
+  c.checkpoint_every_steps = 20
+  return c
+
+
+@pytest.fixture(scope='module')
+def demo_run(shapes_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('demo'))
+  config = short_demo_config(shapes_dir)
+  result = train.train_and_evaluate(config, workdir)
+  return workdir, config, result
+
+
+def test_short_demo_trains_evaluates_and_checkpoints(demo_run):
+  workdir, _, result = demo_run
+  assert set(result) == {f'convnext_shapes/{w}/top{k}' for w in ('raw', 'ema') for k in (1, 5)}
+  for value in result.values():  # Fractions of the 1000 validation images.
+    assert 0.0 <= value <= 1.0 and round(value * 1000) == pytest.approx(value * 1000, abs=1e-3)
+  assert result['convnext_shapes/raw/top5'] >= result['convnext_shapes/raw/top1']
+  # Checkpoints every 20 steps and at the end; none at step 1.
+  assert checkpoints.workdir_steps(workdir) == [20, 40]
+
+
+def test_tensorboard_events_hold_the_logged_scalars(demo_run):
+  workdir, config, result = demo_run
+  files = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  assert files, os.listdir(workdir)
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+  acc.Reload()
+
+  def series(tag):
+    return {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+
+  tags = set(acc.Tags()['tensors'])
+  for tag in ('train/loss', 'train/lr', 'train/grad_norm', 'train/param_norm',
+              'train/images_per_sec', 'train/epoch', 'steps_per_sec',
+              'convnext_shapes/raw/top1', 'convnext_shapes/ema/top1',
+              'convnext_shapes/raw/top5', 'convnext_shapes/ema/top5'):
+    assert tag in tags, (tag, sorted(tags))
+  lr = series('train/lr')
+  assert sorted(lr) == list(range(10, DEMO_STEPS + 1, 10))
+  sched = optim.lr_schedule(config.optim.lr, config.optim.min_lr, 10, DEMO_STEPS)
+  for step, value in lr.items():  # The last step of each window logs its lr.
+    assert value == pytest.approx(float(sched(step - 1)), rel=1e-6)
+  loss = series('train/loss')
+  assert all(1.5 < v < 3.0 for v in loss.values())  # Near ln(10) = 2.30 this early.
+  top1 = series('convnext_shapes/raw/top1')
+  assert top1 == {DEMO_STEPS: pytest.approx(result['convnext_shapes/raw/top1'])}
+
+
+def test_export_from_workdir(demo_run, tmp_path):
+  workdir, _, _ = demo_run
+  out = tmp_path / 'demo_raw20.safetensors'
+  assert cli.main(['export', workdir, str(out), '--params', 'raw', '--step', '20']) == 0
+  from safetensors.numpy import load_file
+  name, params = convert.torch_to_flax(load_file(out))
+  assert name == 'convnext_atto'
+  raw20, _ = checkpoints.load_params(workdir, which='raw', step=20)
+  jax.tree.map(np.testing.assert_array_equal, params, raw20)
+  latest_raw, _ = checkpoints.load_params(workdir, which='raw')
+  assert not np.array_equal(latest_raw['head']['kernel'], raw20['head']['kernel'])
+  ema, meta = checkpoints.load_params(workdir, which='ema')
+  assert meta['step'] == DEMO_STEPS and meta['weights'] == 'ema'
+  assert meta['class_names'][:2] == ['circle', 'square']
+
+
+def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir, tmp_path):
+  """An 'ImageNet' checkpoint (the demo backbone under a 1000-class head, written as timm
+  safetensors and imported by the CLI) fine-tuned on the 10 classes: the head is re-made at
+  head_init_scale, the backbone is taken over exactly, and the run trains from there."""
+  workdir, _, _ = demo_run
+  backbone, _ = checkpoints.load_params(workdir, which='ema')
+  rng = np.random.default_rng(0)
+  pretrained = dict(backbone, head={
+      'kernel': (0.02 * rng.standard_normal((320, 1000))).astype(np.float32),
+      'bias': np.zeros(1000, np.float32)})
+  src = tmp_path / 'atto_in1k.safetensors'
+  save_file(convert.flax_to_torch(pretrained, 'convnext_atto', layout='timm'), str(src))
+  ckpt = tmp_path / 'atto_in1k'
+  assert cli.main(['import', str(src), str(ckpt)]) == 0
+
+  config = short_demo_config(shapes_dir)
+  config.init_from.path = str(ckpt)
+  config.model.head_init_scale = 0.001
+  config.num_steps = 4
+  config.optim.lr = 5e-4
+  config.optim.warmup_steps = 0
+  config.eval_every_steps = 4
+  config.checkpoint_every_steps = 4
+
+  # The merge itself: backbone exact, head new and small.
+  model = train.create_model(config, 10)
+  fresh = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  loaded, _ = checkpoints.load_params(str(ckpt))
+  merged, report = checkpoints.merge_params(jax.device_get(fresh['params']), loaded)
+  assert report['reinitialized'] == ['head/bias (1000,) -> (10,)',
+                                     'head/kernel (320, 1000) -> (320, 10)']
+  np.testing.assert_array_equal(merged['downsample_layers.0.0']['kernel'],
+                                backbone['downsample_layers.0.0']['kernel'])
+  head = merged['head']['kernel']  # Truncated normal, std 0.02, times head_init_scale.
+  assert 0.8 * 2e-5 < head.std() < 1.2 * 2e-5 and not merged['head']['bias'].any()
+  with pytest.raises(checkpoints.CheckpointError, match='unexpected 1: extra/kernel'):
+    checkpoints.merge_params(merged, dict(loaded, extra={'kernel': np.zeros(2)}))
+
+  finetune_dir = str(tmp_path / 'finetune')
+  train.train_and_evaluate(config, finetune_dir)
+  tuned, meta = checkpoints.load_params(finetune_dir, which='raw')
+  assert meta['num_classes'] == 10 and tuned['head']['kernel'].shape == (320, 10)
+  # Four steps at lr 5e-4 move the backbone a little from the loaded weights, not far.
+  stem = 'downsample_layers.0.0'
+  delta = np.abs(tuned[stem]['kernel'] - backbone[stem]['kernel']).max()
+  assert 0 < delta < 4 * 5e-4 * 1.01
+
+
+def resume_config(data_dir, num_steps=6):
+  """A tiny run for resume tests: no Mixup/CutMix, whose pairs depend on the device count."""
+  c = config_lib.base()
+  config_lib.runlocal(c)
+  c.dataset.data_dir = data_dir
+  c.model.name = 'convnext_atto'
+  c.model.overrides.depths = (1, 1, 2, 1)
+  c.model.overrides.dims = (16, 32, 64, 128)
+  c.model.overrides.depthwise_impl = 'conv'
+  c.input.image_size = 32
+  c.input.randaugment = 'rand-m9-mstd0.5-inc1'
+  c.input.mixup_alpha = 0.0
+  c.input.cutmix_alpha = 0.0
+  c.num_steps = num_steps
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 100
+  c.eval_batch_size = 200
+  return c
+
+
+class _StopAt:
+  """Stands in for the SIGTERM handler: a notice arrives during step `k`."""
+
+  def __init__(self, k):
+    self.k = k
+    self.calls = 0
+
+  def __call__(self):
+    outer = self
+
+    class Notice:
+
+      @property
+      def requested(self):
+        outer.calls += 1
+        return outer.calls >= outer.k
+
+      def restore(self):
+        pass
+
+    return Notice()
+
+
+def _params(workdir, step):
+  return checkpoints.load_params(workdir, which='raw', step=step)[0]
+
+
+def test_resume_gives_the_uninterrupted_parameters(shapes_dir, tmp_path, monkeypatch):
+  config = resume_config(shapes_dir)
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(config, straight)
+
+  stopped = str(tmp_path / 'stopped')
+  monkeypatch.setattr(train, '_Preemption', _StopAt(3))
+  train.train_and_evaluate(config, stopped)
+  assert checkpoints.workdir_steps(stopped) == [3]  # Saved at the notice, then stopped.
+  shutil.copytree(stopped, tmp_path / 'stopped_copy')
+  monkeypatch.undo()
+
+  train.train_and_evaluate(config, stopped)  # Resumes at step 3.
+  assert checkpoints.workdir_steps(stopped) == [3, 6]
+  _, meta = checkpoints.load_params(stopped, which='raw')
+  assert meta['data_positions'] == [6 * config.global_batch_size]
+  jax.tree.map(np.testing.assert_array_equal, _params(stopped, 6), _params(straight, 6))
+
+  # The same checkpoint resumed by a process with 2 devices instead of 8.
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  code = ('import sys; sys.path.insert(0, sys.argv[1]); import test_train; '
+          'from convnext_jax import train; '
+          'train.train_and_evaluate(test_train.resume_config(sys.argv[2]), sys.argv[3])')
+  subprocess.run([sys.executable, '-c', code, str(REPO / 'tests'), shapes_dir,
+                  str(tmp_path / 'stopped_copy')], env=env, check=True, capture_output=True)
+  other = _params(str(tmp_path / 'stopped_copy'), 6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               other, _params(straight, 6))
