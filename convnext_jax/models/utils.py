@@ -24,8 +24,9 @@ def count_params(tree) -> int:
 # depthwise-conv -> LayerNorm pattern this materialises shifted copies of the activations and
 # made the convnext_tiny forward about 1.7x slower on a 2-core x86 host (1060-1400 ms vs
 # 650-750 ms at batch 8, 224px). An empty list turns these library fusions off. For the
-# training step the same fusions pay off in the backward pass (convnext_atto, 64 px, batch
-# 64: 1.2 s per step with them, 2.1 s without), so training keeps XLA's defaults.
+# training step the picture is mixed (convnext_atto, batch 64, 2 cores: 0.40 s per step with
+# them vs 0.86 s without at 48 px, but 2.0 s vs 1.1 s at 64 px; docs/benchmarks.md), so
+# training keeps XLA's defaults.
 _CPU_INFERENCE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
