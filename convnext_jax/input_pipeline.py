@@ -29,7 +29,7 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
         "README 'Datasets'), or set config.dataset.data_dir to where it was prepared")
   if jax.process_index() == 0:
     logging.info('preparing %s in %s', name, builder.data_dir_root)
-    builder.download_and_prepare()
+    datasets.prepare(name, data_dir=data_dir or None, **builder_kwargs)
   multihost_utils.sync_global_devices(f'prepare {name}')
   return datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
 
