@@ -17,7 +17,6 @@ TensorFlow; `input` imports TensorFlow.
 import argparse
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -225,7 +224,7 @@ def bench_input(args):
       (f'train: decode+RRC, bicubic, flip, RandAugment {spec}',
        tf_rate(train, True),
        pil_rate(lambda b, r: pil_reference.train_transform(b, r, args.size, args.randaugment))),
-      (f'eval: decode, resize {int(args.size / evaluate.crop_pct)}, centre crop',
+      (f'eval: resize {int(args.size / evaluate.crop_pct)}, centre crop (fused)',
        tf_rate(evaluate, False),
        pil_rate(lambda b, r: pil_reference.eval_transform(b, args.size, evaluate.crop_pct))),
   ]

@@ -123,13 +123,25 @@ def test_shape_classes_differ_in_shape_not_in_colour(shapes_records):
     for a, b in itertools.combinations(range(10), 2):
       changed = np.any(images[a] != images[b], axis=-1).mean()
       assert 0.02 < changed < 0.5, (shapes.CLASS_NAMES[a], shapes.CLASS_NAMES[b], changed)
-  # Colour carries no class information: every class has about the same mean colour.
+  # Hue carries no class information: every class's mean colour is a grey (equal channels).
+  # Its brightness may differ, since a light shape covering more area lightens the image.
   sums, counts = np.zeros((10, 3)), np.zeros(10)
   for label, data in shapes_records['train'].values():
     sums[label] += _decode(data).reshape(-1, 3).mean(0)
     counts[label] += 1
   class_means = sums / counts[:, None]
-  assert np.abs(class_means - class_means.mean(0)).max() < 10.0, class_means.round(1)
+  chromaticity = class_means / class_means.sum(1, keepdims=True)
+  assert np.abs(chromaticity - 1 / 3).max() < 0.01, chromaticity.round(3)
+
+
+def test_shapes_are_lighter_than_their_backgrounds():
+  # One polarity (light on dark, any hue) for every image; see the module docstring for why.
+  for seed in range(300):
+    rng = np.random.default_rng(seed)
+    _, background = shapes._background(rng)
+    colour = shapes._contrasting_colour(rng, background)
+    for b in background:
+      assert colour.mean() - b.mean() >= 70 and np.linalg.norm(colour - b) >= 110, seed
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,35 @@ def test_eval_transform_matches_pillow(height, width):
   assert diff.max() <= 2 and diff.mean() < 0.2, (diff.max(), diff.mean())
 
 
+@pytest.mark.parametrize('height,width,size,box', [
+    (375, 500, (256, 341), (16, 58, 224, 224)),  # The 224/256 centre crop of a landscape.
+    (500, 333, (384, 256), (80, 16, 224, 224)),  # Portrait.
+    (60, 90, (128, 192), (0, 10, 128, 150)),  # Upscaling, touching the image's edge.
+    (375, 500, (64, 85), (5, 7, 50, 60)),  # Strong downscaling, odd offsets.
+])
+def test_resize_crop_window_equals_resize_then_crop(height, width, size, box):
+  data = fake_tfds.jpeg_bytes(_photo(height, width, seed=1))
+  out = image_ops.resize_crop_window(tf.constant(data), tf.constant(size), tf.constant(box))
+  full = image_ops.resize(image_ops.decode_rgb(tf.constant(data)), size).numpy()
+  top, left, h, w = box
+  diff = np.abs(out.numpy().astype(int) - full[top:top + h, left:left + w].astype(int))
+  assert out.shape == (h, w, 3) and out.dtype == tf.uint8
+  # Float rounding only: the decoded window reaches past the kernel's support.
+  assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+  # Non-JPEG input (decoded whole, then cut) gives the same result.
+  png = _encode_png(_photo(height, width, seed=1))
+  from_png = image_ops.resize_crop_window(tf.constant(png), tf.constant(size), tf.constant(box))
+  full_png = image_ops.resize(image_ops.decode_rgb(tf.constant(png)), size).numpy()
+  diff = np.abs(from_png.numpy().astype(int) - full_png[top:top + h, left:left + w].astype(int))
+  assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
 def test_eval_at_384_resizes_without_crop():
   assert pipeline.default_crop_pct(224) == 0.875 and pipeline.default_crop_pct(384) == 1.0
   data = fake_tfds.jpeg_bytes(_photo())

@@ -1,11 +1,11 @@
-"""The training system end to end on the built-in dataset, on 8 CPU devices: a short demo
-run trains, evaluates and checkpoints; its TensorBoard events hold the logged scalars; a
-stopped run resumes to the same parameters (also on another device count); fine-tuning from
-a converted checkpoint re-initialises the head; the conversion CLI exports from the workdir.
+"""The training system end to end on the built-in dataset: a short run of the demo through
+`python -m convnext_jax.main` (one CPU device, as the demo runs on this machine) learns well
+above chance, evaluates and checkpoints; its TensorBoard events hold the logged scalars; the
+conversion CLI exports from its workdir; fine-tuning from a converted checkpoint with a new
+10-class head re-initialises the head and learns; a stopped run resumes to the same
+parameters (on 8 devices, and onto 2).
 
-Not shown here: that a short run learns the dataset well above chance. convnext_shapes is
-slow to start learning (about two epochs at chance, for a plain CNN as well), which is more
-than this suite's budget; see docs/benchmarks.md."""
+The full demo's result (top-1, wall time) is recorded in docs/benchmarks.md."""
 
 import importlib.util
 import os
@@ -24,13 +24,13 @@ from tensorboard.util import tensor_util
 from convnext_jax import checkpoints
 from convnext_jax import config_lib
 from convnext_jax import convert
-from convnext_jax import models
 from convnext_jax import optim
 from convnext_jax import train
 from convnext_jax.convert import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEMO_STEPS = 40
+DEMO_STEPS = 150
+CHANCE = 0.1
 
 
 def _demo_config(arg=None):
@@ -46,38 +46,46 @@ def shapes_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
-def short_demo_config(data_dir):
-  """configs/demo.py cut to fit the suite: smaller images, fewer steps, lighter augmentation."""
-  c = _demo_config()
-  c.dataset.data_dir = data_dir
-  c.input.image_size = 32
-  c.input.randaugment = ''
-  c.input.random_erasing = 0.0
-  c.global_batch_size = 64
-  c.num_steps = DEMO_STEPS
-  c.optim.warmup_steps = 10
-  c.log_every_steps = 10
-  c.eval_every_steps = DEMO_STEPS
-  c.checkpoint_every_steps = 20
-  return c
+# configs/demo.py cut to fit the suite: 150 steps (2 epochs) at 32 px, about a minute.
+SHORT_DEMO_FLAGS = ('--config.input.image_size=32', f'--config.num_steps={DEMO_STEPS}',
+                    '--config.optim.warmup_steps=15', '--config.log_every_steps=25',
+                    f'--config.eval_every_steps={DEMO_STEPS}',
+                    '--config.checkpoint_every_steps=75')
+
+
+def run_main(workdir: str, data_dir: str, *flags: str) -> None:
+  """`python -m convnext_jax.main --config configs/demo.py` on one CPU device."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+  command = [sys.executable, '-m', 'convnext_jax.main', '--config',
+             str(REPO / 'configs' / 'demo.py'), '--workdir', workdir,
+             f'--config.dataset.data_dir={data_dir}', *flags]
+  proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope='module')
 def demo_run(shapes_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('demo'))
-  config = short_demo_config(shapes_dir)
-  result = train.train_and_evaluate(config, workdir)
-  return workdir, config, result
+  run_main(workdir, shapes_dir, *SHORT_DEMO_FLAGS)
+  config = _demo_config()
+  config.num_steps = DEMO_STEPS
+  config.optim.warmup_steps = 15
+  _, meta = checkpoints.load_params(workdir, which='ema')
+  return workdir, config, meta['metrics']
 
 
-def test_short_demo_trains_evaluates_and_checkpoints(demo_run):
+def test_short_demo_learns_evaluates_and_checkpoints(demo_run):
   workdir, _, result = demo_run
   assert set(result) == {f'convnext_shapes/{w}/top{k}' for w in ('raw', 'ema') for k in (1, 5)}
   for value in result.values():  # Fractions of the 1000 validation images.
     assert 0.0 <= value <= 1.0 and round(value * 1000) == pytest.approx(value * 1000, abs=1e-3)
   assert result['convnext_shapes/raw/top5'] >= result['convnext_shapes/raw/top1']
-  # Checkpoints every 20 steps and at the end; none at step 1.
-  assert checkpoints.workdir_steps(workdir) == [20, 40]
+  # Two epochs take a fresh atto from chance to about 40% (measured 40.3% raw, 40.2% EMA).
+  assert result['convnext_shapes/raw/top1'] > 2.5 * CHANCE, result
+  assert result['convnext_shapes/ema/top1'] > 2.5 * CHANCE, result
+  # Checkpoints every 75 steps and at the end; none at step 1.
+  assert checkpoints.workdir_steps(workdir) == [75, 150]
 
 
 def test_tensorboard_events_hold_the_logged_scalars(demo_run):
@@ -97,27 +105,27 @@ def test_tensorboard_events_hold_the_logged_scalars(demo_run):
               'convnext_shapes/raw/top5', 'convnext_shapes/ema/top5'):
     assert tag in tags, (tag, sorted(tags))
   lr = series('train/lr')
-  assert sorted(lr) == list(range(10, DEMO_STEPS + 1, 10))
-  sched = optim.lr_schedule(config.optim.lr, config.optim.min_lr, 10, DEMO_STEPS)
+  assert sorted(lr) == list(range(25, DEMO_STEPS + 1, 25))
+  sched = optim.lr_schedule(config.optim.lr, config.optim.min_lr, 15, DEMO_STEPS)
   for step, value in lr.items():  # The last step of each window logs its lr.
     assert value == pytest.approx(float(sched(step - 1)), rel=1e-6)
-  loss = series('train/loss')
-  assert all(1.5 < v < 3.0 for v in loss.values())  # Near ln(10) = 2.30 this early.
+  loss = series('train/loss')  # From about ln(10) = 2.30 down, as the accuracy rises.
+  assert 2.0 < loss[25] < 2.5 and loss[DEMO_STEPS] < loss[25] - 0.3, loss
   top1 = series('convnext_shapes/raw/top1')
   assert top1 == {DEMO_STEPS: pytest.approx(result['convnext_shapes/raw/top1'])}
 
 
 def test_export_from_workdir(demo_run, tmp_path):
   workdir, _, _ = demo_run
-  out = tmp_path / 'demo_raw20.safetensors'
-  assert cli.main(['export', workdir, str(out), '--params', 'raw', '--step', '20']) == 0
+  out = tmp_path / 'demo_raw75.safetensors'
+  assert cli.main(['export', workdir, str(out), '--params', 'raw', '--step', '75']) == 0
   from safetensors.numpy import load_file
   name, params = convert.torch_to_flax(load_file(out))
   assert name == 'convnext_atto'
-  raw20, _ = checkpoints.load_params(workdir, which='raw', step=20)
-  jax.tree.map(np.testing.assert_array_equal, params, raw20)
+  raw75, _ = checkpoints.load_params(workdir, which='raw', step=75)
+  jax.tree.map(np.testing.assert_array_equal, params, raw75)
   latest_raw, _ = checkpoints.load_params(workdir, which='raw')
-  assert not np.array_equal(latest_raw['head']['kernel'], raw20['head']['kernel'])
+  assert not np.array_equal(latest_raw['head']['kernel'], raw75['head']['kernel'])
   ema, meta = checkpoints.load_params(workdir, which='ema')
   assert meta['step'] == DEMO_STEPS and meta['weights'] == 'ema'
   assert meta['class_names'][:2] == ['circle', 'square']
@@ -126,7 +134,7 @@ def test_export_from_workdir(demo_run, tmp_path):
 def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir, tmp_path):
   """An 'ImageNet' checkpoint (the demo backbone under a 1000-class head, written as timm
   safetensors and imported by the CLI) fine-tuned on the 10 classes: the head is re-made at
-  head_init_scale, the backbone is taken over exactly, and the run trains from there."""
+  head_init_scale, the backbone is taken over exactly, and the run learns from there."""
   workdir, _, _ = demo_run
   backbone, _ = checkpoints.load_params(workdir, which='ema')
   rng = np.random.default_rng(0)
@@ -138,16 +146,9 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   ckpt = tmp_path / 'atto_in1k'
   assert cli.main(['import', str(src), str(ckpt)]) == 0
 
-  config = short_demo_config(shapes_dir)
-  config.init_from.path = str(ckpt)
-  config.model.head_init_scale = 0.001
-  config.num_steps = 4
-  config.optim.lr = 5e-4
-  config.optim.warmup_steps = 0
-  config.eval_every_steps = 4
-  config.checkpoint_every_steps = 4
-
   # The merge itself: backbone exact, head new and small.
+  config = _demo_config()
+  config.model.head_init_scale = 0.001
   model = train.create_model(config, 10)
   fresh = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
   loaded, _ = checkpoints.load_params(str(ckpt))
@@ -161,14 +162,18 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   with pytest.raises(checkpoints.CheckpointError, match='unexpected 1: extra/kernel'):
     checkpoints.merge_params(merged, dict(loaded, extra={'kernel': np.zeros(2)}))
 
+  # Fine-tuning through the training entry point. The new head starts at chance (its logits
+  # are ~1e-3 of the backbone's); 60 steps take it well above.
   finetune_dir = str(tmp_path / 'finetune')
-  train.train_and_evaluate(config, finetune_dir)
+  run_main(finetune_dir, shapes_dir, f'--config.init_from.path={ckpt}',
+           '--config.model.head_init_scale=0.001', '--config.input.image_size=32',
+           '--config.num_steps=60', '--config.optim.lr=1e-3', '--config.optim.warmup_steps=0',
+           '--config.eval_every_steps=60', '--config.checkpoint_every_steps=60')
   tuned, meta = checkpoints.load_params(finetune_dir, which='raw')
   assert meta['num_classes'] == 10 and tuned['head']['kernel'].shape == (320, 10)
-  # Four steps at lr 5e-4 move the backbone a little from the loaded weights, not far.
-  stem = 'downsample_layers.0.0'
-  delta = np.abs(tuned[stem]['kernel'] - backbone[stem]['kernel']).max()
-  assert 0 < delta < 4 * 5e-4 * 1.01
+  assert meta['metrics']['convnext_shapes/raw/top1'] > 2.5 * CHANCE, meta['metrics']
+  stem = 'downsample_layers.0.0'  # The backbone is fine-tuned too, not frozen.
+  assert np.abs(tuned[stem]['kernel'] - backbone[stem]['kernel']).max() > 0
 
 
 def resume_config(data_dir, num_steps=6):

@@ -111,6 +111,48 @@ def resize(image, size):
   return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
+def resize_crop_window(image_bytes, size, crop_box):
+  """The window `crop_box` of the image resized to `size`, decoding and resizing only what
+  the window needs.
+
+  Same pixels as `resize(decode_rgb(image_bytes), size)` cut to `crop_box` = (top, left,
+  height, width) in resized coordinates, up to float rounding and the fused JPEG decode's
+  chroma upsampling at the decoded window's edge, which lies outside the resampling kernel's
+  reach: the JPEG is decoded only in the rows and columns the bicubic kernel touches (about
+  60% of a 500x375 photo for the 224/256 centre crop), and only the kept output pixels are
+  computed.
+
+  Args:
+    image_bytes: encoded image (JPEG is decoded cropped; other formats whole).
+    size: (height, width) of the full resized image.
+    crop_box: (top, left, height, width) of the output window inside that resized image.
+
+  Returns:
+    uint8 (crop height, crop width, 3).
+  """
+  shape = image_shape(image_bytes)
+  in_size = tf.cast(shape[:2], tf.float32)
+  size = tf.cast(size, tf.float32)
+  box = tf.cast(crop_box, tf.float32)
+  scale = size / in_size
+  # Output pixel i of the full resize samples input position (i + 0.5) / scale - 0.5 with a
+  # cubic kernel of radius 2, widened to 2 / scale when downscaling (antialiasing).
+  radius = 2.0 * tf.maximum(1.0, 1.0 / scale)
+  first = (box[:2] + 0.5) / scale - 0.5 - radius
+  last = (box[:2] + box[2:] - 0.5) / scale - 0.5 + radius
+  start = tf.maximum(tf.cast(tf.math.floor(first), tf.int32) - 1, 0)
+  stop = tf.minimum(tf.cast(tf.math.ceil(last), tf.int32) + 2, shape[:2])
+  window = tf.concat([start, stop - start], 0)
+  image = decode_and_crop(image_bytes, window)
+  # In the window's coordinates: output i samples (i + 0.5 - t) / scale with t chosen so that
+  # this equals (top + i + 0.5) / scale - start.
+  translation = tf.cast(start, tf.float32) * scale - box[:2]
+  resized = tf.raw_ops.ScaleAndTranslate(
+      images=image[None], size=tf.cast(crop_box[2:], tf.int32), scale=scale,
+      translation=translation, kernel_type='keyscubic', antialias=True)[0]
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
 def shorter_side_size(height, width, shorter: int):
   """torchvision `Resize(shorter)`: the shorter side becomes `shorter`, the longer one
   `int(shorter * long / short)` (truncated)."""
@@ -123,13 +165,13 @@ def shorter_side_size(height, width, shorter: int):
   return tf.cast(size, tf.int32)
 
 
-def center_crop(image, size: int):
-  """torchvision CenterCrop of a (H, W, C) image at least `size` on each side."""
-  shape = tf.shape(image)
-  # round((H - size) / 2) with Python's half-to-even rounding.
-  top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2.0), tf.int32)
-  left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2.0), tf.int32)
-  return tf.slice(image, [top, left, 0], [size, size, -1])
+def center_crop_box(image_size, size: int):
+  """torchvision CenterCrop's (top, left, size, size) in an image of (height, width)."""
+  image_size = tf.cast(image_size, tf.int32)
+  # round((H - size) / 2) with Python's (and tf.round's) half-to-even rounding.
+  top_left = tf.cast(tf.round(tf.cast(image_size - size, tf.float32) / 2.0), tf.int32)
+  return tf.concat([top_left, [size, size]], 0)
+
 
 
 def random_flip(image, seed, prob: float = 0.5):

@@ -75,13 +75,14 @@ class EvalPreprocess:
   crop_pct: float = DEFAULT_CROP_PCT
 
   def __call__(self, image_bytes):
-    image = image_ops.decode_rgb(image_bytes)
     if self.crop_pct >= 1.0:
+      image = image_ops.decode_rgb(image_bytes)
       return image_ops.resize(image, (self.image_size, self.image_size))
-    shape = tf.shape(image)
+    shape = image_ops.image_shape(image_bytes)
     size = image_ops.shorter_side_size(shape[0], shape[1], int(self.image_size / self.crop_pct))
-    image = image_ops.resize(image, size)
-    return image_ops.center_crop(image, self.image_size)
+    # The centre crop, decoded and resized alone (see `resize_crop_window`).
+    return image_ops.resize_crop_window(
+        image_bytes, size, image_ops.center_crop_box(size, self.image_size))
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,8 +3,15 @@
 Ten shape classes on 64x64 pixel images, 500 training and 100 validation images per class.
 Colours, background, position, size and rotation are drawn at random for every image, so
 only the outline and topology of the shape tell the classes apart; no class can be told
-from another by colour. Every class is distinct under any rotation (there is no diamond, a
+from another by its hue. Every class is distinct under any rotation (there is no diamond, a
 rotated square, and no X, a rotated plus), so rotation is drawn from the full circle.
+
+The shape is always lighter than its background (a light colour on a dark one, hues at
+random). Version 1.0.0 drew both from the full colour cube, so a shape was as often darker
+as lighter than its background; then no pixel, and no linear filter of pixels, correlates
+with the label on average, and every network tried (ConvNeXt-atto and a plain CNN, at
+several learning rates) sat at chance for hundreds of steps before it found features that
+ignore the polarity. With a fixed polarity the same plain CNN reaches 96% in 600 steps.
 
 Images are drawn four times larger with Pillow, area-averaged down (anti-aliased edges) and
 stored as JPEG, so the input pipeline reads them exactly as it reads ImageNet. Each image is
@@ -39,7 +46,11 @@ _SUPERSAMPLE = 4
 # Shape radius in pixels of the 64x64 image: at least a quarter of the side, so that a random
 # resized crop keeping a third of the image still shows most of the shape.
 _MIN_RADIUS, _MAX_RADIUS = 14.0, 26.0
-# Least RGB distance between the shape and its background, so every shape is plainly visible.
+# Backgrounds draw each channel from [0, _DARK_MAX], shapes from [_LIGHT_MIN, 255]; a shape's
+# mean channel value is at least _MIN_BRIGHTER above its background's and its colour at
+# least _MIN_CONTRAST away (RGB distance), so every shape is plainly visible and lighter.
+_DARK_MAX, _LIGHT_MIN = 150.0, 105.0
+_MIN_BRIGHTER = 70.0
 _MIN_CONTRAST = 110.0
 _NOISE_STDDEV = 12.0
 
@@ -128,13 +139,13 @@ def _line_mask(start: np.ndarray, end: np.ndarray, width: float) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
-  """A solid, two-colour gradient or noisy background, and its main colours."""
+  """A dark solid, two-colour gradient or noisy background, and its main colours."""
   kind = rng.integers(3)
-  first = rng.uniform(0, 255, size=3)
+  first = rng.uniform(0, _DARK_MAX, size=3)
   if kind == 0:
     return np.broadcast_to(first, (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32), [first]
   if kind == 1:
-    second = rng.uniform(0, 255, size=3)
+    second = rng.uniform(0, _DARK_MAX, size=3)
     direction = rng.uniform(0, 2 * math.pi)
     coords = np.arange(IMAGE_SIZE, dtype=np.float32) / (IMAGE_SIZE - 1) - 0.5
     ramp = math.cos(direction) * coords[None, :] + math.sin(direction) * coords[:, None]
@@ -145,16 +156,20 @@ def _background(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]
   return np.clip(first + noise, 0, 255).astype(np.float32), [first]
 
 
-def _contrasting_colour(rng: np.random.Generator, avoid: list[np.ndarray]) -> np.ndarray:
-  # Rejection sampling: a fixed number of draws keeps the stream (and so the bytes) fixed.
-  best, best_distance = None, -1.0
+def _contrasting_colour(rng: np.random.Generator, background: list[np.ndarray]) -> np.ndarray:
+  """A light colour, plainly lighter than and far from every `background` colour."""
+  # Rejection sampling with a fixed number of draws (so the stream, and the bytes, are fixed);
+  # the fallback is the draw that comes closest to both conditions.
+  best, best_score = None, -math.inf
   for _ in range(64):
-    colour = rng.uniform(0, 255, size=3)
-    distance = min(float(np.linalg.norm(colour - a)) for a in avoid)
-    if distance >= _MIN_CONTRAST:
+    colour = rng.uniform(_LIGHT_MIN, 255, size=3)
+    brighter = min(float(colour.mean() - b.mean()) for b in background)
+    distance = min(float(np.linalg.norm(colour - b)) for b in background)
+    if brighter >= _MIN_BRIGHTER and distance >= _MIN_CONTRAST:
       return colour
-    if distance > best_distance:
-      best, best_distance = colour, distance
+    score = min(brighter - _MIN_BRIGHTER, distance - _MIN_CONTRAST)
+    if score > best_score:
+      best, best_score = colour, score
   return best
 
 
@@ -202,9 +217,10 @@ class ConvnextShapes(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBui
   """Synthetic coloured shapes, 10 classes, 64x64 JPEGs; needs no download."""
 
   name = 'convnext_shapes'
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('2.0.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release: 10 shape classes, 5000 train and 1000 validation images.',
+      '2.0.0': 'Light shapes on dark backgrounds (any hue): learnable from the first steps.',
   }
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -212,10 +228,10 @@ class ConvnextShapes(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBui
         builder=self,
         description=(
             'Synthetic coloured shapes for smoke tests and demos of image classifiers: 10 '
-            f'classes ({", ".join(CLASS_NAMES)}) drawn on 64x64 images with a random shape '
-            'colour, a random background (solid, two-colour gradient or noisy), random '
-            'position, size and rotation, and sometimes a thin distracting line. Colours '
-            'carry no class information; only the shape does. Class-balanced: '
+            f'classes ({", ".join(CLASS_NAMES)}) drawn on 64x64 images with a random light '
+            'shape colour on a random dark background (solid, two-colour gradient or noisy), '
+            'random position, size and rotation, and sometimes a thin distracting line. '
+            'Hues carry no class information; only the shape does. Class-balanced: '
             f'{TRAIN_PER_CLASS} training and {VALIDATION_PER_CLASS} validation images per '
             'class. Generated deterministically (fixed seed per split and index) and stored '
             f'as JPEG (quality {JPEG_QUALITY}).'),
