@@ -173,7 +173,6 @@ def center_crop_box(image_size, size: int):
   return tf.concat([top_left, [size, size]], 0)
 
 
-
 def random_flip(image, seed, prob: float = 0.5):
   """Mirrors the image left-right with probability `prob`."""
   flip = tf.random.stateless_uniform([], seed) < prob
