@@ -101,6 +101,11 @@ def decode_and_crop(image_bytes, window):
                  other)
 
 
+def _round_to_uint8(values):
+  """Pillow's resampled output: rounded to the nearest level, clipped to [0, 255]."""
+  return tf.cast(tf.clip_by_value(tf.round(values), 0.0, 255.0), tf.uint8)
+
+
 def resize(image, size):
   """Bicubic resize of uint8 (H, W, 3) to `size` (height, width), as Pillow's BICUBIC.
 
@@ -108,7 +113,7 @@ def resize(image, size):
   Pillow does; the result is rounded and clipped to uint8 like Pillow's output.
   """
   resized = tf.image.resize(tf.cast(image, tf.float32), size, method='bicubic', antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+  return _round_to_uint8(resized)
 
 
 def resize_crop_window(image_bytes, size, crop_box):
@@ -150,7 +155,7 @@ def resize_crop_window(image_bytes, size, crop_box):
   resized = tf.raw_ops.ScaleAndTranslate(
       images=image[None], size=tf.cast(crop_box[2:], tf.int32), scale=scale,
       translation=translation, kernel_type='keyscubic', antialias=True)[0]
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+  return _round_to_uint8(resized)
 
 
 def shorter_side_size(height, width, shorter: int):
