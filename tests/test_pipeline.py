@@ -2,6 +2,10 @@
 determinism, resuming mid-epoch, and skipping undecodable images."""
 
 import io
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -42,6 +46,24 @@ def test_eval_transform_matches_pillow(height, width):
   reference = np.asarray(_pil_center_crop(image.resize(size, Image.BICUBIC), 224))
   diff = np.abs(out.astype(int) - reference.astype(int))
   assert diff.max() <= 2 and diff.mean() < 0.2, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize('height,width,size,translation', [
+    (375, 500, (256, 341), (0.0, 0.0)),  # Downscaling.
+    (60, 90, (128, 300), (0.0, 0.0)),  # Upscaling, by different factors per axis.
+    (334, 334, (224, 224), (-12.5, -40.25)),  # Translated, as a centre crop is.
+    (7, 400, (224, 50), (3.0, 0.0)),  # Extreme aspect ratios.
+])
+def test_separable_resample_equals_scale_and_translate(height, width, size, translation):
+  """The row/column passes compute what the single ScaleAndTranslate op computes."""
+  image = tf.constant(_photo(height, width, seed=2))
+  scale = tf.constant(size, tf.float32) / tf.constant([height, width], tf.float32)
+  ours = image_ops._scale_and_translate(image, size, scale, translation).numpy()
+  reference = tf.raw_ops.ScaleAndTranslate(
+      images=tf.cast(image, tf.float32)[None], size=size, scale=scale,
+      translation=tf.constant(translation), kernel_type='keyscubic', antialias=True)[0].numpy()
+  assert ours.shape == (*size, 3)
+  np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize('height,width,size,box', [
@@ -283,3 +305,22 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
   # Positions 0..23 are 4 epochs; the undecodable ones after the last kept one are not
   # counted yet (their batch has not come).
   assert tracker.next_position - 16 == tracker.skipped and 6 <= tracker.skipped <= 8
+
+
+def test_input_benchmark_command(tmp_path):
+  """`python -m convnext_jax.benchmark input` (docs/benchmarks.md) runs, times both pipelines
+  on one core each, and reports them beside Pillow's."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'convnext_jax.benchmark', 'input', '--images', '4', '--batch', '4',
+       '--warmup', '4', '--iters', '8'],
+      capture_output=True, text=True, check=False, cwd=tmp_path,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [line for line in result.stdout.splitlines() if line.lstrip().startswith(('train:',
+                                                                                   'eval:'))]
+  assert len(rows) == 2, result.stdout
+  for row in rows:
+    numbers = re.findall(r'([\d.]+) img/s ([\d.]+) cores', row)
+    assert len(numbers) == 2, row  # tf.data and Pillow.
+    for rate, cores in numbers:
+      assert float(rate) > 0 and float(cores) < 1.5, row

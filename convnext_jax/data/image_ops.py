@@ -106,14 +106,59 @@ def _round_to_uint8(values):
   return tf.cast(tf.clip_by_value(tf.round(values), 0.0, 255.0), tf.uint8)
 
 
+def _resample_rows(rows, size, scale, translation):
+  """Resamples (N, M) along its first axis to (size, M) float32: `ScaleAndTranslate` with the
+  M values of a row passed as one pixel's channels.
+
+  TensorFlow's CPU kernel runs its innermost loop over channels, so with 3 channels it is
+  scalar code; with a whole row as the channels it is a vectorised weighted sum of rows
+  (measured on 224 x 1002 outputs: about 5x faster per pass). The other axis has size 1 and
+  scale 1, where the kernel's single tap has weight 1 exactly.
+  """
+  out = tf.raw_ops.ScaleAndTranslate(
+      images=rows[None, :, None, :], size=tf.stack([size, 1]),
+      scale=tf.stack([scale, 1.0]), translation=tf.stack([translation, 0.0]),
+      kernel_type='keyscubic', antialias=True)
+  return out[0, :, 0, :]
+
+
+def _scale_and_translate(image, size, scale, translation):
+  """`ScaleAndTranslate` (bicubic a = -0.5, antialiased) of uint8 (H, W, 3) to float32
+  (size[0], size[1], 3), one axis at a time.
+
+  Same arithmetic as the single op on the image (both are a horizontal and a vertical pass in
+  float32; measured identical), about 3x faster on CPU: rows first, folding W x 3 into the
+  channels, then columns of the transposed result.
+
+  Args:
+    image: uint8 (H, W, 3) tensor.
+    size: output (height, width), int32.
+    scale: (height, width) output / input scale factors, float32.
+    translation: (height, width) offsets in output pixels: output pixel i samples input
+      position (i + 0.5 - translation) / scale.
+  """
+  size = tf.cast(size, tf.int32)
+  scale = tf.cast(scale, tf.float32)
+  translation = tf.cast(translation, tf.float32)
+  width = tf.shape(image)[1]
+  rows = _resample_rows(tf.reshape(image, [tf.shape(image)[0], -1]), size[0], scale[0],
+                        translation[0])  # (out height, W * 3)
+  columns = tf.reshape(tf.transpose(tf.reshape(rows, [size[0], width, 3]), [1, 0, 2]),
+                       [width, -1])  # (W, out height * 3)
+  out = _resample_rows(columns, size[1], scale[1], translation[1])  # (out width, ...)
+  return tf.transpose(tf.reshape(out, [size[1], size[0], 3]), [1, 0, 2])
+
+
 def resize(image, size):
   """Bicubic resize of uint8 (H, W, 3) to `size` (height, width), as Pillow's BICUBIC.
 
-  `antialias=True` widens the cubic kernel (a = -0.5) by the downscale factor, which is what
-  Pillow does; the result is rounded and clipped to uint8 like Pillow's output.
+  The antialiased kernel (cubic, a = -0.5, widened by the downscale factor) is what Pillow
+  uses; the result is rounded and clipped to uint8 like Pillow's output. Same values as
+  `tf.image.resize(image, size, 'bicubic', antialias=True)`, computed faster.
   """
-  resized = tf.image.resize(tf.cast(image, tf.float32), size, method='bicubic', antialias=True)
-  return _round_to_uint8(resized)
+  size = tf.cast(size, tf.int32)
+  scale = tf.cast(size, tf.float32) / tf.cast(tf.shape(image)[:2], tf.float32)
+  return _round_to_uint8(_scale_and_translate(image, size, scale, tf.zeros([2])))
 
 
 def resize_crop_window(image_bytes, size, crop_box):
@@ -152,10 +197,7 @@ def resize_crop_window(image_bytes, size, crop_box):
   # In the window's coordinates: output i samples (i + 0.5 - t) / scale with t chosen so that
   # this equals (top + i + 0.5) / scale - start.
   translation = tf.cast(start, tf.float32) * scale - box[:2]
-  resized = tf.raw_ops.ScaleAndTranslate(
-      images=image[None], size=tf.cast(crop_box[2:], tf.int32), scale=scale,
-      translation=translation, kernel_type='keyscubic', antialias=True)[0]
-  return _round_to_uint8(resized)
+  return _round_to_uint8(_scale_and_translate(image, crop_box[2:], scale, translation))
 
 
 def shorter_side_size(height, width, shorter: int):
