@@ -6,9 +6,10 @@
   python -m convnext_jax.benchmark convert [--model convnext_xlarge] [--workdir DIR]
       Writes a random official .pth of the model, then times `convnext-convert import` and
       `export` (official, timm, hf), each in a fresh process, with its peak resident memory.
-  python -m convnext_jax.benchmark input [--images 256] [--size 224]
+  python -m convnext_jax.benchmark input [--images 256] [--size 224] [--batch 64] [--repeats 5]
       Training and evaluation preprocessing, images/s on one CPU core, on ImageNet-sized
-      JPEGs it generates, beside a Pillow implementation of the same transforms (timm's).
+      JPEGs it generates, beside a Pillow implementation of the same transforms (timm's):
+      the median of rounds that alternate between the two.
 
 `forward` and `convert` need torch (and transformers for `forward`) and import no
 TensorFlow; `input` imports TensorFlow.
@@ -32,10 +33,14 @@ from convnext_jax import models
 
 
 def _versions() -> str:
-  import torch  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_version = torch.__version__
+  except ImportError:  # Optional: only `forward` and `convert` need it.
+    torch_version = 'not installed'
   return (f'python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, '
-          f'torch {torch.__version__}, {os.cpu_count()} CPU cores, {platform.machine()}, '
+          f'torch {torch_version}, {os.cpu_count()} CPU cores, {platform.machine()}, '
           f'jax backend {jax.default_backend()}')
 
 
@@ -176,10 +181,14 @@ def _synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
   return images
 
 
-def _rate_and_cores(images: int, start: float, cpu_start: float) -> tuple[float, float]:
-  """(images per wall-clock second, CPU seconds per wall-clock second) since the starts."""
+def _timed_images(next_batch, images: int) -> tuple[float, float]:
+  """Calls next_batch() for `images` images; (images per second, CPU seconds per second)."""
+  start, cpu = time.perf_counter(), time.process_time()
+  done = 0
+  while done < images:
+    done += next_batch()
   wall = time.perf_counter() - start
-  return images / wall, (time.process_time() - cpu_start) / wall
+  return done / wall, (time.process_time() - cpu) / wall
 
 
 def bench_input(args):
@@ -198,9 +207,7 @@ def bench_input(args):
   train = pipeline.TrainPreprocess(args.size, randaugment=args.randaugment)
   evaluate = pipeline.EvalPreprocess(args.size, pipeline.default_crop_pct(args.size))
 
-  batches = max(1, args.iters // args.batch)
-
-  def tf_rate(fn, with_seed):
+  def tf_batches(fn, with_seed):
     ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
     if with_seed:
       ds = ds.map(lambda i, b: fn(b, tf.stack([tf.constant(0, tf.int64), i])))
@@ -210,47 +217,54 @@ def bench_input(args):
     options.threading.private_threadpool_size = 1
     options.threading.max_intra_op_parallelism = 1
     options.autotune.enabled = False
+    # No graph rewrites: map_and_batch fusion would produce the next batch in the background,
+    # on time that the timer (and the Pillow rounds it alternates with) does not see.
+    options.experimental_optimization.apply_default_optimizations = False
+    options.experimental_optimization.map_and_batch_fusion = False
     iterator = iter(ds.batch(args.batch).with_options(options))
-    for _ in range(max(1, args.warmup // args.batch)):
-      next(iterator)
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-      next(iterator)
-    return _rate_and_cores(batches * args.batch, start, cpu)
+    return lambda: len(next(iterator))
 
-  rng = np.random.default_rng(0)
-
-  def pil_rate(fn):
+  def pil_batches(fn):
     # Like a PyTorch DataLoader worker: transform each image, then collate the batch.
+    rng = np.random.default_rng(0)
     position = 0
 
-    def batch():
+    def next_batch():
       nonlocal position
       images = [fn(jpegs[(position + i) % len(jpegs)], rng) for i in range(args.batch)]
       position += args.batch
-      return np.stack(images)
+      return len(np.stack(images))
 
-    for _ in range(max(1, args.warmup // args.batch)):
-      batch()
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-      batch()
-    return _rate_and_cores(batches * args.batch, start, cpu)
+    return next_batch
 
   spec = args.randaugment or 'none'
   rows = [
       (f'train: decode+RRC, bicubic, flip, RandAugment {spec}',
-       tf_rate(train, True),
-       pil_rate(lambda b, r: pil_reference.train_transform(b, r, args.size, args.randaugment))),
+       tf_batches(train, True),
+       pil_batches(lambda b, r: pil_reference.train_transform(b, r, args.size, args.randaugment))),
       (f'eval: resize {int(args.size / evaluate.crop_pct)}, centre crop (fused)',
-       tf_rate(evaluate, False),
-       pil_rate(lambda b, r: pil_reference.eval_transform(b, args.size, evaluate.crop_pct))),
+       tf_batches(evaluate, False),
+       pil_batches(lambda b, r: pil_reference.eval_transform(b, args.size, evaluate.crop_pct))),
   ]
-  # The cores column (process CPU time / wall time) checks that each ran on one core.
-  print(f'  {"pipeline":62s} {"tf.data":>17s} {"Pillow":>17s}')
-  for name, (tf_ips, tf_cores), (pil_ips, pil_cores) in rows:
-    print(f'  {name:62s} {tf_ips:6.0f} img/s {tf_cores:4.2f} cores {pil_ips:6.0f} img/s '
-          f'{pil_cores:4.2f} cores   x{tf_ips / pil_ips:.2f}')
+  print(f'median of {args.repeats} rounds of {args.iters} images (after {args.warmup}), '
+        'tf.data and Pillow alternating; [min-max]; cores = process CPU time / wall time')
+  print(f'  {"pipeline":58s} {"tf.data img/s":>24s} {"Pillow img/s":>24s}')
+  for name, tf_next, pil_next in rows:
+    results = {'tf': [], 'pil': []}
+    _timed_images(tf_next, args.warmup)
+    _timed_images(pil_next, args.warmup)
+    for _ in range(args.repeats):
+      results['tf'].append(_timed_images(tf_next, args.iters))
+      results['pil'].append(_timed_images(pil_next, args.iters))
+    cells = []
+    for key in ('tf', 'pil'):
+      rates = [rate for rate, _ in results[key]]
+      cores = max(c for _, c in results[key])
+      cells.append(f'{statistics.median(rates):5.0f} [{min(rates):.0f}-{max(rates):.0f}] '
+                   f'{cores:4.2f} cores')
+    ratio = statistics.median(r for r, _ in results['tf']) / statistics.median(
+        r for r, _ in results['pil'])
+    print(f'  {name:58s} {cells[0]:>24s} {cells[1]:>24s}  x{ratio:.2f}')
 
 
 def main(argv=None):
@@ -272,8 +286,9 @@ def main(argv=None):
   p.add_argument('--size', type=int, default=224)
   p.add_argument('--randaugment', default='rand-m9-mstd0.5-inc1')
   p.add_argument('--batch', type=int, default=64, help='images per batch, as a host batch')
-  p.add_argument('--warmup', type=int, default=64, help='images before timing starts')
-  p.add_argument('--iters', type=int, default=640, help='images timed')
+  p.add_argument('--warmup', type=int, default=128, help='images before timing starts')
+  p.add_argument('--iters', type=int, default=320, help='images per timed round')
+  p.add_argument('--repeats', type=int, default=5, help='timed rounds per pipeline')
   p.set_defaults(run=bench_input)
   args = parser.parse_args(argv)
   args.run(args)

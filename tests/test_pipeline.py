@@ -312,7 +312,7 @@ def test_input_benchmark_command(tmp_path):
   on one core each, and reports them beside Pillow's."""
   result = subprocess.run(
       [sys.executable, '-m', 'convnext_jax.benchmark', 'input', '--images', '4', '--batch', '4',
-       '--warmup', '4', '--iters', '8'],
+       '--warmup', '4', '--iters', '8', '--repeats', '2'],
       capture_output=True, text=True, check=False, cwd=tmp_path,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
   assert result.returncode == 0, result.stderr[-2000:]
@@ -320,7 +320,8 @@ def test_input_benchmark_command(tmp_path):
                                                                                    'eval:'))]
   assert len(rows) == 2, result.stdout
   for row in rows:
-    numbers = re.findall(r'([\d.]+) img/s ([\d.]+) cores', row)
-    assert len(numbers) == 2, row  # tf.data and Pillow.
-    for rate, cores in numbers:
-      assert float(rate) > 0 and float(cores) < 1.5, row
+    # Median [min-max] and cores, for tf.data and for Pillow.
+    numbers = re.findall(r'(\d+) \[(\d+)-(\d+)\] ([\d.]+) cores', row)
+    assert len(numbers) == 2, row
+    for median, low, high, cores in numbers:
+      assert 0 < int(low) <= int(median) <= int(high) and float(cores) < 1.5, row
