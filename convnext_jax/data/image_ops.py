@@ -111,9 +111,8 @@ def _resample_rows(rows, size, scale, translation):
   M values of a row passed as one pixel's channels.
 
   TensorFlow's CPU kernel runs its innermost loop over channels, so with 3 channels it is
-  scalar code; with a whole row as the channels it is a vectorised weighted sum of rows
-  (measured on 224 x 1002 outputs: about 5x faster per pass). The other axis has size 1 and
-  scale 1, where the kernel's single tap has weight 1 exactly.
+  scalar code; with a whole row as the channels it is a vectorised weighted sum of rows. The
+  other axis has size 1 and scale 1, where the kernel's single tap has weight 1 exactly.
   """
   out = tf.raw_ops.ScaleAndTranslate(
       images=rows[None, :, None, :], size=tf.stack([size, 1]),
@@ -126,9 +125,9 @@ def _scale_and_translate(image, size, scale, translation):
   """`ScaleAndTranslate` (bicubic a = -0.5, antialiased) of uint8 (H, W, 3) to float32
   (size[0], size[1], 3), one axis at a time.
 
-  Same arithmetic as the single op on the image (both are a horizontal and a vertical pass in
-  float32; measured identical), about 3x faster on CPU: rows first, folding W x 3 into the
-  channels, then columns of the transposed result.
+  Same arithmetic as the single op on the whole image (a pass per axis in float32; equal in
+  the tests), about 3x faster on CPU (docs/benchmarks.md): rows first, with W x 3 folded into
+  the channels, then the rows of the transposed result.
 
   Args:
     image: uint8 (H, W, 3) tensor.
