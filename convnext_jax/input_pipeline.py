@@ -9,7 +9,6 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from convnext_jax import datasets
 from convnext_jax.data import pipeline

@@ -89,6 +89,25 @@ def test_resize_crop_window_equals_resize_then_crop(height, width, size, box):
   assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
+def test_image_shape_reads_png_and_jpeg_headers():
+  """Shapes come from the header, so a PNG is decoded once (by decode_and_crop), not twice."""
+  for height, width in [(375, 500), (500, 333), (1, 300)]:
+    png = _encode_png(_photo(height, width))
+    np.testing.assert_array_equal(image_ops.image_shape(tf.constant(png)), [height, width, 3])
+    # Only the header is read: the first 40 bytes of the file are enough.
+    np.testing.assert_array_equal(image_ops.image_shape(tf.constant(png[:40])),
+                                  [height, width, 3])
+    jpeg = fake_tfds.jpeg_bytes(_photo(height, width))
+    np.testing.assert_array_equal(image_ops.image_shape(tf.constant(jpeg[:1000])),
+                                  [height, width, 3])
+  gray = io.BytesIO()
+  Image.fromarray(_photo(30, 20)[..., 0]).save(gray, 'PNG')
+  np.testing.assert_array_equal(image_ops.image_shape(tf.constant(gray.getvalue())), [30, 20, 3])
+  bmp = io.BytesIO()  # Other formats: decoded for the shape.
+  Image.fromarray(_photo(30, 20)).save(bmp, 'BMP')
+  np.testing.assert_array_equal(image_ops.image_shape(tf.constant(bmp.getvalue())), [30, 20, 3])
+
+
 def _encode_png(image: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format='PNG')

@@ -75,11 +75,29 @@ def decode_rgb(image_bytes):
       lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
 
 
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _png_shape(image_bytes):
+  """(height, width, 3) from a PNG's IHDR chunk: big-endian width and height at bytes 16-23."""
+  fields = tf.cast(tf.io.decode_raw(tf.strings.substr(image_bytes, 16, 8), tf.uint8), tf.int32)
+  fields = tf.reshape(fields, [2, 4])
+  width_height = tf.reduce_sum(fields * tf.constant([1 << 24, 1 << 16, 1 << 8, 1]), axis=1)
+  return tf.stack([width_height[1], width_height[0], 3])
+
+
 def image_shape(image_bytes):
-  """(height, width, channels) of encoded image bytes, reading only a JPEG's header."""
-  return tf.cond(tf.io.is_jpeg(image_bytes),
-                 lambda: tf.image.extract_jpeg_shape(image_bytes),
-                 lambda: tf.shape(decode_rgb(image_bytes)))
+  """(height, width, channels) of encoded image bytes from the header for JPEG and PNG, so
+  that the pixels are decoded once, by `decode_and_crop`; other formats are decoded for it.
+
+  Channels are the file's for JPEG (1, 3 or 4) and 3 otherwise; callers use height and width.
+  """
+  is_png = tf.equal(tf.strings.substr(image_bytes, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+  # A PNG header shorter than its IHDR fields is left to the decoder's error.
+  is_png &= tf.strings.length(image_bytes) >= 24
+  return tf.case([(tf.io.is_jpeg(image_bytes), lambda: tf.image.extract_jpeg_shape(image_bytes)),
+                  (is_png, lambda: _png_shape(image_bytes))],
+                 default=lambda: tf.shape(decode_rgb(image_bytes)))
 
 
 def decode_and_crop(image_bytes, window):
