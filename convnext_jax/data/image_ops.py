@@ -178,7 +178,7 @@ def resize(image, size):
   return _round_to_uint8(_scale_and_translate(image, size, scale, tf.zeros([2])))
 
 
-def resize_crop_window(image_bytes, size, crop_box):
+def resize_crop_window(image_bytes, size, crop_box, shape=None):
   """The window `crop_box` of the image resized to `size`, decoding and resizing only what
   the window needs.
 
@@ -193,11 +193,13 @@ def resize_crop_window(image_bytes, size, crop_box):
     image_bytes: encoded image (JPEG is decoded cropped; other formats whole).
     size: (height, width) of the full resized image.
     crop_box: (top, left, height, width) of the output window inside that resized image.
+    shape: the image's `image_shape`, if the caller has it already (else read here).
 
   Returns:
     uint8 (crop height, crop width, 3).
   """
-  shape = image_shape(image_bytes)
+  if shape is None:
+    shape = image_shape(image_bytes)
   in_size = tf.cast(shape[:2], tf.float32)
   size = tf.cast(size, tf.float32)
   box = tf.cast(crop_box, tf.float32)

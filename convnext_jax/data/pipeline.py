@@ -82,7 +82,7 @@ class EvalPreprocess:
     size = image_ops.shorter_side_size(shape[0], shape[1], int(self.image_size / self.crop_pct))
     # The centre crop, decoded and resized alone (see `resize_crop_window`).
     return image_ops.resize_crop_window(
-        image_bytes, size, image_ops.center_crop_box(size, self.image_size))
+        image_bytes, size, image_ops.center_crop_box(size, self.image_size), shape)
 
 
 # ----------------------------------------------------------------------------------------
