@@ -12,7 +12,8 @@ os.environ['XLA_FLAGS'] = ' '.join(
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # One persistent XLA compilation cache for the session, shared with the tests' subprocesses:
-# the training tests compile the same train and eval steps in several runs (resume: 40 s).
+# the training tests compile the same train and eval steps in several runs (the resume test
+# took 126 s with it, 172 s without).
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix='jax_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
