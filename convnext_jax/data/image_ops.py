@@ -157,8 +157,8 @@ def _scale_and_translate(image, size, scale, translation):
   size = tf.cast(size, tf.int32)
   scale = tf.cast(scale, tf.float32)
   translation = tf.cast(translation, tf.float32)
-  width = tf.shape(image)[1]
-  rows = _resample_rows(tf.reshape(image, [tf.shape(image)[0], -1]), size[0], scale[0],
+  height, width = tf.unstack(tf.shape(image)[:2])
+  rows = _resample_rows(tf.reshape(image, [height, -1]), size[0], scale[0],
                         translation[0])  # (out height, W * 3)
   columns = tf.reshape(tf.transpose(tf.reshape(rows, [size[0], width, 3]), [1, 0, 2]),
                        [width, -1])  # (W, out height * 3)
@@ -173,7 +173,6 @@ def resize(image, size):
   uses; the result is rounded and clipped to uint8 like Pillow's output. Same values as
   `tf.image.resize(image, size, 'bicubic', antialias=True)`, computed faster.
   """
-  size = tf.cast(size, tf.int32)
   scale = tf.cast(size, tf.float32) / tf.cast(tf.shape(image)[:2], tf.float32)
   return _round_to_uint8(_scale_and_translate(image, size, scale, tf.zeros([2])))
 
