@@ -7,9 +7,10 @@
       Writes a random official .pth of the model, then times `convnext-convert import` and
       `export` (official, timm, hf), each in a fresh process, with its peak resident memory.
   python -m convnext_jax.benchmark input [--images 256] [--size 224] [--batch 64] [--repeats 5]
-      Training and evaluation preprocessing, images/s on one CPU core, on ImageNet-sized
-      JPEGs it generates, beside a Pillow implementation of the same transforms (timm's):
-      the median of rounds that alternate between the two.
+      Training and evaluation preprocessing on ImageNet-sized JPEGs it generates, beside a
+      Pillow implementation of the same transforms (timm's): images/s on one CPU core, then
+      on all cores as the training pipelines run (Pillow in worker processes), with images/s
+      per core; the median of rounds that alternate between the two.
 
 `forward` and `convert` need torch (and transformers for `forward`) and import no
 TensorFlow; `input` imports TensorFlow.
@@ -30,6 +31,7 @@ import numpy as np
 
 from convnext_jax import convert
 from convnext_jax import models
+from convnext_jax.data import pil_reference
 
 
 def _versions() -> str:
@@ -191,29 +193,55 @@ def _timed_images(next_batch, images: int) -> tuple[float, float]:
   return done / wall, (time.process_time() - cpu) / wall
 
 
+def _pil_parallel_round(pool, kind: str, start: int, images: int,
+                        batch: int) -> tuple[float, float]:
+  """`images` Pillow transforms in the pool's workers, collated into batches in this process;
+  (images per second, CPU seconds per second of this process and the workers together)."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  worker_cpu, pending, done = 0.0, [], 0
+  tasks = [(kind, start + i) for i in range(images)]
+  for image, seconds in pool.imap(pil_reference.worker_transform, tasks, chunksize=4):
+    worker_cpu += seconds
+    pending.append(image)
+    if len(pending) == batch:
+      done += len(np.stack(pending))
+      pending = []
+  done += len(pending)
+  wall = time.perf_counter() - wall
+  return done / wall, (time.process_time() - cpu + worker_cpu) / wall
+
+
 def bench_input(args):
+  import multiprocessing  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from convnext_jax.data import pil_reference  # pylint: disable=g-import-not-at-top
   from convnext_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  tf.config.threading.set_intra_op_parallelism_threads(1)
-  tf.config.threading.set_inter_op_parallelism_threads(1)
+  if args.tf_default_threads:  # For comparison: how the pipelines ran before 2026-11-25.
+    tf.config.set_visible_devices([], 'GPU')
+  else:  # As the training process does.
+    pipeline.configure_tensorflow()
+  cores = os.cpu_count()
   jpegs = _synthetic_jpegs(args.images)
   mean_kb = np.mean([len(j) for j in jpegs]) / 1024
   print(f'{args.images} synthetic JPEGs, 500x375 / 375x500, quality 90, mean {mean_kb:.0f} KB; '
-        f'output batches of {args.batch} x {args.size}x{args.size}x3 uint8; one thread each '
-        '(tf.data private pool of 1; Pillow in a Python loop, np.stack per batch)')
-  print(f'tensorflow {tf.__version__}, ' + _versions())
+        f'output batches of {args.batch} x {args.size}x{args.size}x3 uint8')
+  print(f'tensorflow {tf.__version__}, ' + _versions() + ', TensorFlow intra-op threads: ' +
+        ('default' if args.tf_default_threads else '1 (pipeline.configure_tensorflow)'))
   train = pipeline.TrainPreprocess(args.size, randaugment=args.randaugment)
   evaluate = pipeline.EvalPreprocess(args.size, pipeline.default_crop_pct(args.size))
 
-  def tf_batches(fn, with_seed):
+  def tf_dataset(fn, with_seed, parallel):
     ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
     if with_seed:
-      ds = ds.map(lambda i, b: fn(b, tf.stack([tf.constant(0, tf.int64), i])))
+      example = lambda i, b: fn(b, tf.stack([tf.constant(0, tf.int64), i]))
     else:
-      ds = ds.map(lambda i, b: fn(b))
+      example = lambda i, b: fn(b)
     options = tf.data.Options()
+    options.deterministic = True
+    if parallel:  # As pipeline.train_dataset and eval_dataset run it.
+      ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      return ds.batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(
+          options)
     options.threading.private_threadpool_size = 1
     options.threading.max_intra_op_parallelism = 1
     options.autotune.enabled = False
@@ -221,10 +249,24 @@ def bench_input(args):
     # on time that the timer (and the Pillow rounds it alternates with) does not see.
     options.experimental_optimization.apply_default_optimizations = False
     options.experimental_optimization.map_and_batch_fusion = False
-    iterator = iter(ds.batch(args.batch).with_options(options))
-    return lambda: len(next(iterator))
+    return ds.map(example).batch(args.batch).with_options(options)
 
-  def pil_batches(fn):
+  def tf_one_core(fn, with_seed):
+    iterator = iter(tf_dataset(fn, with_seed, parallel=False))
+    return lambda images: _timed_images(lambda: len(next(iterator)), images)
+
+  def tf_all_cores(fn, with_seed):
+    ds = tf_dataset(fn, with_seed, parallel=True)
+
+    def timed_round(images):
+      # A fresh iterator each round, so that no prefetching runs into Pillow's rounds.
+      iterator = iter(ds)
+      _timed_images(lambda: len(next(iterator)), args.batch * cores)
+      return _timed_images(lambda: len(next(iterator)), images)
+
+    return timed_round
+
+  def pil_one_core(fn):
     # Like a PyTorch DataLoader worker: transform each image, then collate the batch.
     rng = np.random.default_rng(0)
     position = 0
@@ -235,36 +277,67 @@ def bench_input(args):
       position += args.batch
       return len(np.stack(images))
 
-    return next_batch
+    return lambda images: _timed_images(next_batch, images)
+
+  def pil_all_cores(pool, kind):
+    position = 0
+
+    def timed_round(images):
+      nonlocal position
+      _pil_parallel_round(pool, kind, position, args.batch * cores, args.batch)
+      result = _pil_parallel_round(pool, kind, position + args.batch * cores, images,
+                                   args.batch)
+      position += args.batch * cores + images
+      return result
+
+    return timed_round
 
   spec = args.randaugment or 'none'
-  rows = [
-      (f'train: decode+RRC, bicubic, flip, RandAugment {spec}',
-       tf_batches(train, True),
-       pil_batches(lambda b, r: pil_reference.train_transform(b, r, args.size, args.randaugment))),
-      (f'eval: resize {int(args.size / evaluate.crop_pct)}, centre crop (fused)',
-       tf_batches(evaluate, False),
-       pil_batches(lambda b, r: pil_reference.eval_transform(b, args.size, evaluate.crop_pct))),
-  ]
-  print(f'median of {args.repeats} rounds of {args.iters} images (after {args.warmup}), '
-        'tf.data and Pillow alternating; [min-max]; cores = process CPU time / wall time')
-  print(f'  {"pipeline":58s} {"tf.data img/s":>24s} {"Pillow img/s":>24s}')
-  for name, tf_next, pil_next in rows:
+  train_name = f'train: decode+RRC, bicubic, flip, RandAugment {spec}'
+  eval_name = f'eval: resize {int(args.size / evaluate.crop_pct)}, centre crop (fused)'
+  print(f'median of {args.repeats} rounds (after warm-up), tf.data and Pillow alternating; '
+        '[min-max]; cores = CPU time / wall time, of all threads and worker processes')
+  print(f'one core: {args.iters} images per round; tf.data on one thread (private pool of 1, '
+        'synchronous map), Pillow in a Python loop, np.stack per batch')
+  _compare(args, [
+      (train_name, tf_one_core(train, True),
+       pil_one_core(lambda b, r: pil_reference.train_transform(b, r, args.size,
+                                                               args.randaugment))),
+      (eval_name, tf_one_core(evaluate, False),
+       pil_one_core(lambda b, r: pil_reference.eval_transform(b, args.size, evaluate.crop_pct))),
+  ], args.iters)
+  print(f'all {cores} cores: {args.iters * cores} images per round; tf.data as train_dataset '
+        f'and eval_dataset run (parallel map, prefetch), Pillow in {cores} worker processes '
+        '(as DataLoader workers) collated here; per core = img/s / cores')
+  context = multiprocessing.get_context('spawn')  # This process runs JAX and TF threads.
+  with context.Pool(cores, pil_reference.init_worker,
+                    (jpegs, args.size, args.randaugment, evaluate.crop_pct)) as pool:
+    _compare(args, [
+        (train_name, tf_all_cores(train, True), pil_all_cores(pool, 'train')),
+        (eval_name, tf_all_cores(evaluate, False), pil_all_cores(pool, 'eval')),
+    ], args.iters * cores)
+
+
+def _compare(args, rows, images: int):
+  """Times each row's (tf.data, Pillow) round functions in alternation and prints them."""
+  print(f'  {"pipeline":66s} {"tf.data img/s":>36s} {"Pillow img/s":>36s}')
+  for name, tf_round, pil_round in rows:
     results = {'tf': [], 'pil': []}
-    _timed_images(tf_next, args.warmup)
-    _timed_images(pil_next, args.warmup)
+    tf_round(args.warmup)
+    pil_round(args.warmup)
     for _ in range(args.repeats):
-      results['tf'].append(_timed_images(tf_next, args.iters))
-      results['pil'].append(_timed_images(pil_next, args.iters))
+      results['tf'].append(tf_round(images))
+      results['pil'].append(pil_round(images))
     cells = []
     for key in ('tf', 'pil'):
       rates = [rate for rate, _ in results[key]]
-      cores = max(c for _, c in results[key])
+      per_core = statistics.median(rate / cores for rate, cores in results[key])
+      cores = statistics.median(c for _, c in results[key])
       cells.append(f'{statistics.median(rates):5.0f} [{min(rates):.0f}-{max(rates):.0f}] '
-                   f'{cores:4.2f} cores')
+                   f'{cores:4.2f} cores {per_core:4.0f}/core')
     ratio = statistics.median(r for r, _ in results['tf']) / statistics.median(
         r for r, _ in results['pil'])
-    print(f'  {name:58s} {cells[0]:>24s} {cells[1]:>24s}  x{ratio:.2f}')
+    print(f'  {name:66s} {cells[0]:>36s} {cells[1]:>36s}  x{ratio:.2f}')
 
 
 def main(argv=None):
@@ -287,8 +360,11 @@ def main(argv=None):
   p.add_argument('--randaugment', default='rand-m9-mstd0.5-inc1')
   p.add_argument('--batch', type=int, default=64, help='images per batch, as a host batch')
   p.add_argument('--warmup', type=int, default=128, help='images before timing starts')
-  p.add_argument('--iters', type=int, default=320, help='images per timed round')
+  p.add_argument('--iters', type=int, default=320,
+                 help='images per timed round on one core (times the core count on all cores)')
   p.add_argument('--repeats', type=int, default=5, help='timed rounds per pipeline')
+  p.add_argument('--tf-default-threads', action='store_true',
+                 help="keep TensorFlow's default intra-op thread pool, for comparison")
   p.set_defaults(run=bench_input)
   args = parser.parse_args(argv)
   args.run(args)

@@ -33,6 +33,12 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
   return datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
 
 
+def configure_tensorflow() -> None:
+  """Sets up TensorFlow for the training process (`pipeline.configure_tensorflow`); call it
+  before anything runs TensorFlow, metric writers included."""
+  pipeline.configure_tensorflow()
+
+
 class TrainIterator:
   """Global `jax.Array` batches of the training stream; tracks its position and skips."""
 
@@ -71,8 +77,7 @@ class Inputs:
   """The datasets of one config: sizes, classes, and pipelines on demand."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    # tf.data runs on the host; TensorFlow must not claim accelerator memory.
-    tf.config.set_visible_devices([], 'GPU')
+    configure_tensorflow()  # No-op if done already, as `train` does.
     self._config = config
     cd = config.dataset
     self._kwargs = dict(cd.builder_kwargs)

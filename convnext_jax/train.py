@@ -253,6 +253,7 @@ class _Preemption:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) in `workdir`, evaluating and checkpointing; returns the last eval."""
   # ---- Logging and process facts. ----
+  input_pipeline.configure_tensorflow()  # Before the metric writer starts TensorFlow.
   process = jax.process_index()
   writer = metric_writers.create_default_writer(workdir, just_logging=process > 0)
   logging.info('process %d of %d; %d local / %d global devices (%s)', process,

@@ -328,19 +328,44 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
 
 def test_input_benchmark_command(tmp_path):
   """`python -m convnext_jax.benchmark input` (docs/benchmarks.md) runs, times both pipelines
-  on one core each, and reports them beside Pillow's."""
+  on one core and on all cores, and reports them beside Pillow's."""
   result = subprocess.run(
       [sys.executable, '-m', 'convnext_jax.benchmark', 'input', '--images', '4', '--batch', '4',
        '--warmup', '4', '--iters', '8', '--repeats', '2'],
       capture_output=True, text=True, check=False, cwd=tmp_path,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
   assert result.returncode == 0, result.stderr[-2000:]
+  assert 'intra-op threads: 1' in result.stdout, result.stdout
   rows = [line for line in result.stdout.splitlines() if line.lstrip().startswith(('train:',
                                                                                    'eval:'))]
-  assert len(rows) == 2, result.stdout
-  for row in rows:
-    # Median [min-max] and cores, for tf.data and for Pillow.
-    numbers = re.findall(r'(\d+) \[(\d+)-(\d+)\] ([\d.]+) cores', row)
+  assert len(rows) == 4, result.stdout
+  for i, row in enumerate(rows):
+    # Median [min-max], cores and images/s per core, for tf.data and for Pillow.
+    numbers = re.findall(r'(\d+) \[(\d+)-(\d+)\] ([\d.]+) cores +(\d+)/core', row)
     assert len(numbers) == 2, row
-    for median, low, high, cores in numbers:
-      assert 0 < int(low) <= int(median) <= int(high) and float(cores) < 1.5, row
+    for median, low, high, cores, per_core in numbers:
+      assert 0 < int(low) <= int(median) <= int(high) and int(per_core) > 0, row
+      # The first two rows run on one core, the others on all of them.
+      assert float(cores) < (1.5 if i < 2 else os.cpu_count() + 0.5), row
+
+
+def test_configure_tensorflow_runs_ops_on_one_thread():
+  """The training process's TensorFlow: no GPUs, one intra-op thread; a warning, not an
+  error, if TensorFlow already ran."""
+  code = ('import tensorflow as tf\n'
+          'from convnext_jax.data import pipeline\n'
+          'pipeline.configure_tensorflow()\n'
+          'assert tf.config.threading.get_intra_op_parallelism_threads() == 1\n'
+          'assert not tf.config.get_visible_devices("GPU")\n'
+          'print(int(tf.reduce_sum(tf.range(4))))\n')
+  late = ('import tensorflow as tf\n'
+          'from convnext_jax.data import pipeline\n'
+          'print(int(tf.reduce_sum(tf.range(4))))\n'
+          'pipeline.configure_tensorflow()\n'
+          'assert tf.config.threading.get_intra_op_parallelism_threads() == 0\n')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  for source, warns in ((code, False), (late, True)):
+    result = subprocess.run([sys.executable, '-c', source], capture_output=True, text=True,
+                            check=False, env=env)
+    assert result.returncode == 0 and result.stdout.split() == ['6'], result.stderr[-2000:]
+    assert ('intra-op thread pool' in result.stderr) == warns, result.stderr[-2000:]

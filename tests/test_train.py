@@ -62,6 +62,8 @@ def run_main(workdir: str, data_dir: str, *flags: str) -> None:
              f'--config.dataset.data_dir={data_dir}', *flags]
   proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  # TensorFlow was set up before anything ran it (pipeline.configure_tensorflow's warning).
+  assert 'intra-op thread pool' not in proc.stderr, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope='module')

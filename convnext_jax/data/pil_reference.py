@@ -8,6 +8,8 @@ the form the tf.data pipeline hands to the device.
 
 import io
 import math
+import os
+import time
 
 import numpy as np
 from PIL import Image
@@ -114,3 +116,25 @@ def eval_transform(jpeg: bytes, size: int = 224, crop_pct: float = 0.875):
   left = int(round((image.width - size) / 2.0))
   top = int(round((image.height - size) / 2.0))
   return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+# A process pool's worker (the benchmark's Pillow pipeline on every core, as DataLoader
+# workers run it): the images and settings, sent once by `init_worker`.
+_WORKER = {}
+
+
+def init_worker(jpegs, size: int, randaugment: str | None, crop_pct: float):
+  _WORKER.update(jpegs=jpegs, size=size, randaugment=randaugment, crop_pct=crop_pct,
+                 rng=np.random.default_rng(os.getpid()))
+
+
+def worker_transform(task):
+  """task (kind, index): ('train' or 'eval', image index) -> (uint8 array, CPU seconds)."""
+  kind, index = task
+  start = time.process_time()
+  jpeg = _WORKER['jpegs'][index % len(_WORKER['jpegs'])]
+  if kind == 'train':
+    image = train_transform(jpeg, _WORKER['rng'], _WORKER['size'], _WORKER['randaugment'])
+  else:
+    image = eval_transform(jpeg, _WORKER['size'], _WORKER['crop_pct'])
+  return image, time.process_time() - start

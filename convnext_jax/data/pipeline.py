@@ -33,6 +33,29 @@ from convnext_jax.data import image_ops
 from convnext_jax.data import randaugment as randaugment_lib
 
 
+def configure_tensorflow() -> None:
+  """Sets up TensorFlow for a process in which it only runs input pipelines.
+
+  Accelerators are hidden from it (JAX owns them), and each TensorFlow op runs on one thread:
+  the pipelines' parallel maps already spread the examples over the cores, and TensorFlow's
+  default intra-op pool under them cost 15-37% of their throughput on a 2-core host, which
+  tf.data's `max_intra_op_parallelism` option did not win back (docs/benchmarks.md). Call
+  it before TensorFlow runs anything; once it has, the thread setting cannot change and
+  this logs a warning instead.
+
+  Raises:
+    RuntimeError: TensorFlow was initialised with GPUs visible (it may have claimed their
+      memory): create the input pipelines before running TensorFlow code.
+  """
+  tf.config.set_visible_devices([], 'GPU')
+  try:
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+  except RuntimeError:  # Already initialised with another setting.
+    logging.warning('TensorFlow ran before the input pipelines were set up, so its ops keep '
+                    'their intra-op thread pool, which slows tf.data down '
+                    '(docs/benchmarks.md); build the pipelines before running TensorFlow code')
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainPreprocess:
   """RandomResizedCrop (fused with JPEG decode) -> bicubic resize -> flip -> RandAugment.
