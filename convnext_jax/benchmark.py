@@ -331,7 +331,7 @@ def _compare(args, rows, images: int):
     cells = []
     for key in ('tf', 'pil'):
       rates = [rate for rate, _ in results[key]]
-      per_core = statistics.median(rate / cores for rate, cores in results[key])
+      per_core = statistics.median(rate / c for rate, c in results[key])
       cores = statistics.median(c for _, c in results[key])
       cells.append(f'{statistics.median(rates):5.0f} [{min(rates):.0f}-{max(rates):.0f}] '
                    f'{cores:4.2f} cores {per_core:4.0f}/core')

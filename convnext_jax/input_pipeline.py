@@ -33,10 +33,8 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
   return datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
 
 
-def configure_tensorflow() -> None:
-  """Sets up TensorFlow for the training process (`pipeline.configure_tensorflow`); call it
-  before anything runs TensorFlow, metric writers included."""
-  pipeline.configure_tensorflow()
+# For `train`, which calls it before anything (clu's metric writer included) runs TensorFlow.
+configure_tensorflow = pipeline.configure_tensorflow
 
 
 class TrainIterator:
