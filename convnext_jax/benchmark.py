@@ -17,6 +17,7 @@ TensorFlow; `input` imports TensorFlow.
 """
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -34,6 +35,23 @@ from convnext_jax import models
 from convnext_jax.data import pil_reference
 
 
+def _cpu() -> str:
+  """The CPU as Linux names it (model, family/model numbers, SIMD level), or the platform's
+  name elsewhere: hosts of the same kind differ, and figures are comparable only on one."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines()
+                  if ':' in line)
+  except OSError:
+    return platform.processor() or platform.machine()
+  info = {key.strip(): value.strip() for key, value in info.items()}
+  details = [f'{key} {info[key]}' for key in ('cpu family', 'model') if key in info]
+  if 'flags' in info:  # x86: the widest vector extension.
+    flags = set(info['flags'].split())
+    details.append(next((f for f in ('avx512f', 'avx2', 'avx') if f in flags), 'no AVX'))
+  return f"{info.get('model name', '')} ({', '.join(details)})".lstrip()
+
+
 def _versions() -> str:
   import flax  # pylint: disable=g-import-not-at-top
   try:
@@ -42,7 +60,7 @@ def _versions() -> str:
   except ImportError:  # Optional: only `forward` and `convert` need it.
     torch_version = 'not installed'
   return (f'python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, '
-          f'torch {torch_version}, {os.cpu_count()} CPU cores, {platform.machine()}, '
+          f'torch {torch_version}, {os.cpu_count()} CPU cores, {platform.machine()} {_cpu()}, '
           f'jax backend {jax.default_backend()}')
 
 
@@ -215,6 +233,7 @@ def bench_input(args):
   import multiprocessing  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from convnext_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from convnext_jax.data import randaugment  # pylint: disable=g-import-not-at-top
 
   if args.tf_default_threads:  # For comparison: how the pipelines ran before 2026-11-25.
     tf.config.set_visible_devices([], 'GPU')
@@ -228,7 +247,17 @@ def bench_input(args):
   print(f'tensorflow {tf.__version__}, ' + _versions() + ', TensorFlow intra-op threads: ' +
         ('default' if args.tf_default_threads else '1 (pipeline.configure_tensorflow)'))
   train = pipeline.TrainPreprocess(args.size, randaugment=args.randaugment)
-  evaluate = pipeline.EvalPreprocess(args.size, pipeline.default_crop_pct(args.size))
+  pil_randaugment = None  # The same RandAugment settings for the Pillow pipeline.
+  if args.randaugment:
+    config = randaugment.RandAugmentConfig.parse(args.randaugment)
+    if not config.increasing:
+      raise SystemExit(f"benchmark input: --randaugment {args.randaugment!r} uses timm's "
+                       "original op set, and the Pillow side implements the increasing one: "
+                       "add '-inc1'")
+    pil_randaugment = dataclasses.asdict(config)
+    del pil_randaugment['increasing']
+  evaluate = pipeline.EvalPreprocess(args.size, pipeline.default_crop_pct(args.size),
+                                     pipeline.default_crop_mode(args.size))
 
   def tf_dataset(fn, with_seed, parallel):
     ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
@@ -294,7 +323,8 @@ def bench_input(args):
 
   spec = args.randaugment or 'none'
   train_name = f'train: decode+RRC, bicubic, flip, RandAugment {spec}'
-  eval_name = f'eval: resize {int(args.size / evaluate.crop_pct)}, centre crop (fused)'
+  eval_name = (f'eval: resize {int(args.size / evaluate.crop_pct)} ({evaluate.crop_mode}), '
+               'centre crop (fused)')
   print(f'median of {args.repeats} rounds (after warm-up), tf.data and Pillow alternating; '
         '[min-max]; cores = CPU time / wall time, of all threads and worker processes')
   print(f'one core: {args.iters} images per round; tf.data on one thread (private pool of 1, '
@@ -302,16 +332,18 @@ def bench_input(args):
   _compare(args, [
       (train_name, tf_one_core(train, True),
        pil_one_core(lambda b, r: pil_reference.train_transform(b, r, args.size,
-                                                               args.randaugment))),
+                                                               pil_randaugment))),
       (eval_name, tf_one_core(evaluate, False),
-       pil_one_core(lambda b, r: pil_reference.eval_transform(b, args.size, evaluate.crop_pct))),
+       pil_one_core(lambda b, r: pil_reference.eval_transform(b, args.size, evaluate.crop_pct,
+                                                              evaluate.crop_mode))),
   ], args.iters)
   print(f'all {cores} cores: {args.iters * cores} images per round; tf.data as train_dataset '
         f'and eval_dataset run (parallel map, prefetch), Pillow in {cores} worker processes '
         '(as DataLoader workers) collated here; per core = img/s / cores')
   context = multiprocessing.get_context('spawn')  # This process runs JAX and TF threads.
   with context.Pool(cores, pil_reference.init_worker,
-                    (jpegs, args.size, args.randaugment, evaluate.crop_pct)) as pool:
+                    (jpegs, args.size, pil_randaugment, evaluate.crop_pct,
+                     evaluate.crop_mode)) as pool:
     _compare(args, [
         (train_name, tf_all_cores(train, True), pil_all_cores(pool, 'train')),
         (eval_name, tf_all_cores(evaluate, False), pil_all_cores(pool, 'eval')),

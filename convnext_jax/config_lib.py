@@ -55,7 +55,11 @@ def base() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict()
   c.input.image_size = 224
   c.input.eval_image_size = -1  # -1: image_size.
-  c.input.crop_pct = -1.0  # -1: 0.875 below 384 px, 1.0 (square resize) from 384.
+  # Evaluation: resize to int(size / crop_pct), the shorter side ('center') or both
+  # ('squash'), then the centre crop. Defaults: the official 'center' 0.875 below 384 px,
+  # 'squash' 1.0 from 384.
+  c.input.crop_pct = -1.0  # -1: 0.875 below 384 px, 1.0 from 384.
+  c.input.crop_mode = ''  # '': 'center' below 384 px, 'squash' from 384.
   c.input.scale = (0.08, 1.0)
   c.input.ratio = (3 / 4, 4 / 3)
   c.input.hflip = 0.5

@@ -11,6 +11,7 @@ import ml_collections
 import tensorflow as tf
 
 from convnext_jax import datasets
+from convnext_jax.data import eval_crop
 from convnext_jax.data import pipeline
 
 # Datasets built locally from nothing (or from the user's folder): prepared on first use.
@@ -102,8 +103,7 @@ class Inputs:
   def eval_preprocess(self) -> pipeline.EvalPreprocess:
     c = self._config.input
     size = c.eval_image_size if c.eval_image_size > 0 else c.image_size
-    crop_pct = c.crop_pct if c.crop_pct > 0 else pipeline.default_crop_pct(size)
-    return pipeline.EvalPreprocess(size, crop_pct)
+    return pipeline.EvalPreprocess(size, *eval_crop(size, c.crop_pct, c.get('crop_mode')))
 
   def evaluators(self, per_host_batch: int) -> list[Evaluator]:
     """The main evaluation split, then `dataset.extra_eval` ('name:split[:label_key]')."""

@@ -1,13 +1,15 @@
 """`convnext-predict`: the top classes of a ConvNeXt checkpoint for image files.
 
   python -m convnext_jax.predict --checkpoint PATH [--params ema|raw] [--step N]
-      [--size 224] [--crop_pct F] [--labels FILE] [--top_k 5] [--batch_size 32] [--json]
+      [--size 224] [--crop_pct F] [--crop_mode center|squash] [--labels FILE] [--top_k 5]
+      [--batch_size 32] [--json]
       IMAGE...
 
 PATH is a params checkpoint (`convnext-convert import`) or a training workdir (its EMA or
 raw weights, at the latest or a given step). Each image goes through the evaluation
-transform of training (shorter side to int(size / crop_pct), bicubic, centre crop; ImageNet
-mean and std), on Pillow (`data.pil_reference`), so nothing here imports TensorFlow.
+transform of training (shorter side, or with 'squash' both sides, to int(size / crop_pct),
+bicubic, centre crop; ImageNet mean and std), on Pillow (`data.pil_reference`), so nothing
+here imports TensorFlow.
 
 Output: per image its path, then one `  probability  label` line per class, best first; or,
 with --json, a JSON list of {"image", "predictions": [{"class", "label", "probability"}]}.
@@ -38,7 +40,8 @@ from convnext_jax import checkpoints
 from convnext_jax import models
 from convnext_jax.convert import layouts
 from convnext_jax.data import batch_ops
-from convnext_jax.data import default_crop_pct
+from convnext_jax.data import CROP_MODES
+from convnext_jax.data import eval_crop
 from convnext_jax.data import pil_reference
 from convnext_jax.sharding import path_name
 
@@ -157,14 +160,15 @@ def _unreadable(path: str, error: Exception) -> PredictError:
                       'WebP files')
 
 
-def load_image(path: str, size: int, crop_pct: float) -> np.ndarray:
+def load_image(path: str, size: int, crop_pct: float, crop_mode: str = 'center') -> np.ndarray:
   """The evaluation crop of an image file: uint8 (size, size, 3).
 
   Raises:
     PredictError: the file cannot be read or decoded.
   """
   try:
-    return pil_reference.eval_transform(epath.Path(path).read_bytes(), size, crop_pct)
+    return pil_reference.eval_transform(epath.Path(path).read_bytes(), size, crop_pct,
+                                        crop_mode)
   except Exception as e:  # pylint: disable=broad-except
     # Decoders report corrupt files with many exception types (OSError, SyntaxError,
     # struct.error, DecompressionBombError, ...).
@@ -223,7 +227,8 @@ def make_predict_fn(model, top_k: int):
 
 
 def predict_files(predict_fn, params, paths: Sequence[str], size: int, crop_pct: float,
-                  batch_size: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+                  batch_size: int, crop_mode: str = 'center'
+                  ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
   """Yields (path, top-k probabilities, top-k indices) per image, in order.
 
   Every batch has the same shape (the last one padded by repeating an image), so the
@@ -232,7 +237,7 @@ def predict_files(predict_fn, params, paths: Sequence[str], size: int, crop_pct:
   batch_size = max(1, min(batch_size, len(paths)))
   for start in range(0, len(paths), batch_size):
     chunk = list(paths[start:start + batch_size])
-    images = [load_image(p, size, crop_pct) for p in chunk]
+    images = [load_image(p, size, crop_pct, crop_mode) for p in chunk]
     images += [images[-1]] * (batch_size - len(images))
     probs, indices = jax.device_get(predict_fn(params, np.stack(images)))
     for i, path in enumerate(chunk):
@@ -258,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--size', type=int, default=224, help='input size (default: 224)')
   parser.add_argument('--crop_pct', type=float, default=None,
                       help='centre-crop fraction (default: 0.875 below size 384, else 1.0)')
+  parser.add_argument('--crop_mode', choices=CROP_MODES, default=None,
+                      help='resize the shorter side (center) or both (squash) to '
+                      'int(size / crop_pct) before the crop (default: center below size '
+                      '384, else squash)')
   parser.add_argument('--labels', metavar='FILE',
                       help='class names, one per line (default: the checkpoint\'s, else '
                       'ImageNet-1K names for 1000 classes, else "class N")')
@@ -284,10 +293,10 @@ def run(args) -> Iterator[dict[str, Any]]:
   model, params, metadata = load_model(args.checkpoint, args.params, args.step)
   num_classes = model.num_classes
   names = class_names(metadata, num_classes, args.labels)
-  crop_pct = default_crop_pct(args.size) if args.crop_pct is None else args.crop_pct
+  crop_pct, crop_mode = eval_crop(args.size, args.crop_pct, args.crop_mode)
   predict_fn = make_predict_fn(model, min(args.top_k, num_classes))
   for path, probs, indices in predict_files(predict_fn, params, args.images, args.size,
-                                            crop_pct, args.batch_size):
+                                            crop_pct, args.batch_size, crop_mode):
     yield {'image': path,
            'predictions': [{'class': int(k), 'label': names[k], 'probability': float(p)}
                            for p, k in zip(probs, indices)]}

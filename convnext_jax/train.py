@@ -38,6 +38,7 @@ from convnext_jax import models
 from convnext_jax import optim
 from convnext_jax import sharding
 from convnext_jax.data import batch_ops
+from convnext_jax.data import eval_crop
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -72,7 +73,8 @@ def schedule_steps(config: ml_collections.ConfigDict, num_train_examples: int) -
 
 
 def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Fails early, with one line each, on batch sizes the mesh and processes cannot split."""
+  """Fails early, with one line each, on batch sizes the mesh and processes cannot split (or
+  Mixup cannot pair) and on evaluation crop settings outside their range."""
   dp = sharding.data_parallel_size(mesh)
   processes = jax.process_count()
   micro = config.global_batch_size // max(1, config.grad_accum_steps)
@@ -86,6 +88,16 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
   if config.global_batch_size % processes:
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
                      f'{processes} processes')
+  cin = config.input
+  if (cin.mixup_alpha > 0 or cin.cutmix_alpha > 0) and (micro // dp) % 2:
+    # As timm's Mixup, which asserts it: image i is mixed with image B - 1 - i of its batch,
+    # so in an odd batch the middle one is mixed with itself.
+    raise ValueError(f'Mixup/CutMix needs an even per-device batch, got {micro // dp} '
+                     f'(micro-batch {micro} over data-parallel size {dp}); change '
+                     'global_batch_size or grad_accum_steps, or set input.mixup_alpha and '
+                     'input.cutmix_alpha to 0')
+  eval_crop(cin.eval_image_size if cin.eval_image_size > 0 else cin.image_size, cin.crop_pct,
+            cin.get('crop_mode'))
 
 
 def create_model(config, num_classes: int):

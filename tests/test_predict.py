@@ -144,11 +144,17 @@ def test_class_names_fallbacks(tmp_path):
   assert predict.class_names({}, 21841, str(wnids))[5] == 'n00000005'
 
 
-def test_default_crop_pct():
-  # The training pipeline's rule (pinned at the same sizes in test_pipeline.py); importing it
-  # here would cost a TensorFlow import.
-  assert [predict.default_crop_pct(s) for s in (64, 224, 383, 384, 512)] == [
-      0.875, 0.875, 0.875, 1.0, 1.0]
+def test_default_eval_crop():
+  # The official rule: crop 0.875 of the shorter side's resize below 384 px, squash from 384
+  # (pinned at the same sizes in test_pipeline.py, which imports TensorFlow).
+  assert [predict.eval_crop(s) for s in (64, 224, 383, 384, 512)] == [
+      (0.875, 'center'), (0.875, 'center'), (0.875, 'center'), (1.0, 'squash'), (1.0, 'squash')]
+  assert predict.eval_crop(224, 1.0) == (1.0, 'center')
+  assert predict.eval_crop(384, 0.95, 'center') == (0.95, 'center')
+  with pytest.raises(ValueError, match=r'crop_pct must be in \(0, 1\]'):
+    predict.eval_crop(224, 0.0)
+  with pytest.raises(ValueError, match='crop_mode must be one of'):
+    predict.eval_crop(224, None, 'border')
 
 
 def test_command_line_imagenet_names_without_tensorflow(files):

@@ -118,6 +118,21 @@ def test_validate_rejects_batches_the_mesh_cannot_split():
   config.grad_accum_steps = 3
   with pytest.raises(ValueError, match='not divisible by grad_accum_steps 3'):
     train.validate(config, mesh)
+  # Mixup pairs image i with image B - 1 - i of each device's batch: B must be even.
+  config.global_batch_size, config.grad_accum_steps = 48, 2  # 3 per device and micro-batch.
+  train.validate(config, mesh)  # Without Mixup/CutMix (as _config sets them), 3 is fine.
+  config.input.cutmix_alpha = 1.0
+  with pytest.raises(ValueError, match=r'even per-device batch, got 3 \(micro-batch 24 over '
+                     r'data-parallel size 8\)'):
+    train.validate(config, mesh)
+  config.grad_accum_steps = 1
+  train.validate(config, mesh)
+  config.input.crop_pct = 1.25
+  with pytest.raises(ValueError, match=r'eval crop_pct must be in \(0, 1\], got 1.25'):
+    train.validate(config, mesh)
+  config.input.crop_pct, config.input.crop_mode = -1.0, 'border'
+  with pytest.raises(ValueError, match='eval crop_mode must be one of'):
+    train.validate(config, mesh)
   with pytest.raises(ValueError, match='has 6 devices but 8 are available'):
     sharding.make_mesh((3, 2, 1))
   with pytest.raises(ValueError, match='does not divide 8 devices'):

@@ -7,7 +7,41 @@ This package module itself is TensorFlow-free (prediction uses it); `pipeline`,
 # The official evaluation crop below 384 px: resize the shorter side to size / 0.875.
 DEFAULT_CROP_PCT = 0.875
 
+# Evaluation resizes, as timm names them: 'center' resizes the shorter side to
+# int(size / crop_pct), keeping the aspect ratio; 'squash' resizes both sides to it. Either
+# then takes the centre size x size crop.
+CROP_MODES = ('center', 'squash')
+
 
 def default_crop_pct(image_size: int) -> float:
   """The official evaluation crop: 0.875 below 384 pixels, none (1.0) from 384 up."""
   return DEFAULT_CROP_PCT if image_size < 384 else 1.0
+
+
+def default_crop_mode(image_size: int) -> str:
+  """The official evaluation resize: 'center' below 384 pixels, 'squash' from 384 up
+  (the official `build_transform` warps to size x size there)."""
+  return 'center' if image_size < 384 else 'squash'
+
+
+def check_eval_crop(crop_pct: float, crop_mode: str) -> None:
+  """Raises ValueError for a crop fraction outside (0, 1] or an unknown crop mode."""
+  if not 0.0 < crop_pct <= 1.0:
+    raise ValueError(f'eval crop_pct must be in (0, 1], got {crop_pct!r}')
+  if crop_mode not in CROP_MODES:
+    raise ValueError(f'eval crop_mode must be one of {CROP_MODES}, got {crop_mode!r}')
+
+
+def eval_crop(image_size: int, crop_pct: float | None = None,
+              crop_mode: str | None = None) -> tuple[float, str]:
+  """(crop_pct, crop_mode) for evaluating at `image_size`: the official defaults where unset
+  (None, a negative crop_pct, an empty crop_mode).
+
+  Raises:
+    ValueError: a set value is out of range (`check_eval_crop`).
+  """
+  if crop_pct is None or crop_pct < 0:
+    crop_pct = default_crop_pct(image_size)
+  crop_mode = crop_mode or default_crop_mode(image_size)
+  check_eval_crop(crop_pct, crop_mode)
+  return crop_pct, crop_mode

@@ -6,8 +6,8 @@ an example's augmentation is a function of (seed, its position in the stream).
 
 The geometry follows torchvision/timm on PIL images, which the official ConvNeXt recipe
 uses: RandomResizedCrop's sampling and fallback, `Resize(int)`'s shorter-side rule, and
-CenterCrop's rounding. Resizing is bicubic with Pillow's antialiasing (kernel widened when
-downscaling), rounded and clipped to uint8 as Pillow returns it.
+CenterCrop's rounding. Resizing is Pillow's bicubic: antialiased (kernel widened when
+downscaling), one pass per axis in Pillow's order, each rounded and clipped to 8 bits.
 """
 
 import math
@@ -100,28 +100,47 @@ def image_shape(image_bytes):
                  default=lambda: tf.shape(decode_rgb(image_bytes)))
 
 
-def decode_and_crop(image_bytes, window):
-  """Decodes only the `window` (top, left, height, width) of an image to uint8 (h, w, 3).
+# The fused JPEG decode upsamples chroma without the neighbours outside its window, which
+# changes its edge pixels (up to ~25 levels): decoding this many more pixels on each side, one
+# MCU of 4:2:0 chroma, and cutting them off gives the whole-image decode's pixels.
+_JPEG_WINDOW_MARGIN = 16
 
-  JPEGs use the fused `decode_and_crop_jpeg`, which skips the DCT work outside the window;
-  other formats (ImageNet has a PNG named .JPEG) are decoded whole, then cropped. The fused
-  path differs from decode-then-crop only in the window's edge columns, where chroma
-  upsampling lacks the neighbouring pixels (measured: about 0.5% of a 200x300 window).
+
+def decode_and_crop(image_bytes, window, shape=None):
+  """Decodes only the `window` (top, left, height, width) of an image to uint8 (h, w, 3),
+  with the pixels of decoding it whole and then cropping.
+
+  JPEGs use the fused `decode_and_crop_jpeg`, which skips the DCT work outside its window
+  (here the window and a margin, cut off after); other formats (ImageNet has a PNG named
+  .JPEG) are decoded whole, then cropped.
+
+  Args:
+    image_bytes: encoded image.
+    window: int32 (top, left, height, width) inside the image.
+    shape: the image's `image_shape`, if the caller has it already (else read here).
   """
+  window = tf.cast(window, tf.int32)
+
+  def jpeg():
+    image_size = tf.cast((image_shape(image_bytes) if shape is None else shape)[:2], tf.int32)
+    start = tf.maximum(window[:2] - _JPEG_WINDOW_MARGIN, 0)
+    stop = tf.minimum(window[:2] + window[2:] + _JPEG_WINDOW_MARGIN, image_size)
+    wide = tf.image.decode_and_crop_jpeg(image_bytes, tf.concat([start, stop - start], 0),
+                                         channels=3, dct_method=_DCT_METHOD)
+    return tf.slice(wide, tf.concat([window[:2] - start, [0]], 0),
+                    tf.concat([window[2:], [3]], 0))
 
   def other():
     image = decode_rgb(image_bytes)
     return tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
 
-  return tf.cond(tf.io.is_jpeg(image_bytes),
-                 lambda: tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3,
-                                                       dct_method=_DCT_METHOD),
-                 other)
+  return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
 
 
-def _round_to_uint8(values):
-  """Pillow's resampled output: rounded to the nearest level, clipped to [0, 255]."""
-  return tf.cast(tf.clip_by_value(tf.round(values), 0.0, 255.0), tf.uint8)
+def _round_like_pillow(values):
+  """A resampling pass's result as Pillow stores it, 8 bits, rounded half up and clipped to
+  [0, 255]; kept in float32 (whole numbers) for the next pass, cast to uint8 after the last."""
+  return tf.clip_by_value(tf.floor(values + 0.5), 0.0, 255.0)
 
 
 def _resample_rows(rows, size, scale, translation):
@@ -139,13 +158,46 @@ def _resample_rows(rows, size, scale, translation):
   return out[0, :, 0, :]
 
 
-def _scale_and_translate(image, size, scale, translation):
-  """`ScaleAndTranslate` (bicubic a = -0.5, antialiased) of uint8 (H, W, 3) to float32
-  (size[0], size[1], 3), one axis at a time.
+def _vertical_pass(image, size, scale, translation):
+  """(H, W, 3) uint8 or float32 -> float32 (size, W, 3): one pass down the columns, rounded
+  to whole levels as Pillow's 8-bit pass is."""
+  shape = tf.shape(image)
+  rows = _resample_rows(tf.reshape(image, [shape[0], -1]), size, scale, translation)
+  return tf.reshape(_round_like_pillow(rows), [size, shape[1], 3])
 
-  Same arithmetic as the single op on the whole image (a pass per axis in float32; equal in
-  the tests), about 3x faster on CPU (docs/benchmarks.md): rows first, with W x 3 folded into
-  the channels, then the rows of the transposed result.
+
+def _horizontal_pass(image, size, scale, translation):
+  """(H, W, 3) -> float32 (H, size, 3): the vertical pass on the transposed image."""
+  transposed = tf.transpose(image, [1, 0, 2])
+  return tf.transpose(_vertical_pass(transposed, size, scale, translation), [1, 0, 2])
+
+
+def pillow_vertical_first(in_size, out_size):
+  """Whether Pillow resizes (H, W) `in_size` to `out_size` vertical pass first.
+
+  Pillow 13 runs the vertical pass first when the height loses more than twice as many
+  pixels as the width; Pillow 12 and earlier always ran the horizontal pass first. The two
+  orders agree but for the 8-bit rounding and clipping of the intermediate image, so at
+  overshooting edges they can differ by several levels. Shorter-side resizes of photos up to
+  2:1 portrait, and square resizes of landscapes, are horizontal first in both.
+  """
+  in_size = tf.cast(in_size, tf.int32)
+  out_size = tf.cast(out_size, tf.int32)
+  lost = in_size - out_size
+  return (lost[0] > 0) & (lost[0] > 2 * lost[1])
+
+
+def _pillow_resample(image, size, scale, translation, vertical_first):
+  """Pillow's bicubic resize of uint8 (H, W, 3) to uint8 (size[0], size[1], 3), as its
+  ImagingResample computes it: one antialiased cubic pass per axis (a = -0.5, kernel widened
+  by the downscale factor), each rounded and clipped to 8 bits, in Pillow's order.
+
+  Each pass is `ScaleAndTranslate` on rows with the rest of the image as channels, about 3x
+  faster than the single op on (H, W, 3) (docs/benchmarks.md); the horizontal pass runs on
+  the transposed image. The intermediate holds Pillow's 8-bit values as float32, whose
+  transposes and resampling are faster than uint8's. Pillow accumulates in 22-bit fixed point,
+  this in float32: a pass's value can differ, by one level, where its exact result is within
+  rounding error of a half (about 1 value in 10^4 measured; tests/test_pipeline.py).
 
   Args:
     image: uint8 (H, W, 3) tensor.
@@ -153,28 +205,26 @@ def _scale_and_translate(image, size, scale, translation):
     scale: (height, width) output / input scale factors, float32.
     translation: (height, width) offsets in output pixels: output pixel i samples input
       position (i + 0.5 - translation) / scale.
+    vertical_first: bool scalar tensor, Pillow's pass order (`pillow_vertical_first` of the
+      whole image's input and output sizes).
   """
   size = tf.cast(size, tf.int32)
   scale = tf.cast(scale, tf.float32)
   translation = tf.cast(translation, tf.float32)
-  height, width = tf.unstack(tf.shape(image)[:2])
-  rows = _resample_rows(tf.reshape(image, [height, -1]), size[0], scale[0],
-                        translation[0])  # (out height, W * 3)
-  columns = tf.reshape(tf.transpose(tf.reshape(rows, [size[0], width, 3]), [1, 0, 2]),
-                       [width, -1])  # (W, out height * 3)
-  out = _resample_rows(columns, size[1], scale[1], translation[1])  # (out width, ...)
-  return tf.transpose(tf.reshape(out, [size[1], size[0], 3]), [1, 0, 2])
+  vertical = lambda x: _vertical_pass(x, size[0], scale[0], translation[0])
+  horizontal = lambda x: _horizontal_pass(x, size[1], scale[1], translation[1])
+  out = tf.cond(vertical_first, lambda: horizontal(vertical(image)),
+                lambda: vertical(horizontal(image)))
+  return tf.cast(out, tf.uint8)
 
 
 def resize(image, size):
-  """Bicubic resize of uint8 (H, W, 3) to `size` (height, width), as Pillow's BICUBIC.
-
-  The antialiased kernel (cubic, a = -0.5, widened by the downscale factor) is what Pillow
-  uses; the result is rounded and clipped to uint8 like Pillow's output. Same values as
-  `tf.image.resize(image, size, 'bicubic', antialias=True)`, computed faster.
-  """
-  scale = tf.cast(size, tf.float32) / tf.cast(tf.shape(image)[:2], tf.float32)
-  return _round_to_uint8(_scale_and_translate(image, size, scale, tf.zeros([2])))
+  """Bicubic resize of uint8 (H, W, 3) to `size` (height, width): Pillow's
+  `Image.resize(size, BICUBIC)` (see `_pillow_resample`)."""
+  in_size = tf.shape(image)[:2]
+  scale = tf.cast(size, tf.float32) / tf.cast(in_size, tf.float32)
+  return _pillow_resample(image, size, scale, tf.zeros([2]),
+                          pillow_vertical_first(in_size, size))
 
 
 def resize_crop_window(image_bytes, size, crop_box, shape=None):
@@ -182,11 +232,10 @@ def resize_crop_window(image_bytes, size, crop_box, shape=None):
   the window needs.
 
   Same pixels as `resize(decode_rgb(image_bytes), size)` cut to `crop_box` = (top, left,
-  height, width) in resized coordinates, up to float rounding and the fused JPEG decode's
-  chroma upsampling at the decoded window's edge, which lies outside the resampling kernel's
-  reach: the JPEG is decoded only in the rows and columns the bicubic kernel touches (about
-  60% of a 500x375 photo for the 224/256 centre crop), and only the kept output pixels are
-  computed.
+  height, width) in resized coordinates, up to float rounding (the passes run in the order
+  Pillow chooses for the whole image): the JPEG is decoded only in the rows and columns the
+  bicubic kernel touches (about 60% of a 500x375 photo for the 224/256 centre crop), and only
+  the kept output pixels are computed.
 
   Args:
     image_bytes: encoded image (JPEG is decoded cropped; other formats whole).
@@ -211,11 +260,12 @@ def resize_crop_window(image_bytes, size, crop_box, shape=None):
   start = tf.maximum(tf.cast(tf.math.floor(first), tf.int32) - 1, 0)
   stop = tf.minimum(tf.cast(tf.math.ceil(last), tf.int32) + 2, shape[:2])
   window = tf.concat([start, stop - start], 0)
-  image = decode_and_crop(image_bytes, window)
+  image = decode_and_crop(image_bytes, window, shape)
   # In the window's coordinates: output i samples (i + 0.5 - t) / scale with t chosen so that
   # this equals (top + i + 0.5) / scale - start.
   translation = tf.cast(start, tf.float32) * scale - box[:2]
-  return _round_to_uint8(_scale_and_translate(image, crop_box[2:], scale, translation))
+  return _pillow_resample(image, crop_box[2:], scale, translation,
+                          pillow_vertical_first(shape[:2], size))
 
 
 def shorter_side_size(height, width, shorter: int):

@@ -2,7 +2,7 @@
 
 Not used for training. `train_transform` is RandomResizedCrop (bicubic) -> horizontal flip
 -> RandAugment (timm's op definitions and level mappings); `eval_transform` is Resize of
-the shorter side -> CenterCrop (or a square resize at crop_pct 1). Both return uint8 arrays,
+the shorter side (or of both, 'squash') -> CenterCrop. Both return uint8 arrays,
 the form the tf.data pipeline hands to the device.
 """
 
@@ -47,7 +47,7 @@ def _signed(value, rng):
 
 
 def _enhance(cls):
-  return lambda im, m, rng: cls(im).enhance(max(0.1, 1.0 + _signed(m / 10 * 0.9, rng)))
+  return lambda im, m, rng, _: cls(im).enhance(max(0.1, 1.0 + _signed(m / 10 * 0.9, rng)))
 
 
 def _posterize(image, bits):
@@ -62,53 +62,64 @@ def _solarize_add(image, add):
   return image.point(lut * 3)
 
 
-# timm's increasing RandAugment set: op(image, magnitude, rng).
+# timm's increasing RandAugment set: op(image, magnitude, rng, translate_pct).
 _OPS = [
-    lambda im, m, rng: ImageOps.autocontrast(im),
-    lambda im, m, rng: ImageOps.equalize(im),
-    lambda im, m, rng: ImageOps.invert(im),
-    lambda im, m, rng: im.rotate(_signed(m / 10 * 30, rng), _BICUBIC, fillcolor=_FILL),
-    lambda im, m, rng: _posterize(im, 4 - int(m / 10 * 4)),
-    lambda im, m, rng: ImageOps.solarize(im, 256 - min(256, int(m / 10 * 256))),
-    lambda im, m, rng: _solarize_add(im, min(128, int(m / 10 * 110))),
+    lambda im, m, rng, _: ImageOps.autocontrast(im),
+    lambda im, m, rng, _: ImageOps.equalize(im),
+    lambda im, m, rng, _: ImageOps.invert(im),
+    lambda im, m, rng, _: im.rotate(_signed(m / 10 * 30, rng), _BICUBIC, fillcolor=_FILL),
+    lambda im, m, rng, _: _posterize(im, 4 - int(m / 10 * 4)),
+    lambda im, m, rng, _: ImageOps.solarize(im, 256 - min(256, int(m / 10 * 256))),
+    lambda im, m, rng, _: _solarize_add(im, min(128, int(m / 10 * 110))),
     _enhance(ImageEnhance.Color),
     _enhance(ImageEnhance.Contrast),
     _enhance(ImageEnhance.Brightness),
     _enhance(ImageEnhance.Sharpness),
-    lambda im, m, rng: _affine(im, (1, _signed(m / 10 * 0.3, rng), 0, 0, 1, 0)),
-    lambda im, m, rng: _affine(im, (1, 0, 0, _signed(m / 10 * 0.3, rng), 1, 0)),
-    lambda im, m, rng: _affine(im, (1, 0, _signed(m / 10 * 0.45, rng) * im.size[0], 0, 1, 0)),
-    lambda im, m, rng: _affine(im, (1, 0, 0, 0, 1, _signed(m / 10 * 0.45, rng) * im.size[1])),
+    lambda im, m, rng, _: _affine(im, (1, _signed(m / 10 * 0.3, rng), 0, 0, 1, 0)),
+    lambda im, m, rng, _: _affine(im, (1, 0, 0, _signed(m / 10 * 0.3, rng), 1, 0)),
+    lambda im, m, rng, t: _affine(im, (1, 0, _signed(m / 10 * t, rng) * im.size[0], 0, 1, 0)),
+    lambda im, m, rng, t: _affine(im, (1, 0, 0, 0, 1, _signed(m / 10 * t, rng) * im.size[1])),
 ]
 
 
-def rand_augment(image, rng, magnitude=9.0, magnitude_std=0.5, num_layers=2, prob=0.5):
-  """timm's RandAugment 'rand-m{magnitude}-mstd{std}-inc1' on a PIL image."""
+def rand_augment(image, rng, num_layers=2, magnitude=9.0, magnitude_std=0.5,
+                 magnitude_max=10.0, prob=0.5, translate_pct=0.45):
+  """timm's RandAugment with its increasing op set ('inc1') on a PIL image; the defaults
+  are 'rand-m9-mstd0.5-inc1', the arguments `randaugment.RandAugmentConfig`'s fields."""
   for op in rng.choice(len(_OPS), num_layers, replace=True):
     if rng.random() > prob:
       continue
-    m = min(10.0, max(0.0, rng.normal(magnitude, magnitude_std)))
-    image = _OPS[op](image, m, rng)
+    if magnitude_std == math.inf:  # timm's mstd > 100: uniform in [0, m].
+      m = rng.uniform(0.0, magnitude)
+    elif magnitude_std > 0:
+      m = rng.normal(magnitude, magnitude_std)
+    else:
+      m = magnitude
+    image = _OPS[op](image, min(magnitude_max, max(0.0, m)), rng, translate_pct)
   return image
 
 
-def train_transform(jpeg: bytes, rng, size: int = 224, randaugment: str | None = 'rand'):
+def train_transform(jpeg: bytes, rng, size: int = 224, randaugment: dict | None = None):
+  """RandomResizedCrop -> flip -> RandAugment (`rand_augment(**randaugment)`, if given)."""
   image = Image.open(io.BytesIO(jpeg)).convert('RGB')
   top, left, h, w = _rrc_window(image.width, image.height, rng)
   image = image.crop((left, top, left + w, top + h)).resize((size, size), _BICUBIC)
   if rng.random() < 0.5:
     image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  if randaugment:
-    image = rand_augment(image, rng)
+  if randaugment is not None:
+    image = rand_augment(image, rng, **randaugment)
   return np.asarray(image)
 
 
-def eval_transform(jpeg: bytes, size: int = 224, crop_pct: float = 0.875):
+def eval_transform(jpeg: bytes, size: int = 224, crop_pct: float = 0.875,
+                   crop_mode: str = 'center'):
+  """timm's evaluation transform: Resize(int(size / crop_pct)) of the shorter side
+  ('center') or of both ('squash'), bicubic, then CenterCrop(size)."""
   image = Image.open(io.BytesIO(jpeg)).convert('RGB')
-  if crop_pct >= 1.0:
-    return np.asarray(image.resize((size, size), _BICUBIC))
   short = int(size / crop_pct)
-  if image.width <= image.height:
+  if crop_mode == 'squash':
+    new = (short, short)
+  elif image.width <= image.height:
     new = (short, int(short * image.height / image.width))
   else:
     new = (int(short * image.width / image.height), short)
@@ -123,9 +134,10 @@ def eval_transform(jpeg: bytes, size: int = 224, crop_pct: float = 0.875):
 _WORKER = {}
 
 
-def init_worker(jpegs, size: int, randaugment: str | None, crop_pct: float):
+def init_worker(jpegs, size: int, randaugment: dict | None, crop_pct: float,
+                crop_mode: str = 'center'):
   _WORKER.update(jpegs=jpegs, size=size, randaugment=randaugment, crop_pct=crop_pct,
-                 rng=np.random.default_rng(os.getpid()))
+                 crop_mode=crop_mode, rng=np.random.default_rng(os.getpid()))
 
 
 def worker_transform(task):
@@ -136,5 +148,5 @@ def worker_transform(task):
   if kind == 'train':
     image = train_transform(jpeg, _WORKER['rng'], _WORKER['size'], _WORKER['randaugment'])
   else:
-    image = eval_transform(jpeg, _WORKER['size'], _WORKER['crop_pct'])
+    image = eval_transform(jpeg, _WORKER['size'], _WORKER['crop_pct'], _WORKER['crop_mode'])
   return image, time.process_time() - start

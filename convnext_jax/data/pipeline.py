@@ -27,10 +27,17 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from convnext_jax.data import check_eval_crop
 from convnext_jax.data import DEFAULT_CROP_PCT
-from convnext_jax.data import default_crop_pct  # pylint: disable=unused-import (re-export)
+# pylint: disable=unused-import (re-exports)
+from convnext_jax.data import default_crop_mode
+from convnext_jax.data import default_crop_pct
+# pylint: enable=unused-import
 from convnext_jax.data import image_ops
 from convnext_jax.data import randaugment as randaugment_lib
+
+
+_no_autograph = tf.autograph.experimental.do_not_convert
 
 
 def configure_tensorflow() -> None:
@@ -75,34 +82,57 @@ class TrainPreprocess:
   randaugment: str | None = 'rand-m9-mstd0.5-inc1'
   fill: tuple[int, int, int] = randaugment_lib.FILL_IMAGENET
 
+  def __post_init__(self):
+    # Parsed once, here, so that a bad spec fails when the pipeline is built.
+    config = (randaugment_lib.RandAugmentConfig.parse(self.randaugment) if self.randaugment
+              else None)
+    object.__setattr__(self, '_randaugment_config', config)
+
+  # Plain TensorFlow ops with no tensor-dependent Python control flow: autograph's source
+  # conversion would only slow tracing, and it once failed intermittently on the dataclass
+  # construction this used to run inside the traced function.
+  @_no_autograph
   def __call__(self, image_bytes, seed):
     crop_seed, flip_seed, augment_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 3))
-    window = image_ops.random_resized_crop_window(
-        image_ops.image_shape(image_bytes), crop_seed, self.scale, self.ratio)
-    image = image_ops.decode_and_crop(image_bytes, window)
+    shape = image_ops.image_shape(image_bytes)
+    window = image_ops.random_resized_crop_window(shape, crop_seed, self.scale, self.ratio)
+    image = image_ops.decode_and_crop(image_bytes, window, shape)
     image = image_ops.resize(image, (self.image_size, self.image_size))
     if self.hflip > 0:
       image = image_ops.random_flip(image, flip_seed, self.hflip)
-    if self.randaugment:
-      config = randaugment_lib.RandAugmentConfig.parse(self.randaugment)
-      image = randaugment_lib.rand_augment(image, augment_seed, config, self.fill)
+    if self._randaugment_config is not None:
+      image = randaugment_lib.rand_augment(image, augment_seed, self._randaugment_config,
+                                           self.fill)
     return image
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalPreprocess:
-  """Resize the shorter side to int(size / crop_pct) and centre-crop, or (crop_pct >= 1)
-  resize straight to size x size; bicubic throughout."""
+  """timm's evaluation transform: resize to int(size / crop_pct), bicubic, then the centre
+  size x size crop.
+
+  Attributes:
+    image_size: output height and width.
+    crop_pct: the crop's fraction of the resized image's side, in (0, 1].
+    crop_mode: 'center' resizes the shorter side (torchvision `Resize(int)`, the aspect kept);
+      'squash' resizes both sides, as the official recipe does at 384 with crop_pct 1.
+  """
   image_size: int = 224
   crop_pct: float = DEFAULT_CROP_PCT
+  crop_mode: str = 'center'
 
+  def __post_init__(self):
+    check_eval_crop(self.crop_pct, self.crop_mode)
+
+  @_no_autograph  # As TrainPreprocess.__call__.
   def __call__(self, image_bytes):
-    if self.crop_pct >= 1.0:
-      image = image_ops.decode_rgb(image_bytes)
-      return image_ops.resize(image, (self.image_size, self.image_size))
     shape = image_ops.image_shape(image_bytes)
-    size = image_ops.shorter_side_size(shape[0], shape[1], int(self.image_size / self.crop_pct))
+    scale_size = int(self.image_size / self.crop_pct)
+    if self.crop_mode == 'squash':
+      size = tf.constant([scale_size, scale_size])
+    else:
+      size = image_ops.shorter_side_size(shape[0], shape[1], scale_size)
     # The centre crop, decoded and resized alone (see `resize_crop_window`).
     return image_ops.resize_crop_window(
         image_bytes, size, image_ops.center_crop_box(size, self.image_size), shape)
