@@ -6,10 +6,13 @@ The tf.data runs erase the static height and width, as a decoded image has none.
 
 Tolerances: point ops are table lookups and must be exact. Enhance ops replicate Pillow's
 float32 blend, so they are exact on x86 builds; a compiler that fuses Pillow's multiply-add
-could move a value across an integer, hence max |diff| <= 1 and >= 99.9% exact. Geometric ops
+could move a value across an integer, hence max |diff| <= 1 (measured: exact). Geometric ops
 interpolate in float32 where Pillow uses float64 (coordinates and fill decisions are float64 in
 both), so a value within ~1e-5 of an integer can truncate one level apart: max |diff| <= 1 and
->= 99.9% of values exact.
+>= 99.5% of values exact. Measured: rotations 99.999%, shears and general affines 99.95%,
+translations 99.65%: a shift whose fraction is a short decimal (0.8 for 20% of 224 pixels)
+gives every pixel the same cubic weights, multiples of 0.001, so many exact values are whole
+numbers that either side's rounding can put just below.
 """
 
 import io
@@ -73,7 +76,7 @@ def _check(ours, expected, exact, label):
     assert diff.max() == 0, f'{label}: {np.count_nonzero(diff)} values differ'
   else:
     assert diff.max() <= 1, f'{label}: max |diff| {diff.max()}'
-    assert np.mean(diff == 0) >= 0.99, f'{label}: only {np.mean(diff == 0):.5f} exact'
+    assert np.mean(diff == 0) >= 0.995, f'{label}: only {np.mean(diff == 0):.5f} exact'
 
 
 def _compare(fn, reference, args, exact):
@@ -107,6 +110,15 @@ def _posterize_reference(image, bits):
 def test_auto_contrast_equalize_invert_match_pillow():
   _compare(lambda x, _: ra.auto_contrast(x), lambda im, _: ImageOps.autocontrast(im), [0],
            exact=True)
+  # The shared images span (nearly) 0..255 per channel, where autocontrast does little: here
+  # every channel has its own narrow range to stretch.
+  narrow = np.random.default_rng(2).integers([30, 90, 0], [200, 141, 17], (29, 31, 3))
+  narrow = narrow.astype(np.uint8)
+  expected = np.asarray(ImageOps.autocontrast(Image.fromarray(narrow)))
+  assert not np.array_equal(expected, narrow)
+  np.testing.assert_array_equal(ra.auto_contrast(narrow).numpy(), expected)
+  np.testing.assert_array_equal(ra.equalize(narrow).numpy(),
+                                np.asarray(ImageOps.equalize(Image.fromarray(narrow))))
   _compare(lambda x, _: ra.equalize(x), lambda im, _: ImageOps.equalize(im), [0], exact=True)
   _compare(lambda x, _: ra.invert(x), lambda im, _: ImageOps.invert(im), [0], exact=True)
 
@@ -383,6 +395,43 @@ def test_decisions_respect_prob_and_magnitude_modes():
   assert set(np.unique(original_set.op_index)) == set(range(len(ra.TRANSFORMS)))
 
 
+# timm's ops on PIL images by RandAugment name, with the arguments `_timm_level_to_arg`
+# gives; ops that share a level mapping map to the name it is stated under.
+_PIL_OPS = {
+    'AutoContrast': lambda im, _: ImageOps.autocontrast(im),
+    'Equalize': lambda im, _: ImageOps.equalize(im),
+    'Invert': lambda im, _: ImageOps.invert(im),
+    'Rotate': lambda im, deg: im.rotate(deg, Image.BICUBIC, fillcolor=FILL),
+    'PosterizeIncreasing': _posterize_reference,
+    'SolarizeIncreasing': ImageOps.solarize,
+    'SolarizeAdd': _solarize_add_reference,
+    'ColorIncreasing': lambda im, f: ImageEnhance.Color(im).enhance(f),
+    'ContrastIncreasing': lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+    'BrightnessIncreasing': lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+    'SharpnessIncreasing': lambda im, f: ImageEnhance.Sharpness(im).enhance(f),
+    'ShearX': lambda im, f: _pil_affine(im, (1, f, 0, 0, 1, 0)),
+    'ShearY': lambda im, f: _pil_affine(im, (1, 0, 0, f, 1, 0)),
+    'TranslateXRel': lambda im, p: _pil_affine(im, (1, 0, p * im.size[0], 0, 1, 0)),
+    'TranslateYRel': lambda im, p: _pil_affine(im, (1, 0, 0, 0, 1, p * im.size[1])),
+}
+_LEVEL_NAMES = {'TranslateXRel': 'TranslateYRel', 'ShearY': 'ShearX',
+                'ColorIncreasing': 'SharpnessIncreasing',
+                'ContrastIncreasing': 'SharpnessIncreasing',
+                'BrightnessIncreasing': 'SharpnessIncreasing'}
+
+
+_POINT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'PosterizeIncreasing',
+              'SolarizeIncreasing', 'SolarizeAdd')
+
+
+def _timm_reference(image, name, magnitude, negate):
+  """One op as timm's AugmentOp applies it once it fires, on a PIL image."""
+  arg = None
+  if name not in ('AutoContrast', 'Equalize', 'Invert'):
+    arg = _timm_level_to_arg(_LEVEL_NAMES.get(name, name), magnitude, negate)
+  return _PIL_OPS[name](image, arg)
+
+
 @pytest.fixture(scope='module')
 def augmented():
   """rand_augment of the synthetic image in tf.data (unknown shape) for seeds (i, 9), i < 40,
@@ -419,27 +468,6 @@ def test_rand_augment_equals_its_decisions_applied_in_order(augmented):
   """End to end: the drawn ops, applied via Pillow with timm's argument mapping."""
   config = ra.RandAugmentConfig()
   image = IMAGES['synthetic_37x53']
-  pil_ops = {
-      'AutoContrast': lambda im, _: ImageOps.autocontrast(im),
-      'Equalize': lambda im, _: ImageOps.equalize(im),
-      'Invert': lambda im, _: ImageOps.invert(im),
-      'Rotate': lambda im, deg: im.rotate(deg, Image.BICUBIC, fillcolor=FILL),
-      'PosterizeIncreasing': _posterize_reference,
-      'SolarizeIncreasing': ImageOps.solarize,
-      'SolarizeAdd': _solarize_add_reference,
-      'ColorIncreasing': lambda im, f: ImageEnhance.Color(im).enhance(f),
-      'ContrastIncreasing': lambda im, f: ImageEnhance.Contrast(im).enhance(f),
-      'BrightnessIncreasing': lambda im, f: ImageEnhance.Brightness(im).enhance(f),
-      'SharpnessIncreasing': lambda im, f: ImageEnhance.Sharpness(im).enhance(f),
-      'ShearX': lambda im, f: _pil_affine(im, (1, f, 0, 0, 1, 0)),
-      'ShearY': lambda im, f: _pil_affine(im, (1, 0, 0, f, 1, 0)),
-      'TranslateXRel': lambda im, p: _pil_affine(im, (1, 0, p * im.size[0], 0, 1, 0)),
-      'TranslateYRel': lambda im, p: _pil_affine(im, (1, 0, 0, 0, 1, p * im.size[1])),
-  }
-  level_names = {'TranslateXRel': 'TranslateYRel', 'ShearY': 'ShearX',
-                 'ColorIncreasing': 'SharpnessIncreasing',
-                 'ContrastIncreasing': 'SharpnessIncreasing',
-                 'BrightnessIncreasing': 'SharpnessIncreasing'}
   applied = 0
   for ours, (op_index, apply, magnitude, negate) in augmented:
     expected = Image.fromarray(image)
@@ -447,16 +475,36 @@ def test_rand_augment_equals_its_decisions_applied_in_order(augmented):
       if not apply[layer]:
         continue
       applied += 1
-      name = ra.INCREASING_TRANSFORMS[op_index[layer]]
-      arg = None
-      if name not in ('AutoContrast', 'Equalize', 'Invert'):
-        arg = _timm_level_to_arg(level_names.get(name, name), float(magnitude[layer]),
-                                 bool(negate[layer]))
-      expected = pil_ops[name](expected, arg)
+      expected = _timm_reference(expected, ra.INCREASING_TRANSFORMS[op_index[layer]],
+                                 float(magnitude[layer]), bool(negate[layer]))
     diff = np.abs(ours.astype(np.int16) - np.asarray(expected))
     # One geometric op's 1-level differences can be spread by a following equalize.
     assert np.mean(diff <= 1) >= 0.99, (op_index, apply, magnitude)
   assert applied >= 25
+
+
+def test_every_op_dispatches_by_name_to_timms_op():
+  """One always-applied layer per seed, over seeds until each of the 15 ops has been drawn:
+  `rand_augment`'s `switch_case` branch for every name gives timm's op (Pillow) at the drawn
+  magnitude and sign, in tf.data with an unknown image shape."""
+  config = ra.RandAugmentConfig(num_layers=1, prob=1.0)
+  image = IMAGES['synthetic_37x53']
+  seeds = tf.stack([tf.range(60, dtype=tf.int64), tf.fill([60], tf.constant(3, tf.int64))], 1)
+
+  def augment(seed):
+    x = tf.compat.v1.placeholder_with_default(tf.constant(image), [None, None, 3])
+    return ra.rand_augment(x, seed, config), tuple(ra.rand_augment_decisions(seed, config))
+
+  seen = set()
+  for ours, decisions in tf.data.Dataset.from_tensor_slices(seeds).map(augment):
+    op_index, apply, magnitude, negate = (d.numpy()[0] for d in decisions)
+    assert apply
+    name = ra.INCREASING_TRANSFORMS[op_index]
+    seen.add(name)
+    expected = _timm_reference(Image.fromarray(image), name, float(magnitude), bool(negate))
+    _check(ours.numpy(), np.asarray(expected), exact=name in _POINT_OPS,
+           label=f'{name} m={magnitude:.3f} negate={negate}')
+  assert seen == set(ra.INCREASING_TRANSFORMS)
 
 
 def test_rand_augment_shapes_and_types(augmented):

@@ -124,6 +124,8 @@ def _luma(image, channels):
   One matmul does the weighted sum; every product and partial sum is an integer below 2**24,
   so float32 holds them exactly whatever the summation order. Asking for 3 identical
   channels gives the greyscale image in RGB without a (slow) broadcast along channels.
+  That needs a true float32 matmul: on a GPU with TF32 the products would be rounded, but the
+  pipelines run on the host CPU (`pipeline.configure_tensorflow` hides GPUs from TensorFlow).
   """
   weights = tf.constant([[float(w)] * channels for w in _LUMA_WEIGHTS], tf.float32)
   pixels = tf.reshape(tf.cast(image, tf.float32), [-1, 3])
