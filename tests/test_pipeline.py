@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from convnext_jax import evaluate
 from convnext_jax.data import image_ops
 from convnext_jax.data import pipeline
 import fake_tfds
@@ -371,7 +372,6 @@ def test_evaluate_averages_over_real_examples_only(numbered):
   """23 validation examples in batches of 8: one padded example, whose label is 0, like the
   constant prediction below. Top-1 is 5/23 (labels i % 5 == 0 for i in 0, 5, ..., 20), not
   6/24 (padding counted) or 5/24 (divided by the padded count)."""
-  from convnext_jax import evaluate  # pylint: disable=g-import-not-at-top
   dataset, num_batches = pipeline.eval_dataset(numbered, 'validation', per_host_batch=8,
                                                preprocess=pipeline.EvalPreprocess(32, 0.875))
   assert num_batches == 3
