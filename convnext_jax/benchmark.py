@@ -32,6 +32,7 @@ import numpy as np
 
 from convnext_jax import convert
 from convnext_jax import models
+from convnext_jax.data import eval_crop
 from convnext_jax.data import pil_reference
 
 
@@ -256,8 +257,7 @@ def bench_input(args):
                        "add '-inc1'")
     pil_randaugment = dataclasses.asdict(config)
     del pil_randaugment['increasing']
-  evaluate = pipeline.EvalPreprocess(args.size, pipeline.default_crop_pct(args.size),
-                                     pipeline.default_crop_mode(args.size))
+  evaluate = pipeline.EvalPreprocess(args.size, *eval_crop(args.size))
 
   def tf_dataset(fn, with_seed, parallel):
     ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
