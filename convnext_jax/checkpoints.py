@@ -8,14 +8,16 @@ directory with two items:
 A *training workdir* holds `checkpoints/<step>/` written by an orbax CheckpointManager, each
 with the items:
   state/     the train state {'params', 'opt_state', 'ema_params', 'step', 'rng'};
-  metadata/  JSON: model_name, num_classes, class_names, the per-process data positions,
-             the process count, the metrics of that step.
+  metadata/  JSON: model_name, num_classes, class_names, the data positions of each data
+             shard and the shard count, the process count, the metrics of that step.
+Only steps orbax has finished writing count (`workdir_steps`).
 
-`load_params(path, which, step)` reads Flax weights from either kind: it is what conversion
-(export), `init_from` and prediction use. Nothing here imports TensorFlow.
+`load_params(path, which, step)` reads Flax weights from either kind onto the host: it is
+what conversion (export) and prediction use. `load_params_into` reads them straight into the
+shardings of a model's params, on every process at once: what `init_from` uses. Nothing
+here imports TensorFlow.
 """
 
-import re
 from typing import Any
 
 from absl import logging
@@ -118,15 +120,18 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 
 def workdir_steps(workdir: str) -> list[int]:
-  """Committed checkpoint steps of a training workdir, ascending ([] if none)."""
+  """Finished checkpoint steps of a training workdir, ascending ([] if none).
+
+  A step counts once orbax has committed it, by orbax's own test: locally its directory
+  has been renamed from the temporary name it is written under; on GCS, where orbax writes
+  in place, its commit marker (`commit_success.txt`) exists. So a step still being written,
+  or left half-written by a crash, is never read.
+  """
   directory = checkpoint_dir(workdir)
   if not directory.is_dir():
     return []
-  steps = []
-  for child in directory.iterdir():
-    if re.fullmatch(r'\d+', child.name) and (child / STATE_ITEM).exists():
-      steps.append(int(child.name))
-  return sorted(steps)
+  return sorted(step for step in ocp.utils.checkpoint_steps(directory)
+                if (directory / str(step) / STATE_ITEM).is_dir())
 
 
 def training_manager(workdir: str, *, save_interval_steps: int, keep: int,
@@ -175,38 +180,26 @@ def is_training_workdir(path: str) -> bool:
   return bool(workdir_steps(path))
 
 
-def load_params(path: str, which: str = 'ema', step: int | None = None):
-  """Flax params and metadata from a params checkpoint or a training workdir, on the host.
-
-  Args:
-    path: a `convnext-convert import` directory, or a training workdir.
-    which: 'ema' or 'raw' weights of a training workdir ('ema' falls back to 'raw', with a
-      warning, when the run kept no EMA). A params checkpoint holds one set.
-    step: a workdir's step (None: the latest).
-
-  Returns:
-    (params as nested numpy dicts, metadata dict).
-
-  Raises:
-    CheckpointError: nothing loadable at `path`, or no such step.
-  """
+def _params_location(path: str, which: str, step: int | None):
+  """Where the weights asked for are: (orbax PyTree item directory, the top-level key in it
+  that holds them or None for the whole item, metadata)."""
   if which not in STATE_KEYS:
     raise CheckpointError(f"params must be 'ema' or 'raw', got {which!r}")
   if not epath.Path(path).exists():
     raise CheckpointError(f'{path} does not exist')
   if is_params_checkpoint(path):
-    metadata = _read_json_item(epath.Path(path))
-    return restore_numpy_tree(epath.Path(path) / PARAMS_ITEM), metadata
+    return epath.Path(path) / PARAMS_ITEM, None, _read_json_item(epath.Path(path))
   steps = workdir_steps(path)
   if not steps:
     raise CheckpointError(
         f'{path} is neither a convnext_jax params checkpoint (params/ and metadata/ inside) '
-        f'nor a training workdir with {CHECKPOINT_DIR}/<step>/; create one with '
+        f'nor a training workdir with finished {CHECKPOINT_DIR}/<step>/; create one with '
         '`convnext-convert import` or by training')
   if step is None or step < 0:
     step = steps[-1]
   elif step not in steps:
-    raise CheckpointError(f'{path} has no checkpoint at step {step}; it has steps {steps}')
+    raise CheckpointError(f'{path} has no finished checkpoint at step {step}; it has steps '
+                          f'{steps}')
   step_dir = checkpoint_dir(path) / str(step)
   metadata = _read_json_item(step_dir)
   state_dir = step_dir / STATE_ITEM
@@ -217,50 +210,134 @@ def load_params(path: str, which: str = 'ema', step: int | None = None):
       logging.warning('%s step %d has no EMA weights; using the raw ones', path, step)
     key = STATE_KEYS['raw']
   metadata = dict(metadata, step=step, weights='ema' if key == 'ema_params' else 'raw')
-  return restore_numpy_tree(state_dir, key), metadata
+  return state_dir, key, metadata
 
 
-def merge_params(initial, loaded, *, reinit_head: bool = True, strict: bool = True):
-  """Takes `loaded` values into the tree of `initial` (a freshly initialised model).
+def load_params(path: str, which: str = 'ema', step: int | None = None):
+  """Flax params and metadata from a params checkpoint or a training workdir, on the host.
 
-  A head whose shape differs (another class count) keeps its fresh initialisation (made with
-  head_init_scale). Any other missing, unexpected or mis-shaped name is an error when
-  `strict`, otherwise it keeps its initial value and is logged.
+  Args:
+    path: a `convnext-convert import` directory, or a training workdir.
+    which: 'ema' or 'raw' weights of a training workdir ('ema' falls back to 'raw', with a
+      warning, when the run kept no EMA). A params checkpoint holds one set.
+    step: a workdir's step (None: the latest finished one).
 
   Returns:
-    (merged tree, report dict with 'missing', 'unexpected', 'misshaped', 'reinitialized').
+    (params as nested numpy dicts, metadata dict).
+
+  Raises:
+    CheckpointError: nothing loadable at `path`, or no such step.
+  """
+  item_dir, key, metadata = _params_location(path, which, step)
+  return restore_numpy_tree(item_dir, key), metadata
+
+
+def load_params_into(path: str, initial, *, which: str = 'ema', step: int | None = None,
+                     strict: bool = True, reinit_head: bool = True):
+  """Checkpoint weights in place of the matching leaves of `initial`, in their shardings.
+
+  Every process calls this together. Each leaf taken from the checkpoint is read by orbax
+  straight into the sharding (and dtype) of its `initial` leaf, so each host reads only what
+  its devices hold and no array ever passes whole through one host: `initial` may be
+  sharded over many processes (FSDP on a pod). Which leaves are taken is decided on shapes
+  alone, by `compare_params`.
+
+  Args:
+    path, which, step: as for `load_params`.
+    initial: the freshly initialised params, as `jax.Array`s (or ShapeDtypeStructs with a
+      sharding, when every leaf comes from the checkpoint).
+    strict, reinit_head: as for `compare_params`.
+
+  Returns:
+    (the merged tree, report as from `compare_params`, metadata).
+
+  Raises:
+    CheckpointError: as `load_params`, or the trees differ (see `compare_params`).
+  """
+  item_dir, key, metadata = _params_location(path, which, step)
+  stored = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+  stored = stored[key] if key is not None else stored
+  flat_initial = _flat_by_name(initial)
+  report = compare_params({n: tuple(v.shape) for n, v in flat_initial.items()},
+                          {n: tuple(v.shape) for n, v in _flat_by_name(stored).items()},
+                          strict=strict, reinit_head=reinit_head)
+  taken = {n: flat_initial[n] for n in report['taken']}
+  item = _unflatten_names(
+      {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in taken.items()})
+  restore_args = _unflatten_names(
+      {n: ocp.ArrayRestoreArgs(sharding=v.sharding, global_shape=v.shape, dtype=v.dtype)
+       for n, v in taken.items()})
+  if key is not None:
+    item, restore_args = {key: item}, {key: restore_args}
+  restored = ocp.PyTreeCheckpointer().restore(
+      item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                            partial_restore=True))
+  restored = _flat_by_name(restored[key] if key is not None else restored)
+  leaves = [restored.get(path_name(p), leaf)
+            for p, leaf in jax.tree_util.tree_flatten_with_path(initial)[0]]
+  return jax.tree.unflatten(jax.tree.structure(initial), leaves), report, metadata
+
+
+def _flat_by_name(tree) -> dict[str, Any]:
+  return {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten_names(flat: dict[str, Any]) -> dict[str, Any]:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  tree: dict[str, Any] = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split('/')
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def compare_params(initial: dict[str, tuple[int, ...]], loaded: dict[str, tuple[int, ...]], *,
+                   reinit_head: bool = True, strict: bool = True) -> dict[str, list[str]]:
+  """Which loaded parameters can replace a fresh model's, by name and shape.
+
+  A head whose shape differs (another class count), or that the checkpoint lacks (a model
+  saved without one), keeps its fresh initialisation (made with head_init_scale). Any other
+  missing, unexpected or mis-shaped name is an error when `strict`, otherwise it keeps its
+  initial value and is logged.
+
+  Args:
+    initial: '/'-joined name -> shape of the model's parameters.
+    loaded: the same for the checkpoint's.
+    reinit_head: re-initialise a head that does not fit instead of failing.
+    strict: raise on any other difference.
+
+  Returns:
+    {'taken': names to load, 'missing', 'unexpected', 'misshaped', 'reinitialized': lists
+    of names (with shapes for the last two)}.
 
   Raises:
     CheckpointError: `strict` and the trees differ beyond the head.
   """
-  flat_init = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(initial)[0]}
-  flat_loaded = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
-  report = {'missing': [], 'unexpected': [], 'misshaped': [], 'reinitialized': []}
-  merged = {}
-  for name, value in flat_init.items():
-    if name not in flat_loaded:
+  report = {'taken': [], 'missing': [], 'unexpected': [], 'misshaped': [],
+            'reinitialized': []}
+  for name, shape in initial.items():
+    if name not in loaded:
       report['missing'].append(name)
-      merged[name] = value
-    elif np.shape(flat_loaded[name]) != np.shape(value):
+    elif tuple(loaded[name]) != tuple(shape):
       kind = 'reinitialized' if reinit_head and name.startswith('head/') else 'misshaped'
-      report[kind].append(f'{name} {np.shape(flat_loaded[name])} -> {np.shape(value)}')
-      merged[name] = value
+      report[kind].append(f'{name} {tuple(loaded[name])} -> {tuple(shape)}')
     else:
-      merged[name] = np.asarray(flat_loaded[name], dtype=np.asarray(value).dtype)
-  report['unexpected'] = [n for n in flat_loaded if n not in flat_init]
+      report['taken'].append(name)
+  report['unexpected'] = [n for n in loaded if n not in initial]
   # A checkpoint without a head (num_classes 0) feeding a classifier: a new head.
   if reinit_head and all(n.startswith('head/') for n in report['missing']):
     report['reinitialized'] += report['missing']
     report['missing'] = []
-  problems = {k: v for k, v in report.items() if v and k != 'reinitialized'}
+  problems = {k: v for k, v in report.items() if v and k not in ('taken', 'reinitialized')}
   if problems and strict:
     listing = '; '.join(f'{k} {len(v)}: {", ".join(v[:5])}{" ..." if len(v) > 5 else ""}'
                         for k, v in problems.items())
     raise CheckpointError(f'init_from does not match the model: {listing}; set '
                           'config.init_from.strict=False to keep initial values for these')
   for kind, names in report.items():
-    if names:
+    if names and kind != 'taken':
       logging.warning('init_from %s: %s', kind, ', '.join(names))
-  leaves = [merged[path_name(p)] for p, _ in jax.tree_util.tree_flatten_with_path(initial)[0]]
-  return jax.tree.unflatten(jax.tree.structure(initial), leaves), report
-
+  return report

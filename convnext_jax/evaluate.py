@@ -15,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from convnext_jax import sharding
 from convnext_jax.data import batch_ops
 from convnext_jax.data import pipeline
 
@@ -49,17 +50,17 @@ def make_eval_step(model, dtype):
   return step
 
 
-def evaluate(eval_step, params_by_name, dataset, num_batches: int, sharding,
+def evaluate(eval_step, params_by_name, dataset, num_batches: int, feed: sharding.BatchFeed,
              num_examples: int) -> tuple[dict[str, float], int]:
   """Runs one pass; returns ({'<name>/top1': ..., '<name>/top5': ...}, skipped records).
 
   Args:
     eval_step: jitted `make_eval_step(...)`.
     params_by_name: e.g. {'raw': params, 'ema': ema_params}.
-    dataset: this process's padded batches.
+    dataset: this process's padded batches (of its data shard).
     num_batches: batches each process yields.
-    sharding: the batch sharding, to assemble global arrays.
-    num_examples: this process's records, to count undecodable ones at the end.
+    feed: the `sharding.BatchFeed` that assembles them into global arrays.
+    num_examples: the data shard's records, to count undecodable ones at the end.
   """
   start = time.perf_counter()
   totals = None
@@ -67,7 +68,7 @@ def evaluate(eval_step, params_by_name, dataset, num_batches: int, sharding,
   batches: Iterable = dataset.as_numpy_iterator()
   for batch in batches:
     tracker.update(batch['position'])
-    step_metrics = eval_step(params_by_name, pipeline.to_global_arrays(batch, sharding))
+    step_metrics = eval_step(params_by_name, pipeline.to_global_arrays(batch, feed))
     totals = step_metrics if totals is None else {
         name: totals[name].merge(m) for name, m in step_metrics.items()}
   tracker.close(num_examples)

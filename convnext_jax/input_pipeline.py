@@ -6,11 +6,12 @@ from typing import Any
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import tensorflow as tf
 
 from convnext_jax import datasets
+from convnext_jax import multihost
+from convnext_jax import sharding
 from convnext_jax.data import eval_crop
 from convnext_jax.data import pipeline
 
@@ -19,19 +20,35 @@ _AUTO_PREPARE = ('convnext_shapes', 'class_folder')
 
 
 def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
-  """A prepared tfds builder; local datasets are prepared once, by process 0."""
+  """A prepared tfds builder; local datasets are prepared once, by process 0.
+
+  Process 0 decides whether the dataset needs preparing and every process follows that one
+  decision, through the coordination service (which waits for late processes, unlike a
+  device collective), so that all take the same path through preparation and its barrier.
+
+  Raises:
+    ValueError: the dataset is not prepared and is not one built locally, or it was prepared
+      by process 0 where this process cannot see it (a data_dir that is not shared).
+  """
   builder = datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
-  if builder.is_prepared():
-    return builder
-  if name.split('/')[0] not in _AUTO_PREPARE:
+  prepared = multihost.decide_on_process_0(
+      f'{name} prepared', lambda: str(int(builder.is_prepared()))) == '1'
+  if not prepared:
+    if name.split('/')[0] not in _AUTO_PREPARE:
+      raise ValueError(
+          f'dataset {name} is not prepared in {builder.data_dir_root}; prepare it first (see '
+          "README 'Datasets'), or set config.dataset.data_dir to where it was prepared")
+    if jax.process_index() == 0:
+      logging.info('preparing %s in %s', name, builder.data_dir_root)
+      datasets.prepare(name, data_dir=data_dir or None, **builder_kwargs)
+    multihost.barrier(f'{name} prepared by process 0')
+    builder = datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
+  if not builder.is_prepared():
     raise ValueError(
-        f'dataset {name} is not prepared in {builder.data_dir_root}; prepare it first (see '
-        "README 'Datasets'), or set config.dataset.data_dir to where it was prepared")
-  if jax.process_index() == 0:
-    logging.info('preparing %s in %s', name, builder.data_dir_root)
-    datasets.prepare(name, data_dir=data_dir or None, **builder_kwargs)
-  multihost_utils.sync_global_devices(f'prepare {name}')
-  return datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
+        f'dataset {name} is prepared for process 0 but not visible to process '
+        f'{jax.process_index()} in {builder.data_dir_root}; every process must read the '
+        'same config.dataset.data_dir (e.g. on gs://)')
+  return builder
 
 
 # For `train`, which calls it before anything (clu's metric writer included) runs TensorFlow.
@@ -41,9 +58,9 @@ configure_tensorflow = pipeline.configure_tensorflow
 class TrainIterator:
   """Global `jax.Array` batches of the training stream; tracks its position and skips."""
 
-  def __init__(self, dataset: tf.data.Dataset, sharding, start_position: int):
+  def __init__(self, dataset: tf.data.Dataset, feed: sharding.BatchFeed, start_position: int):
     self._iterator = dataset.as_numpy_iterator()
-    self._sharding = sharding
+    self._feed = feed
     self._tracker = pipeline.StreamTracker(start_position)
 
   def __iter__(self):
@@ -52,11 +69,11 @@ class TrainIterator:
   def __next__(self):
     batch = next(self._iterator)
     self._tracker.update(batch['position'])
-    return pipeline.to_global_arrays(batch, self._sharding)
+    return pipeline.to_global_arrays(batch, self._feed)
 
   @property
   def next_position(self) -> int:
-    """Where this process's stream resumes after the batches handed out so far."""
+    """Where this data shard's stream resumes after the batches handed out so far."""
     return self._tracker.next_position
 
   @property
@@ -69,7 +86,7 @@ class Evaluator:
   name: str
   dataset: tf.data.Dataset
   num_batches: int
-  num_examples: int  # This process's records (to count undecodable ones).
+  num_examples: int  # This data shard's records (to count undecodable ones).
 
 
 class Inputs:
@@ -86,27 +103,30 @@ class Inputs:
     self.class_names = list(label.names)
     self.num_train_examples = self.builder.info.splits[cd.train_split].num_examples
 
-  def train_iterator(self, per_host_batch: int, start_position: int, sharding) -> TrainIterator:
+  def train_iterator(self, feed: sharding.BatchFeed, start_position: int) -> TrainIterator:
+    """The training stream of this process's data shard, from `start_position`, as global
+    batches of `config.global_batch_size`."""
     c = self._config
     preprocess = pipeline.TrainPreprocess(
         c.input.image_size, scale=tuple(c.input.scale), ratio=tuple(c.input.ratio),
         hflip=c.input.hflip, randaugment=c.input.randaugment or None,
         fill=tuple(c.input.fill))
     dataset = pipeline.train_dataset(
-        self.builder, c.dataset.train_split, per_host_batch=per_host_batch,
-        preprocess=preprocess, seed=c.seed, start_position=start_position,
-        shuffle_buffer=c.input.shuffle_buffer, process_index=jax.process_index(),
-        process_count=jax.process_count(), label_key=c.dataset.label_key,
-        threads=c.input.threads or None)
-    return TrainIterator(dataset, sharding, start_position)
+        self.builder, c.dataset.train_split,
+        per_host_batch=feed.local_batch(c.global_batch_size), preprocess=preprocess,
+        seed=c.seed, start_position=start_position, shuffle_buffer=c.input.shuffle_buffer,
+        shard_index=feed.shard_index, shard_count=feed.shard_count,
+        label_key=c.dataset.label_key, threads=c.input.threads or None)
+    return TrainIterator(dataset, feed, start_position)
 
   def eval_preprocess(self) -> pipeline.EvalPreprocess:
     c = self._config.input
     size = c.eval_image_size if c.eval_image_size > 0 else c.image_size
     return pipeline.EvalPreprocess(size, *eval_crop(size, c.crop_pct, c.get('crop_mode')))
 
-  def evaluators(self, per_host_batch: int) -> list[Evaluator]:
-    """The main evaluation split, then `dataset.extra_eval` ('name:split[:label_key]')."""
+  def evaluators(self, feed: sharding.BatchFeed, global_batch: int) -> list[Evaluator]:
+    """The main evaluation split, then `dataset.extra_eval` ('name:split[:label_key]'), read
+    in global batches of `global_batch`."""
     cd = self._config.dataset
     sets = [(cd.name.split('/')[0], self.builder, cd.eval_split, cd.label_key)]
     for entry in cd.extra_eval:
@@ -116,11 +136,11 @@ class Inputs:
     out = []
     for name, builder, split, label_key in sets:
       dataset, num_batches = pipeline.eval_dataset(
-          builder, split, per_host_batch=per_host_batch, preprocess=self.eval_preprocess(),
-          process_index=jax.process_index(), process_count=jax.process_count(),
-          label_key=label_key, num_classes=self.num_classes,
+          builder, split, per_host_batch=feed.local_batch(global_batch),
+          preprocess=self.eval_preprocess(), shard_index=feed.shard_index,
+          shard_count=feed.shard_count, label_key=label_key, num_classes=self.num_classes,
           threads=self._config.input.threads or None)
-      shard = pipeline.host_shard(builder, split, jax.process_index(), jax.process_count())
+      shard = pipeline.host_shard(builder, split, feed.shard_index, feed.shard_count)
       out.append(Evaluator(f'{name}_{split}' if len(sets) > 1 else name, dataset, num_batches,
                            shard.num_examples))
     return out

@@ -11,9 +11,15 @@ A rule is (regex, kind), first full match wins:
                  FSDP as above on the remaining dimensions;
   'model_first'  the first dimension over 'model' (pwconv2 kernel), then FSDP.
 Tensors smaller than `min_fsdp_size` elements stay replicated over 'fsdp'.
+
+Feeding the batch (`BatchFeed`): each process hands jax the rows of the global batch that
+its own devices hold. Processes whose devices hold the same rows (the model axis, or any
+axis outside the batch, spanning processes) must feed identical rows, so they read the same
+*data shard*; processes holding different rows read different shards.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+import dataclasses
 import math
 import re
 from typing import Any
@@ -74,6 +80,69 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, P())
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchFeed:
+  """Which rows of every global batch this process feeds, and how.
+
+  The batch's rows are split into `shard_count` equal data shards; process p feeds shard
+  `process_shards[p]`, its devices' rows. Input pipelines read one stream per data shard
+  (`shard_index` of `shard_count`), so processes that share a shard read identical data.
+
+  Attributes:
+    sharding: the batch sharding (leading axis over the data-parallel mesh axes).
+    shard_index: this process's data shard.
+    shard_count: the number of distinct data shards (1 when every process holds the
+      whole batch, the process count under plain data parallelism).
+    process_shards: the data shard of every process, by process index.
+  """
+  sharding: jax.sharding.NamedSharding
+  shard_index: int
+  shard_count: int
+  process_shards: tuple[int, ...]
+
+  def local_batch(self, global_batch: int) -> int:
+    """Rows this process feeds per global batch of `global_batch` rows."""
+    return global_batch // self.shard_count
+
+  def global_arrays(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> global `jax.Array`s (every process calls this together)."""
+    return {k: jax.make_array_from_process_local_data(
+        self.sharding, v, (v.shape[0] * self.shard_count,) + v.shape[1:])
+            for k, v in local.items()}
+
+
+def batch_feed(mesh: jax.sharding.Mesh,
+               process_of: Callable[[Any], int] = lambda d: d.process_index) -> BatchFeed:
+  """The `BatchFeed` of `batch_sharding(mesh)` for this process.
+
+  Args:
+    mesh: the device mesh.
+    process_of: a device's process index (tests pass other layouts).
+
+  Raises:
+    ValueError: the processes' rows overlap without being equal (some process would need rows
+      that another feeds as part of a different shard), so no per-process feeding is right.
+  """
+  batch = batch_sharding(mesh)
+  rows = data_parallel_size(mesh)  # One row per batch shard: the pattern of any batch size.
+  held: dict[int, set[int]] = {}  # Process -> the rows its devices hold.
+  for device, index in batch.devices_indices_map((rows,)).items():
+    held.setdefault(process_of(device), set()).update(range(*index[0].indices(rows)))
+  processes = sorted(held)
+  shards = sorted({frozenset(r) for r in held.values()}, key=min)
+  covered = [row for shard in shards for row in shard]
+  if len(covered) != rows or len({len(s) for s in shards}) != 1:
+    layout = '; '.join(f'process {p}: rows {sorted(held[p])}' for p in processes)
+    raise ValueError(
+        f'mesh {dict(mesh.shape)} cannot be fed by {len(processes)} processes: the batch '
+        f'axes {DATA_AXES} split a batch of {rows} rows as {layout}, and processes must hold '
+        'either the same rows or disjoint, equal parts; choose config.mesh so that the '
+        'processes divide the data and fsdp axes, or hold all of them')
+  process_shards = tuple(shards.index(frozenset(held[p])) for p in processes)
+  index = process_shards[processes.index(jax.process_index())]
+  return BatchFeed(batch, index, len(shards), process_shards)
 
 
 def path_name(path) -> str:

@@ -13,7 +13,6 @@ per-device batch) and label smoothing are applied, the loss is averaged over
 """
 
 import dataclasses
-import math
 import signal
 import time
 from typing import Any
@@ -72,11 +71,16 @@ def schedule_steps(config: ml_collections.ConfigDict, num_train_examples: int) -
   return Schedule(steps_per_epoch, total, min(warmup, total - 1), eval_every)
 
 
-def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Fails early, with one line each, on batch sizes the mesh and processes cannot split (or
-  Mixup cannot pair) and on evaluation crop settings outside their range."""
+def validate(config: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh) -> sharding.BatchFeed:
+  """Fails early, with one line each, on batch sizes the mesh cannot split (or Mixup cannot
+  pair), on meshes the processes cannot feed and on evaluation crop settings outside their
+  range.
+
+  Returns:
+    This process's `sharding.BatchFeed`: which rows of each batch it feeds.
+  """
   dp = sharding.data_parallel_size(mesh)
-  processes = jax.process_count()
   micro = config.global_batch_size // max(1, config.grad_accum_steps)
   if config.global_batch_size % config.grad_accum_steps:
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by '
@@ -85,9 +89,7 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
     raise ValueError(f'micro-batch {micro} (global_batch_size / grad_accum_steps) is not '
                      f'divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)}); '
                      'change global_batch_size or config.mesh')
-  if config.global_batch_size % processes:
-    raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
-                     f'{processes} processes')
+  feed = sharding.batch_feed(mesh)  # Raises for a mesh the processes cannot feed.
   cin = config.input
   if (cin.mixup_alpha > 0 or cin.cutmix_alpha > 0) and (micro // dp) % 2:
     # As timm's Mixup, which asserts it: image i is mixed with image B - 1 - i of its batch,
@@ -98,6 +100,7 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
                      'input.cutmix_alpha to 0')
   eval_crop(cin.eval_image_size if cin.eval_image_size > 0 else cin.image_size, cin.crop_pct,
             cin.get('crop_mode'))
+  return feed
 
 
 def create_model(config, num_classes: int):
@@ -272,14 +275,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
 
-  # ---- Mesh. ----
+  # ---- Mesh, and the rows of each batch this process feeds. ----
   mesh = sharding.make_mesh(config.mesh)
-  validate(config, mesh)
+  feed = validate(config, mesh)
   num_shards = sharding.data_parallel_size(mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  per_host_batch = config.global_batch_size // jax.process_count()
-  logging.info('mesh %s; global batch %d = %d per process = %d per data-parallel device, %d '
-               'micro-batch(es)', dict(mesh.shape), config.global_batch_size, per_host_batch,
+  per_host_batch = feed.local_batch(config.global_batch_size)
+  logging.info('mesh %s; global batch %d = %d per process (data shard %d of %d) = %d per '
+               'data-parallel device, %d micro-batch(es)', dict(mesh.shape),
+               config.global_batch_size, per_host_batch, feed.shard_index, feed.shard_count,
                config.global_batch_size // num_shards, config.grad_accum_steps)
 
   # ---- Input. ----
@@ -325,16 +328,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         state_shardings)
     state, metadata = checkpoints.restore_training(manager, latest, abstract_with_shardings)
-    start_position = _start_position(metadata, latest, per_host_batch)
+    start_position = _start_position(metadata, latest, feed, per_host_batch)
     logging.info('resumed from step %d (data position %d)', latest, start_position)
   elif config.init_from.path:
-    state = _init_from(config, state, state_shardings, use_ema)
+    state = _init_from(config, state, use_ema)
   start_step = int(state['step'])
 
   # ---- Evaluators. ----
   eval_step = jax.jit(evaluate.make_eval_step(model, DTYPES[config.model.dtype]),
                       compiler_options=options)
-  evaluators = inputs.evaluators(_eval_batch(config, num_shards) // jax.process_count())
+  evaluators = inputs.evaluators(feed, _eval_batch(config, num_shards))
 
   def run_evals(step):
     params_by_name = {'raw': state['params']}
@@ -343,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results = {}
     for ev in evaluators:
       values, skipped = evaluate.evaluate(eval_step, params_by_name, ev.dataset, ev.num_batches,
-                                          batch_sharding, ev.num_examples)
+                                          feed, ev.num_examples)
       results.update({f'{ev.name}/{k}': v for k, v in values.items()})
       if skipped:
         results[f'{ev.name}/skipped_images'] = skipped
@@ -353,9 +356,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- The loop. ----
   train_step = jax.jit(
       make_train_step(model, optimizer, lr_fn, config, num_classes, num_shards),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+      in_shardings=(state_shardings, feed.sharding), out_shardings=(state_shardings, None),
       donate_argnums=(0,), compiler_options=models.compiler_options(training=True))
-  train_iter = inputs.train_iterator(per_host_batch, start_position, batch_sharding)
+  train_iter = inputs.train_iterator(feed, start_position)
   report = periodic_actions.ReportProgress(num_train_steps=sched.total_steps, writer=writer)
   hooks = [report]
   if config.profile_start_step >= 0 and process == 0:
@@ -397,7 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     force = final or preempted or ckpt_metrics is not None
     if force or manager.should_save(done):
       # The data positions are gathered from every process: only when a save is due.
-      metadata = _metadata(config, inputs, num_classes, train_iter.next_position, done,
+      metadata = _metadata(config, inputs, num_classes, feed, train_iter.next_position, done,
                            last_eval)
       checkpoints.save_training(manager, done, state, metadata, metrics=ckpt_metrics,
                                 force=force)
@@ -413,45 +416,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _eval_batch(config, num_shards: int) -> int:
   size = config.eval_batch_size if config.eval_batch_size > 0 else config.global_batch_size
-  multiple = math.lcm(num_shards, jax.process_count())
-  return max(multiple, size // multiple * multiple)
+  return max(num_shards, size // num_shards * num_shards)
 
 
-def _metadata(config, inputs, num_classes, next_position, step, last_eval) -> dict[str, Any]:
-  positions = multihost_utils.process_allgather(np.asarray(next_position, np.int64))
+def _metadata(config, inputs, num_classes, feed: sharding.BatchFeed, next_position, step,
+              last_eval) -> dict[str, Any]:
+  by_process = np.atleast_1d(
+      multihost_utils.process_allgather(np.asarray(next_position, np.int64))).tolist()
+  # One stream per data shard; the processes that share a shard are at the same position.
+  positions = [by_process[feed.process_shards.index(k)] for k in range(feed.shard_count)]
   return {
       'model_name': config.model.name,
       'num_classes': num_classes,
       'class_names': inputs.class_names if len(inputs.class_names) == num_classes else None,
       'dataset': config.dataset.name,
       'step': step,
-      'data_positions': np.atleast_1d(positions).tolist(),
+      'data_positions': positions,
+      'data_shard_count': feed.shard_count,
       'process_count': jax.process_count(),
       'metrics': last_eval,
       'config': config.to_json_best_effort(),
   }
 
 
-def _start_position(metadata, step: int, per_host_batch: int) -> int:
+def _start_position(metadata, step: int, feed: sharding.BatchFeed, per_host_batch: int) -> int:
   positions = metadata.get('data_positions') or []
-  if metadata.get('process_count') == jax.process_count() and len(positions) == (
-      jax.process_count()):
-    return int(positions[jax.process_index()])
-  # Another process count splits the data differently: continue at the same epoch fraction.
-  logging.warning('resuming with %d processes from a run with %s: data position estimated',
-                  jax.process_count(), metadata.get('process_count'))
+  # Checkpoints written before data shards were recorded had one per process.
+  shard_count = metadata.get('data_shard_count', metadata.get('process_count'))
+  if shard_count == feed.shard_count and len(positions) == feed.shard_count:
+    return int(positions[feed.shard_index])
+  # Another shard count splits the data differently: continue at the same epoch fraction.
+  logging.warning('resuming with %d data shards from a run with %s: data position estimated',
+                  feed.shard_count, shard_count)
   return step * per_host_batch
 
 
-def _init_from(config, state, state_shardings, use_ema: bool):
+def _init_from(config, state, use_ema: bool):
+  """`state` with its params (and EMA) from `config.init_from`, read straight into their
+  shardings on every process (see `checkpoints.load_params_into`)."""
   init = config.init_from
-  loaded, metadata = checkpoints.load_params(init.path, which=init.params,
-                                             step=init.step if init.step >= 0 else None)
+  params, _, metadata = checkpoints.load_params_into(
+      init.path, state['params'], which=init.params,
+      step=init.step if init.step >= 0 else None, strict=init.strict)
   logging.info('init_from %s: %s (%s)', init.path, metadata.get('model_name'),
                metadata.get('weights', 'params'))
-  host_params = jax.device_get(state['params'])
-  merged, _ = checkpoints.merge_params(host_params, loaded, strict=init.strict)
-  params = jax.device_put(merged, state_shardings['params'])
   state = dict(state, params=params)
   if use_ema:
     state['ema_params'] = jax.tree.map(jnp.copy, params)

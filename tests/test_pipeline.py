@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from convnext_jax import evaluate
+from convnext_jax import sharding
 from convnext_jax.data import image_ops
 from convnext_jax.data import pipeline
 import fake_tfds
@@ -283,27 +284,27 @@ def _identity(images: np.ndarray) -> list[int]:
   return [int(np.argmin(np.abs(bases - m).sum(axis=1))) for m in means]
 
 
-@pytest.mark.parametrize('process_count', [2, 3])
-def test_host_shards_are_disjoint_and_cover_the_split(numbered, process_count):
+@pytest.mark.parametrize('shard_count', [2, 3])
+def test_host_shards_are_disjoint_and_cover_the_split(numbered, shard_count):
   covered = {}
-  for index in range(process_count):
-    shard = pipeline.host_shard(numbered, 'train', index, process_count)
+  for index in range(shard_count):
+    shard = pipeline.host_shard(numbered, 'train', index, shard_count)
     for file, skip, take in zip(shard.files, shard.skips, shard.takes):
       for record in range(skip, skip + take):
         assert (file, record) not in covered
         covered[(file, record)] = index
-  sizes = [list(covered.values()).count(i) for i in range(process_count)]
+  sizes = [list(covered.values()).count(i) for i in range(shard_count)]
   assert len(covered) == NUM and max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize('process_count,batch', [(2, 4), (3, 5), (3, 16)])
-def test_eval_counts_every_example_exactly_once(numbered, process_count, batch):
+@pytest.mark.parametrize('shard_count,batch', [(2, 4), (3, 5), (3, 16)])
+def test_eval_counts_every_example_exactly_once(numbered, shard_count, batch):
   preprocess = pipeline.EvalPreprocess(32, 0.875)
   seen, batch_counts = [], []
-  for index in range(process_count):
+  for index in range(shard_count):
     ds, num_batches = pipeline.eval_dataset(numbered, 'train', per_host_batch=batch,
-                                            preprocess=preprocess, process_index=index,
-                                            process_count=process_count)
+                                            preprocess=preprocess, shard_index=index,
+                                            shard_count=shard_count)
     batches = list(ds.as_numpy_iterator())
     assert len(batches) == num_batches
     batch_counts.append(len(batches))
@@ -350,13 +351,13 @@ def test_resume_continues_the_stream(numbered):
       np.testing.assert_array_equal(a[key], b[key])
 
 
-@pytest.mark.parametrize('process_count', [2, 3])
-def test_hosts_read_disjoint_examples(numbered, process_count):
-  per_host = [_train_batches(numbered, 2, per_host_batch=4, process_index=i,
-                             process_count=process_count) for i in range(process_count)]
+@pytest.mark.parametrize('shard_count', [2, 3])
+def test_hosts_read_disjoint_examples(numbered, shard_count):
+  per_host = [_train_batches(numbered, 2, per_host_batch=4, shard_index=i,
+                             shard_count=shard_count) for i in range(shard_count)]
   ids = [set(i for b in host for i in _identity(b['image'])) for host in per_host]
-  for a in range(process_count):
-    for b in range(a + 1, process_count):
+  for a in range(shard_count):
+    for b in range(a + 1, shard_count):
       assert not ids[a] & ids[b]
 
 
@@ -375,14 +376,12 @@ def test_evaluate_averages_over_real_examples_only(numbered):
   dataset, num_batches = pipeline.eval_dataset(numbered, 'validation', per_host_batch=8,
                                                preprocess=pipeline.EvalPreprocess(32, 0.875))
   assert num_batches == 3
-  mesh = jax.make_mesh((len(jax.devices()),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  feed = sharding.batch_feed(sharding.make_mesh((-1, 1, 1)))
   step = jax.jit(evaluate.make_eval_step(_ConstantModel(), jnp.float32))
   # Classes ranked 0 > 4 > 3 > 1 > 2: top-5 is everything; 'other' never ranks 0 first.
   params = {'constant': jnp.array([5.0, 2.0, 1.0, 3.0, 4.0]),
             'other': jnp.array([0.0, 1.0, 0.0, 0.0, 0.0])}
-  results, skipped = evaluate.evaluate(step, params, dataset, num_batches, sharding, 23)
+  results, skipped = evaluate.evaluate(step, params, dataset, num_batches, feed, 23)
   assert skipped == 0
   assert results['constant/top1'] == pytest.approx(5 / 23, rel=1e-6)
   assert results['constant/top5'] == 1.0

@@ -10,6 +10,8 @@ from convnext_jax import optim
 from convnext_jax import sharding
 from convnext_jax import train
 
+P = jax.sharding.PartitionSpec
+
 STEPS = 3
 BATCH = 16
 SIZE = 32
@@ -137,3 +139,38 @@ def test_validate_rejects_batches_the_mesh_cannot_split():
     sharding.make_mesh((3, 2, 1))
   with pytest.raises(ValueError, match='does not divide 8 devices'):
     sharding.make_mesh((-1, 3, 1))
+
+
+# Process layouts simulated on the 8 devices here: device d belongs to process d // k.
+@pytest.mark.parametrize('mesh_shape,per_process,shard_count,process_shards', [
+    ((8, 1, 1), 4, 2, (0, 1)),      # 2 processes x 4 devices: each feeds its half.
+    ((1, 8, 1), 4, 2, (0, 1)),
+    ((2, 4, 1), 4, 2, (0, 1)),
+    ((2, 2, 2), 4, 2, (0, 1)),
+    ((1, 1, 8), 4, 1, (0, 0)),      # Tensor parallel only: both hold (and feed) the batch.
+    ((2, 1, 4), 2, 2, (0, 0, 1, 1)),  # 4 x 2: pairs of processes share a data row.
+    ((4, 2, 1), 2, 4, (0, 1, 2, 3)),
+])
+def test_batch_feed_gives_each_process_the_rows_its_devices_hold(mesh_shape, per_process,
+                                                                 shard_count, process_shards):
+  feed = sharding.batch_feed(sharding.make_mesh(mesh_shape),
+                             process_of=lambda d: d.id // per_process)
+  assert (feed.shard_count, feed.process_shards) == (shard_count, process_shards)
+  assert feed.local_batch(16) == 16 // shard_count
+
+
+def test_batch_feed_refuses_processes_that_would_feed_overlapping_rows():
+  # 3 processes x 2 devices, data 2 x model 3: process 1 holds a device of each data row.
+  mesh = sharding.make_mesh((2, 1, 3), jax.devices()[:6])
+  with pytest.raises(ValueError, match=(
+      r"mesh \{'data': 2, 'fsdp': 1, 'model': 3\} cannot be fed by 3 processes: .* process 0: "
+      r'rows \[0\]; process 1: rows \[0, 1\]; process 2: rows \[1\]')):
+    sharding.batch_feed(mesh, process_of=lambda d: d.id // 2)
+
+
+def test_a_single_process_feeds_the_whole_batch():
+  feed = sharding.batch_feed(sharding.make_mesh((4, 2, 1)))
+  assert (feed.shard_index, feed.shard_count, feed.process_shards) == (0, 1, (0,))
+  batch = feed.global_arrays({'x': np.arange(16)})
+  assert batch['x'].shape == (16,) and batch['x'].sharding.spec == P(('data', 'fsdp'))
+  np.testing.assert_array_equal(batch['x'], np.arange(16))

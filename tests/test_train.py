@@ -22,11 +22,11 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from convnext_jax import checkpoints
-from convnext_jax import config_lib
 from convnext_jax import convert
 from convnext_jax import optim
 from convnext_jax import train
 from convnext_jax.convert import cli
+import mp_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_STEPS = 150
@@ -38,12 +38,6 @@ def _demo_config(arg=None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
-
-
-@pytest.fixture(scope='session')
-def shapes_dir(tmp_path_factory):
-  """A data_dir where `convnext_shapes` is built (by the first run that needs it)."""
-  return str(tmp_path_factory.mktemp('tfds'))
 
 
 # configs/demo.py cut to fit the suite: 150 steps (2 epochs) at 32 px, about a minute.
@@ -153,16 +147,18 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   config.model.head_init_scale = 0.001
   model = train.create_model(config, 10)
   fresh = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
-  loaded, _ = checkpoints.load_params(str(ckpt))
-  merged, report = checkpoints.merge_params(jax.device_get(fresh['params']), loaded)
+  merged, report, _ = checkpoints.load_params_into(str(ckpt), fresh['params'])
   assert report['reinitialized'] == ['head/bias (1000,) -> (10,)',
                                      'head/kernel (320, 1000) -> (320, 10)']
   np.testing.assert_array_equal(merged['downsample_layers.0.0']['kernel'],
                                 backbone['downsample_layers.0.0']['kernel'])
-  head = merged['head']['kernel']  # Truncated normal, std 0.02, times head_init_scale.
-  assert 0.8 * 2e-5 < head.std() < 1.2 * 2e-5 and not merged['head']['bias'].any()
+  head = np.asarray(merged['head']['kernel'])  # Truncated normal, std 0.02, x head_init_scale.
+  assert 0.8 * 2e-5 < head.std() < 1.2 * 2e-5 and not np.asarray(merged['head']['bias']).any()
+  loaded, _ = checkpoints.load_params(str(ckpt))
+  checkpoints.save_params(str(tmp_path / 'extra'), dict(loaded, extra={'kernel': np.zeros(2)}),
+                          {'model_name': 'convnext_atto', 'num_classes': 1000})
   with pytest.raises(checkpoints.CheckpointError, match='unexpected 1: extra/kernel'):
-    checkpoints.merge_params(merged, dict(loaded, extra={'kernel': np.zeros(2)}))
+    checkpoints.load_params_into(str(tmp_path / 'extra'), fresh['params'])
 
   # Fine-tuning through the training entry point. The new head starts at chance (its logits
   # are ~1e-3 of the backbone's); 60 steps take it well above.
@@ -179,23 +175,8 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
 
 
 def resume_config(data_dir, num_steps=6):
-  """A tiny run for resume tests: no Mixup/CutMix, whose pairs depend on the device count."""
-  c = config_lib.base()
-  config_lib.runlocal(c)
-  c.dataset.data_dir = data_dir
-  c.model.name = 'convnext_atto'
-  c.model.overrides.depths = (1, 1, 2, 1)
-  c.model.overrides.dims = (16, 32, 64, 128)
-  c.model.overrides.depthwise_impl = 'conv'
-  c.input.image_size = 32
-  c.input.randaugment = 'rand-m9-mstd0.5-inc1'
-  c.input.mixup_alpha = 0.0
-  c.input.cutmix_alpha = 0.0
-  c.num_steps = num_steps
-  c.eval_every_steps = 100
-  c.checkpoint_every_steps = 100
-  c.eval_batch_size = 200
-  return c
+  """A tiny run for resume tests (`mp_config.tiny`)."""
+  return mp_config.tiny(data_dir, num_steps)
 
 
 class _StopAt:

@@ -1,13 +1,16 @@
-"""tf.data pipelines over tfds-prepared datasets, sharded per host.
+"""tf.data pipelines over tfds-prepared datasets, each process reading its data shard.
 
-Training: each process reads its own even share of the split (`tfds.even_splits`), as an
-endless stream of epochs. Epoch e's order is a pure function of (seed, e) (file order and
-shuffle buffer seeded by it), and every example is augmented with stateless random ops
-seeded by (seed, process, its position in the stream). So the same seed gives the same
-batches, and a run restarted at position p re-enters epoch p // N at offset p % N, skipping
-only undecoded records of that epoch instead of replaying it.
+The split is read in data shards: shard k of n is the k-th even share of the split
+(`tfds.even_splits`); the process(es) feeding shard k of the batch read it
+(`sharding.BatchFeed`: under data parallelism, one shard per process).
 
-Evaluation: each process reads its share in order, pads it with masked blank examples to a
+Training: each data shard is an endless stream of epochs. Epoch e's order is a pure function
+of (seed, e) (file order and shuffle buffer seeded by it), and every example is augmented
+with stateless random ops seeded by (seed, shard, its position in the stream). So the same
+seed gives the same batches, and a run restarted at position p re-enters epoch p // N at
+offset p % N, skipping only undecoded records of that epoch instead of replaying it.
+
+Evaluation: each data shard is read in order and padded with masked blank examples to a
 common number of batches, so that every example of the split is counted exactly once
 whatever the host and device counts.
 
@@ -22,7 +25,6 @@ import math
 from typing import Any
 
 from absl import logging
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -139,13 +141,13 @@ class EvalPreprocess:
 
 
 # ----------------------------------------------------------------------------------------
-# Per-host shards of a split.
+# Data shards of a split.
 # ----------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class HostShard:
-  """The records one process reads: (file, skip, take) triples, in split order."""
+  """The records of one data shard: (file, skip, take) triples, in split order."""
   split: str
   files: tuple[str, ...]
   skips: tuple[int, ...]
@@ -156,9 +158,10 @@ class HostShard:
     return sum(self.takes)
 
 
-def host_shard(builder: tfds.core.DatasetBuilder, split: str, process_index: int,
-               process_count: int) -> HostShard:
-  """Process `process_index`'s even share of `split` (shares differ by at most one).
+def host_shard(builder: tfds.core.DatasetBuilder, split: str, shard_index: int,
+               shard_count: int) -> HostShard:
+  """Data shard `shard_index` of `shard_count`: an even share of `split` (shares differ by at
+  most one example).
 
   Raises:
     ValueError: the dataset is not stored as TFRecord files, or a share would be empty.
@@ -167,13 +170,13 @@ def host_shard(builder: tfds.core.DatasetBuilder, split: str, process_index: int
   if file_format is not None and 'tfrecord' not in str(file_format).lower():
     raise ValueError(f'{builder.name}: the input pipeline reads TFRecord datasets, this one is '
                      f'stored as {file_format}; prepare it with --file_format=tfrecord')
-  sub_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+  sub_split = tfds.even_splits(split, n=shard_count, drop_remainder=False)[shard_index]
   instructions = builder.info.splits[sub_split].file_instructions
   shard = HostShard(str(sub_split), tuple(i.filename for i in instructions),
                     tuple(int(i.skip) for i in instructions),
                     tuple(int(i.take) for i in instructions))
   if not shard.num_examples:
-    raise ValueError(f'{builder.name} {split}: process {process_index} of {process_count} '
+    raise ValueError(f'{builder.name} {split}: data shard {shard_index} of {shard_count} '
                      'gets no examples; use fewer processes or a larger split')
   return shard
 
@@ -210,18 +213,17 @@ def _options(threads: int | None) -> tf.data.Options:
 # ----------------------------------------------------------------------------------------
 
 
-def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
-  """Assembles each process's batch into global `jax.Array`s sharded over the batch axis.
+def to_global_arrays(batch: dict[str, np.ndarray], feed) -> dict[str, Any]:
+  """This process's batch as global `jax.Array`s (`feed`: a `sharding.BatchFeed`).
 
   `position` stays on the host (it is bookkeeping, see `StreamTracker`).
   """
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items() if k != 'position'}
+  return feed.global_arrays({k: v for k, v in batch.items() if k != 'position'})
 
 
-def host_seed(seed: int, process_index: int) -> int:
-  """A per-process seed, so that hosts draw different augmentations."""
-  return (seed * 1_000_003 + process_index) % (2**62)
+def host_seed(seed: int, shard_index: int) -> int:
+  """A per-data-shard seed, so that shards draw different augmentations."""
+  return (seed * 1_000_003 + shard_index) % (2**62)
 
 
 def train_dataset(builder: tfds.core.DatasetBuilder,
@@ -232,35 +234,35 @@ def train_dataset(builder: tfds.core.DatasetBuilder,
                   seed: int,
                   start_position: int = 0,
                   shuffle_buffer: int = 10_000,
-                  process_index: int = 0,
-                  process_count: int = 1,
+                  shard_index: int = 0,
+                  shard_count: int = 1,
                   label_key: str = 'label',
                   threads: int | None = None) -> tf.data.Dataset:
-  """The endless, deterministic training stream of one process, batched.
+  """The endless, deterministic training stream of one data shard, batched.
 
   Args:
     builder: a prepared tfds builder.
     split: e.g. 'train'.
-    per_host_batch: examples per batch on this process (global batch / process count).
+    per_host_batch: examples per batch of this shard (global batch / shard count).
     preprocess: the per-example transform.
     seed: run seed; epoch order and augmentation derive from it.
     start_position: stream position to start at (0, or a checkpoint's `next_position`).
     shuffle_buffer: examples in the shuffle buffer (after a per-epoch file shuffle).
-    process_index: this process.
-    process_count: number of processes reading the split.
+    shard_index: the data shard to read (`sharding.BatchFeed.shard_index`).
+    shard_count: the number of data shards the split is read in.
     label_key: the label feature.
     threads: tf.data thread-pool size (None: TensorFlow's default).
 
   Returns:
     Batches {'image': (B, S, S, 3) uint8, 'label': (B,) int32, 'position': (B,) int64}.
   """
-  shard = host_shard(builder, split, process_index, process_count)
+  shard = host_shard(builder, split, shard_index, shard_count)
   epoch_size = shard.num_examples
   start_epoch, offset = divmod(int(start_position), epoch_size)
-  logging.info('%s %s: process %d/%d reads %s (%d examples, %d per batch) from position %d '
-               '(epoch %d + %d)', builder.name, split, process_index, process_count,
+  logging.info('%s %s: data shard %d/%d reads %s (%d examples, %d per batch) from position %d '
+               '(epoch %d + %d)', builder.name, split, shard_index, shard_count,
                shard.split, epoch_size, per_host_batch, start_position, start_epoch, offset)
-  seed_host = host_seed(seed, process_index)
+  seed_host = host_seed(seed, shard_index)
 
   def epoch_records(epoch):
     epoch_seed = tf.cast(seed_host, tf.int64) * 100_003 + epoch
@@ -286,10 +288,10 @@ def train_dataset(builder: tfds.core.DatasetBuilder,
 # ----------------------------------------------------------------------------------------
 
 
-def eval_num_batches(builder, split: str, per_host_batch: int, process_count: int) -> int:
-  """Batches every process yields: enough for the largest share."""
-  largest = max(host_shard(builder, split, i, process_count).num_examples
-                for i in range(process_count))
+def eval_num_batches(builder, split: str, per_host_batch: int, shard_count: int) -> int:
+  """Batches every shard yields: enough for the largest one."""
+  largest = max(host_shard(builder, split, i, shard_count).num_examples
+                for i in range(shard_count))
   return math.ceil(largest / per_host_batch)
 
 
@@ -298,15 +300,15 @@ def eval_dataset(builder: tfds.core.DatasetBuilder,
                  *,
                  per_host_batch: int,
                  preprocess: EvalPreprocess,
-                 process_index: int = 0,
-                 process_count: int = 1,
+                 shard_index: int = 0,
+                 shard_count: int = 1,
                  label_key: str = 'label',
                  num_classes: int | None = None,
                  threads: int | None = None) -> tuple[tf.data.Dataset, int]:
-  """One pass over this process's share of `split`, padded to a common batch count.
+  """One pass over a data shard of `split`, padded to a common batch count.
 
   Args:
-    builder, split, per_host_batch, process_index, process_count, threads: as for training.
+    builder, split, per_host_batch, shard_index, shard_count, threads: as for training.
     preprocess: the evaluation transform.
     label_key: the label feature. A sequence feature (e.g. ImageNet-ReaL's 'real_label')
       becomes a multi-hot (B, num_classes) float32 label, and examples with no label are
@@ -317,10 +319,10 @@ def eval_dataset(builder: tfds.core.DatasetBuilder,
     (dataset, num_batches): batches {'image', 'label', 'mask' (bool), 'position'};
     padding examples have mask False and position -1.
   """
-  shard = host_shard(builder, split, process_index, process_count)
-  num_batches = eval_num_batches(builder, split, per_host_batch, process_count)
-  logging.info('%s %s: process %d/%d evaluates %s (%d examples) in %d batches of %d',
-               builder.name, split, process_index, process_count, shard.split,
+  shard = host_shard(builder, split, shard_index, shard_count)
+  num_batches = eval_num_batches(builder, split, per_host_batch, shard_count)
+  logging.info('%s %s: data shard %d/%d evaluates %s (%d examples) in %d batches of %d',
+               builder.name, split, shard_index, shard_count, shard.split,
                shard.num_examples, num_batches, per_host_batch)
   size = preprocess.image_size
   multi_label = isinstance(builder.info.features[label_key], tfds.features.Sequence)

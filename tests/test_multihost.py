@@ -1,0 +1,273 @@
+"""Multi-process training, as on a TPU pod slice or a multi-node GPU cluster, on one machine:
+processes with 4 (or 2) CPU devices each, joined by `jax.distributed` on 127.0.0.1
+(`tests/multiprocess.py`), each running `tests/mp_worker.py` or `python -m convnext_jax.main`
+with the tiny config of `tests/mp_config.py`.
+
+Shown here: 2 processes train with identical losses on both and end with the parameters of
+1 process fed the same global batches; every mesh over 2 processes (data, FSDP, data x FSDP,
+data x FSDP x model, model only) trains identically on both, and a mesh the processes cannot
+feed is refused up front; `init_from` under FSDP spanning processes, from a converted
+checkpoint and from a training workdir; evaluation counts every example exactly once over 3
+processes; a dataset prepared on first use while one process arrives 30 s late; SIGTERM to
+one process, then an exact resume (and a resume on 1 process); SIGKILL during an async save,
+after which every reader uses the previous step.
+"""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from convnext_jax import checkpoints
+from convnext_jax import input_pipeline
+from convnext_jax import train
+import fake_tfds
+import helpers
+import mp_config
+import multiprocess
+
+CONFIG = 'tests/mp_config.py'
+TIMEOUT = 600  # Seconds per launch before it counts as hung: they take 20-150 s on 2 cores.
+STEPS = 6
+# (data, fsdp, model) meshes over 2 processes x 4 devices: data parallel, FSDP, both, all
+# three, and tensor parallel only (each process then holds the whole batch).
+MESHES = {'data8': (8, 1, 1), 'fsdp8': (1, 8, 1), 'data2_fsdp4': (2, 4, 1),
+          'data2_fsdp2_model2': (2, 2, 2), 'model8': (1, 1, 8)}
+
+
+def worker(data_dir, workdir, runs=(), *flags, config=CONFIG):
+  """`tests/mp_worker.py` arguments; it records into `workdir`."""
+  return ['tests/mp_worker.py', f'--config={config}', f'--config.dataset.data_dir={data_dir}',
+          f'--workdir={workdir}', f'--record_dir={workdir}', f'--runs={json.dumps(list(runs))}',
+          *flags]
+
+
+def records(record_dir, name, process) -> list[dict]:
+  path = pathlib.Path(record_dir) / f'{name}_p{process}.jsonl'
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def losses(record_dir, name, process) -> dict[int, float]:
+  return {r['step']: r['train/loss'] for r in records(record_dir, name, process)
+          if 'train/loss' in r}
+
+
+def raw_and_ema(workdir, step=None):
+  return (checkpoints.load_params(str(workdir), which='raw', step=step)[0],
+          checkpoints.load_params(str(workdir), which='ema', step=step)[0])
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope='module')
+def two_processes(shapes_dir, tmp_path_factory):
+  """2 processes x 4 devices train, one after the other: every mesh of MESHES ('data8' for
+  STEPS steps: the uninterrupted reference of the resume test; the others for 3), then
+  FSDP runs initialised from a converted checkpoint (1000 classes) and from 'data8's workdir,
+  at lr 0, so that their one step keeps the parameters as loaded."""
+  root = tmp_path_factory.mktemp('two_processes')
+  config = mp_config.get_config()
+  converted = helpers.random_params(train.create_model(config, 1000))
+  checkpoints.save_params(str(root / 'converted'), converted,
+                          {'model_name': 'convnext_atto', 'num_classes': 1000})
+  runs = [{'name': name, 'overrides': {'mesh': list(shape)} if name == 'data8' else
+           {'mesh': list(shape), 'num_steps': 3}} for name, shape in MESHES.items()]
+  frozen = {'mesh': [1, 8, 1], 'num_steps': 1, 'optim.lr': 0.0, 'optim.min_lr': 0.0,
+            'optim.warmup_steps': 0}
+  runs += [{'name': 'from_converted',
+            'overrides': dict(frozen, **{'init_from.path': str(root / 'converted')})},
+           {'name': 'from_workdir',
+            'overrides': dict(frozen, **{'init_from.path': str(root / 'data8')})}]
+  results = multiprocess.run(worker(shapes_dir, root, runs), 2, 4, log_dir=root / 'logs',
+                             timeout=TIMEOUT)
+  return root, [r.log for r in results], converted
+
+
+class _Replay:
+  """Stands in for the training iterator: the given global batches, as this process feeds
+  them."""
+  next_position = 0
+  skipped = 0
+
+  def __init__(self, batches, feed):
+    self._batches = iter(batches)
+    self._feed = feed
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return self._feed.global_arrays(next(self._batches))
+
+
+def test_two_processes_end_as_one_does_fed_the_same_global_batches(two_processes, shapes_dir,
+                                                                   tmp_path, monkeypatch):
+  root, _, _ = two_processes
+  two = [losses(root, 'data8', p) for p in (0, 1)]
+  assert sorted(two[0]) == list(range(1, STEPS + 1)) and two[0] == two[1]
+  # The global batch of each step: process 0's rows, then process 1's (disjoint halves).
+  fed = [np.load(root / f'data8_p{p}_batches.npz') for p in (0, 1)]
+  global_batches = [{k: np.concatenate([f[f'{k}_{i}'] for f in fed]) for k in ('image', 'label')}
+                    for i in range(STEPS)]
+  assert global_batches[0]['image'].shape == (16, 32, 32, 3)
+  assert not np.array_equal(fed[0]['image_0'], fed[1]['image_0'])
+
+  config = mp_config.get_config()
+  config.dataset.data_dir = shapes_dir
+  monkeypatch.setattr(input_pipeline.Inputs, 'train_iterator',
+                      lambda self, feed, start: _Replay(global_batches, feed))
+  train.train_and_evaluate(config, str(tmp_path / 'one'))  # 1 process x 8 devices.
+  for one, two_ in zip(raw_and_ema(tmp_path / 'one'), raw_and_ema(root / 'data8')):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, two_)
+
+
+@pytest.mark.parametrize('name', list(MESHES))
+def test_every_mesh_trains_identically_on_both_processes(two_processes, name):
+  root, logs, _ = two_processes
+  outcomes = [records(root, f'{name}_outcome', p)[0] for p in (0, 1)]
+  assert [o['outcome'] for o in outcomes] == ['trained', 'trained'], outcomes
+  assert outcomes[0]['eval'] == outcomes[1]['eval']
+  per_process = [losses(root, name, p) for p in (0, 1)]
+  assert per_process[0] == per_process[1] and len(per_process[0]) == (
+      STEPS if name == 'data8' else 3)
+  data, fsdp, model = MESHES[name]
+  shards = 1 if data * fsdp == 1 else 2
+  line = (f"mesh {{'data': {data}, 'fsdp': {fsdp}, 'model': {model}}}; global batch 16 = "
+          f'{16 // shards} per process (data shard ')
+  for p, log in enumerate(logs):
+    assert f'{line}{min(p, shards - 1)} of {shards})' in log, name
+  if shards == 2:  # The same global batches as 'data8': the same losses, up to rounding.
+    reference = losses(root, 'data8', 0)
+    np.testing.assert_allclose([per_process[0][s] for s in (1, 2, 3)],
+                               [reference[s] for s in (1, 2, 3)], rtol=2e-5)
+
+
+def test_init_from_under_fsdp_spanning_processes(two_processes):
+  """A converted checkpoint and a training workdir, loaded into a model whose parameters are
+  split over the 8 devices of 2 processes."""
+  root, logs, converted = two_processes
+  for log in logs:  # Parameters really were split over both processes' devices.
+    assert "mesh {'data': 1, 'fsdp': 8, 'model': 1}" in log and "P(None, 'fsdp')" in log
+  raw, _ = raw_and_ema(root / 'from_converted')
+  head = raw.pop('head')
+  assert head['kernel'].shape == (128, 10)  # A new 10-class head, at its initialisation.
+  assert 0.8 * 0.02 < head['kernel'].std() < 1.2 * 0.02 and not head['bias'].any()
+  assert_trees_equal(raw, {k: v for k, v in converted.items() if k != 'head'})
+  raw, _ = raw_and_ema(root / 'from_workdir')
+  assert_trees_equal(raw, raw_and_ema(root / 'data8')[1])  # Its EMA weights, exactly.
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
+    two_processes, shapes_dir, tmp_path):
+  root, _, _ = two_processes
+  stopped = tmp_path / 'stopped'
+  runs = [{'name': 'stopped', 'workdir': str(stopped), 'overrides': {'mesh': [8, 1, 1]}}]
+  results = multiprocess.run(
+      worker(shapes_dir, tmp_path, runs, '--signal_process=1', '--sigterm_at_step=2'), 2, 4,
+      log_dir=tmp_path / 'logs', timeout=TIMEOUT)
+  steps = checkpoints.workdir_steps(str(stopped))
+  assert len(steps) == 1 and 2 <= steps[0] < STEPS, steps
+  for r in results:  # Both saved that step together and exited 0.
+    assert f'preempted at step {steps[0]}: checkpoint written, exiting' in r.log
+  shutil.copytree(stopped, tmp_path / 'stopped_copy')
+
+  # The same command again, through the entry point itself, resumes and ends exactly as the
+  # uninterrupted run did.
+  multiprocess.run(['-m', 'convnext_jax.main', f'--config={CONFIG}',
+                    f'--config.dataset.data_dir={shapes_dir}', f'--workdir={stopped}'], 2, 4,
+                   log_dir=tmp_path / 'resume_logs', timeout=TIMEOUT)
+  assert checkpoints.workdir_steps(str(stopped)) == [steps[0], STEPS]
+  for resumed, straight in zip(raw_and_ema(stopped), raw_and_ema(root / 'data8')):
+    assert_trees_equal(resumed, straight)
+
+  # On 1 process (of 8 devices): the data is split differently, so its position is estimated.
+  config = mp_config.get_config()
+  config.dataset.data_dir = shapes_dir
+  train.train_and_evaluate(config, str(tmp_path / 'stopped_copy'))
+  assert checkpoints.workdir_steps(str(tmp_path / 'stopped_copy')) == [steps[0], STEPS]
+  _, meta = checkpoints.load_params(str(tmp_path / 'stopped_copy'))
+  assert meta['process_count'] == 1 and meta['data_shard_count'] == 1
+  assert meta['data_positions'] == [STEPS * 16]  # From the estimate, 16 per step.
+
+
+def test_sigkill_during_an_async_save_leaves_the_previous_step_to_every_reader(
+    shapes_dir, tmp_path):
+  workdir = tmp_path / 'killed'
+  runs = [{'name': 'killed', 'workdir': str(workdir),
+           'overrides': {'checkpoint_every_steps': 2}}]
+  results = multiprocess.launch(
+      worker(shapes_dir, tmp_path, runs, '--signal_process=1', '--sigkill_at_save=4'),
+      2, 4, log_dir=tmp_path / 'logs', timeout=TIMEOUT, grace=5).wait()
+  assert results[1].returncode == -9, multiprocess.describe(results)
+  assert results[0].returncode != 0  # Killed, or failed on losing its peer.
+  directory = workdir / checkpoints.CHECKPOINT_DIR
+  assert any(p.name.startswith('4.orbax-checkpoint-tmp') for p in directory.iterdir()), (
+      sorted(p.name for p in directory.iterdir()))  # Step 4 was being written.
+  assert checkpoints.workdir_steps(str(workdir)) == [2]
+  assert checkpoints.load_params(str(workdir))[1]['step'] == 2  # Export, predict.
+  manager = checkpoints.training_manager(str(workdir), save_interval_steps=2, keep=3)
+  assert manager.latest_step() == 2  # Where training resumes.
+  manager.close()
+
+
+NUM_EVAL = 37  # Prime: no batch size here divides it.
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _late_launch(tmp_path_factory):
+  """3 processes x 2 devices over a class folder prepared on first use, process 1 arriving
+  30 s late: a run on a mesh they cannot feed, then a count of what evaluation sees. Started
+  before this module's other tests (autouse), so that its 30 s of waiting overlaps them."""
+  root = tmp_path_factory.mktemp('late')
+  folder = root / 'folder'
+  for split, count in (('train', 2), ('val', 1)):  # Label i: validation image i.
+    for label in range(NUM_EVAL):
+      directory = folder / split / f'c{label:02d}'
+      directory.mkdir(parents=True)
+      for k in range(count):
+        Image.fromarray(fake_tfds.numbered_image(label * 3 + k)).save(directory / f'{k}.png')
+  runs = [{'name': 'straddle', 'overrides': {'mesh': [2, 1, 3]}}]
+  launch = multiprocess.launch(
+      worker(root / 'tfds', root, runs, '--count_eval', '--delay_process=1', '--delay_s=30',
+             config=f'{CONFIG}:folder={folder}'),
+      3, 2, log_dir=root / 'logs', timeout=TIMEOUT)
+  yield root, launch
+  launch.wait()  # Ends it, if no test did.
+
+
+@pytest.fixture(scope='module')
+def late_process(_late_launch):
+  root, launch = _late_launch
+  return root, launch.check()
+
+
+def test_first_use_preparation_waits_for_a_late_process(late_process):
+  root, results = late_process
+  assert ['preparing class_folder' in r.log for r in results] == [True, False, False]
+  assert len(list((root / 'tfds' / 'class_folder').iterdir())) == 1
+
+
+def test_a_mesh_the_processes_cannot_feed_is_refused_up_front(late_process):
+  root, _ = late_process
+  for p in range(3):
+    outcome = records(root, 'straddle_outcome', p)[0]
+    assert outcome['outcome'] == 'refused'
+    assert ("mesh {'data': 2, 'fsdp': 1, 'model': 3} cannot be fed by 3 processes: "
+            'the batch axes') in outcome['error']
+    assert 'process 1: rows [0, 1]' in outcome['error']
+
+
+def test_evaluation_counts_every_example_exactly_once(late_process):
+  root, _ = late_process
+  seen = [records(root, 'evaluate', p)[0] for p in range(3)]
+  assert seen[0]['shard'] == [0, 3] and seen[2]['shard'] == [2, 3]
+  assert seen[0]['num_batches'] == 4  # ceil(13 / 4): shards of 13, 12, 12 in batches of 4.
+  for s in seen:
+    assert s['seen/count'] == NUM_EVAL and s['skipped'] == 0
+    assert [s[f'seen/label{i}'] for i in range(NUM_EVAL)] == [1.0] * NUM_EVAL
