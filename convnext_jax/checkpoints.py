@@ -22,6 +22,7 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -262,11 +263,11 @@ def load_params_into(path: str, initial, *, which: str = 'ema', step: int | None
                           {n: tuple(v.shape) for n, v in _flat_by_name(stored).items()},
                           strict=strict, reinit_head=reinit_head)
   taken = {n: flat_initial[n] for n in report['taken']}
-  item = _unflatten_names(
-      {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in taken.items()})
-  restore_args = _unflatten_names(
+  item = traverse_util.unflatten_dict(
+      {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in taken.items()}, sep='/')
+  restore_args = traverse_util.unflatten_dict(
       {n: ocp.ArrayRestoreArgs(sharding=v.sharding, global_shape=v.shape, dtype=v.dtype)
-       for n, v in taken.items()})
+       for n, v in taken.items()}, sep='/')
   if key is not None:
     item, restore_args = {key: item}, {key: restore_args}
   restored = ocp.PyTreeCheckpointer().restore(
@@ -279,19 +280,7 @@ def load_params_into(path: str, initial, *, which: str = 'ema', step: int | None
 
 
 def _flat_by_name(tree) -> dict[str, Any]:
-  return {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflatten_names(flat: dict[str, Any]) -> dict[str, Any]:
-  """{'a/b': x} -> {'a': {'b': x}}."""
-  tree: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split('/')
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 def compare_params(initial: dict[str, tuple[int, ...]], loaded: dict[str, tuple[int, ...]], *,
