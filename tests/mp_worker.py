@@ -113,7 +113,7 @@ def _instrument() -> dict[str, list]:
   checkpoints.save_training = killing_save
 
   # An iterator's destructor waits for tf.data's autotuning thread, which sleeps for seconds
-  # between rounds (7-10 s seen here): each run of a multi-run process would end so.
+  # between rounds: each run of a multi-run process would end with that wait.
   options = pipeline._options  # pylint: disable=protected-access
 
   def untuned_options(threads):

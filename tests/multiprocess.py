@@ -25,8 +25,9 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-# The processes compile without LLVM's optimisations: 30-50% less compile time for these tiny
-# programs, and the same in every process, so results still compare exactly between them.
+# The processes compile without LLVM's optimisations, which compiles these tiny programs
+# markedly faster (compilation is most of a test run's time); every process does the same,
+# so results still compare exactly between them.
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 
 
