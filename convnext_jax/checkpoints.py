@@ -10,7 +10,11 @@ with the items:
   state/     the train state {'params', 'opt_state', 'ema_params', 'step', 'rng'};
   metadata/  JSON: model_name, num_classes, class_names, the data positions of each data
              shard and the shard count, the process count, the metrics of that step.
-Only steps orbax has finished writing count (`workdir_steps`).
+  metrics/   JSON: the step's evaluation metrics (what the best-step policy ranks by);
+  checksums.json  size and SHA-256 of every file of the step (`seal_step`).
+Only steps orbax has finished writing count (`workdir_steps`), and of those only the ones
+that verify (`find_usable_step`: the one decision for resuming, export, predict and
+`init_from`).
 
 `load_params(path, which, step)` reads Flax weights from either kind onto the host: it is
 what conversion (export) and prediction use. `load_params_into` reads them straight into the
@@ -18,6 +22,10 @@ shardings of a model's params, on every process at once: what `init_from` uses. 
 here imports TensorFlow.
 """
 
+import hashlib
+import json
+import operator
+import os
 from typing import Any
 
 from absl import logging
@@ -27,6 +35,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from convnext_jax import fileio
+from convnext_jax import multihost
 from convnext_jax.fileio import atomic_output
 from convnext_jax.sharding import path_name
 
@@ -34,6 +44,12 @@ PARAMS_ITEM = 'params'
 METADATA_ITEM = 'metadata'
 STATE_ITEM = 'state'
 CHECKPOINT_DIR = 'checkpoints'
+DAMAGED_DIR = 'checkpoints_damaged'  # Where the trainer moves damaged steps.
+CHECKSUMS_FILE = 'checksums.json'
+# Files of a step that orbax writes or rewrites when it commits the step, after it has been
+# sealed (the commit time, the commit marker): checked for form instead of by checksum.
+_STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
+_UNSEALED_FILES = (CHECKSUMS_FILE, _STEP_METADATA_FILE, 'commit_success.txt')
 PARAMS_FORMAT = 'convnext_jax.params'
 FORMAT_VERSION = 1
 # Where the raw and EMA weights live in the train state.
@@ -89,10 +105,16 @@ def _read_json_item(directory: epath.Path) -> dict[str, Any]:
   return dict(restored[METADATA_ITEM])
 
 
+def _tree_metadata(item_dir) -> dict[str, Any]:
+  # The handler's own metadata: the Checkpointer's also looks for step metadata, which an
+  # item directory does not have, and warns about it on every read.
+  return ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)).tree
+
+
 def restore_numpy_tree(item_dir, subtree: str | None = None) -> dict[str, Any]:
   """Restores an orbax PyTree item (or one top-level key of it) as host numpy arrays."""
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(item_dir).item_metadata.tree
+  tree = _tree_metadata(item_dir)
   if subtree is not None:
     if subtree not in tree:
       raise CheckpointError(f'{item_dir} has no {subtree!r} (it has {sorted(tree)})')
@@ -126,55 +148,311 @@ def workdir_steps(workdir: str) -> list[int]:
   A step counts once orbax has committed it, by orbax's own test: locally its directory
   has been renamed from the temporary name it is written under; on GCS, where orbax writes
   in place, its commit marker (`commit_success.txt`) exists. So a step still being written,
-  or left half-written by a crash, is never read.
+  or left half-written by a crash, is never read. Whether a finished step is intact is
+  `verify_step`'s question.
   """
   directory = checkpoint_dir(workdir)
   if not directory.is_dir():
     return []
-  return sorted(step for step in ocp.utils.checkpoint_steps(directory)
-                if (directory / str(step) / STATE_ITEM).is_dir())
+  return sorted(ocp.utils.checkpoint_steps(directory))
 
 
-def training_manager(workdir: str, *, save_interval_steps: int, keep: int,
-                     best_metric: str | None = None,
-                     enable_async: bool = True) -> ocp.CheckpointManager:
-  """A CheckpointManager over `workdir/checkpoints` keeping the last `keep` steps and, with
-  `best_metric`, the step with the highest value of that metric."""
-  policies = [ocp.checkpoint_managers.LatestN(keep)]
-  if best_metric:
-    policies.append(ocp.checkpoint_managers.BestN(
-        get_metric_fn=lambda metrics: metrics[best_metric], n=1,
-        keep_checkpoints_without_metrics=False))
-  # Explicit save decisions: every `save_interval_steps` steps and on a preemption notice
-  # (orbax's default would also save the first step of every run).
-  save_policy = ocp.checkpoint_managers.AnySavePolicy([
-      ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-      ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-  ])
-  options = ocp.CheckpointManagerOptions(
-      save_decision_policy=save_policy,
-      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-      enable_async_checkpointing=enable_async, create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=(STATE_ITEM, METADATA_ITEM))
+def seal_step(step_dir: epath.Path) -> None:
+  """Writes `step_dir/checksums.json`: the size and SHA-256 of every file under `step_dir`.
+
+  Orbax and tensorstore keep no checksums of array data (zarr3 shard indices have a CRC,
+  the chunks do not), so bytes damaged on disk would otherwise restore as garbage numbers.
+  """
+  files = {}
+  for path in sorted(_files_under(step_dir)):
+    name = str(path.relative_to(step_dir))
+    if name not in _UNSEALED_FILES:
+      files[name] = [path.stat().length, _sha256(path)]
+  (step_dir / CHECKSUMS_FILE).write_text(json.dumps({'algorithm': 'sha256', 'files': files}))
 
 
-def save_training(manager: ocp.CheckpointManager, step: int, state, metadata: dict[str, Any],
-                  metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-  """Saves (asynchronously) if `step` is due or `force`; returns whether a save started."""
-  return manager.save(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardSave(state),
-      METADATA_ITEM: ocp.args.JsonSave(metadata),
-  }), metrics=metrics, force=force)
+def _files_under(directory: epath.Path):
+  # Not rglob: epath refuses recursive patterns on GCS (one listing per directory instead).
+  for path in directory.iterdir():
+    if path.is_dir():
+      yield from _files_under(path)
+    else:
+      yield path
 
 
-def restore_training(manager: ocp.CheckpointManager, step: int, abstract_state):
-  """Restores `step` onto the shardings of `abstract_state` (any mesh or device count)."""
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-      METADATA_ITEM: ocp.args.JsonRestore(),
-  }))
-  return restored[STATE_ITEM], dict(restored[METADATA_ITEM])
+def _sha256(path: epath.Path) -> str:
+  with path.open('rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def verify_step(step_dir: epath.Path) -> str | None:
+  """Why the checkpoint step in `step_dir` cannot be used, or None if it is intact.
+
+  A sealed step (see `seal_step`) must have every file it was sealed with, at the same size
+  and hash. A step without checksums (written before they existed) is checked for the JSON
+  files every restore reads; its array data then is checked by restoring it.
+  """
+  manifest = step_dir / CHECKSUMS_FILE
+  required = [_STEP_METADATA_FILE]
+  if not manifest.exists():
+    required += [f'{STATE_ITEM}/_METADATA', f'{METADATA_ITEM}/{METADATA_ITEM}']
+  for name in required:
+    if not (step_dir / name).is_file():
+      return f'{name} is missing'
+    try:
+      json.loads((step_dir / name).read_text())
+    except ValueError:
+      return f'{name} is not valid JSON'
+  if not manifest.exists():
+    return None
+  try:
+    files = json.loads(manifest.read_text())['files']
+  except (ValueError, KeyError, TypeError):
+    return f'{CHECKSUMS_FILE} is unreadable'
+  for name, (size, digest) in files.items():
+    path = step_dir / name
+    if not path.is_file():
+      return f'{name} is missing'
+    actual = path.stat().length
+    if actual != size:
+      return f'{name} has {actual} bytes, {size} were written'
+    if _sha256(path) != digest:
+      return f'{name} does not match the checksum written with it'
+  return None
+
+
+def find_usable_step(workdir: str, step: int | None = None,
+                     steps: list[int] | None = None) -> tuple[int, list[tuple[int, str]]]:
+  """The step of a training workdir to read: the one asked for, or the newest intact one.
+
+  The one decision of which step is usable, for resuming, export, predict and `init_from`.
+
+  Args:
+    workdir: a training workdir.
+    step: a step asked for by the user (None or < 0: the newest intact one).
+    steps: the workdir's finished steps, if already listed.
+
+  Returns:
+    (step, [(newer damaged step, reason), ...]); each damaged step is logged as a warning.
+
+  Raises:
+    CheckpointError: no finished step, the step asked for is not finished or is damaged,
+      or every step is damaged.
+  """
+  steps = workdir_steps(workdir) if steps is None else steps
+  directory = checkpoint_dir(workdir)
+  if not steps:
+    raise CheckpointError(f'{workdir} has no finished checkpoint in {directory}')
+  if step is not None and step >= 0:
+    if step not in steps:
+      raise CheckpointError(f'{workdir} has no finished checkpoint at step {step}; it has '
+                            f'steps {steps}')
+    reason = verify_step(directory / str(step))
+    if reason:
+      raise CheckpointError(f'checkpoint step {step} in {directory} is damaged ({reason}); '
+                            f'choose another step of {steps}')
+    return step, []
+  damaged = []
+  for candidate in reversed(steps):
+    reason = verify_step(directory / str(candidate))
+    if reason is None:
+      return candidate, damaged
+    logging.warning('checkpoint step %d in %s is damaged (%s); trying the one before',
+                    candidate, directory, reason)
+    damaged.append((candidate, reason))
+  listing = '; '.join(f'step {s}: {r}' for s, r in damaged)
+  raise CheckpointError(f'every checkpoint in {directory} is damaged ({listing}); move '
+                        'them away to start over, or restore them from a copy')
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'.strip()
+
+
+class TrainingCheckpoints:
+  """The trainer's checkpoints in `workdir/checkpoints`: saved asynchronously by an orbax
+  CheckpointManager, sealed with checksums, verified before they are used.
+
+  Keeps the last `keep` steps and, with `best_metric`, the step with its highest value
+  (orbax writes the metrics of a step into it, so the best step is still known after a
+  restart). Each step is sealed before orbax commits it: `checksums.json` lists the size
+  and SHA-256 of every file, written by process 0 in orbax's background thread once every
+  process has written its part (`seal_step`). Resuming takes the newest step that verifies
+  (`find_usable_step`); newer damaged ones are moved to `workdir/checkpoints_damaged/`,
+  with a warning naming each, so that they are neither used nor overwritten nor deleted.
+  Errors of a background save surface, with their cause, at the next save or at `close`.
+  """
+
+  def __init__(self, workdir: str, *, save_interval_steps: int, keep: int,
+               best_metric: str | None = None, enable_async: bool = True):
+    self.workdir = workdir
+    self.directory = checkpoint_dir(workdir)
+    self._saving = None  # The step being saved, for the sealing callback.
+    policies = [ocp.checkpoint_managers.LatestN(keep)]
+    best_fn = None
+    if best_metric:
+      best_fn = operator.itemgetter(best_metric)
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False))
+    # Explicit save decisions: every `save_interval_steps` steps and on a preemption notice
+    # (orbax's default would also save the first step of every run).
+    save_policy = ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+    ])
+    self._async = enable_async
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=save_policy,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        # With a best_fn, orbax writes each step's metrics beside it and reads them back on
+        # a restart; the preservation policy above still decides what is kept.
+        best_fn=best_fn, best_mode='max',
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_saving)
+        if enable_async else None,
+        enable_async_checkpointing=enable_async, create=True,
+        # What a failed save (a full disk) or a killed run left half-written goes at the
+        # next start; the workdir lock makes sure no other trainer is writing it.
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=(STATE_ITEM, METADATA_ITEM))
+
+  def _seal_saving(self) -> None:
+    # Runs on process 0 only, after every process has written the step and before orbax
+    # commits it (renames it locally; writes its commit marker on GCS).
+    step_dir = ocp.step.find_step_path(self.directory, ocp.step.standard_name_format(),
+                                       step=self._saving, include_uncommitted=True)
+    seal_step(step_dir)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def save(self, step: int, state, metadata: dict[str, Any],
+           metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+    """Saves (asynchronously) if `step` is due or `force`; returns whether a save started.
+
+    Raises:
+      CheckpointError: the previous background save failed (the message names its cause).
+    """
+    self._wait()  # The previous save is sealed and committed, or its error raised here.
+    self._saving = step
+    started = self.manager.save(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state),
+        METADATA_ITEM: ocp.args.JsonSave(metadata),
+    }), metrics=metrics, force=force)
+    if started and not self._async and jax.process_index() == 0:
+      seal_step(self.directory / str(step))
+    return started
+
+  def check(self) -> None:
+    """Raises the error of a background save as soon as it has ended, not at the next save.
+
+    Cheap (no wait) while a save is still running. Process 0 decides for every process.
+
+    Raises:
+      CheckpointError: as `save`.
+    """
+    ended = multihost.decide_on_process_0(
+        'save_ended', lambda: '' if self.manager.is_saving_in_progress() else 'ended')
+    if ended:
+      self._wait()
+
+  def _wait(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      code = fileio.disk_full_errno(e)
+      if code is not None:
+        raise CheckpointError(
+            f'checkpoint step {self._saving} could not be written to {self.directory}: '
+            f'{fileio.describe_disk_full(code)}; the steps before it are intact: free space '
+            '(or lower config.keep_checkpoints) and run again to resume from the newest') from e
+      raise CheckpointError(
+          f'checkpoint step {self._saving} could not be written to {self.directory}: '
+          f'{_first_line(e)}; the steps before it are intact and a new run resumes from the '
+          'newest') from e
+
+  def restore(self, step: int, abstract_state):
+    """Restores `step` onto the shardings of `abstract_state` (any mesh or device count)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+        METADATA_ITEM: ocp.args.JsonRestore(),
+    }))
+    return restored[STATE_ITEM], dict(restored[METADATA_ITEM])
+
+  def restore_latest(self, abstract_state):
+    """(step, state, metadata) of the newest step that verifies and restores, else None.
+
+    Steps that fail either are set aside (see the class docstring) and the next older one is
+    tried. Every process calls this together; process 0 decides which step.
+
+    Raises:
+      CheckpointError: the workdir has finished steps but none is intact.
+    """
+    while True:
+      decided = multihost.decide_on_process_0('resume_step', self._newest_usable)
+      self.manager.reload()  # Process 0 may have set steps aside.
+      if decided.startswith('error:'):
+        raise CheckpointError(decided[len('error:'):])
+      if not decided:
+        return None
+      step = int(decided)
+      try:
+        state, metadata = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax and tensorstore raise many types for a damaged step (ValueError, OSError,
+        # KeyError, JSONDecodeError, XlaRuntimeError...).
+        reason = _first_line(e)
+        if jax.process_index() == 0:
+          self._set_aside(step, f'it cannot be restored: {reason}')
+        multihost.barrier('set_aside')
+        self.manager.reload()
+        continue
+      return step, state, metadata
+
+  def _newest_usable(self) -> str:
+    steps = workdir_steps(self.workdir)
+    if not steps:
+      return ''
+    try:
+      step, damaged = find_usable_step(self.workdir, steps=steps)
+    except CheckpointError as e:
+      return f'error:{e}'
+    for bad, reason in damaged:
+      self._set_aside(bad, reason)
+    return str(step)
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    aside = epath.Path(self.workdir) / DAMAGED_DIR
+    aside.mkdir(parents=True, exist_ok=True)
+    target = aside / str(step)
+    n = 1
+    while target.exists():
+      target, n = aside / f'{step}.{n}', n + 1
+    (self.directory / str(step)).rename(target)
+    logging.warning('checkpoint step %d in %s is damaged (%s): moved to %s and not used',
+                    step, self.directory, reason, target)
+
+  def close(self, raise_errors: bool = True) -> None:
+    """Waits for the last save and closes the manager.
+
+    Raises:
+      CheckpointError: the last save failed and `raise_errors` (else it is logged).
+    """
+    try:
+      self._wait()
+    except CheckpointError as e:
+      if raise_errors:
+        raise
+      logging.error('%s', e)
+    finally:
+      self.manager.close()
 
 
 def is_training_workdir(path: str) -> bool:
@@ -186,6 +464,8 @@ def _params_location(path: str, which: str, step: int | None):
   that holds them or None for the whole item, metadata)."""
   if which not in STATE_KEYS:
     raise CheckpointError(f"params must be 'ema' or 'raw', got {which!r}")
+  if '://' not in path:
+    path = os.path.abspath(path)  # Orbax finds no metadata under a relative path.
   if not epath.Path(path).exists():
     raise CheckpointError(f'{path} does not exist')
   if is_params_checkpoint(path):
@@ -196,15 +476,11 @@ def _params_location(path: str, which: str, step: int | None):
         f'{path} is neither a convnext_jax params checkpoint (params/ and metadata/ inside) '
         f'nor a training workdir with finished {CHECKPOINT_DIR}/<step>/; create one with '
         '`convnext-convert import` or by training')
-  if step is None or step < 0:
-    step = steps[-1]
-  elif step not in steps:
-    raise CheckpointError(f'{path} has no finished checkpoint at step {step}; it has steps '
-                          f'{steps}')
+  step, _ = find_usable_step(path, step, steps)
   step_dir = checkpoint_dir(path) / str(step)
   metadata = _read_json_item(step_dir)
   state_dir = step_dir / STATE_ITEM
-  keys = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  keys = _tree_metadata(state_dir)
   key = STATE_KEYS[which]
   if key not in keys or not keys[key]:
     if which == 'ema':
@@ -227,10 +503,19 @@ def load_params(path: str, which: str = 'ema', step: int | None = None):
     (params as nested numpy dicts, metadata dict).
 
   Raises:
-    CheckpointError: nothing loadable at `path`, or no such step.
+    CheckpointError: nothing loadable at `path`, no such step, a damaged step, or weights
+      that are not finite (a diverged run).
   """
   item_dir, key, metadata = _params_location(path, which, step)
-  return restore_numpy_tree(item_dir, key), metadata
+  params = restore_numpy_tree(item_dir, key)
+  nonfinite = [name for name, value in _flat_by_name(params).items()
+               if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
+  if nonfinite:
+    where = f'step {metadata["step"]} of {path}' if 'step' in metadata else path
+    raise CheckpointError(f'{where} holds non-finite weights ({len(nonfinite)} arrays, e.g. '
+                          f'{nonfinite[0]}): the run diverged before it was saved; use an '
+                          'earlier step')
+  return params, metadata
 
 
 def load_params_into(path: str, initial, *, which: str = 'ema', step: int | None = None,
@@ -256,7 +541,7 @@ def load_params_into(path: str, initial, *, which: str = 'ema', step: int | None
     CheckpointError: as `load_params`, or the trees differ (see `compare_params`).
   """
   item_dir, key, metadata = _params_location(path, which, step)
-  stored = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+  stored = _tree_metadata(item_dir)
   stored = stored[key] if key is not None else stored
   flat_initial = _flat_by_name(initial)
   report = compare_params({n: tuple(v.shape) for n, v in flat_initial.items()},

@@ -106,6 +106,12 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.keep_best_checkpoint = True
+  # A step whose loss, gradient norm or new parameters are not finite leaves the state as it
+  # was; 'skip' goes on (stopping after max_consecutive such steps in a row), 'stop' stops at
+  # the first. Either way no checkpoint ever holds non-finite weights.
+  c.nonfinite = ml_collections.ConfigDict()
+  c.nonfinite.action = 'skip'  # 'skip' or 'stop'.
+  c.nonfinite.max_consecutive = 10
   c.profile_start_step = -1  # >= 0: trace profile_num_steps steps from here.
   c.profile_num_steps = 5
 

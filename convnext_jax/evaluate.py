@@ -27,8 +27,12 @@ class EvalMetrics(metrics.Collection):
 
 
 def topk_correct(logits, labels, k: int):
-  """1.0 where a label is among the top-k logits. `labels`: (B,) ints or (B, K) multi-hot."""
-  top = jax.lax.top_k(logits, k)[1]
+  """1.0 where a label is among the top-k logits. `labels`: (B,) ints or (B, K) multi-hot.
+
+  With fewer than k classes every class is in the top k (k is capped at the class count,
+  as timm's `accuracy` caps it), so top-5 of a 3-class dataset is 1.0.
+  """
+  top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
   if labels.ndim == 2:  # Multi-hot: any valid label in the top k.
     return jnp.any(jnp.take_along_axis(labels, top, axis=1) > 0, axis=1).astype(jnp.float32)
   return jnp.any(top == labels[:, None], axis=1).astype(jnp.float32)

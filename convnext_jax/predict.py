@@ -16,16 +16,22 @@ with --json, a JSON list of {"image", "predictions": [{"class", "label", "probab
 Class names come from --labels (one per line), else the checkpoint's metadata, else, for
 1000 classes, the ImageNet-1K names that tensorflow_datasets ships, else `class N`.
 
-Errors (a missing or unreadable image, a missing checkpoint, a label file of the wrong
-length) are one line on stderr and exit status 2.
+Errors are one line on stderr each and make the exit status 2. An image that is missing,
+not an image, or cannot be decoded in full (a truncated file) is reported and skipped; the
+other images are still predicted and printed (and, with --json, only they are listed). When
+no image can be read the model is not loaded. A missing checkpoint or a label file of the
+wrong length stops the run.
 """
 
 import argparse
 import ast
+from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Sequence
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -134,30 +140,41 @@ def class_names(metadata: dict[str, Any], num_classes: int,
 # ----------------------------------------------------------------------------------------
 
 
-def check_images(paths: Sequence[str]) -> None:
-  """Fails early on a path that is missing or not an image (reads only headers).
+def check_images(paths: Sequence[str]) -> tuple[list[str], list[PredictError]]:
+  """Splits `paths` into the files Pillow recognises and an error for each other path.
 
-  Raises:
-    PredictError: the first such path.
+  Reads only headers, so that missing and non-image files are reported at once, before the
+  model loads; a file whose data is truncated passes and fails later, in `load_image`.
+
+  Returns:
+    (the paths that look like images, in order; one `PredictError` per other path).
   """
+  readable, errors = [], []
   for path in paths:
     if not epath.Path(path).is_file():
-      raise PredictError(f'image {path} does not exist or is not a file; check the path')
+      errors.append(PredictError(f'image {path} does not exist or is not a file; check the '
+                                 'path'))
+      continue
     try:
       with epath.Path(path).open('rb') as f, Image.open(f):
         pass
     except Exception as e:  # pylint: disable=broad-except
-      raise _unreadable(path, e) from None
+      errors.append(_unreadable(path, e))
+      continue
+    readable.append(path)
+  return readable, errors
 
 
-def _unreadable(path: str, error: Exception) -> PredictError:
+_FORMATS_HINT = 'pass JPEG, PNG, GIF, BMP or WebP files'
+
+
+def _unreadable(path: str, error: Exception, hint: str = _FORMATS_HINT) -> PredictError:
   if isinstance(error, Image.UnidentifiedImageError):
     # Pillow's own message names a file object, not the path.
-    reason = 'not an image format Pillow knows'
+    reason, hint = 'not an image format Pillow knows', _FORMATS_HINT
   else:
     reason = f'{type(error).__name__}: {error}'
-  return PredictError(f'cannot read image {path} ({reason}); pass JPEG, PNG, GIF, BMP or '
-                      'WebP files')
+  return PredictError(f'cannot read image {path} ({reason}); {hint}')
 
 
 def load_image(path: str, size: int, crop_pct: float, crop_mode: str = 'center') -> np.ndarray:
@@ -167,12 +184,16 @@ def load_image(path: str, size: int, crop_pct: float, crop_mode: str = 'center')
     PredictError: the file cannot be read or decoded.
   """
   try:
-    return pil_reference.eval_transform(epath.Path(path).read_bytes(), size, crop_pct,
-                                        crop_mode)
+    data = epath.Path(path).read_bytes()
+  except OSError as e:
+    raise _unreadable(path, e, 'check the path') from None
+  try:
+    return pil_reference.eval_transform(data, size, crop_pct, crop_mode)
   except Exception as e:  # pylint: disable=broad-except
     # Decoders report corrupt files with many exception types (OSError, SyntaxError,
-    # struct.error, DecompressionBombError, ...).
-    raise _unreadable(path, e) from None
+    # struct.error, DecompressionBombError, ...); past the header, the data is cut short
+    # or damaged.
+    raise _unreadable(path, e, 'the file is truncated or corrupt; replace it') from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,21 +247,46 @@ def make_predict_fn(model, top_k: int):
   return jax.jit(predict, compiler_options=models.compiler_options())
 
 
-def predict_files(predict_fn, params, paths: Sequence[str], size: int, crop_pct: float,
-                  batch_size: int, crop_mode: str = 'center'
-                  ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-  """Yields (path, top-k probabilities, top-k indices) per image, in order.
+def _raise(error: PredictError):
+  raise error
+
+
+def load_images(paths: Iterable[str], size: int, crop_pct: float, crop_mode: str = 'center',
+                on_error: Callable[[PredictError], None] = _raise
+                ) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (path, evaluation crop) per image that decodes, in order.
+
+  Args:
+    paths: image files.
+    size: side of the square crop.
+    crop_pct: fraction of the resized shorter side (or sides) that the crop keeps.
+    crop_mode: 'center' or 'squash' (`data.CROP_MODES`).
+    on_error: called with the `PredictError` of each image that cannot be read, which is
+      then left out; by default the error is raised.
+  """
+  for path in paths:
+    try:
+      image = load_image(path, size, crop_pct, crop_mode)
+    except PredictError as e:
+      on_error(e)
+      continue
+    yield path, image
+
+
+def predict_images(predict_fn, params, images: Iterable[tuple[str, np.ndarray]],
+                   batch_size: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+  """Yields (path, top-k probabilities, top-k indices) per (path, image), in order.
 
   Every batch has the same shape (the last one padded by repeating an image), so the
-  forward compiles once.
+  forward compiles once. Batches fill from the images as they come, so images left out by
+  `load_images` leave no gaps.
   """
-  batch_size = max(1, min(batch_size, len(paths)))
-  for start in range(0, len(paths), batch_size):
-    chunk = list(paths[start:start + batch_size])
-    images = [load_image(p, size, crop_pct, crop_mode) for p in chunk]
-    images += [images[-1]] * (batch_size - len(images))
-    probs, indices = jax.device_get(predict_fn(params, np.stack(images)))
-    for i, path in enumerate(chunk):
+  images = iter(images)
+  while batch := list(itertools.islice(images, batch_size)):
+    arrays = [image for _, image in batch]
+    arrays += [arrays[-1]] * (batch_size - len(arrays))
+    probs, indices = jax.device_get(predict_fn(params, np.stack(arrays)))
+    for i, (path, _) in enumerate(batch):
       yield path, probs[i], indices[i]
 
 
@@ -286,17 +332,31 @@ def _check_args(args) -> None:
     raise PredictError(f'--crop_pct must be in (0, 1], got {args.crop_pct}')
 
 
-def run(args) -> Iterator[dict[str, Any]]:
-  """Yields {'image', 'predictions': [{'class', 'label', 'probability'}]} per image."""
+def run(args, on_error: Callable[[PredictError], None] = _raise) -> Iterator[dict[str, Any]]:
+  """Yields {'image', 'predictions': [{'class', 'label', 'probability'}]} per image.
+
+  Args:
+    args: the parsed command line (`build_parser`).
+    on_error: called with the `PredictError` of each image that cannot be read, which is
+      then skipped; by default the error is raised.
+  """
   _check_args(args)
-  check_images(args.images)
+  paths, errors = check_images(args.images)
+  for error in errors:
+    on_error(error)
+  crop_pct, crop_mode = eval_crop(args.size, args.crop_pct, args.crop_mode)
+  images = load_images(paths, args.size, crop_pct, crop_mode, on_error)
+  # The model loads only once an image has decoded: with none, there is nothing to predict.
+  first = next(images, None)
+  if first is None:
+    return
   model, params, metadata = load_model(args.checkpoint, args.params, args.step)
   num_classes = model.num_classes
   names = class_names(metadata, num_classes, args.labels)
-  crop_pct, crop_mode = eval_crop(args.size, args.crop_pct, args.crop_mode)
   predict_fn = make_predict_fn(model, min(args.top_k, num_classes))
-  for path, probs, indices in predict_files(predict_fn, params, args.images, args.size,
-                                            crop_pct, args.batch_size, crop_mode):
+  batch_size = min(args.batch_size, len(paths))
+  for path, probs, indices in predict_images(predict_fn, params,
+                                             itertools.chain([first], images), batch_size):
     yield {'image': path,
            'predictions': [{'class': int(k), 'label': names[k], 'probability': float(p)}
                            for p, k in zip(probs, indices)]}
@@ -311,9 +371,15 @@ def format_text(result: dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  image_errors = []
+
+  def report(error: PredictError) -> None:
+    image_errors.append(error)
+    print(f'{PROG}: error: {error}', file=sys.stderr, flush=True)
+
   results = []
   try:
-    for result in run(args):
+    for result in run(args, on_error=report):
       if args.json:
         results.append(result)
       else:
@@ -323,7 +389,7 @@ def main(argv=None) -> int:
     return EXIT_ERROR
   if args.json:
     print(json.dumps(results, indent=2))
-  return 0
+  return EXIT_ERROR if image_errors else 0
 
 
 if __name__ == '__main__':

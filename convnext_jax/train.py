@@ -1,17 +1,24 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Reads top to bottom: logging and process facts; mesh; input; model and optimizer (abstract
-shapes first); shard and materialise the state directly on the mesh; resume, or initialise
-from converted weights; evaluators; the loop (log, evaluate, checkpoint, stop on
-preemption).
+Reads top to bottom: logging and process facts; mesh; the workdir's lock (one trainer per
+workdir); input; model and optimizer (abstract shapes first); shard and materialise the
+state directly on the mesh; resume from the newest intact checkpoint, or initialise from
+converted weights; evaluators; the loop (log, evaluate, checkpoint, stop on preemption or
+divergence).
 
 The train state is a plain pytree {'params', 'opt_state', 'ema_params', 'step', 'rng'}
 ('ema_params' only with an EMA) donated into one jitted step per optimizer update. Inside
 the step: uint8 images are normalised, Random Erasing, Mixup/CutMix (one lambda per
 per-device batch) and label smoothing are applied, the loss is averaged over
-`grad_accum_steps` micro-batches, AdamW updates the params, and the EMA follows once.
+`grad_accum_steps` micro-batches, AdamW updates the params, and the EMA follows once. A
+step whose loss, gradients or new params are not finite leaves the state as it was
+(`config.nonfinite`), so no checkpoint ever holds non-finite weights.
+
+Errors a user can act on (divergence, a workdir in use, a checkpoint that cannot be written
+or read) are raised as `RUN_ERRORS`, whose messages are one line.
 """
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -34,20 +41,55 @@ from convnext_jax import checkpoints
 from convnext_jax import evaluate
 from convnext_jax import input_pipeline
 from convnext_jax import models
+from convnext_jax import multihost
 from convnext_jax import optim
 from convnext_jax import sharding
+from convnext_jax import workdir_lock
 from convnext_jax.data import batch_ops
 from convnext_jax.data import eval_crop
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
+class TrainingError(RuntimeError):
+  """A run that cannot go on (divergence, a checkpoint that cannot be written, a workdir in
+  use); the message is one line saying what happened, where, and what to do."""
+
+
+# What `main` reports as one line (exit status 1) instead of a traceback.
+RUN_ERRORS = (TrainingError, checkpoints.CheckpointError)
+
+
+@flax.struct.dataclass
+class _Sum(metrics.Metric):
+  total: jnp.ndarray
+
+  @classmethod
+  def from_model_output(cls, values: jnp.ndarray, **_) -> '_Sum':
+    return cls(total=jnp.sum(values))
+
+  def merge(self, other: '_Sum') -> '_Sum':
+    return type(self)(total=self.total + other.total)
+
+  def compute(self) -> jnp.ndarray:
+    return self.total
+
+
+def _over_finite_steps(name: str):
+  """An Average of the output `name` over the steps the non-finite guard let through."""
+  return metrics.Average.from_fun(
+      lambda finite, **outputs: {'values': outputs[name][None], 'mask': finite[None]})
+
+
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output('loss')
-  grad_norm: metrics.Average.from_output('grad_norm')
+  """Over the steps since the last log: mean loss and gradient norm of the finite steps,
+  the last finite parameter norm and the lr, and how many steps the guard skipped."""
+  loss: _over_finite_steps('loss')
+  grad_norm: _over_finite_steps('grad_norm')
   param_norm: metrics.LastValue.from_output('param_norm')
   lr: metrics.LastValue.from_output('lr')
+  skipped_steps: _Sum.from_fun(lambda finite, **_: 1 - finite.astype(jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,15 +231,25 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int,
                        jax.random.split(key, accum)))
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
     updates, opt_state = optimizer.update(grads, state['opt_state'], params)
-    params = optax.apply_updates(params, updates)
-    new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
+    new_params = optax.apply_updates(params, updates)
+    updated = dict(params=new_params, opt_state=opt_state)
     if 'ema_params' in state:
       decay = optim.ema_decay_at(state['step'], config.ema.decay, config.ema.warmup)
-      new_state['ema_params'] = optim.update_ema(state['ema_params'], params, decay)
+      updated['ema_params'] = optim.update_ema(state['ema_params'], new_params, decay)
+    grad_norm = optax.tree.norm(grads)
+    # The non-finite guard: a step whose loss, gradients or new weights are not all finite
+    # changes nothing but the step count (the selects fuse into the update's elementwise
+    # work), so the state never holds a NaN or inf to be saved. The optimizer's own count
+    # (bias correction, its schedule) stays too: a skipped step is as if not taken.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) &
+              jnp.isfinite(optax.tree.norm(new_params)))
+    new_state = dict(state, step=state['step'] + 1)
+    new_state.update(jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                                  {k: state[k] for k in updated}))
     step_metrics = TrainMetrics.single_from_model_output(
-        loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
-        lr=schedule_fn(state['step']))
-    return new_state, step_metrics
+        loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state['params']),
+        lr=schedule_fn(state['step']), finite=finite)
+    return new_state, step_metrics, {'finite': finite, 'loss': loss, 'grad_norm': grad_norm}
 
   return step
 
@@ -265,12 +317,57 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _NonfiniteGuard:
+  """Stops a run whose steps keep failing the jitted step's finiteness check.
+
+  The step itself refuses a non-finite update (see `make_train_step`); this counts the
+  refusals in a row and raises `TrainingError` at `max_consecutive` of them with action
+  'skip', at the first with 'stop'. Each step's flags are read one step late, once the next
+  step has been dispatched, so the host never waits on the step it has just started.
+  """
+
+  def __init__(self, action: str, max_consecutive: int):
+    self.limit = 1 if action == 'stop' else max_consecutive
+    self.action = action
+    self.in_a_row = 0
+    self._pending = None
+
+  def push(self, step: int, health) -> None:
+    """Records the flags of `step` (just dispatched) and checks those of the step before."""
+    previous, self._pending = self._pending, (step, health)
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self) -> None:
+    """Checks the last step pushed (waiting for it)."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      self._check(*pending)
+
+  def _check(self, step: int, health) -> None:
+    health = jax.device_get(health)
+    if health['finite']:
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    logging.warning('step %d: loss %s, gradient norm %s: update skipped, weights kept '
+                    '(%d such steps in a row)', step, health['loss'], health['grad_norm'],
+                    self.in_a_row)
+    if self.in_a_row >= self.limit:
+      raise TrainingError(
+          f'training diverged: {self.in_a_row} step(s) in a row up to step {step} had a '
+          f'non-finite loss or gradient (last: loss {health["loss"]}, gradient norm '
+          f'{health["grad_norm"]}; config.nonfinite.action={self.action!r}, '
+          f'max_consecutive={self.limit}); no checkpoint holds non-finite weights; lower '
+          'config.optim.lr (or lengthen the warmup, set optim.grad_clip_norm) and run again '
+          'to resume from the last checkpoint')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) in `workdir`, evaluating and checkpointing; returns the last eval."""
   # ---- Logging and process facts. ----
   input_pipeline.configure_tensorflow()  # Before the metric writer starts TensorFlow.
   process = jax.process_index()
-  writer = metric_writers.create_default_writer(workdir, just_logging=process > 0)
   logging.info('process %d of %d; %d local / %d global devices (%s)', process,
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
@@ -284,6 +381,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                'data-parallel device, %d micro-batch(es)', dict(mesh.shape),
                config.global_batch_size, per_host_batch, feed.shard_index, feed.shard_count,
                config.global_batch_size // num_shards, config.grad_accum_steps)
+
+  # ---- The workdir, one trainer at a time. ----
+  # Only now is the workdir created, which a config refused above must not leave.
+  with _workdir_lock(workdir) as lock:
+    return _train_holding(config, workdir, mesh, feed, lock)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """Holds `workdir`'s lock (`workdir_lock`): process 0 takes it for every process.
+
+  Raises:
+    TrainingError: another trainer holds it (the message names it).
+  """
+  lock = workdir_lock.WorkdirLock(workdir)
+
+  def acquire() -> str:
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirLocked as e:
+      return str(e)
+    return ''
+
+  refusal = multihost.decide_on_process_0('workdir_lock', acquire)
+  if refusal:
+    raise TrainingError(refusal)
+  try:
+    yield lock
+  finally:
+    lock.release()  # A no-op on the processes that did not take it.
+
+
+def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+                   feed: sharding.BatchFeed, lock: workdir_lock.WorkdirLock):
+  """The rest of `train_and_evaluate`, once the workdir's lock is held."""
+  process = jax.process_index()
+  num_shards = sharding.data_parallel_size(mesh)
+  per_host_batch = feed.local_batch(config.global_batch_size)
+  writer = metric_writers.create_default_writer(workdir, just_logging=process > 0)
 
   # ---- Input. ----
   inputs = input_pipeline.Inputs(config)
@@ -317,17 +453,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                             jax_logging_process=0)
 
   # ---- Resume, or initialise from other weights. ----
-  best_metric = 'top1' if config.keep_best_checkpoint else None
-  manager = checkpoints.training_manager(
+  ckpts = checkpoints.TrainingCheckpoints(
       workdir, save_interval_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
-      best_metric=best_metric)
+      best_metric='top1' if config.keep_best_checkpoint else None)
   start_position = 0
-  latest = manager.latest_step()
-  if latest is not None:
-    abstract_with_shardings = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-        state_shardings)
-    state, metadata = checkpoints.restore_training(manager, latest, abstract_with_shardings)
+  abstract_with_shardings = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+      state_shardings)
+  resumed = ckpts.restore_latest(abstract_with_shardings)  # The newest intact step.
+  if resumed is not None:
+    latest, state, metadata = resumed
     start_position = _start_position(metadata, latest, feed, per_host_batch)
     logging.info('resumed from step %d (data position %d)', latest, start_position)
   elif config.init_from.path:
@@ -356,8 +491,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- The loop. ----
   train_step = jax.jit(
       make_train_step(model, optimizer, lr_fn, config, num_classes, num_shards),
-      in_shardings=(state_shardings, feed.sharding), out_shardings=(state_shardings, None),
-      donate_argnums=(0,), compiler_options=models.compiler_options(training=True))
+      in_shardings=(state_shardings, feed.sharding),
+      out_shardings=(state_shardings, None, None), donate_argnums=(0,),
+      compiler_options=models.compiler_options(training=True))
   train_iter = inputs.train_iterator(feed, start_position)
   report = periodic_actions.ReportProgress(num_train_steps=sched.total_steps, writer=writer)
   hooks = [report]
@@ -365,53 +501,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile_start_step,
                                           num_profile_steps=config.profile_num_steps))
   preemption = _Preemption()
+  guard = _NonfiniteGuard(config.nonfinite.action, config.nonfinite.max_consecutive)
   train_metrics = None
   last_eval: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
   logging.info('training from step %d to %d', start_step, sched.total_steps)
-  for step in range(start_step, sched.total_steps):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = next(train_iter)
-      state, step_metrics = train_step(state, batch)
-    train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-    done = step + 1
-    window_steps += 1
-    for hook in hooks:
-      hook(done)
-    final = done == sched.total_steps
-    if done % config.log_every_steps == 0 or final:
-      scalars = {f'train/{k}': v for k, v in train_metrics.compute().items()}
-      elapsed = time.perf_counter() - window_start
-      scalars['train/images_per_sec'] = window_steps * config.global_batch_size / elapsed
-      scalars['train/epoch'] = done / sched.steps_per_epoch
-      if train_iter.skipped:
-        scalars['train/skipped_images'] = train_iter.skipped
-      writer.write_scalars(done, scalars)
-      train_metrics, window_start, window_steps = None, time.perf_counter(), 0
-    ckpt_metrics = None
-    if done % sched.eval_every == 0 or final:
-      last_eval = run_evals(done)
-      main_eval = f'{evaluators[0].name}/{"ema" if use_ema else "raw"}/top1'
-      ckpt_metrics = {'top1': last_eval.get(main_eval, 0.0)}
-    # A SIGTERM flag is per process; with several processes, orbax's preemption notice
-    # (synchronised through jax.distributed) decides, so that all of them stop together.
-    preempted = manager.reached_preemption(done) or (
-        preemption.requested and jax.process_count() == 1)
-    force = final or preempted or ckpt_metrics is not None
-    if force or manager.should_save(done):
-      # The data positions are gathered from every process: only when a save is due.
-      metadata = _metadata(config, inputs, num_classes, feed, train_iter.next_position, done,
-                           last_eval)
-      checkpoints.save_training(manager, done, state, metadata, metrics=ckpt_metrics,
-                                force=force)
-    if preempted:
-      logging.warning('preempted at step %d: checkpoint written, exiting', done)
-      break
-  manager.wait_until_finished()
-  manager.close()
-  preemption.restore()
+  try:
+    for step in range(start_step, sched.total_steps):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = next(train_iter)
+        state, step_metrics, health = train_step(state, batch)
+      done = step + 1
+      guard.push(done, health)  # Checks the step before this one: no wait for this one.
+      train_metrics = (step_metrics if train_metrics is None else
+                       train_metrics.merge(step_metrics))
+      window_steps += 1
+      for hook in hooks:
+        hook(done)
+      final = done == sched.total_steps
+      if done % config.log_every_steps == 0 or final:
+        scalars = {f'train/{k}': v for k, v in train_metrics.compute().items()}
+        elapsed = time.perf_counter() - window_start
+        scalars['train/images_per_sec'] = window_steps * config.global_batch_size / elapsed
+        scalars['train/epoch'] = done / sched.steps_per_epoch
+        if train_iter.skipped:
+          scalars['train/skipped_images'] = train_iter.skipped
+        writer.write_scalars(done, scalars)
+        train_metrics, window_start, window_steps = None, time.perf_counter(), 0
+        ckpts.check()  # A failed background save stops the run here, not at the next save.
+      ckpt_metrics = None
+      if done % sched.eval_every == 0 or final:
+        last_eval = run_evals(done)
+        main_eval = f'{evaluators[0].name}/{"ema" if use_ema else "raw"}/top1'
+        ckpt_metrics = {'top1': last_eval.get(main_eval, 0.0)}
+      # A SIGTERM flag is per process; with several processes, orbax's preemption notice
+      # (synchronised through jax.distributed) decides, so that all of them stop together.
+      preempted = ckpts.reached_preemption(done) or (
+          preemption.requested and jax.process_count() == 1)
+      force = final or preempted or ckpt_metrics is not None
+      if force or ckpts.should_save(done):
+        guard.flush()  # Stops here, before saving, if this step ends a run of skipped ones.
+        _check_lock_held(lock, workdir, done)
+        # The data positions are gathered from every process: only when a save is due.
+        metadata = _metadata(config, inputs, num_classes, feed, train_iter.next_position, done,
+                             last_eval)
+        ckpts.save(done, state, metadata, metrics=ckpt_metrics, force=force)
+      if preempted:
+        logging.warning('preempted at step %d: checkpoint written, exiting', done)
+        break
+  except BaseException:
+    # The loop's error is the one to report; a failed save behind it is logged by close.
+    ckpts.close(raise_errors=False)
+    raise
+  finally:
+    preemption.restore()
+  ckpts.close()  # Waits for the last save; raises if it failed.
   writer.flush()
   return last_eval
+
+
+def _check_lock_held(lock: workdir_lock.WorkdirLock, workdir: str, step: int) -> None:
+  """Raises `TrainingError` on every process if process 0 has lost the workdir's lock."""
+  if multihost.decide_on_process_0('lock_lost', lambda: 'lost' if lock.lost else ''):
+    raise TrainingError(f'another trainer took over the lock of {workdir} (see the log for '
+                        f'who): stopped at step {step} without saving, so as not to write '
+                        'over its checkpoints; make sure one trainer uses this workdir')
 
 
 def _eval_batch(config, num_shards: int) -> int:

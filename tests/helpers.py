@@ -52,3 +52,74 @@ def images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
 
 def nhwc(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+_SMALL_DISK_MARK = '--- small disk after the command ---'
+
+
+def run_on_small_disk(cmd: list[str], mount_dir: str, size: str, before: str = '',
+                      after: str = 'find "$DISK" -mindepth 1 -printf "%P %s\\n" | sort',
+                      env: dict[str, str] | None = None,
+                      timeout: float = 300) -> tuple[int, str, str, str]:
+  """Runs `cmd` with a fresh tmpfs of `size` (e.g. '4m') mounted at `mount_dir`.
+
+  The mount lives in a private mount namespace (`unshare -m` as root, else `unshare -rm` in
+  a user namespace), so it vanishes with the command and nothing is left to unmount; outside,
+  `mount_dir` stays an empty directory. Shell snippets `before` and `after` run in the same
+  namespace, before and after `cmd`, with `$DISK` set to `mount_dir`: `before` fills the disk
+  (it must succeed), `after` reports what the command left on it (by default one
+  'relative/path size' line per entry, sorted; '' when the disk is empty).
+
+  Args:
+    cmd: the command and its arguments (not through a shell).
+    mount_dir: an existing, empty directory to mount the tmpfs on.
+    size: tmpfs size, as `mount -o size=` takes it.
+    before: shell commands run on the mounted disk before `cmd`.
+    after: shell commands whose stdout is returned as `listing`.
+    env: environment of `cmd` (default: this process's).
+    timeout: seconds before the whole process group is killed and the test fails.
+
+  Returns:
+    (returncode of cmd, its stdout, its stderr, the stdout of `after`).
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+
+  if not shutil.which('unshare'):
+    pytest.skip('run_on_small_disk needs unshare (util-linux) to mount a private tmpfs')
+  unshare = (['unshare', '-m', '--propagation', 'private'] if os.geteuid() == 0 else
+             ['unshare', '-r', '-m', '--propagation', 'private'])
+  # Exit 97/98 (with no mark printed) say the mount or `before` failed, so cmd never ran.
+  script = f'''
+mount -t tmpfs -o size={size} tmpfs "$DISK" || exit 97
+(
+set -e
+{before}
+) || exit 98
+"$@"
+status=$?
+echo '{_SMALL_DISK_MARK}'
+{after}
+exit $status
+'''
+  env = dict(os.environ if env is None else env, DISK=mount_dir)
+  proc = subprocess.Popen(unshare + ['sh', '-c', script, 'sh'] + list(cmd), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)  # sh and the command it started, nothing else.
+    proc.communicate()
+    raise AssertionError(f'{cmd} on a {size} tmpfs ran past {timeout} s') from None
+  if _SMALL_DISK_MARK not in out:
+    if proc.returncode == 98:
+      raise AssertionError(f'`{before}` failed on the {size} tmpfs: {err.strip()}')
+    # 97: mount refused; otherwise unshare itself was refused (no namespaces for us).
+    pytest.skip(f'cannot mount a tmpfs in a private mount namespace ({" ".join(unshare)}): '
+                f'{err.strip()}')
+  out, listing = out.split(_SMALL_DISK_MARK + '\n', 1)
+  return proc.returncode, out, err, listing

@@ -102,15 +102,15 @@ def _instrument() -> dict[str, list]:
 
   periodic_actions.ReportProgress = SignallingReport
 
-  save_training = checkpoints.save_training
+  save = checkpoints.TrainingCheckpoints.save
 
-  def killing_save(manager, step, *args, **kwargs):
-    started = save_training(manager, step, *args, **kwargs)
+  def killing_save(self, step, *args, **kwargs):
+    started = save(self, step, *args, **kwargs)
     if step == FLAGS.sigkill_at_save and jax.process_index() == FLAGS.signal_process:
       os.kill(os.getpid(), signal.SIGKILL)  # The async save of `step` is under way.
     return started
 
-  checkpoints.save_training = killing_save
+  checkpoints.TrainingCheckpoints.save = killing_save
 
   # An iterator's destructor waits for tf.data's autotuning thread, which sleeps for seconds
   # between rounds: each run of a multi-run process would end with that wait.

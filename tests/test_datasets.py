@@ -11,7 +11,9 @@ import itertools
 import logging
 import os
 import re
+import struct
 import tarfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -58,6 +60,28 @@ def _records(builder, split: str) -> dict[str, tuple[int, bytes]]:
 
 def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
+
+
+def _ramp16(height: int = 32, width: int = 40) -> np.ndarray:
+  """A uint16 ramp over the full range, 0 at the top left to 65535 at the bottom right."""
+  return (np.arange(height * width).reshape(height, width) * 65535 //
+          (height * width - 1)).astype(np.uint16)
+
+
+def _png16(samples: np.ndarray) -> bytes:
+  """A 16-bit PNG written without Pillow: (H, W) grayscale or (H, W, 3) RGB samples."""
+  height, width = samples.shape[:2]
+  color_type = 2 if samples.ndim == 3 else 0
+  rows = samples.reshape(height, -1).astype('>u2')
+  raw = b''.join(b'\0' + row.tobytes() for row in rows)  # Filter type 0 on every row.
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack('>I', len(data)) + kind + data +
+            struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+  header = struct.pack('>IIBBBBB', width, height, 16, color_type, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw)) +
+          chunk(b'IEND', b''))
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +330,29 @@ def test_image_codec_outcomes():
     assert image_codec.to_rgb_jpeg(data) == (None, image_codec.Outcome.SKIPPED)
 
 
+def test_image_codec_16bit_grayscale_keeps_the_high_byte():
+  ramp = _ramp16()
+  expected = np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+  png = _encode(Image.fromarray(ramp), 'PNG')
+  # 16-bit PGM with a 10-bit maximum: Pillow scales it to 0..65535 and opens it as 'I'.
+  pgm = b'P5\n40 32\n1023\n' + (ramp >> 6).astype('>u2').tobytes()
+  with Image.open(io.BytesIO(png)) as image:
+    assert image.mode == 'I;16'  # What Image.convert('RGB') clips to white above 255.
+  with Image.open(io.BytesIO(pgm)) as image:
+    assert image.mode == 'I'
+  for data in (png, pgm, _png16(ramp)):
+    jpeg, outcome = image_codec.to_rgb_jpeg(data)
+    assert outcome == image_codec.Outcome.REENCODED
+    decoded = _decode(jpeg)
+    assert (decoded < 250).mean() > 0.9  # Not white: the ramp's top byte is >= 250 for 2%.
+    assert _mean_abs_diff(decoded, expected) < 2.0
+  # Pillow itself reduces 16-bit RGB PNGs to their high bytes; grayscale now agrees.
+  rgb16 = np.stack([ramp, ramp, ramp], -1)
+  with Image.open(io.BytesIO(_png16(rgb16))) as image:
+    assert image.mode == 'RGB'
+    np.testing.assert_array_equal(np.asarray(image), expected)
+
+
 def test_imagenet22k_from_outer_tar(fake_imagenet22k, imagenet22k_records, tmp_path):
   # fall11_whole.tar holds the class tars; they are read in place, giving the same dataset.
   class_tars_dir, _ = fake_imagenet22k
@@ -449,6 +496,9 @@ def _make_class_folder(root, val_classes=_FOLDER_CLASSES):
 def test_class_folder_builds(tmp_path, caplog):
   root = tmp_path / 'flowers'
   counts = _make_class_folder(root)
+  # A 16-bit grayscale PNG (a scanner's or microscope's): 8 bits from its high bytes.
+  Image.fromarray(_ramp16()).save(root / 'val' / 'daisy' / 'deep.png')
+  counts['validation'] += 1
   data_dir = os.fspath(tmp_path / 'tfds')
   builder, messages = _prepare_logged(caplog, 'class_folder', data_dir=data_dir, root=root)
   assert re.fullmatch(r'flowers_[0-9a-f]{8}', builder.builder_config.name)
@@ -462,7 +512,9 @@ def test_class_folder_builds(tmp_path, caplog):
   assert sorted(_records(builder, 'train')) == [
       f'{name}/{path}' for name in _FOLDER_CLASSES for path in ('a.jpg', 'b.png', 'more/c.JPEG')]
   assert _outcome_totals(messages, 'class_folder') == {
-      'kept': 3 + 6, 'reencoded': 6, 'skipped': 1, 'splits': 2}
+      'kept': 3 + 6, 'reencoded': 6 + 1, 'skipped': 1, 'splits': 2}
+  deep = _decode(_records(builder, 'validation')['daisy/deep.png'][1])
+  assert _mean_abs_diff(deep, (_ramp16() >> 8)[..., None]) < 2.0
   assert any(re.fullmatch(r'Skipping .*rose/broken\.jpg: not an image Pillow can decode\.', m)
              for m in messages)
   # Read back by config name, without the folder.

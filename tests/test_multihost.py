@@ -14,8 +14,10 @@ after which every reader uses the previous step.
 """
 
 import json
+import os
 import pathlib
 import shutil
+import socket
 
 import jax
 import numpy as np
@@ -25,6 +27,7 @@ import pytest
 from convnext_jax import checkpoints
 from convnext_jax import input_pipeline
 from convnext_jax import train
+from convnext_jax import workdir_lock
 import fake_tfds
 import helpers
 import mp_config
@@ -178,10 +181,21 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
   shutil.copytree(stopped, tmp_path / 'stopped_copy')
 
   # The same command again, through the entry point itself, resumes and ends exactly as the
-  # uninterrupted run did.
-  multiprocess.run(['-m', 'convnext_jax.main', f'--config={CONFIG}',
-                    f'--config.dataset.data_dir={shapes_dir}', f'--workdir={stopped}'], 2, 4,
-                   log_dir=tmp_path / 'resume_logs', timeout=TIMEOUT)
+  # uninterrupted run did; first while another trainer (this test) holds the workdir's lock:
+  # process 0 finds it held and both processes stop with its one line.
+  command = ['-m', 'convnext_jax.main', f'--config={CONFIG}',
+             f'--config.dataset.data_dir={shapes_dir}', f'--workdir={stopped}']
+  with workdir_lock.WorkdirLock(str(stopped)):
+    refused = multiprocess.launch(command, 2, 4, log_dir=tmp_path / 'refused_logs',
+                                  timeout=TIMEOUT).wait()
+  for r in refused:
+    assert r.returncode == 1, multiprocess.describe(refused)
+    assert r.log.strip().splitlines()[-1].startswith(
+        f'convnext-train: error: workdir {stopped} is in use by another trainer: host '
+        f'{socket.gethostname()}, pid {os.getpid()},'), multiprocess.describe(refused)
+  assert checkpoints.workdir_steps(str(stopped)) == steps  # Nothing written meanwhile.
+  multiprocess.run(command, 2, 4, log_dir=tmp_path / 'resume_logs', timeout=TIMEOUT)
+  assert not (stopped / workdir_lock.LOCK_NAME).exists()  # Released at the end.
   assert checkpoints.workdir_steps(str(stopped)) == [steps[0], STEPS]
   for resumed, straight in zip(raw_and_ema(stopped), raw_and_ema(root / 'data8')):
     assert_trees_equal(resumed, straight)
@@ -211,9 +225,9 @@ def test_sigkill_during_an_async_save_leaves_the_previous_step_to_every_reader(
       sorted(p.name for p in directory.iterdir()))  # Step 4 was being written.
   assert checkpoints.workdir_steps(str(workdir)) == [2]
   assert checkpoints.load_params(str(workdir))[1]['step'] == 2  # Export, predict.
-  manager = checkpoints.training_manager(str(workdir), save_interval_steps=2, keep=3)
-  assert manager.latest_step() == 2  # Where training resumes.
-  manager.close()
+  ckpts = checkpoints.TrainingCheckpoints(str(workdir), save_interval_steps=2, keep=3)
+  assert ckpts.latest_step() == 2  # Where training resumes.
+  ckpts.close()
 
 
 NUM_EVAL = 37  # Prime: no batch size here divides it.

@@ -1,5 +1,6 @@
 """`convnext-predict`: top-k output against a direct forward pass, class names, workdirs,
-the command line without TensorFlow, and one-line errors with exit status 2."""
+the command line without TensorFlow, one-line errors with exit status 2 (bad images skipped,
+the others still predicted), and 16-bit PNGs."""
 
 import json
 import os
@@ -112,12 +113,11 @@ def test_training_workdir_ema_and_raw_weights(files, capsys):
   state = {'params': _biased_params(model, favoured=0), 'ema_params': files['params'],
            'step': np.int32(7)}
   workdir = str(files['root'] / 'workdir')
-  manager = checkpoints.training_manager(workdir, save_interval_steps=1, keep=2,
-                                         enable_async=False)
-  checkpoints.save_training(manager, 7, state, {'model_name': 'convnext_atto',
-                                                'num_classes': 3, 'class_names': NAMES},
-                            force=True)
-  manager.close()
+  ckpts = checkpoints.TrainingCheckpoints(workdir, save_interval_steps=1, keep=2,
+                                          enable_async=False)
+  ckpts.save(7, state, {'model_name': 'convnext_atto', 'num_classes': 3,
+                        'class_names': NAMES}, force=True)
+  ckpts.close()
   labels = files['root'] / 'labels.txt'
   labels.write_text('Cat\nDog\nBird\n\n')
   top1 = {}
@@ -179,11 +179,106 @@ def test_command_line_imagenet_names_without_tensorflow(files):
 
 def test_missing_image(files, capsys):
   missing = str(files['root'] / 'nope.jpg')
-  code, out, err = _run(['--checkpoint', files['checkpoint'], files['images'][0], missing],
-                        capsys)
+  code, out, err = _run(['--checkpoint', files['checkpoint'], missing], capsys)
   assert code == 2 and not out
   assert err.strip() == (f'convnext-predict: error: image {missing} does not exist or is not '
                          'a file; check the path')
+
+
+def _truncated(path, source):
+  """`source`'s first 60 %: the header still reads, the pixel data ends early."""
+  data = open(source, 'rb').read()
+  path.write_bytes(data[:len(data) * 6 // 10])
+  return str(path)
+
+
+def _bad_files(root):
+  """A missing path, a text file named .jpg, a truncated JPEG and a truncated PNG, with the
+  one stderr line expected for each."""
+  missing = str(root / 'gone.jpg')
+  notes = root / 'readme.jpg'
+  notes.write_bytes(b'this is not a picture')
+  short_jpeg = _truncated(root / 'short.jpg', _write_image(root / 'full.jpg', 70, 70, 5))
+  short_png = _truncated(root / 'short.png', _write_image(root / 'full.png', 70, 70, 6))
+  prefix = 'convnext-predict: error: '
+  truncated = ('(OSError: image file is truncated', '); the file is truncated or corrupt; '
+               'replace it')
+  expected = {
+      missing: (f'{prefix}image {missing} does not exist or is not a file; check the path',),
+      str(notes): (f'{prefix}cannot read image {notes} (not an image format Pillow knows); '
+                   'pass JPEG, PNG, GIF, BMP or WebP files',),
+      short_jpeg: (f'{prefix}cannot read image {short_jpeg} {truncated[0]}', truncated[1]),
+      short_png: (f'{prefix}cannot read image {short_png} {truncated[0]}', truncated[1]),
+  }
+  return [missing, str(notes), short_jpeg, short_png], expected
+
+
+def _assert_one_line_each(err, expected):
+  lines = err.splitlines()
+  assert len(lines) == len(expected), err
+  for path, parts in expected.items():
+    line, = [candidate for candidate in lines if f' {path} ' in candidate]
+    assert line.startswith(parts[0]) and line.endswith(parts[-1]), line
+
+
+@pytest.mark.parametrize('as_json', [False, True])
+def test_bad_images_are_reported_and_the_others_predicted(files, capsys, as_json):
+  bad, expected = _bad_files(files['root'])
+  missing, notes, short_jpeg, short_png = bad
+  good = files['images']
+  # At batch size 2 the truncated files fail while their batches fill: the good images
+  # around them must still be predicted, in order.
+  argv = [good[0], short_jpeg, missing, good[1], notes, short_png, good[2]]
+  code, out, err = _run(['--checkpoint', files['checkpoint'], '--size', str(SIZE),
+                         '--batch_size', '2', *(['--json'] if as_json else []), *argv], capsys)
+  assert code == 2
+  _assert_one_line_each(err, expected)
+  probs = _direct_probabilities(files['model'], files['params'], good)
+  if as_json:
+    results = json.loads(out)
+    assert [r['image'] for r in results] == good
+    for result, p in zip(results, probs):
+      order = np.argsort(-p)
+      assert [q['class'] for q in result['predictions']] == list(order)
+      np.testing.assert_allclose([q['probability'] for q in result['predictions']], p[order],
+                                 atol=1e-5)
+  else:
+    lines = out.splitlines()
+    assert lines[::4] == good and len(lines) == 3 * 4
+    for i, p in enumerate(probs):
+      order = np.argsort(-p)
+      block = lines[4 * i + 1:4 * i + 4]
+      assert [line.split(maxsplit=1)[1] for line in block] == [NAMES[k] for k in order]
+      np.testing.assert_allclose([float(line.split()[0]) for line in block], p[order],
+                                 atol=1e-4)
+
+
+def test_no_readable_image_loads_no_model(files, capsys):
+  bad, expected = _bad_files(files['root'])
+  # A checkpoint that does not exist: loading it would add its own error line.
+  code, out, err = _run(['--checkpoint', str(files['root'] / 'no_such_checkpoint'), *bad],
+                        capsys)
+  assert code == 2 and not out
+  _assert_one_line_each(err, expected)
+
+
+def _ramp16(height, width):
+  """A uint16 ramp over the full range, 0 at the top left to 65535 at the bottom right."""
+  return (np.arange(height * width).reshape(height, width) * 65535 //
+          (height * width - 1)).astype(np.uint16)
+
+
+def test_16bit_grayscale_png_keeps_its_high_bytes(files):
+  ramp = _ramp16(SIZE, SIZE)
+  path = files['root'] / 'deep.png'
+  Image.fromarray(ramp).save(path)
+  with Image.open(path) as image:
+    assert image.mode == 'I;16'  # What Image.convert('RGB') clips to white above 255.
+  # At crop 1.0 and the image's own size, the crop is the image: exact pixels.
+  crop = predict.load_image(str(path), SIZE, 1.0, 'squash')
+  expected = np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+  np.testing.assert_array_equal(crop, expected)
+  assert (crop == 255).mean() < 0.01  # Only the ramp's last 1/256 is white.
 
 
 def test_unreadable_image(files, capsys):

@@ -65,12 +65,12 @@ def _run(mesh_shape, devices):
   step = jax.jit(
       train.make_train_step(model, optimizer, lr_fn, config, NUM_CLASSES,
                             sharding.data_parallel_size(mesh)),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None, None),
       donate_argnums=(0,))
   initial = jax.device_get(state['params'])
   losses = []
   for batch in _batches():
-    state, metrics = step(state, jax.device_put(batch, batch_sharding))
+    state, metrics, _ = step(state, jax.device_put(batch, batch_sharding))
     losses.append(float(metrics.compute()['loss']))
   return losses, jax.device_get(state), state, initial
 

@@ -11,8 +11,8 @@
   convnext-convert inspect SRC
       Prints what SRC holds: layout, model, classes, parameter count.
 
-Errors are one line on stderr with exit status 1; nothing is written unless conversion
-succeeded (outputs go to a temporary path and are renamed into place).
+Errors are one line on stderr with exit status 1, a full disk included; nothing is written
+unless conversion succeeded (outputs go to a temporary path and are renamed into place).
 """
 
 import argparse
@@ -20,6 +20,7 @@ import sys
 import time
 
 from convnext_jax import checkpoints
+from convnext_jax import fileio
 from convnext_jax import models
 from convnext_jax.convert import files
 from convnext_jax.convert import layouts
@@ -132,7 +133,8 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   start = time.perf_counter()
   try:
-    message = args.run(args)
+    with fileio.quiet_disk_full_echoes():
+      message = args.run(args)
   except (layouts.ConversionError, checkpoints.CheckpointError, OSError) as e:
     print(f'{PROG}: error: {e}', file=sys.stderr)
     return 1

@@ -184,7 +184,10 @@ def save_official_pth(state_dict: dict[str, np.ndarray], path: str, overwrite: b
   torch = _import_torch()
   tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
   with atomic_output(path, overwrite) as tmp:
-    torch.save({'model': tensors}, tmp)
+    # Through a Python file, so a full disk surfaces as OSError(ENOSPC) (in the context of
+    # torch's RuntimeError); torch's own file writer reports it as an 'iostream error'.
+    with open(tmp, 'wb') as f:
+      torch.save({'model': tensors}, f)
 
 
 def save_safetensors(state_dict: dict[str, np.ndarray], path: str, overwrite: bool = False):

@@ -4,6 +4,10 @@ Not used for training. `train_transform` is RandomResizedCrop (bicubic) -> horiz
 -> RandAugment (timm's op definitions and level mappings); `eval_transform` is Resize of
 the shorter side (or of both, 'squash') -> CenterCrop. Both return uint8 arrays,
 the form the tf.data pipeline hands to the device.
+
+`to_rgb` is the one conversion of a decoded image to 8-bit RGB that the dataset builders
+(`datasets.image_codec`) and `convnext-predict` share, so that a 16-bit PNG gives the same
+pixels in training and in prediction. This module does not import TensorFlow.
 """
 
 import io
@@ -18,6 +22,35 @@ from PIL import ImageOps
 
 _BICUBIC = Image.Resampling.BICUBIC
 _FILL = (124, 116, 104)
+
+# Single-channel modes of 16-bit samples.
+_UINT16_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+# Formats whose 32-bit mode 'I' can only hold 16-bit samples: Pillow opens 16-bit PGMs, and
+# before version 10 16-bit grayscale PNGs, as 'I'.
+_UINT16_AS_I_FORMATS = ('PNG', 'PPM')
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """`image.convert('RGB')`, with 16-bit grayscale reduced to 8 bits by keeping the high byte.
+
+  Pillow's own conversion clips 16-bit samples at 255, which turns a 16-bit grayscale PNG
+  white almost everywhere. Keeping the high byte (v >> 8) is what Pillow already does to
+  16-bit RGB and RGBA PNGs, so an image gives the same pixels whether it was saved as 16-bit
+  grayscale or 16-bit colour. 32-bit integer ('I' from TIFF) and float ('F') images still go
+  through Pillow's conversion (values clipped to 0..255): their files do not say which value
+  is white.
+
+  Args:
+    image: a freshly opened Pillow image (its `format` tells a 16-bit 'I' image apart).
+
+  Returns:
+    An 8-bit 'RGB' image.
+  """
+  if image.mode in _UINT16_MODES or (image.mode == 'I' and
+                                     image.format in _UINT16_AS_I_FORMATS):
+    high_bytes = np.asarray(image).astype(np.uint32) >> 8
+    image = Image.fromarray(high_bytes.astype(np.uint8))
+  return image.convert('RGB')
 
 
 def _rrc_window(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -101,7 +134,7 @@ def rand_augment(image, rng, num_layers=2, magnitude=9.0, magnitude_std=0.5,
 
 def train_transform(jpeg: bytes, rng, size: int = 224, randaugment: dict | None = None):
   """RandomResizedCrop -> flip -> RandAugment (`rand_augment(**randaugment)`, if given)."""
-  image = Image.open(io.BytesIO(jpeg)).convert('RGB')
+  image = to_rgb(Image.open(io.BytesIO(jpeg)))
   top, left, h, w = _rrc_window(image.width, image.height, rng)
   image = image.crop((left, top, left + w, top + h)).resize((size, size), _BICUBIC)
   if rng.random() < 0.5:
@@ -115,7 +148,7 @@ def eval_transform(jpeg: bytes, size: int = 224, crop_pct: float = 0.875,
                    crop_mode: str = 'center'):
   """timm's evaluation transform: Resize(int(size / crop_pct)) of the shorter side
   ('center') or of both ('squash'), bicubic, then CenterCrop(size)."""
-  image = Image.open(io.BytesIO(jpeg)).convert('RGB')
+  image = to_rgb(Image.open(io.BytesIO(jpeg)))
   short = int(size / crop_pct)
   if crop_mode == 'squash':
     new = (short, short)

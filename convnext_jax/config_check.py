@@ -1,0 +1,349 @@
+"""Config validation before anything heavy: `check(config)` raises `ConfigError`, one line.
+
+`main` calls `check` before it touches a device, compiles, prepares a dataset or creates the
+workdir, and `check_mesh` once the devices are known (the mesh-dependent checks of
+`train.validate`). Every message names the key, the value and what would be accepted, e.g.
+`config.global_batch_size must be a positive integer, got 0`.
+
+Keys are those of `config_lib.base()`; `model.overrides` and `dataset.builder_kwargs` hold
+free-form arguments (of `models.create_model` and of the dataset builder) and are not checked
+here.
+"""
+
+import difflib
+import math
+
+from etils import epath
+import ml_collections
+import tensorflow_datasets as tfds
+
+from convnext_jax import config_lib
+from convnext_jax import datasets  # Registers the project's builders with tfds.
+from convnext_jax import models
+from convnext_jax import optim
+from convnext_jax import sharding
+from convnext_jax import train
+from convnext_jax.data import CROP_MODES
+from convnext_jax.data import randaugment
+
+# Sub-dicts whose keys are arguments passed on, not config keys.
+FREE_FORM = ('model.overrides', 'dataset.builder_kwargs')
+
+# Names other training code uses for these keys: no spelling is close enough for difflib.
+_ALIASES = {'learning_rate': 'optim.lr', 'batch_size': 'global_batch_size',
+            'epochs': 'num_epochs', 'steps': 'num_steps'}
+
+NONFINITE_ACTIONS = ('skip', 'stop')
+INIT_PARAMS = ('ema', 'raw')
+
+
+class ConfigError(ValueError):
+  """A config value the run cannot use; the message is one line naming the key."""
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every dotted key of `config`, sub-dicts included, not descending into `FREE_FORM`."""
+  keys = []
+  for name, value in config.items():
+    key = prefix + name
+    keys.append(key)
+    if isinstance(value, ml_collections.ConfigDict) and key not in FREE_FORM:
+      keys.extend(flat_keys(value, key + '.'))
+  return keys
+
+
+def close_key(key: str, known: list[str]) -> str | None:
+  """The known key a mistyped `key` most likely means, or None."""
+  leaf = key.rsplit('.', 1)[-1]
+  if _ALIASES.get(leaf) in known:
+    return _ALIASES[leaf]
+  same_leaf = [k for k in known if k.rsplit('.', 1)[-1] == leaf]
+  if same_leaf:  # The right name at the wrong level, e.g. `weight_decay` for optim's.
+    return same_leaf[0]
+  matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+  return matches[0] if matches else None
+
+
+def unknown_key_error(key: str, config: ml_collections.ConfigDict) -> ConfigError:
+  """The error for `config.<key>`, which `config` does not have."""
+  for free in FREE_FORM:
+    if key.startswith(free + '.'):
+      # A locked config takes no new keys, but the whole dict can be replaced at once.
+      sub = key[len(free) + 1:]
+      return ConfigError(f'config.{key} cannot be added on its own; set the whole dict, e.g. '
+                         f'--config.{free}="{{\'{sub}\': ...}}"')
+  guess = close_key(key, flat_keys(config))
+  hint = f'; did you mean config.{guess}?' if guess else (
+      '; the keys are those of config_lib.base()')
+  return ConfigError(f'config.{key} is not a config key{hint}')
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Checks every key of `config` that needs no device: names, types and ranges.
+
+  Raises:
+    ConfigError: the first mistake, as one line.
+  """
+  known = flat_keys(config_lib.base())
+  keys = flat_keys(config)
+  for key in keys:
+    if key not in known and not any(key.startswith(f + '.') for f in FREE_FORM):
+      raise unknown_key_error(key, config_lib.base())
+  for key in known:
+    if key not in keys:
+      raise ConfigError(f'config.{key} is missing; build configs on config_lib.base(), which '
+                        'sets every key')
+  c = config
+  _integer(c, 'seed', None)
+
+  _model(c)
+  _dataset(c)
+  _input(c)
+
+  _integer(c, 'global_batch_size', 1)
+  _integer(c, 'grad_accum_steps', 1)
+  _integer(c, 'num_steps', 1, sentinel='to train for num_epochs')
+  if c.num_steps == -1:
+    _number(c, 'num_epochs', '> 0', lambda v: v > 0)
+
+  _number(c, 'optim.lr', '> 0', lambda v: v > 0)
+  _number(c, 'optim.min_lr', '>= 0', lambda v: v >= 0)
+  _integer(c, 'optim.warmup_steps', 0, sentinel='to use optim.warmup_epochs')
+  if c.optim.warmup_steps == -1:
+    _number(c, 'optim.warmup_epochs', '>= 0', lambda v: v >= 0)
+  _number(c, 'optim.weight_decay', '>= 0', lambda v: v >= 0)
+  _number(c, 'optim.b1', 'in [0, 1)', lambda v: 0 <= v < 1)
+  _number(c, 'optim.b2', 'in [0, 1)', lambda v: 0 <= v < 1)
+  _number(c, 'optim.eps', '>= 0', lambda v: v >= 0)
+  _number(c, 'optim.layer_decay', 'in (0, 1]', lambda v: 0 < v <= 1)
+  _choice(c, 'optim.layer_decay_scheme', optim.LAYER_DECAY_SCHEMES)
+  _number(c, 'optim.grad_clip_norm', '>= 0 (0: no clipping)', lambda v: v >= 0)
+
+  _number(c, 'ema.decay', 'in [0, 1) (0: no EMA)', lambda v: 0 <= v < 1)
+  _boolean(c, 'ema.warmup')
+
+  _mesh(c)
+  _integer(c, 'sharding_min_size', 0)
+
+  _integer(c, 'log_every_steps', 1)
+  _integer(c, 'eval_every_steps', 1, sentinel='to use eval_every_epochs')
+  if c.eval_every_steps == -1:
+    _number(c, 'eval_every_epochs', '> 0', lambda v: v > 0)
+  _integer(c, 'eval_batch_size', 1, sentinel='for global_batch_size')
+  _integer(c, 'checkpoint_every_steps', 1)
+  _integer(c, 'keep_checkpoints', 1)
+  _boolean(c, 'keep_best_checkpoint')
+  _choice(c, 'nonfinite.action', NONFINITE_ACTIONS)
+  _integer(c, 'nonfinite.max_consecutive', 1)
+  _integer(c, 'profile_start_step', 0, sentinel='for no profile')
+  _integer(c, 'profile_num_steps', 1)
+
+  _init_from(c)
+
+
+def check_mesh(config: ml_collections.ConfigDict) -> None:
+  """The checks that need the devices: the mesh and the batch splits of `train.validate`.
+
+  Call after `jax.distributed.initialize` (if any), when every device is visible.
+
+  Raises:
+    ConfigError: the mesh does not fit the devices or the batch does not split over it.
+  """
+  try:
+    train.validate(config, sharding.make_mesh(config.mesh))
+  except ValueError as e:  # validate and make_mesh raise one-line ValueErrors.
+    raise ConfigError(str(e)) from e
+
+
+# ---------------------------------------------------------------------------------------
+# Sections.
+
+
+def _model(c) -> None:
+  names = models.list_models()
+  if c.model.name not in names:
+    raise ConfigError(f'config.model.name {c.model.name!r} is not a registered model'
+                      f'{_did_you_mean(c.model.name, names)}; see models.list_models()')
+  _integer(c, 'model.num_classes', 1, sentinel="for the dataset's class count")
+  _number(c, 'model.drop_path_rate', 'in [0, 1)', lambda v: 0 <= v < 1)
+  _number(c, 'model.layer_scale_init_value', '>= 0', lambda v: v >= 0,
+          sentinel="for the variant's default")
+  _number(c, 'model.head_init_scale', '>= 0', lambda v: v >= 0)
+  _choice(c, 'model.dtype', tuple(train.DTYPES))
+  _boolean(c, 'model.remat')
+
+
+def _dataset(c) -> None:
+  _dataset_name('config.dataset.name', c.dataset.name)
+  _string(c, 'dataset.data_dir', empty_ok=True)
+  for key in ('train_split', 'eval_split', 'label_key'):
+    _string(c, f'dataset.{key}')
+  extra = c.dataset.extra_eval
+  if not isinstance(extra, (tuple, list)):
+    raise ConfigError(f"config.dataset.extra_eval must be a tuple of 'name:split[:label_key]' "
+                      f'strings, got {extra!r}')
+  for entry in extra:
+    parts = entry.split(':') if isinstance(entry, str) else []
+    if not 2 <= len(parts) <= 3 or not all(parts):
+      raise ConfigError(f"config.dataset.extra_eval entries must be 'name:split[:label_key]', "
+                        f"e.g. 'imagenet_v2:test:label', got {entry!r}")
+    _dataset_name('config.dataset.extra_eval', parts[0])
+
+
+def _dataset_name(key: str, name) -> None:
+  """A tfds dataset: registered with tfds, or one of the project's (`datasets.DATASETS`)."""
+  if not isinstance(name, str) or not name:
+    raise ConfigError(f'{key} must be a tfds dataset name, got {name!r}')
+  try:
+    dataset_name = tfds.core.naming.parse_builder_name_kwargs(name)[0]
+  except ValueError:
+    raise ConfigError(f"{key} {name!r} is not a tfds dataset name ('name[/config][:version]')"
+                      ) from None
+  if dataset_name.namespace:  # A community dataset: resolved by tfds, online.
+    return
+  try:
+    tfds.builder_cls(dataset_name.name)
+  except tfds.core.registered.DatasetNotFoundError:
+    # Not the tfds error itself: it lists every one of several hundred datasets.
+    known = sorted(set(tfds.list_builders(with_community_datasets=False)) |
+                   set(datasets.DATASETS))
+    raise ConfigError(
+        f'{key} {dataset_name.name!r} is not a tfds dataset'
+        f'{_did_you_mean(dataset_name.name, known)}; this project builds '
+        f'{", ".join(datasets.DATASETS)} (README "Datasets")') from None
+
+
+def _input(c) -> None:
+  spec = models.get_spec(c.model.name)
+  if spec.isotropic:
+    patch = c.model.overrides.get('patch_size', 16)
+    smallest, why = patch, f'{c.model.name} cuts it into {patch}x{patch} patches'
+  else:
+    smallest, why = 32, (f"{c.model.name}'s stem and 3 downsamples divide it by 32; smaller "
+                         'leaves an empty feature map')
+  _integer(c, 'input.image_size', smallest, why=why)
+  _integer(c, 'input.eval_image_size', smallest, sentinel='for input.image_size', why=why)
+  _number(c, 'input.crop_pct', 'in (0, 1]', lambda v: 0 < v <= 1,
+          sentinel='for 0.875 below 384 px, 1.0 from 384')
+  if c.input.crop_mode:  # '': 'center' below 384 px, 'squash' from 384.
+    _choice(c, 'input.crop_mode', CROP_MODES)
+  _pair(c, 'input.scale', '0 < min <= max <= 1', lambda a, b: 0 < a <= b <= 1)
+  _pair(c, 'input.ratio', '0 < min <= max', lambda a, b: 0 < a <= b)
+  _number(c, 'input.hflip', 'a probability in [0, 1]', lambda v: 0 <= v <= 1)
+  if c.input.randaugment:
+    try:
+      randaugment.RandAugmentConfig.parse(c.input.randaugment)
+    except ValueError as e:
+      raise ConfigError(f"config.input.randaugment: {str(e).rstrip('.')}; or '' for none"
+                        ) from None
+  fill = c.input.fill
+  if not (isinstance(fill, (tuple, list)) and len(fill) == 3 and
+          all(_is_number(v) and 0 <= v <= 255 for v in fill)):
+    raise ConfigError(f'config.input.fill must be an RGB colour, 3 numbers in [0, 255], '
+                      f'got {fill!r}')
+  for key in ('random_erasing', 'mixup_prob', 'mixup_switch_prob'):
+    _number(c, f'input.{key}', 'a probability in [0, 1]', lambda v: 0 <= v <= 1)
+  for key in ('mixup_alpha', 'cutmix_alpha'):
+    _number(c, f'input.{key}', '>= 0 (0: off)', lambda v: v >= 0)
+  _number(c, 'input.label_smoothing', 'in [0, 1)', lambda v: 0 <= v < 1)
+  _integer(c, 'input.shuffle_buffer', 1)
+  _integer(c, 'input.threads', 0, why="0: TensorFlow's default")
+
+
+def _mesh(c) -> None:
+  mesh = c.mesh
+  ok = (isinstance(mesh, (tuple, list)) and len(mesh) == len(sharding.AXES) and
+        all(_is_int(s) and (s >= 1 or s == -1) for s in mesh) and list(mesh).count(-1) <= 1)
+  if not ok:
+    raise ConfigError(
+        f'config.mesh must be 3 integers for {sharding.AXES}, each >= 1 or one -1 for the '
+        f'remaining devices, got {mesh!r}; e.g. --config.mesh=-1,1,1')
+
+
+def _init_from(c) -> None:
+  _string(c, 'init_from.path', empty_ok=True)
+  path = c.init_from.path
+  if path and not epath.Path(path).exists():
+    raise ConfigError(f'config.init_from.path {path} does not exist; give a training workdir '
+                      "or a `convnext-convert import` directory, or '' to start from scratch")
+  _choice(c, 'init_from.params', INIT_PARAMS)
+  _integer(c, 'init_from.step', 0, sentinel='for the latest')
+  _boolean(c, 'init_from.strict')
+
+
+# ---------------------------------------------------------------------------------------
+# One key each.
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return (isinstance(v, (int, float)) and not isinstance(v, bool)) and not math.isnan(v)
+
+
+def _value(c, key: str):
+  for part in key.split('.'):
+    c = c[part]
+  return c
+
+
+def _sentinel_text(sentinel: str | None) -> str:
+  return f', or -1 {sentinel}' if sentinel else ''
+
+
+def _integer(c, key: str, low: int | None, *, sentinel: str | None = None,
+             why: str | None = None) -> None:
+  """An int >= `low` (None: any), or -1 when `sentinel` says what -1 means."""
+  v = _value(c, key)
+  if _is_int(v) and (low is None or v >= low or (sentinel and v == -1)):
+    return
+  expected = {None: 'an integer', 0: 'an integer >= 0', 1: 'a positive integer'}.get(
+      low, f'an integer >= {low}')
+  if why:
+    expected += f' ({why})'
+  raise ConfigError(f'config.{key} must be {expected}{_sentinel_text(sentinel)}, got {v!r}')
+
+
+def _number(c, key: str, expected: str, ok, *, sentinel: str | None = None) -> None:
+  """A number (int or float) for which `ok` holds, or -1 when `sentinel` says what it means."""
+  v = _value(c, key)
+  if _is_number(v) and (ok(v) or (sentinel and v == -1)):
+    return
+  if not expected.startswith('a '):
+    expected = f'a number {expected}'
+  raise ConfigError(f'config.{key} must be {expected}{_sentinel_text(sentinel)}, got {v!r}')
+
+
+def _pair(c, key: str, expected: str, ok) -> None:
+  v = _value(c, key)
+  if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v) and
+          ok(*v)):
+    raise ConfigError(f'config.{key} must be 2 numbers (min, max), {expected}, got {v!r}')
+
+
+def _choice(c, key: str, choices: tuple[str, ...]) -> None:
+  v = _value(c, key)
+  if v not in choices:
+    hint = _did_you_mean(v, choices) if isinstance(v, str) else ''
+    raise ConfigError(f'config.{key} must be one of {", ".join(map(repr, choices))}, '
+                      f'got {v!r}{hint}')
+
+
+def _boolean(c, key: str) -> None:
+  v = _value(c, key)
+  if not isinstance(v, bool):
+    raise ConfigError(f'config.{key} must be True or False, got {v!r}')
+
+
+def _string(c, key: str, empty_ok: bool = False) -> None:
+  v = _value(c, key)
+  if not isinstance(v, str) or not (v or empty_ok):
+    raise ConfigError(f'config.{key} must be a{"" if empty_ok else " non-empty"} string, '
+                      f'got {v!r}')
+
+
+def _did_you_mean(name: str, known) -> str:
+  matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  return f' (did you mean {matches[0]!r}?)' if matches else ''
