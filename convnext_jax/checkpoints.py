@@ -24,7 +24,7 @@ here imports TensorFlow.
 
 import hashlib
 import json
-import operator
+import math
 import os
 from typing import Any
 
@@ -290,9 +290,12 @@ class TrainingCheckpoints:
     self.directory = checkpoint_dir(workdir)
     self._saving = None  # The step being saved, for the sealing callback.
     policies = [ocp.checkpoint_managers.LatestN(keep)]
-    best_fn = None
+    self._track_best = bool(best_metric)
+
+    def best_fn(metrics):  # A step saved without evaluation ranks below any evaluated one.
+      return metrics.get(best_metric, -math.inf)
+
     if best_metric:
-      best_fn = operator.itemgetter(best_metric)
       policies.append(ocp.checkpoint_managers.BestN(
           get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False))
     # Explicit save decisions: every `save_interval_steps` steps and on a preemption notice
@@ -307,7 +310,7 @@ class TrainingCheckpoints:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         # With a best_fn, orbax writes each step's metrics beside it and reads them back on
         # a restart; the preservation policy above still decides what is kept.
-        best_fn=best_fn, best_mode='max',
+        best_fn=best_fn if best_metric else None, best_mode='max',
         async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_saving)
         if enable_async else None,
         enable_async_checkpointing=enable_async, create=True,
@@ -342,6 +345,8 @@ class TrainingCheckpoints:
     """
     self._wait()  # The previous save is sealed and committed, or its error raised here.
     self._saving = step
+    if metrics is None and self._track_best:
+      metrics = {}  # Not evaluated (orbax warns on every save given no metrics to track).
     started = self.manager.save(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state),
         METADATA_ITEM: ocp.args.JsonSave(metadata),
