@@ -23,6 +23,7 @@ from convnext_jax import models
 from convnext_jax import optim
 from convnext_jax import sharding
 from convnext_jax import train
+from convnext_jax import train_step
 from convnext_jax.data import CROP_MODES
 from convnext_jax.data import randaugment
 
@@ -169,7 +170,7 @@ def _model(c) -> None:
   _number(c, 'model.layer_scale_init_value', '>= 0', lambda v: v >= 0,
           sentinel="for the variant's default")
   _number(c, 'model.head_init_scale', '>= 0', lambda v: v >= 0)
-  _choice(c, 'model.dtype', tuple(train.DTYPES))
+  _choice(c, 'model.dtype', tuple(train_step.DTYPES))
   _boolean(c, 'model.remat')
 
 

@@ -27,6 +27,7 @@ import pytest
 from convnext_jax import checkpoints
 from convnext_jax import input_pipeline
 from convnext_jax import train
+from convnext_jax import train_step
 from convnext_jax import workdir_lock
 import fake_tfds
 import helpers
@@ -76,7 +77,7 @@ def two_processes(shapes_dir, tmp_path_factory):
   at lr 0, so that their one step keeps the parameters as loaded."""
   root = tmp_path_factory.mktemp('two_processes')
   config = mp_config.get_config()
-  converted = helpers.random_params(train.create_model(config, 1000))
+  converted = helpers.random_params(train_step.create_model(config, 1000))
   checkpoints.save_params(str(root / 'converted'), converted,
                           {'model_name': 'convnext_atto', 'num_classes': 1000})
   runs = [{'name': name, 'overrides': {'mesh': list(shape)} if name == 'data8' else

@@ -9,6 +9,7 @@ from convnext_jax import models
 from convnext_jax import optim
 from convnext_jax import sharding
 from convnext_jax import train
+from convnext_jax import train_step
 
 P = jax.sharding.PartitionSpec
 
@@ -55,15 +56,15 @@ def _run(mesh_shape, devices):
   config = _config(mesh_shape)
   mesh = sharding.make_mesh(config.mesh, devices)
   train.validate(config, mesh)
-  model = train.create_model(config, NUM_CLASSES)
+  model = train_step.create_model(config, NUM_CLASSES)
   lr_fn = optim.lr_schedule(config.optim.lr, 0.0, 1, 10)
   optimizer = optim.make_optimizer(lr_fn, models.param_shapes(model, SIZE),
-                                   train.model_spec(config),
+                                   train_step.model_spec(config),
                                    layer_decay=config.optim.layer_decay, eps=config.optim.eps)
-  state, shardings, _ = train.create_train_state(config, model, optimizer, mesh, SIZE, True)
+  state, shardings, _ = train_step.create_train_state(config, model, optimizer, mesh, SIZE, True)
   batch_sharding = sharding.batch_sharding(mesh)
   step = jax.jit(
-      train.make_train_step(model, optimizer, lr_fn, config, NUM_CLASSES,
+      train_step.make_train_step(model, optimizer, lr_fn, config, NUM_CLASSES,
                             sharding.data_parallel_size(mesh)),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None, None),
       donate_argnums=(0,))

@@ -25,6 +25,7 @@ from convnext_jax import checkpoints
 from convnext_jax import convert
 from convnext_jax import optim
 from convnext_jax import train
+from convnext_jax import train_step
 from convnext_jax.convert import cli
 import mp_config
 
@@ -145,7 +146,7 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   # The merge itself: backbone exact, head new and small.
   config = _demo_config()
   config.model.head_init_scale = 0.001
-  model = train.create_model(config, 10)
+  model = train_step.create_model(config, 10)
   fresh = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
   merged, report, _ = checkpoints.load_params_into(str(ckpt), fresh['params'])
   assert report['reinitialized'] == ['head/bias (1000,) -> (10,)',
