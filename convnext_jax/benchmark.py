@@ -3,6 +3,10 @@
   python -m convnext_jax.benchmark forward [--model convnext_tiny] [--batch 8] [--size 224]
       Forward img/s of the jitted Flax model beside PyTorch eager (transformers' ConvNext,
       same weights) in this one process; float32.
+  python -m convnext_jax.benchmark train|infer [--model convnext_tiny] [--batch 32] [--size 224]
+      [--dtype float32|bfloat16] [--remat] [--mesh -1,1,1] [--compare torch] [--json FILE]
+      The trainer's jitted step (or the forward) on any backend: img/s, step ms, compile s,
+      TFLOP/s from XLA's cost analysis, MFU, memory; beside PyTorch (`step_benchmark`).
   python -m convnext_jax.benchmark convert [--model convnext_xlarge] [--workdir DIR]
       Writes a random official .pth of the model, then times `convnext-convert import` and
       `export` (official, timm, hf), each in a fresh process, with its peak resident memory.
@@ -32,6 +36,7 @@ import numpy as np
 
 from convnext_jax import convert
 from convnext_jax import models
+from convnext_jax import step_benchmark
 from convnext_jax.data import eval_crop
 from convnext_jax.data import pil_reference
 
@@ -53,7 +58,7 @@ def _cpu() -> str:
   return f"{info.get('model name', '')} ({', '.join(details)})".lstrip()
 
 
-def _versions() -> str:
+def versions() -> str:
   import flax  # pylint: disable=g-import-not-at-top
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -63,18 +68,6 @@ def _versions() -> str:
   return (f'python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, '
           f'torch {torch_version}, {os.cpu_count()} CPU cores, {platform.machine()} {_cpu()}, '
           f'jax backend {jax.default_backend()}')
-
-
-def _time_calls(fn, warmup: int, iters: int) -> float:
-  """Median seconds per call after `warmup` calls."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def bench_forward(args):
@@ -96,7 +89,7 @@ def bench_forward(args):
   images_nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
   images_torch = torch.from_numpy(images)
 
-  print(_versions())
+  print(versions())
   print(f'{args.model} forward, batch {args.batch}, {args.size}x{args.size}, float32; torch '
         f'threads {torch.get_num_threads()}; median of {args.iters} after {args.warmup} warm-up')
   results = {}
@@ -107,12 +100,12 @@ def bench_forward(args):
     fn = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x),
                  compiler_options=options)
     logits = fn(params, images_nhwc).block_until_ready()
-    seconds = _time_calls(lambda fn=fn: fn(params, images_nhwc).block_until_ready(),
-                          args.warmup, args.iters)
+    seconds = step_benchmark.time_calls(
+        lambda fn=fn: fn(params, images_nhwc).block_until_ready(), args.warmup, args.iters)
     results[f'jax (depthwise {impl}{note})'] = (seconds, np.asarray(logits))
   with torch.inference_mode():
     torch_logits = hf(images_torch).logits.numpy()
-    seconds = _time_calls(lambda: hf(images_torch), args.warmup, args.iters)
+    seconds = step_benchmark.time_calls(lambda: hf(images_torch), args.warmup, args.iters)
   results['torch eager (transformers)'] = (seconds, torch_logits)
 
   torch_seconds = results['torch eager (transformers)'][0]
@@ -143,7 +136,7 @@ def bench_convert(args):
 
   workdir = args.workdir or tempfile.mkdtemp(prefix='convnext_bench_')
   src = os.path.join(workdir, f'{args.model}_official.pth')
-  print(_versions())
+  print(versions())
   shapes = models.param_shapes(models.create_model(args.model))
   maps = convert.layouts.tensor_maps(args.model, 1000, 'official')
   rng = np.random.default_rng(0)
@@ -245,7 +238,7 @@ def bench_input(args):
   mean_kb = np.mean([len(j) for j in jpegs]) / 1024
   print(f'{args.images} synthetic JPEGs, 500x375 / 375x500, quality 90, mean {mean_kb:.0f} KB; '
         f'output batches of {args.batch} x {args.size}x{args.size}x3 uint8')
-  print(f'tensorflow {tf.__version__}, ' + _versions() + ', TensorFlow intra-op threads: ' +
+  print(f'tensorflow {tf.__version__}, ' + versions() + ', TensorFlow intra-op threads: ' +
         ('default' if args.tf_default_threads else '1 (pipeline.configure_tensorflow)'))
   train = pipeline.TrainPreprocess(args.size, randaugment=args.randaugment)
   pil_randaugment = None  # The same RandAugment settings for the Pillow pipeline.
@@ -382,6 +375,12 @@ def main(argv=None):
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--iters', type=int, default=10)
   p.set_defaults(run=bench_forward)
+  p = sub.add_parser('train', help="the trainer's jitted step: img/s, FLOPs, MFU, memory")
+  step_benchmark.add_arguments(p)
+  p.set_defaults(run=lambda args: step_benchmark.run(args, True, versions()))
+  p = sub.add_parser('infer', help='the jitted forward: img/s, FLOPs, MFU, memory')
+  step_benchmark.add_arguments(p)
+  p.set_defaults(run=lambda args: step_benchmark.run(args, False, versions()))
   p = sub.add_parser('convert', help='conversion time and peak memory')
   p.add_argument('--model', default='convnext_xlarge', choices=models.list_models())
   p.add_argument('--workdir', help='keep the files here (default: a temporary directory)')

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The accelerator figures of docs/benchmarks.md: convnext_tiny and convnext_base, bfloat16, at
+# 224 px, training (batch 256 and 128) and inference, each beside PyTorch eager and
+# torch.compile (transformers' ConvNeXt) in the same process.
+#
+#   bash benchmarks/gpu.sh [OUT_DIR]        (default OUT_DIR: benchmark_results)
+#
+# Needs jax with CUDA (or on a TPU VM: jax[tpu], without the PyTorch rows' torch.compile),
+# torch and transformers, and this package's pure-Python dependencies (flax, optax,
+# ml-collections, clu, etils); TensorFlow is not needed. Writes OUT_DIR/<run>.txt (what was
+# printed) and OUT_DIR/<run>.json (every field).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-benchmark_results}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python -c 'import ml_collections, clu, transformers, torch' 2>/dev/null; then
+  echo "gpu.sh: error: install ml-collections, clu, transformers and torch first" >&2
+  exit 1
+fi
+
+run() {
+  local name=$1
+  shift
+  python -m convnext_jax.benchmark "$@" --dtype bfloat16 --size 224 --compare torch \
+    --warmup 3 --iters 10 --json "$out/$name.json" 2>&1 | grep -v '^[IWE][0-9]\{4\} ' |
+    tee "$out/$name.txt"
+}
+
+run tiny_train train --model convnext_tiny --batch 256
+run base_train train --model convnext_base --batch 128
+run tiny_infer infer --model convnext_tiny --batch 256
+run base_infer infer --model convnext_base --batch 128

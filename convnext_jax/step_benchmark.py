@@ -1,0 +1,310 @@
+"""`benchmark train` and `benchmark infer`: the trainer's own jitted step, and the forward
+pass, timed on synthetic device-resident batches on whatever backend jax has.
+
+  python -m convnext_jax.benchmark train [--model convnext_tiny] [--batch 32] [--size 224]
+      [--dtype float32|bfloat16] [--remat] [--mesh -1,1,1] [--devices N] [--compare torch]
+      [--json FILE]
+  python -m convnext_jax.benchmark infer  (the same flags)
+
+`train` times `train_step.make_train_step` as training builds it from the base recipe
+(AdamW, EMA, Mixup/CutMix, Random Erasing, label smoothing, drop path, the non-finite guard)
+over every local device (or the first `--devices`, laid out by `--mesh`); `infer` the
+jitted forward of evaluation. Each prints, per
+configuration, one line in the format of `benchmark forward`: img/s and ms per step (median
+wall time of `--iters` steps after `--warmup`, each waited for with `block_until_ready`), the
+ratio to PyTorch eager when compared, compile seconds, TFLOP/s from XLA's cost analysis of the
+compiled step (per device, times the devices), MFU against the device's peak dense FLOP/s
+(`PEAK_TFLOPS`; not meaningful on a CPU, said so), and memory: the device's peak bytes in
+use where the backend reports them, else XLA's plan for one device.
+
+`--compare torch` adds transformers' PyTorch ConvNeXt of the same size (no Mixup, EMA or
+drop path: its plain AdamW step), at the same batch, channels_last, bfloat16 through
+autocast when `--dtype bfloat16`, eager and, on a GPU, `torch.compile`; on a CPU eager only.
+
+No TensorFlow is imported: this runs on GPU machines that have none.
+"""
+
+import dataclasses
+import json
+import time
+
+import jax
+import numpy as np
+
+from convnext_jax import config_lib
+from convnext_jax import models
+from convnext_jax import optim
+from convnext_jax import sharding
+from convnext_jax import train_step
+from convnext_jax.data import batch_ops
+
+# Peak dense TFLOP/s of one chip: (substring of jax's `device_kind`, bfloat16, float32), the
+# vendors' figures as ../shared/reference/performance.md lists them; more specific names
+# first. float32 on a TPU runs through bf16 passes: no separate peak.
+PEAK_TFLOPS = (
+    ('TPU v4', 275.0, None),
+    ('TPU v5 lite', 197.0, None),
+    ('TPU v5e', 197.0, None),
+    ('TPU v5p', 459.0, None),
+    ('TPU v5', 459.0, None),
+    ('TPU v6 lite', 918.0, None),
+    ('TPU v6e', 918.0, None),
+    ('A100', 312.0, 19.5),
+    ('H100', 989.0, 67.0),
+    ('H200', 989.0, 67.0),
+)
+NUM_CLASSES = 1000
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The chip's peak dense TFLOP/s for `dtype`, or None where unknown (CPUs among them)."""
+  for name, bf16, fp32 in PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return bf16 if dtype == 'bfloat16' else fp32
+  return None
+
+
+@dataclasses.dataclass
+class Result:
+  """One timed configuration."""
+  name: str
+  batch: int
+  seconds: float  # Median per step.
+  compile_s: float | None = None
+  flops: float | None = None  # Per step, all devices together.
+  devices: int = 1
+  peak_tflops: float | None = None  # Per device.
+  memory: str = 'n/a'
+
+  @property
+  def images_per_s(self) -> float:
+    return self.batch / self.seconds
+
+  @property
+  def tflops(self) -> float | None:
+    return None if self.flops is None else self.flops / self.seconds / 1e12
+
+  @property
+  def mfu(self) -> float | None:
+    if self.tflops is None or not self.peak_tflops:
+      return None
+    return self.tflops / (self.peak_tflops * self.devices)
+
+  def line(self, torch_seconds: float | None, platform: str) -> str:
+    ratio = f'x{torch_seconds / self.seconds:5.2f} vs torch' if torch_seconds else (
+        ' ' * 15)
+    compile_s = f'{self.compile_s:6.1f} s' if self.compile_s is not None else '     n/a'
+    tflops = f'{self.tflops:8.3f}' if self.tflops is not None else '     n/a'
+    if self.mfu is not None:
+      mfu = f'{100 * self.mfu:5.1f}%'
+    else:
+      mfu = 'n/a (CPU: not meaningful)' if platform == 'cpu' else 'n/a (peak unknown)'
+    return (f'  {self.name:42s} {self.images_per_s:8.1f} img/s  {self.seconds * 1e3:8.1f} '
+            f'ms/step  {ratio}  compile {compile_s}  {tflops} TFLOP/s  MFU {mfu}  '
+            f'memory {self.memory}')
+
+  def record(self) -> dict:
+    return dict(dataclasses.asdict(self), images_per_s=self.images_per_s,
+                tflops=self.tflops, mfu=self.mfu)
+
+
+def time_calls(step, warmup: int, iters: int) -> float:
+  """Median wall seconds of `step()` (which must wait for its result) after `warmup` calls."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older jax: one dict per partition.
+    analysis = analysis[0] if analysis else None
+  return float(analysis['flops']) if analysis and 'flops' in analysis else None
+
+
+def _memory(compiled) -> str:
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    return f'{stats["peak_bytes_in_use"] / 2**30:.2f} GiB peak/device'
+  plan = compiled.memory_analysis()
+  if plan is None:
+    return 'n/a'
+  total = (plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
+           - plan.alias_size_in_bytes)
+  return f'{total / 2**20:.0f} MiB/device (XLA plan)'
+
+
+def _config(args):
+  config = config_lib.base()
+  config.model.name = args.model
+  config.model.dtype = args.dtype
+  config.model.remat = args.remat
+  config.model.num_classes = NUM_CLASSES
+  config.global_batch_size = args.batch
+  config.input.image_size = args.size
+  config.mesh = tuple(args.mesh)
+  return config
+
+
+def _jax_train(args, mesh, peak) -> Result:
+  config = _config(args)
+  model = train_step.create_model(config, NUM_CLASSES)
+  lr_fn = optim.lr_schedule(config.optim.lr, config.optim.min_lr, 10, 1000)
+  optimizer = optim.make_optimizer(
+      lr_fn, models.param_shapes(model, args.size), train_step.model_spec(config),
+      weight_decay=config.optim.weight_decay, layer_decay=config.optim.layer_decay,
+      layer_decay_scheme=config.optim.layer_decay_scheme)
+  state, shardings, _ = train_step.create_train_state(config, model, optimizer, mesh,
+                                                      args.size, use_ema=True)
+  batch_sharding = sharding.batch_sharding(mesh)
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(
+      {'image': rng.integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8),
+       'label': rng.integers(0, NUM_CLASSES, (args.batch,), np.int32)}, batch_sharding)
+  update = jax.jit(
+      train_step.make_train_step(model, optimizer, lr_fn, config, NUM_CLASSES,
+                                 sharding.data_parallel_size(mesh)),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None, None),
+      donate_argnums=(0,), compiler_options=models.compiler_options(training=True))
+  start = time.perf_counter()
+  compiled = update.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  flops = _flops(compiled)
+
+  def step():
+    nonlocal state
+    state, _, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+
+  seconds = time_calls(step, args.warmup, args.iters)
+  return Result(f'jax train ({args.dtype}{", remat" if args.remat else ""})', args.batch,
+                seconds, compile_s, None if flops is None else flops * mesh.size, mesh.size,
+                peak, _memory(compiled))
+
+
+def _jax_infer(args, mesh, peak) -> Result:
+  config = _config(args)
+  model = train_step.create_model(config, NUM_CLASSES)
+  dtype = train_step.DTYPES[args.dtype]
+  params = jax.jit(lambda key: model.init(key, np.zeros((1, args.size, args.size, 3),
+                                                         np.float32))['params'],
+                   out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+  batch_sharding = sharding.batch_sharding(mesh)
+  images = jax.device_put(np.random.default_rng(0).integers(
+      0, 256, (args.batch, args.size, args.size, 3), np.uint8), batch_sharding)
+  forward = jax.jit(
+      lambda p, x: model.apply({'params': p}, batch_ops.normalize(x, dtype=dtype), train=False),
+      in_shardings=(sharding.replicated(mesh), batch_sharding),
+      compiler_options=models.compiler_options())
+  start = time.perf_counter()
+  compiled = forward.lower(params, images).compile()
+  compile_s = time.perf_counter() - start
+  flops = _flops(compiled)
+  seconds = time_calls(lambda: jax.block_until_ready(compiled(params, images)), args.warmup,
+                        args.iters)
+  return Result(f'jax infer ({args.dtype})', args.batch, seconds, compile_s,
+                None if flops is None else flops * mesh.size, mesh.size, peak,
+                _memory(compiled))
+
+
+def _torch_results(args, training: bool) -> list[Result]:
+  """transformers' ConvNeXt of the same size: eager, and `torch.compile` on a GPU."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  spec = models.get_spec(args.model)
+  config_cls, model_cls = ((transformers.ConvNextV2Config,
+                            transformers.ConvNextV2ForImageClassification) if spec.use_grn else
+                           (transformers.ConvNextConfig,
+                            transformers.ConvNextForImageClassification))
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  torch.manual_seed(0)
+  model = model_cls(config_cls(hidden_sizes=list(spec.dims), depths=list(spec.depths),
+                               num_labels=NUM_CLASSES, layer_norm_eps=1e-6))
+  model = model.to(device, memory_format=torch.channels_last).train(training)
+  images = torch.randn(args.batch, 3, args.size, args.size, device=device).to(
+      memory_format=torch.channels_last)
+  labels = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
+  autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+
+  def make_step(net):
+    if not training:
+      def infer():
+        with torch.inference_mode(), torch.autocast(**autocast):
+          net(images)
+        sync()
+      return infer
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+
+    def train():
+      with torch.autocast(**autocast):
+        loss = torch.nn.functional.cross_entropy(net(images).logits.float(), labels)
+      loss.backward()
+      optimizer.step()
+      optimizer.zero_grad(set_to_none=True)
+      sync()
+    return train
+
+  what = 'train' if training else 'infer'
+  results = [Result(f'torch eager {what} ({args.dtype})', args.batch,
+                    time_calls(make_step(model), args.warmup, args.iters))]
+  if device == 'cuda':
+    step = make_step(torch.compile(model))
+    start = time.perf_counter()
+    step()  # Compiles.
+    compile_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    seconds = time_calls(step, args.warmup, args.iters)
+    results.append(Result(f'torch.compile {what} ({args.dtype})', args.batch, seconds,
+                          compile_s, memory=f'{torch.cuda.max_memory_allocated() / 2**30:.2f} '
+                          'GiB peak'))
+  return results
+
+
+def run(args, training: bool, versions: str) -> list[Result]:
+  """Times the configurations `args` asks for and prints `versions`, then one line each."""
+  devices = jax.local_devices()[:args.devices] if args.devices else None
+  mesh = sharding.make_mesh(args.mesh, devices)
+  device = jax.local_devices()[0]
+  peak = peak_tflops(device.device_kind, args.dtype)
+  what = 'training step' if training else 'forward'
+  print(versions)
+  print(f'{args.model} {what}, batch {args.batch}, {args.size}x{args.size}, {args.dtype}; '
+        f'{device.device_kind} x {mesh.size}, mesh {dict(mesh.shape)}; median of '
+        f'{args.iters} after {args.warmup} warm-up')
+  results = [(_jax_train if training else _jax_infer)(args, mesh, peak)]
+  if args.compare == 'torch':
+    results += _torch_results(args, training)
+  torch_seconds = next((r.seconds for r in results if r.name.startswith('torch eager')), None)
+  for result in results:
+    print(result.line(torch_seconds, device.platform), flush=True)
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump({'command': 'train' if training else 'infer', 'model': args.model,
+                 'batch': args.batch, 'size': args.size, 'dtype': args.dtype,
+                 'device_kind': device.device_kind, 'versions': versions,
+                 'results': [r.record() for r in results]}, f, indent=2)
+  return results
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument('--model', default='convnext_tiny', choices=models.list_models())
+  parser.add_argument('--batch', type=int, default=32, help='global batch (all devices)')
+  parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
+  parser.add_argument('--remat', action='store_true', help='rematerialise each block')
+  parser.add_argument('--mesh', type=lambda s: tuple(int(v) for v in s.split(',')),
+                      default=(-1, 1, 1), help='data,fsdp,model (default: every local '
+                      'device on data)')
+  parser.add_argument('--devices', type=int, default=0,
+                      help='use the first N local devices (default: all)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--compare', choices=('torch',), help='also time PyTorch')
+  parser.add_argument('--json', metavar='FILE', help='write the results as JSON')

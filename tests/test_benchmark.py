@@ -1,0 +1,85 @@
+"""`python -m convnext_jax.benchmark train|infer`: every field printed, and XLA's FLOP count of
+the training step about 3x the forward's, the forward's about twice the published
+multiply-adds (../shared/reference/convnext.md: convnext_atto 0.55 GMACs at 224)."""
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+
+from convnext_jax import benchmark
+from convnext_jax import step_benchmark
+
+SIZE, BATCH = 64, 16
+ATTO_GMACS_224 = 0.55
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Both commands on one of the 8 test devices: with data parallelism every device repeats
+  the optimizer's update of the replicated weights, which would blur the 3x below."""
+  root = tmp_path_factory.mktemp('bench')
+  out = {}
+  for command in ('train', 'infer'):
+    path = root / f'{command}.json'
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      benchmark.main([command, '--model', 'convnext_atto', '--batch', str(BATCH), '--size',
+                      str(SIZE), '--devices', '1', '--warmup', '1', '--iters', '1',
+                      '--compare', 'torch', '--json', str(path)])
+    out[command] = json.loads(path.read_text()), printed.getvalue()
+  return out
+
+
+# One line per configuration, in `benchmark forward`'s format, then the step's figures.
+LINE = (r'  {name} +\d+\.\d img/s +\d+\.\d ms/step  x ?\d+\.\d\d vs torch  compile +{compile} '
+        r'+{tflops} TFLOP/s  MFU n/a \(CPU: not meaningful\)  memory {memory}')
+
+
+@pytest.mark.parametrize('command', ['train', 'infer'])
+def test_every_field_is_printed(runs, command):
+  lines = runs[command][1].splitlines()
+  what = 'training step' if command == 'train' else 'forward'
+  assert lines[1].startswith(f'convnext_atto {what}, batch {BATCH}, {SIZE}x{SIZE}, float32; '
+                             "cpu x 1, mesh {'data': 1, 'fsdp': 1, 'model': 1}")
+  assert re.fullmatch(LINE.format(name=re.escape(f'jax {command} (float32)'),
+                                  compile=r'\d+\.\d s', tflops=r'\d+\.\d{3}',
+                                  memory=r'\d+ MiB/device \(XLA plan\)'), lines[2]), lines[2]
+  assert re.fullmatch(LINE.format(name=re.escape(f'torch eager {command} (float32)'),
+                                  compile='n/a', tflops='n/a', memory='n/a'), lines[3]), lines[3]
+
+
+@pytest.mark.parametrize('command', ['train', 'infer'])
+def test_lines_and_records(runs, command):
+  record = runs[command][0]
+  jax_result, torch_result = record['results']
+  assert jax_result['name'] == f'jax {command} (float32)'
+  assert torch_result['name'] == f'torch eager {command} (float32)'
+  assert jax_result['devices'] == 1 and jax_result['batch'] == BATCH
+  assert jax_result['compile_s'] > 0 and jax_result['seconds'] > 0
+  assert jax_result['mfu'] is None  # A CPU has no peak in the table.
+  assert re.fullmatch(r'\d+ MiB/device \(XLA plan\)', jax_result['memory'])
+  assert record['device_kind'] == 'cpu'
+
+
+def test_train_step_flops_are_three_forwards(runs):
+  per_image = {c: runs[c][0]['results'][0]['flops'] / BATCH for c in ('train', 'infer')}
+  # Forward: the convolutions' 2 FLOPs per multiply-add, plus norms, GELU and the rest.
+  published = 2 * ATTO_GMACS_224 * 1e9 * (SIZE / 224) ** 2
+  assert 1.0 <= per_image['infer'] / published <= 1.4, per_image
+  # Backward about twice the forward; Mixup, AdamW and the EMA add a little.
+  assert 0.9 * 3 <= per_image['train'] / per_image['infer'] <= 1.1 * 3, per_image
+
+
+def test_peak_table_and_mfu():
+  assert step_benchmark.peak_tflops('NVIDIA H200', 'bfloat16') == 989.0
+  assert step_benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 67.0
+  assert step_benchmark.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
+  assert step_benchmark.peak_tflops('TPU v5p', 'bfloat16') == 459.0
+  assert step_benchmark.peak_tflops('cpu', 'float32') is None
+  # 2e15 FLOP in 2 s on 4 chips of 989 TFLOP/s: 1e15 / 3.956e15.
+  result = step_benchmark.Result('x', 8, 2.0, flops=2e15, devices=4, peak_tflops=989.0)
+  assert result.mfu == pytest.approx(1e15 / (4 * 989e12))
+  assert 'MFU  25.3%' in result.line(None, 'gpu')
