@@ -8,6 +8,7 @@ while handling the OSError of a Python file) into one `DiskFullError` with a one
 
 import contextlib
 import errno
+import logging as std_logging
 import os
 import shutil
 import sys
@@ -147,11 +148,13 @@ def quiet_disk_full_echoes():
   background threads (absl ERROR), and tensorstore writes still in flight complete, up to
   milliseconds after the error reached the caller, into the event loop orbax has closed:
   each prints an unraisable `RuntimeError: Event loop is closed` traceback (dozens for one
-  checkpoint). Inside this context the absl records of a disk-full exception are dropped,
-  and the 'Event loop is closed' tracebacks are held back. If a disk-full error leaves the
-  context, the held ones are dropped and so are later ones, for the rest of the process
-  (meant for entry points, which report the error and exit); otherwise they are printed as
-  usual and the hooks are restored. Other unraisable exceptions and log records pass.
+  checkpoint); asyncio logs 'Task exception was never retrieved' for the write tasks it
+  collects later. Inside this context the absl and asyncio records of a disk-full exception
+  are dropped, and the 'Event loop is closed' tracebacks are held back. If a disk-full error
+  leaves the context, the held ones are dropped and so are later echoes and records, for the
+  rest of the process (meant for entry points, which report the error and exit); otherwise
+  the held ones are printed as usual and the filters and hook removed. Other unraisable
+  exceptions and log records pass.
   """
   held = []
   previous_hook = sys.unraisablehook
@@ -166,8 +169,11 @@ def quiet_disk_full_echoes():
     if not _is_closed_loop_echo(unraisable):
       previous_hook(unraisable)
 
-  absl_logger = logging.get_absl_logger()
-  absl_logger.addFilter(_not_disk_full_record)
+  # Orbax's records come through absl; asyncio's "Task exception was never retrieved" ones,
+  # for the writes whose tasks are collected later, through its own logger.
+  loggers = (logging.get_absl_logger(), std_logging.getLogger('asyncio'))
+  for logger in loggers:
+    logger.addFilter(_not_disk_full_record)
   sys.unraisablehook = hold_closed_loop_echoes
   disk_full = False
   try:
@@ -176,10 +182,11 @@ def quiet_disk_full_echoes():
     disk_full = disk_full_errno(e) is not None
     raise
   finally:
-    absl_logger.removeFilter(_not_disk_full_record)
-    if disk_full:
+    if disk_full:  # The echoes go on after the error: keep them out for good.
       sys.unraisablehook = drop_closed_loop_echoes
     else:
+      for logger in loggers:
+        logger.removeFilter(_not_disk_full_record)
       sys.unraisablehook = previous_hook
       for unraisable in held:
         previous_hook(unraisable)
