@@ -353,6 +353,10 @@ class TrainingCheckpoints:
     }), metrics=metrics, force=force)
     if started and not self._async and jax.process_index() == 0:
       seal_step(self.directory / str(step))
+    if started:
+      logging.info('checkpoint step %d: %s %s', step,
+                   'writing in the background to' if self._async else 'written to',
+                   self.directory / str(step))
     return started
 
   def check(self) -> None:

@@ -15,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from convnext_jax import console
 from convnext_jax import sharding
 from convnext_jax.data import batch_ops
 from convnext_jax.data import pipeline
@@ -81,5 +82,5 @@ def evaluate(eval_step, params_by_name, dataset, num_batches: int, feed: shardin
     for metric, value in collection.compute().items():
       results[f'{name}/{metric}'] = float(value)
   logging.info('evaluated %d batches in %.1f s: %s', num_batches,
-               time.perf_counter() - start, results)
+               time.perf_counter() - start, results, extra=console.DETAIL)
   return results, tracker.skipped

@@ -2,6 +2,7 @@
 evaluation sets. The only training-side module that touches TensorFlow."""
 
 import dataclasses
+import time
 from typing import Any
 
 from absl import logging
@@ -9,6 +10,7 @@ import jax
 import ml_collections
 import tensorflow as tf
 
+from convnext_jax import console
 from convnext_jax import datasets
 from convnext_jax import multihost
 from convnext_jax import sharding
@@ -39,8 +41,11 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
           f'dataset {name} is not prepared in {builder.data_dir_root}; prepare it first (see '
           "README 'Datasets'), or set config.dataset.data_dir to where it was prepared")
     if jax.process_index() == 0:
-      logging.info('preparing %s in %s', name, builder.data_dir_root)
-      datasets.prepare(name, data_dir=data_dir or None, **builder_kwargs)
+      logging.info('preparing %s in %s (once) ...', name, builder.data_dir_root)
+      start = time.perf_counter()
+      with console.library_output():  # tfds' banners and progress bars, with --verbose.
+        datasets.prepare(name, data_dir=data_dir or None, **builder_kwargs)
+      logging.info('prepared %s in %s', name, console.duration(time.perf_counter() - start))
     multihost.barrier(f'{name} prepared by process 0')
     builder = datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
   if not builder.is_prepared():
@@ -79,6 +84,10 @@ class TrainIterator:
   @property
   def skipped(self) -> int:
     return self._tracker.skipped
+
+  def close(self) -> None:
+    """Stops the pipeline's threads (tf.data stops them when its iterator is deleted)."""
+    self._iterator = None
 
 
 @dataclasses.dataclass

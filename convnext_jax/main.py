@@ -12,6 +12,10 @@ A mistake in the flags or the config (an unknown key, a value out of range, a mi
 runs or the workdir is created, with one line on stderr, `convnext-train: error: ...`, and
 exit status 2; a run that cannot go on (`train.RUN_ERRORS`) ends with one such line and exit
 status 1.
+
+The console shows the trainer's own lines and every warning; `--verbose` adds the full
+config, parameter tables and the libraries' INFO records (`console`). TensorFlow's C++ log
+(the oneDNN notices of the input pipeline) is off unless TF_CPP_MIN_LOG_LEVEL is set.
 """
 
 import importlib.util
@@ -19,6 +23,10 @@ import os
 import re
 import sys
 
+# Before TensorFlow is imported (through `train`): its C++ log reads this once it is set up.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -26,9 +34,12 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from convnext_jax import config_check
-from convnext_jax import fileio
-from convnext_jax import train
+from convnext_jax import console
+
+with console.native_notices_dropped():  # What TensorFlow prints while it loads (oneDNN).
+  from convnext_jax import config_check
+  from convnext_jax import fileio
+  from convnext_jax import train
 
 PROG = 'convnext-train'
 
@@ -47,6 +58,10 @@ flags.DEFINE_integer('jax_process_id', None, "This process's index, 0 .. num_pro
                      lower_bound=0)
 flags.DEFINE_list('jax_local_device_ids', None,
                   "This process's devices, e.g. 0,1 (default: all it sees).")
+flags.DEFINE_bool('verbose', False,
+                  'Also show the full config, parameter tables and the INFO logs of the '
+                  'libraries (orbax, tensorstore, jax, clu, tfds); default: the trainer\'s '
+                  'own progress and every warning.')
 flags.mark_flags_as_required(['config', 'workdir'])
 flags.register_validator('jax_local_device_ids',
                          lambda ids: ids is None or all(i.isdigit() for i in ids),
@@ -100,6 +115,19 @@ def parse_flags(argv: list[str]) -> list[str]:
                     f'{type(FLAGS.config).__name__}; it must return an ml_collections.ConfigDict',
                     2))
   return args
+
+
+def summary(config: ml_collections.ConfigDict) -> str:
+  """One line of what a config trains: model, data, schedule, optimizer, mesh."""
+  c = config
+  duration = (f'{c.num_steps} steps' if c.num_steps > 0 else f'{c.num_epochs:g} epochs')
+  accum = f' in {c.grad_accum_steps} micro-batches' if c.grad_accum_steps > 1 else ''
+  ema = f'EMA {c.ema.decay:g}' if c.ema.decay > 0 else 'no EMA'
+  init = f', init from {c.init_from.path}' if c.init_from.path else ''
+  return (f'{c.model.name} ({c.model.dtype}) on {c.dataset.name} at {c.input.image_size} px, '
+          f'batch {c.global_batch_size}{accum}, {duration}, AdamW lr {c.optim.lr:g} '
+          f'wd {c.optim.weight_decay:g}, {ema}, mesh {tuple(c.mesh)}{init} '
+          '(--verbose prints all of it)')
 
 
 def _config_argument(argv: list[str]) -> str | None:
@@ -200,6 +228,7 @@ def _one_line(error) -> str:
 def main(argv):
   if len(argv) > 1:
     return report(f'unexpected arguments {argv[1:]}; flags take the form --name=value', 2)
+  console.configure(FLAGS.verbose)
   try:
     config_check.check(FLAGS.config)
   except config_check.ConfigError as e:
@@ -211,7 +240,8 @@ def main(argv):
     config_check.check_mesh(FLAGS.config)
   except config_check.ConfigError as e:
     return report(e, 2)
-  logging.info('config:\n%s', FLAGS.config)
+  logging.info('config %s: %s', _config_argument(sys.argv), summary(FLAGS.config))
+  logging.info('config:\n%s', FLAGS.config, extra=console.DETAIL)
   try:
     # A full disk is the one line below, without orbax's echoes of it from other threads.
     with fileio.quiet_disk_full_echoes():

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from convnext_jax import checkpoints
+from convnext_jax import console
 from convnext_jax import evaluate
 from convnext_jax import input_pipeline
 from convnext_jax import models
@@ -263,10 +264,14 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   # ---- Shard and materialise directly on the mesh. ----
   state, state_shardings, abstract = train_step.create_train_state(
       config, model, optimizer, mesh, image_size, use_ema)
-  logging.info('parameter sharding:\n%s', sharding.describe(state_shardings['params']))
+  num_params = models.count_params(abstract['params'])
+  logging.info('%s: %s parameters (%.1f MB), %s compute', config.model.name,
+               f'{num_params:,}', _nbytes(abstract['params']) / 1e6, config.model.dtype)
+  logging.info('parameter sharding:\n%s', sharding.describe(state_shardings['params']),
+               extra=console.DETAIL)
   options = models.compiler_options()
   parameter_overview.log_parameter_overview(state['params'], include_stats=False,
-                                            jax_logging_process=0)
+                                            jax_logging_process=0)  # Shown with --verbose.
 
   # ---- Resume, or initialise from other weights. ----
   ckpts = checkpoints.TrainingCheckpoints(
@@ -296,11 +301,14 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
       params_by_name['ema'] = state['ema_params']
     results = {}
     for ev in evaluators:
+      start = time.perf_counter()
       values, skipped = evaluate.evaluate(eval_step, params_by_name, ev.dataset, ev.num_batches,
                                           feed, ev.num_examples)
       results.update({f'{ev.name}/{k}': v for k, v in values.items()})
       if skipped:
         results[f'{ev.name}/skipped_images'] = skipped
+      logging.info('step %d, %s (%d images, %.1f s): %s', step, ev.name, ev.num_examples,
+                   time.perf_counter() - start, _accuracies(values))
     writer.write_scalars(step, results)
     return results
 
@@ -311,8 +319,7 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
       out_shardings=(state_shardings, None, None), donate_argnums=(0,),
       compiler_options=models.compiler_options(training=True))
   train_iter = inputs.train_iterator(feed, start_position)
-  report = periodic_actions.ReportProgress(num_train_steps=sched.total_steps, writer=writer)
-  hooks = [report]
+  hooks = []
   if config.profile_start_step >= 0 and process == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile_start_step,
                                           num_profile_steps=config.profile_num_steps))
@@ -320,34 +327,37 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   guard = _NonfiniteGuard(config.nonfinite.action, config.nonfinite.max_consecutive)
   train_metrics = None
   last_eval: dict[str, float] = {}
-  window_start, window_steps = time.perf_counter(), 0
   logging.info('training from step %d to %d', start_step, sched.total_steps)
+  # The first batch, then the step compiled for it, each with a line: on a large model or a
+  # cold input pipeline these take minutes.
+  if start_step < sched.total_steps:
+    first_batch, update = _compile_update(update, state, train_iter, config, mesh)
+  progress = _Progress(sched, config.global_batch_size)
   try:
     for step in range(start_step, sched.total_steps):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = next(train_iter)
+        batch = first_batch if step == start_step else next(train_iter)
         state, step_metrics, health = update(state, batch)
       done = step + 1
       guard.push(done, health)  # Checks the step before this one: no wait for this one.
       train_metrics = (step_metrics if train_metrics is None else
                        train_metrics.merge(step_metrics))
-      window_steps += 1
+      progress.steps += 1
       for hook in hooks:
         hook(done)
       final = done == sched.total_steps
       if done % config.log_every_steps == 0 or final:
         scalars = {f'train/{k}': v for k, v in train_metrics.compute().items()}
-        elapsed = time.perf_counter() - window_start
-        scalars['train/images_per_sec'] = window_steps * config.global_batch_size / elapsed
-        scalars['train/epoch'] = done / sched.steps_per_epoch
+        scalars.update(progress.report(done, scalars['train/loss']))
         if train_iter.skipped:
           scalars['train/skipped_images'] = train_iter.skipped
         writer.write_scalars(done, scalars)
-        train_metrics, window_start, window_steps = None, time.perf_counter(), 0
+        train_metrics = None
         ckpts.check()  # A failed background save stops the run here, not at the next save.
       ckpt_metrics = None
       if done % sched.eval_every == 0 or final:
-        last_eval = run_evals(done)
+        with progress.paused(evaluating=True):
+          last_eval = run_evals(done)
         main_eval = f'{evaluators[0].name}/{"ema" if use_ema else "raw"}/top1'
         ckpt_metrics = {'top1': last_eval.get(main_eval, 0.0)}
       # A SIGTERM flag is per process; with several processes, orbax's preemption notice
@@ -359,9 +369,10 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
         guard.flush()  # Stops here, before saving, if this step ends a run of skipped ones.
         _check_lock_held(lock, workdir, done)
         # The data positions are gathered from every process: only when a save is due.
-        metadata = _metadata(config, inputs, num_classes, feed, train_iter.next_position, done,
-                             last_eval)
-        ckpts.save(done, state, metadata, metrics=ckpt_metrics, force=force)
+        with progress.paused():  # Waits for the previous save, if it is still writing.
+          metadata = _metadata(config, inputs, num_classes, feed, train_iter.next_position,
+                               done, last_eval)
+          ckpts.save(done, state, metadata, metrics=ckpt_metrics, force=force)
       if preempted:
         logging.warning('preempted at step %d: checkpoint written, exiting', done)
         break
@@ -371,9 +382,91 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
     raise
   finally:
     preemption.restore()
+    train_iter.close()  # Stops the input pipeline's threads now, not at interpreter exit.
   ckpts.close()  # Waits for the last save; raises if it failed.
-  writer.flush()
+  writer.close()
+  logging.info('done: step %d%s', int(state['step']),
+               f', {_accuracies(last_eval)}' if last_eval else '')
   return last_eval
+
+
+def _nbytes(tree) -> int:
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+
+def _accuracies(results: dict[str, float]) -> str:
+  """{'raw/top1': 0.5, 'ema/top1': ...} -> 'raw top-1 50.0% top-5 ..., ema top-1 ...'."""
+  parts = {}
+  for key, value in results.items():
+    *prefix, weights, metric = key.split('/')
+    if metric.startswith('top'):
+      name = ' '.join(prefix + [weights])
+      parts.setdefault(name, []).append(f'top-{metric[3:]} {100 * value:.1f}%')
+  return ', '.join(f'{name} {" ".join(values)}' for name, values in parts.items())
+
+
+def _compile_update(update, state, train_iter, config, mesh):
+  """(the first batch, the train step compiled ahead of time for it), saying what it does."""
+  start = time.perf_counter()
+  logging.info('reading the first batch (input pipeline start-up) ...')
+  batch = next(train_iter)
+  logging.info('first batch in %s; compiling the train step (%s, batch %d at %d px, '
+               'mesh %s) ...', console.duration(time.perf_counter() - start),
+               config.model.name, config.global_batch_size, config.input.image_size,
+               dict(mesh.shape))
+  start = time.perf_counter()
+  compiled = update.lower(state, batch).compile()
+  logging.info('compiled the train step in %s', console.duration(time.perf_counter() - start))
+  return batch, compiled
+
+
+class _Progress:
+  """Throughput and ETA of the training steps, not counting evaluation and checkpoint waits;
+  one progress line per log step."""
+
+  def __init__(self, sched: Schedule, global_batch: int):
+    self.steps = 0  # Steps since the last report.
+    self._sched = sched
+    self._batch = global_batch
+    self._window_start = time.perf_counter()
+    self._excluded = 0.0  # Seconds of the window spent outside training steps.
+    self._run_steps, self._run_seconds = 0, 0.0
+    self._evals, self._eval_seconds = 0, 0.0
+
+  @contextlib.contextmanager
+  def paused(self, evaluating: bool = False):
+    """Time in this block does not count as training time."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      seconds = time.perf_counter() - start
+      self._excluded += seconds
+      if evaluating:
+        self._evals += 1
+        self._eval_seconds += seconds
+
+  def report(self, step: int, loss) -> dict[str, float]:
+    """Logs the progress line; returns the throughput scalars of the window since the last."""
+    now = time.perf_counter()
+    seconds = max(now - self._window_start - self._excluded, 1e-9)
+    steps_per_sec = self.steps / seconds
+    self._run_steps += self.steps
+    self._run_seconds += seconds
+    total, every = self._sched.total_steps, self._sched.eval_every
+    remaining = total - step
+    eta = remaining * self._run_seconds / self._run_steps
+    if self._evals:  # Evaluations left: every `every` steps, and at the end.
+      evals_left = total // every - step // every + (1 if total % every else 0)
+      eta += evals_left * self._eval_seconds / self._evals
+    logging.info('step %d/%d (%.1f%%): loss %.4f, %.1f img/s, %.2f steps/s, ETA %s', step,
+                 self._sched.total_steps, 100 * step / self._sched.total_steps, float(loss),
+                 steps_per_sec * self._batch, steps_per_sec,
+                 console.duration(eta) if remaining else '-')
+    self.steps, self._window_start, self._excluded = 0, now, 0.0
+    return {'train/images_per_sec': steps_per_sec * self._batch,
+            'steps_per_sec': steps_per_sec,
+            'train/epoch': step / self._sched.steps_per_epoch}
 
 
 def _check_lock_held(lock: workdir_lock.WorkdirLock, workdir: str, step: int) -> None:

@@ -10,9 +10,11 @@ The full demo's result (top-1, wall time) is recorded in docs/benchmarks.md."""
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -48,10 +50,12 @@ SHORT_DEMO_FLAGS = ('--config.input.image_size=32', f'--config.num_steps={DEMO_S
                     '--config.checkpoint_every_steps=75')
 
 
-def run_main(workdir: str, data_dir: str, *flags: str) -> None:
-  """`python -m convnext_jax.main --config configs/demo.py` on one CPU device."""
+def run_main(workdir: str, data_dir: str, *flags: str) -> str:
+  """`python -m convnext_jax.main --config configs/demo.py` on one CPU device; returns what
+  it printed (stdout and stderr)."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              JAX_PLATFORMS='cpu')
+  env.pop('TF_CPP_MIN_LOG_LEVEL')  # The suite's (conftest.py): the console a user sees.
   command = [sys.executable, '-m', 'convnext_jax.main', '--config',
              str(REPO / 'configs' / 'demo.py'), '--workdir', workdir,
              f'--config.dataset.data_dir={data_dir}', *flags]
@@ -59,21 +63,22 @@ def run_main(workdir: str, data_dir: str, *flags: str) -> None:
   assert proc.returncode == 0, proc.stderr[-4000:]
   # TensorFlow was set up before anything ran it (pipeline.configure_tensorflow's warning).
   assert 'intra-op thread pool' not in proc.stderr, proc.stderr[-4000:]
+  return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope='module')
 def demo_run(shapes_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('demo'))
-  run_main(workdir, shapes_dir, *SHORT_DEMO_FLAGS)
+  console = run_main(workdir, shapes_dir, *SHORT_DEMO_FLAGS)
   config = _demo_config()
   config.num_steps = DEMO_STEPS
   config.optim.warmup_steps = 15
   _, meta = checkpoints.load_params(workdir, which='ema')
-  return workdir, config, meta['metrics']
+  return workdir, config, meta['metrics'], console
 
 
 def test_short_demo_learns_evaluates_and_checkpoints(demo_run):
-  workdir, _, result = demo_run
+  workdir, _, result, _ = demo_run
   assert set(result) == {f'convnext_shapes/{w}/top{k}' for w in ('raw', 'ema') for k in (1, 5)}
   for value in result.values():  # Fractions of the 1000 validation images.
     assert 0.0 <= value <= 1.0 and round(value * 1000) == pytest.approx(value * 1000, abs=1e-3)
@@ -85,8 +90,46 @@ def test_short_demo_learns_evaluates_and_checkpoints(demo_run):
   assert checkpoints.workdir_steps(workdir) == [75, 150]
 
 
+# An absl log line: level, date, time, thread, then `file.py:line]`.
+_LOG_LINE = re.compile(r'([IWEF])\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] (.*)')
+
+
+def test_console_shows_progress_and_results_not_library_chatter(demo_run):
+  """The demo's console at default verbosity: every INFO line is the trainer's own (no
+  orbax, tensorstore, clu or jax records; orbax alone wrote ~450 lines per demo before),
+  nothing from TensorFlow's C++ side, and the lines a user reads are all there."""
+  workdir, _, _, console = demo_run
+  lines = console.splitlines()
+  ours = {f.name for f in (REPO / 'convnext_jax').rglob('*.py')}
+  sources = [m.group(2) for m in map(_LOG_LINE.fullmatch, lines) if m and m.group(1) == 'I']
+  assert sources and set(sources) <= ours, sorted(set(sources) - ours)
+  for noise in ('oneDNN', 'absl::InitializeLog', 'replica_slices', 'orbax', 'Setting work unit'):
+    assert noise not in console, [line for line in lines if noise in line]
+  assert not [line for line in lines if not _LOG_LINE.fullmatch(line)], console
+  messages = [m.group(3) for m in map(_LOG_LINE.fullmatch, lines)]
+  assert len(messages) < 30, console
+
+  def one(pattern):
+    found = [m for m in messages if re.fullmatch(pattern, m)]
+    assert len(found) == 1, (pattern, console)
+
+  one(r'config \S+demo.py: convnext_atto \(float32\) on convnext_shapes at 32 px, batch 64, '
+      r'150 steps, .*')
+  one(r'first batch in \d+ s; compiling the train step \(convnext_atto, batch 64 at 32 px, '
+      r'mesh .*\) \.\.\.')
+  one(r'compiled the train step in \d+ s')
+  for step in range(25, DEMO_STEPS + 1, 25):  # log_every_steps=25.
+    one(rf'step {step}/150 \({100 * step / 150:.1f}%\): loss \d\.\d{{4}}, [\d.]+ img/s, '
+        rf'[\d.]+ steps/s, ETA {"-" if step == 150 else ".*s"}')
+  one(r'step 150, convnext_shapes \(1000 images, [\d.]+ s\): ema top-1 [\d.]+% top-5 [\d.]+%, '
+      r'raw top-1 [\d.]+% top-5 [\d.]+%')
+  for step in (75, 150):  # checkpoint_every_steps=75.
+    one(rf'checkpoint step {step}: writing in the background to {re.escape(workdir)}/'
+        rf'checkpoints/{step}')
+
+
 def test_tensorboard_events_hold_the_logged_scalars(demo_run):
-  workdir, config, result = demo_run
+  workdir, config, result, _ = demo_run
   files = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
   assert files, os.listdir(workdir)
   acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
@@ -106,6 +149,10 @@ def test_tensorboard_events_hold_the_logged_scalars(demo_run):
   sched = optim.lr_schedule(config.optim.lr, config.optim.min_lr, 15, DEMO_STEPS)
   for step, value in lr.items():  # The last step of each window logs its lr.
     assert value == pytest.approx(float(sched(step - 1)), rel=1e-6)
+  images, steps = series('train/images_per_sec'), series('steps_per_sec')
+  assert sorted(images) == sorted(steps) == sorted(lr)
+  for step, value in images.items():
+    assert value == pytest.approx(config.global_batch_size * steps[step], rel=1e-5)
   loss = series('train/loss')  # From about ln(10) = 2.30 down, as the accuracy rises.
   assert 2.0 < loss[25] < 2.5 and loss[DEMO_STEPS] < loss[25] - 0.3, loss
   top1 = series('convnext_shapes/raw/top1')
@@ -113,7 +160,7 @@ def test_tensorboard_events_hold_the_logged_scalars(demo_run):
 
 
 def test_export_from_workdir(demo_run, tmp_path):
-  workdir, _, _ = demo_run
+  workdir, _, _, _ = demo_run
   out = tmp_path / 'demo_raw75.safetensors'
   assert cli.main(['export', workdir, str(out), '--params', 'raw', '--step', '75']) == 0
   from safetensors.numpy import load_file
@@ -132,7 +179,7 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   """An 'ImageNet' checkpoint (the demo backbone under a 1000-class head, written as timm
   safetensors and imported by the CLI) fine-tuned on the 10 classes: the head is re-made at
   head_init_scale, the backbone is taken over exactly, and the run learns from there."""
-  workdir, _, _ = demo_run
+  workdir, _, _, _ = demo_run
   backbone, _ = checkpoints.load_params(workdir, which='ema')
   rng = np.random.default_rng(0)
   pretrained = dict(backbone, head={
@@ -207,10 +254,19 @@ def _params(workdir, step):
   return checkpoints.load_params(workdir, which='raw', step=step)[0]
 
 
+def _threads_left(before):
+  """Non-daemon threads started since `before` and still alive: they would hold the
+  interpreter's exit after the run (threading joins them)."""
+  return [t for t in threading.enumerate()
+          if t not in before and t.is_alive() and not t.daemon]
+
+
 def test_resume_gives_the_uninterrupted_parameters(shapes_dir, tmp_path, monkeypatch):
   config = resume_config(shapes_dir)
   straight = str(tmp_path / 'straight')
+  before = threading.enumerate()
   train.train_and_evaluate(config, straight)
+  assert not _threads_left(before)  # The process can exit as soon as the run returns.
 
   stopped = str(tmp_path / 'stopped')
   monkeypatch.setattr(train, '_Preemption', _StopAt(3))
@@ -220,6 +276,7 @@ def test_resume_gives_the_uninterrupted_parameters(shapes_dir, tmp_path, monkeyp
   monkeypatch.undo()
 
   train.train_and_evaluate(config, stopped)  # Resumes at step 3.
+  assert not _threads_left(before)
   assert checkpoints.workdir_steps(stopped) == [3, 6]
   _, meta = checkpoints.load_params(stopped, which='raw')
   assert meta['data_positions'] == [6 * config.global_batch_size]
