@@ -4,9 +4,15 @@
       Forward img/s of the jitted Flax model beside PyTorch eager (transformers' ConvNext,
       same weights) in this one process; float32.
   python -m convnext_jax.benchmark train|infer [--model convnext_tiny] [--batch 32] [--size 224]
-      [--dtype float32|bfloat16] [--remat] [--mesh -1,1,1] [--compare torch] [--json FILE]
+      [--dtype float32|bfloat16] [--remat POLICY] [--scan] [--mesh -1,1,1] [--compare torch]
+      [--json FILE]
       The trainer's jitted step (or the forward) on any backend: img/s, step ms, compile s,
       TFLOP/s from XLA's cost analysis, MFU, memory; beside PyTorch (`step_benchmark`).
+  python -m convnext_jax.benchmark compile [--model convnext_xlarge,...] [--batch 1]
+      [--size 224] [--dtype float32|bfloat16] [--remat POLICY] [--depthwise-impl auto|conv]
+      [--json FILE]
+      Lowering and compile seconds of forward+backward from abstract params, without and with
+      `scan=True` (`step_benchmark`).
   python -m convnext_jax.benchmark convert [--model convnext_xlarge] [--workdir DIR]
       Writes a random official .pth of the model, then times `convnext-convert import` and
       `export` (official, timm, hf), each in a fresh process, with its peak resident memory.
@@ -381,6 +387,10 @@ def main(argv=None):
   p = sub.add_parser('infer', help='the jitted forward: img/s, FLOPs, MFU, memory')
   step_benchmark.add_arguments(p)
   p.set_defaults(run=lambda args: step_benchmark.run(args, False, versions()))
+  p = sub.add_parser('compile', help='forward+backward lowering and compile s, without and '
+                     'with scan over blocks')
+  step_benchmark.add_compile_arguments(p)
+  p.set_defaults(run=lambda args: step_benchmark.run_compile(args, versions()))
   p = sub.add_parser('convert', help='conversion time and peak memory')
   p.add_argument('--model', default='convnext_xlarge', choices=models.list_models())
   p.add_argument('--workdir', help='keep the files here (default: a temporary directory)')

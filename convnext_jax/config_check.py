@@ -171,7 +171,8 @@ def _model(c) -> None:
           sentinel="for the variant's default")
   _number(c, 'model.head_init_scale', '>= 0', lambda v: v >= 0)
   _choice(c, 'model.dtype', tuple(train_step.DTYPES))
-  _boolean(c, 'model.remat')
+  _remat(c, 'model.remat')
+  _boolean(c, 'model.scan')
 
 
 def _dataset(c) -> None:
@@ -336,6 +337,18 @@ def _boolean(c, key: str) -> None:
   v = _value(c, key)
   if not isinstance(v, bool):
     raise ConfigError(f'config.{key} must be True or False, got {v!r}')
+
+
+def _remat(c, key: str) -> None:
+  v = _value(c, key)
+  try:
+    models.remat_policy(v)
+    return
+  except ValueError:
+    pass
+  hint = _did_you_mean(v, models.REMAT_POLICIES) if isinstance(v, str) else ''
+  raise ConfigError(f"config.{key} must be '' (off), True/False or one of "
+                    f'{", ".join(models.REMAT_POLICIES)}, got {v!r}{hint}')
 
 
 def _string(c, key: str, empty_ok: bool = False) -> None:

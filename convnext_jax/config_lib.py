@@ -37,7 +37,10 @@ def base() -> ml_collections.ConfigDict:
   c.model.layer_scale_init_value = -1.0  # -1: the variant's default.
   c.model.head_init_scale = 1.0
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters and optimizer state stay float32.
-  c.model.remat = False
+  # Rematerialisation policy (models.remat_policy): '' off, 'full', 'dots_saveable', ...
+  # The field takes any type so that old configs' True/False (True is 'full') still load.
+  c.model.remat = ml_collections.FieldReference('', field_type=object)
+  c.model.scan = False  # One lax.scan per stage: fast compiles at depth, same params.
   # Other create_model arguments, e.g. depths=(2, 2, 6, 2), dims=(...) for a custom size.
   c.model.overrides = ml_collections.ConfigDict()
 

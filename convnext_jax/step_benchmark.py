@@ -1,15 +1,21 @@
-"""`benchmark train` and `benchmark infer`: the trainer's own jitted step, and the forward
-pass, timed on synthetic device-resident batches on whatever backend jax has.
+"""`benchmark train`, `benchmark infer` and `benchmark compile`: the trainer's own jitted step,
+and the forward pass, timed on synthetic device-resident batches on whatever backend jax has;
+and the compile time of forward+backward with and without the scan over blocks.
 
   python -m convnext_jax.benchmark train [--model convnext_tiny] [--batch 32] [--size 224]
-      [--dtype float32|bfloat16] [--remat] [--mesh -1,1,1] [--devices N] [--compare torch]
-      [--json FILE]
+      [--dtype float32|bfloat16] [--remat POLICY] [--scan] [--mesh -1,1,1] [--devices N]
+      [--compare torch] [--json FILE]
   python -m convnext_jax.benchmark infer  (the same flags)
+  python -m convnext_jax.benchmark compile [--model convnext_xlarge[,convnextv2_huge,...]]
+      [--batch 1] [--size 224] [--dtype float32|bfloat16] [--remat POLICY]
+      [--depthwise-impl auto|conv|shift] [--json FILE]
 
 `train` times `train_step.make_train_step` as training builds it from the base recipe
 (AdamW, EMA, Mixup/CutMix, Random Erasing, label smoothing, drop path, the non-finite guard)
 over every local device (or the first `--devices`, laid out by `--mesh`); `infer` the
-jitted forward of evaluation. Each prints, per
+jitted forward of evaluation. `--remat POLICY` rematerialises each block ('full', or a
+`jax.checkpoint_policies` name such as 'dots_saveable'; `--remat` alone is 'full'), `--scan`
+runs each stage's blocks as one `lax.scan`; both show in the result's name. Each prints, per
 configuration, one line in the format of `benchmark forward`: img/s and ms per step (median
 wall time of `--iters` steps after `--warmup`, each waited for with `block_until_ready`), the
 ratio to PyTorch eager when compared, compile seconds, TFLOP/s from XLA's cost analysis of the
@@ -21,6 +27,13 @@ use where the backend reports them, else XLA's plan for one device.
 drop path: its plain AdamW step), at the same batch, channels_last, bfloat16 through
 autocast when `--dtype bfloat16`, eager and, on a GPU, `torch.compile`; on a CPU eager only.
 
+`compile` lowers and compiles the gradient of the mean cross-entropy with respect to the
+params (train=True, drop path 0.1) on one device from abstract params and images
+(`jax.ShapeDtypeStruct`), so it needs no memory for weights: once unscanned and once with
+`scan=True`. One line per model: lowering and compile seconds of each, the ratio of their
+sums, and XLA's memory plan of each (the scanned one includes the stacked copy of each
+stage's params and gradients). The persistent compilation cache is off while it runs.
+
 No TensorFlow is imported: this runs on GPU machines that have none.
 """
 
@@ -30,6 +43,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 from convnext_jax import config_lib
 from convnext_jax import models
@@ -144,11 +158,22 @@ def _config(args):
   config.model.name = args.model
   config.model.dtype = args.dtype
   config.model.remat = args.remat
+  config.model.scan = args.scan
   config.model.num_classes = NUM_CLASSES
   config.global_batch_size = args.batch
   config.input.image_size = args.size
   config.mesh = tuple(args.mesh)
   return config
+
+
+def _variant(args) -> str:
+  """'float32', 'bfloat16, remat=dots_saveable, scan', ...: what the result's name shows."""
+  parts = [args.dtype]
+  if args.remat:
+    parts.append(f'remat={args.remat}')
+  if args.scan:
+    parts.append('scan')
+  return ', '.join(parts)
 
 
 def _jax_train(args, mesh, peak) -> Result:
@@ -182,9 +207,9 @@ def _jax_train(args, mesh, peak) -> Result:
     jax.block_until_ready(state)
 
   seconds = time_calls(step, args.warmup, args.iters)
-  return Result(f'jax train ({args.dtype}{", remat" if args.remat else ""})', args.batch,
-                seconds, compile_s, None if flops is None else flops * mesh.size, mesh.size,
-                peak, _memory(compiled))
+  return Result(f'jax train ({_variant(args)})', args.batch, seconds, compile_s,
+                None if flops is None else flops * mesh.size, mesh.size, peak,
+                _memory(compiled))
 
 
 def _jax_infer(args, mesh, peak) -> Result:
@@ -207,7 +232,7 @@ def _jax_infer(args, mesh, peak) -> Result:
   flops = _flops(compiled)
   seconds = time_calls(lambda: jax.block_until_ready(compiled(params, images)), args.warmup,
                         args.iters)
-  return Result(f'jax infer ({args.dtype})', args.batch, seconds, compile_s,
+  return Result(f'jax infer ({_variant(args)})', args.batch, seconds, compile_s,
                 None if flops is None else flops * mesh.size, mesh.size, peak,
                 _memory(compiled))
 
@@ -298,7 +323,9 @@ def add_arguments(parser) -> None:
   parser.add_argument('--batch', type=int, default=32, help='global batch (all devices)')
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
-  parser.add_argument('--remat', action='store_true', help='rematerialise each block')
+  _add_remat_argument(parser)
+  parser.add_argument('--scan', action='store_true',
+                      help="one lax.scan over each stage's blocks (same params)")
   parser.add_argument('--mesh', type=lambda s: tuple(int(v) for v in s.split(',')),
                       default=(-1, 1, 1), help='data,fsdp,model (default: every local '
                       'device on data)')
@@ -307,4 +334,132 @@ def add_arguments(parser) -> None:
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--compare', choices=('torch',), help='also time PyTorch')
+  parser.add_argument('--json', metavar='FILE', help='write the results as JSON')
+
+
+def _add_remat_argument(parser) -> None:
+  parser.add_argument('--remat', nargs='?', const='full', default='', metavar='POLICY',
+                      choices=('',) + models.REMAT_POLICIES,
+                      help="rematerialise each block: 'full' (the default of --remat alone) or "
+                      f'a jax.checkpoint_policies name: {", ".join(models.REMAT_POLICIES[1:])}')
+
+
+# ---------------------------------------------------------------------------------------
+# benchmark compile
+
+COMPILE_DROP_PATH_RATE = 0.1
+
+
+@dataclasses.dataclass
+class CompileResult:
+  """Seconds to lower and compile one model's forward+backward, unscanned and scanned."""
+  model: str
+  lower_s: float
+  compile_s: float
+  memory_mib: float | None
+  scan_lower_s: float
+  scan_compile_s: float
+  scan_memory_mib: float | None
+
+  @property
+  def ratio(self) -> float:
+    """(lower + compile) unscanned over scanned: how many times faster scan compiles."""
+    return (self.lower_s + self.compile_s) / (self.scan_lower_s + self.scan_compile_s)
+
+  def line(self) -> str:
+    def memory(mib):
+      return 'n/a' if mib is None else f'{mib:.0f} MiB'
+
+    return (f'  {self.model:26s} lower {self.lower_s:7.2f} s  compile {self.compile_s:7.2f} s'
+            f'  | scan: lower {self.scan_lower_s:7.2f} s  compile {self.scan_compile_s:7.2f} s'
+            f'  | unscanned/scan x{self.ratio:6.2f}  | XLA plan {memory(self.memory_mib)}, '
+            f'scan {memory(self.scan_memory_mib)}')
+
+  def record(self) -> dict:
+    return dict(dataclasses.asdict(self), ratio=self.ratio)
+
+
+def _planned_mib(compiled) -> float | None:
+  plan = compiled.memory_analysis()
+  if plan is None:
+    return None
+  return (plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
+          - plan.alias_size_in_bytes) / 2**20
+
+
+def compile_seconds(model_name: str, batch: int, size: int, dtype: str, scan: bool,
+                    remat: str = '', depthwise_impl: str = 'auto'
+                    ) -> tuple[float, float, float | None]:
+  """(lowering s, compile s, XLA's planned MiB) of the params' gradient, from shapes only.
+
+  The loss is the mean cross-entropy of the logits, train=True with drop path
+  `COMPILE_DROP_PATH_RATE`; params, images and labels are `jax.ShapeDtypeStruct`s.
+  """
+  model = models.create_model(model_name, dtype=train_step.DTYPES[dtype], remat=remat,
+                              scan=scan, drop_path_rate=COMPILE_DROP_PATH_RATE,
+                              depthwise_impl=depthwise_impl)
+  params = models.param_shapes(model, size)
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), np.float32)
+  labels = jax.ShapeDtypeStruct((batch,), np.int32)
+
+  # A new function per call: nothing is reused from an earlier trace.
+  def loss(params, images, labels, key):
+    logits = model.apply({'params': params}, images, train=True, rngs={'drop_path': key})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  grad = jax.jit(jax.grad(loss), compiler_options=models.compiler_options(training=True))
+  start = time.perf_counter()
+  lowered = grad.lower(params, images, labels, jax.random.key(0))
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  done = time.perf_counter()
+  return lowered_at - start, done - lowered_at, _planned_mib(compiled)
+
+
+def run_compile(args, versions: str) -> list[CompileResult]:
+  """Prints `versions`, a header and one `CompileResult.line()` per model of `args.model`."""
+  names = [n.strip() for n in args.model.split(',') if n.strip()]
+  unknown = [n for n in names if n not in models.list_models()]
+  if unknown or not names:
+    raise SystemExit(f'benchmark compile: unknown model(s) {unknown or args.model!r}; known: '
+                     f'{", ".join(models.list_models())}')
+  device = jax.local_devices()[0]
+  print(versions)
+  remat = f', remat={args.remat}' if args.remat else ''
+  impl = '' if args.depthwise_impl == 'auto' else f', depthwise {args.depthwise_impl}'
+  print(f'forward+backward compile from abstract params (grad of mean cross-entropy, '
+        f'train=True, drop path {COMPILE_DROP_PATH_RATE}), batch {args.batch}, '
+        f'{args.size}x{args.size}, {args.dtype}{remat}{impl}; {device.device_kind}; '
+        'unscanned, then scan=True', flush=True)
+  # Compile times must not be cache hits of an earlier run.
+  cache_was_on = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  results = []
+  try:
+    for name in names:
+      timings = [compile_seconds(name, args.batch, args.size, args.dtype, scan, args.remat,
+                                 args.depthwise_impl) for scan in (False, True)]
+      results.append(CompileResult(name, *timings[0], *timings[1]))
+      print(results[-1].line(), flush=True)
+  finally:
+    jax.config.update('jax_enable_compilation_cache', cache_was_on)
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump({'command': 'compile', 'batch': args.batch, 'size': args.size,
+                 'dtype': args.dtype, 'remat': args.remat,
+                 'depthwise_impl': args.depthwise_impl,
+                 'drop_path_rate': COMPILE_DROP_PATH_RATE, 'device_kind': device.device_kind,
+                 'versions': versions, 'results': [r.record() for r in results]}, f, indent=2)
+  return results
+
+
+def add_compile_arguments(parser) -> None:
+  parser.add_argument('--model', default='convnext_xlarge',
+                      help='one or more registered models, comma-separated')
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
+  _add_remat_argument(parser)
+  parser.add_argument('--depthwise-impl', default='auto', choices=('auto', 'conv', 'shift'),
+                      help="the models' depthwise_impl ('auto': the backend's fast form)")
   parser.add_argument('--json', metavar='FILE', help='write the results as JSON')

@@ -60,7 +60,8 @@ class TrainMetrics(metrics.Collection):
 def create_model(config, num_classes: int):
   kwargs = dict(num_classes=num_classes, drop_path_rate=config.model.drop_path_rate,
                 head_init_scale=config.model.head_init_scale,
-                dtype=DTYPES[config.model.dtype], remat=config.model.remat)
+                dtype=DTYPES[config.model.dtype], remat=config.model.remat,
+                scan=config.model.scan)
   if config.model.layer_scale_init_value >= 0:
     kwargs['layer_scale_init_value'] = config.model.layer_scale_init_value
   kwargs.update(_overrides(config))

@@ -1,15 +1,20 @@
 """`python -m convnext_jax.benchmark train|infer`: every field printed, and XLA's FLOP count of
 the training step about 3x the forward's, the forward's about twice the published
-multiply-adds (../shared/reference/convnext.md: convnext_atto 0.55 GMACs at 224)."""
+multiply-adds (../shared/reference/convnext.md: convnext_atto 0.55 GMACs at 224).
+`benchmark compile`: every field printed and recorded."""
 
+import argparse
 import contextlib
+import functools
 import io
 import json
 import re
 
+import jax
 import pytest
 
 from convnext_jax import benchmark
+from convnext_jax import models
 from convnext_jax import step_benchmark
 
 SIZE, BATCH = 64, 16
@@ -83,3 +88,58 @@ def test_peak_table_and_mfu():
   result = step_benchmark.Result('x', 8, 2.0, flops=2e15, devices=4, peak_tflops=989.0)
   assert result.mfu == pytest.approx(1e15 / (4 * 989e12))
   assert 'MFU  25.3%' in result.line(None, 'gpu')
+
+
+def test_remat_and_scan_flags_show_in_the_result_name():
+  parser = argparse.ArgumentParser()
+  step_benchmark.add_arguments(parser)
+
+  def variant(*argv):
+    return step_benchmark._variant(parser.parse_args(argv))  # pylint: disable=protected-access
+
+  assert variant() == 'float32'
+  assert variant('--remat') == 'float32, remat=full'
+  assert variant('--remat', 'dots_saveable', '--scan', '--dtype', 'bfloat16') == (
+      'bfloat16, remat=dots_saveable, scan')
+  with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+    parser.parse_args(['--remat', 'dots'])
+
+
+def test_compile_prints_and_records_every_field(tmp_path, monkeypatch):
+  # convnext_atto's name, but one block a stage of 8 channels: compilation is the cost, and
+  # the fields are what this test is about.
+  tiny = functools.partial(models.create_model, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
+  monkeypatch.setattr(models, 'create_model', tiny)
+  path = tmp_path / 'compile.json'
+  cache_on = jax.config.jax_enable_compilation_cache
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    benchmark.main(['compile', '--model', 'convnext_atto', '--size', '32',
+                    '--depthwise-impl', 'conv', '--json', str(path)])
+  assert jax.config.jax_enable_compilation_cache == cache_on  # Off during the run only.
+  lines = printed.getvalue().splitlines()
+  assert len(lines) == 3, lines
+  assert lines[1] == ('forward+backward compile from abstract params (grad of mean '
+                      'cross-entropy, train=True, drop path 0.1), batch 1, 32x32, float32, '
+                      'depthwise conv; cpu; unscanned, then scan=True')
+  assert re.fullmatch(r'  convnext_atto +lower +\d+\.\d\d s  compile +\d+\.\d\d s  \| scan: '
+                      r'lower +\d+\.\d\d s  compile +\d+\.\d\d s  \| unscanned/scan x +\d+\.\d\d'
+                      r'  \| XLA plan \d+ MiB, scan \d+ MiB', lines[2]), lines[2]
+  record = json.loads(path.read_text())
+  assert {k: record[k] for k in ('command', 'batch', 'size', 'dtype', 'remat',
+                                 'depthwise_impl')} == {
+      'command': 'compile', 'batch': 1, 'size': 32, 'dtype': 'float32', 'remat': '',
+      'depthwise_impl': 'conv'}
+  (result,) = record['results']
+  assert result['model'] == 'convnext_atto'
+  for key in ('lower_s', 'compile_s', 'scan_lower_s', 'scan_compile_s', 'memory_mib',
+              'scan_memory_mib'):
+    assert result[key] > 0, key
+  assert result['ratio'] == pytest.approx(
+      (result['lower_s'] + result['compile_s']) /
+      (result['scan_lower_s'] + result['scan_compile_s']))
+
+
+def test_compile_refuses_unknown_models():
+  with pytest.raises(SystemExit, match="unknown model.*'convnext_atom'"):
+    benchmark.main(['compile', '--model', 'convnext_atto,convnext_atom'])

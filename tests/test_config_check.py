@@ -125,6 +125,15 @@ CHECK_CASES = [
      "or a `convnext-convert import` directory, or '' to start from scratch"),
     ({'init_from.params': 'best'},
      "config.init_from.params must be one of 'ema', 'raw', got 'best'"),
+    ({'model.remat': 'dots_savable'},
+     "config.model.remat must be '' (off), True/False or one of full, checkpoint_dots, "
+     'checkpoint_dots_with_no_batch_dims, dots_saveable, dots_with_no_batch_dims_saveable, '
+     "everything_saveable, nothing_saveable, got 'dots_savable' (did you mean "
+     "'dots_saveable'?)"),
+    ({'model.remat': 1},
+     "config.model.remat must be '' (off), True/False or one of full, checkpoint_dots, "
+     'checkpoint_dots_with_no_batch_dims, dots_saveable, dots_with_no_batch_dims_saveable, '
+     'everything_saveable, nothing_saveable, got 1'),
 ]
 
 
@@ -168,6 +177,11 @@ def test_check_accepts_every_shipped_config_and_the_edges(tmp_path):
   config_check.check(_demo(**{'model.name': 'convnext_isotropic_small', 'input.image_size': 16}))
 
 
+@pytest.mark.parametrize('remat', ['', 'full', 'dots_saveable', True, False])
+def test_check_accepts_remat_policies_and_the_old_booleans(remat):
+  config_check.check(_demo(**{'model.remat': remat, 'model.scan': True}))
+
+
 # ---------------------------------------------------------------------------------------
 # main.main, in process: the order of its steps and the exit status of each outcome.
 
@@ -187,7 +201,9 @@ def run_main(monkeypatch, capsys, tmp_path):
 
   def run(config):
     workdir = str(tmp_path / 'workdir')
-    monkeypatch.setattr(main, 'FLAGS', types.SimpleNamespace(config=config, workdir=workdir))
+    # verbose=True: the console's default state, no absl log filter left for later tests.
+    monkeypatch.setattr(main, 'FLAGS', types.SimpleNamespace(config=config, workdir=workdir,
+                                                             verbose=True))
     status = main.main(['convnext-train'])
     return status, capsys.readouterr().err, trained, workdir
 

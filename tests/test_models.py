@@ -1,4 +1,6 @@
-"""Model zoo: parameter counts, structure, init, stochastic depth, dtypes, remat, FLOPs."""
+"""Model zoo: parameter counts, structure, init, stochastic depth, dtypes, remat, FLOPs.
+
+Scan over blocks and remat policies: tests/test_scan.py."""
 
 import flax.linen as nn
 import jax
@@ -227,7 +229,8 @@ def test_bfloat16_compute_with_float32_params(name):
 def test_remat_gives_identical_values_and_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   # The grouped-conv depthwise form compiles its gradient fastest on CPU; remat is orthogonal.
-  plain, remat = (_small(drop_path_rate=0.3, remat=r, depthwise_impl='conv') for r in (0, 1))
+  plain, remat = (_small(drop_path_rate=0.3, remat=r, depthwise_impl='conv')
+                  for r in (False, True))
   params = random_params(plain)
   assert jax.tree.structure(params) == jax.tree.structure(models.param_shapes(remat))
 

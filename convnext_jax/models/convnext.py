@@ -12,13 +12,35 @@ Inputs are NHWC images. `output` selects what `__call__` returns:
   'pre_logits' (N, C) pooled, normalised features, what the head sees;
   'stages'     a tuple of the four stage feature maps (NHWC) for dense-prediction backbones;
                isotropic models return a 1-tuple with the final feature map.
+
+Scan (`scan=True`): the blocks of each stage run as one `jax.lax.scan` over their stacked
+parameters, so XLA traces and compiles one block per stage instead of every block (a 27-block
+stage compiles like a 1-block one). The parameter tree is unchanged (`stages.{i}.{j}`,
+`blocks.{k}`): init runs the unscanned blocks, and apply stacks the per-block params inside
+the traced function (a transient copy of each stage's params, and of its gradients, which
+autodiff slices back into the per-block names). Conversion, sharding rules, layer decay and
+checkpoints therefore see the same tree, and a model trained with scan loads without it and
+back. The outputs equal the unscanned model's up to float rounding, except drop path: each
+stage draws one key from the 'drop_path' stream and folds in the block index, so the masks
+differ from the unscanned model's (which folds in each block's module path); their
+distribution (per-block rates growing linearly) is the same. Per-block intermediates
+(`capture_intermediates`) are not recorded under scan.
+
+Remat (`remat`): '' or False off; True or 'full' recompute everything in the backward pass
+(`jax.checkpoint_policies.nothing_saveable`); or the name of any argument-free policy in
+`jax.checkpoint_policies` (`REMAT_POLICIES`, e.g. 'dots_saveable': keep the matmul outputs,
+recompute the rest; 'dots_with_no_batch_dims_saveable'; 'everything_saveable'). Unscanned,
+each Block is wrapped in `nn.remat` with the policy; scanned, the scan body is wrapped in
+`jax.checkpoint` with it. `remat_policy` maps a name to its policy.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
+import inspect
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,11 +50,54 @@ Dtype = Any
 OUTPUTS = ('logits', 'pre_logits', 'stages')
 
 
+def _argument_free_policies() -> tuple[str, ...]:
+  """Names in `jax.checkpoint_policies` that are policies, not policy factories.
+
+  A policy is called as policy(primitive, *avals, **params); factories such as
+  `save_only_these_names(*names)` take no keyword parameters.
+  """
+  names = []
+  for name, fn in vars(jax.checkpoint_policies).items():
+    if name.startswith('_') or not callable(fn):
+      continue
+    try:
+      kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
+    except (TypeError, ValueError):
+      continue
+    if {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD} <= kinds:
+      names.append(name)
+  return tuple(sorted(names))
+
+
+# Accepted string values of `remat` besides '' (off): 'full' and jax's argument-free policies.
+REMAT_POLICIES = ('full',) + _argument_free_policies()
+
+
+def remat_policy(remat: bool | str) -> Callable[..., bool] | None:
+  """The `jax.checkpoint` policy of a `remat` setting; None when remat is off.
+
+  Args:
+    remat: '' or False (off); True or 'full' (recompute everything: `nothing_saveable`); or
+      one of `REMAT_POLICIES`, e.g. 'dots_saveable'.
+
+  Raises:
+    ValueError: not one of these.
+  """
+  if remat is False or remat == '':
+    return None
+  if remat is True or remat == 'full':
+    return jax.checkpoint_policies.nothing_saveable
+  if isinstance(remat, str) and remat in REMAT_POLICIES:
+    return getattr(jax.checkpoint_policies, remat)
+  raise ValueError(f"remat must be '' or False (off), True, or one of "
+                   f'{", ".join(REMAT_POLICIES)}; got {remat!r}')
+
+
 class Block(nn.Module):
   """dwconv 7x7 -> LayerNorm -> Linear C->4C -> GELU (erf) [-> GRN] -> Linear 4C->C
   [-> * gamma] -> drop path -> + shortcut."""
   dim: int
-  drop_path_rate: float = 0.0
+  drop_path_rate: float | jax.Array = 0.0  # A traced scalar when scanned over.
   layer_scale_init_value: float | None = 1e-6
   use_grn: bool = False
   norm_eps: float = 1e-6
@@ -58,7 +123,8 @@ class Block(nn.Module):
       gamma = self.param('gamma', nn.initializers.constant(self.layer_scale_init_value),
                          (self.dim,), self.param_dtype)
       x = x * gamma.astype(x.dtype)
-    if train and self.drop_path_rate > 0.0:
+    # A traced rate (scan) may be anything; a zero Python rate needs no rng.
+    if train and (not isinstance(self.drop_path_rate, (int, float)) or self.drop_path_rate > 0):
       # make_rng folds in this block's path, so every block draws its own mask.
       x = layers.drop_path(x, self.drop_path_rate, self.make_rng('drop_path'))
     return shortcut + x
@@ -76,14 +142,52 @@ def _drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
   return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
 
 
+def _block_kwargs(module) -> dict[str, Any]:
+  """The Block attributes that `module` sets (all but dim and drop_path_rate)."""
+  return dict(layer_scale_init_value=module.layer_scale_init_value, use_grn=module.use_grn,
+              norm_eps=module.norm_eps, depthwise_impl=module.depthwise_impl,
+              dtype=module.dtype, param_dtype=module.param_dtype)
+
+
 def _make_block(module, dim, drop_path_rate, name):
   """A Block configured from `module`'s attributes, created in its (compact) scope."""
+  policy = remat_policy(module.remat)
   # `train` (argument 2, counting self) is a Python bool that selects code paths.
-  cls = nn.remat(Block, static_argnums=(2,)) if module.remat else Block
-  return cls(dim, drop_path_rate=drop_path_rate,
-             layer_scale_init_value=module.layer_scale_init_value, use_grn=module.use_grn,
-             norm_eps=module.norm_eps, depthwise_impl=module.depthwise_impl,
-             dtype=module.dtype, param_dtype=module.param_dtype, name=name)
+  cls = Block if policy is None else nn.remat(Block, static_argnums=(2,), policy=policy)
+  return cls(dim, drop_path_rate=drop_path_rate, name=name, **_block_kwargs(module))
+
+
+def _blocks(module, x, train: bool, dim: int, names: Sequence[str], rates: Sequence[float]):
+  """The blocks `names` (with drop-path `rates`) applied in turn, in `module`'s scope.
+
+  Unscanned, or at init (which creates the params under these names), one submodule each.
+  With `module.scan`, one `lax.scan` over the stacked params of the already created blocks,
+  with an unbound Block applied in the body: XLA sees one block.
+  """
+  if not module.scan or module.is_initializing() or not names:
+    for name, rate in zip(names, rates):
+      x = _make_block(module, dim, rate, name)(x, train)
+    return x
+  params = module.variables['params']
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *(params[name] for name in names))
+  drop = train and module.drop_path_rate > 0.0
+  # One key per stage from the parent's stream; each block folds in its index.
+  key = module.make_rng('drop_path') if drop else None
+  block_kwargs = _block_kwargs(module)
+
+  def body(x, inputs):
+    block_params, rate, index = inputs
+    block = Block(dim, drop_path_rate=rate if drop else 0.0, parent=None, **block_kwargs)
+    rngs = {'drop_path': jax.random.fold_in(key, index)} if drop else None
+    return block.apply({'params': block_params}, x, train, rngs=rngs), None
+
+  policy = remat_policy(module.remat)
+  if policy is not None:
+    # Scan already keeps iterations apart, so common-subexpression guards are not needed.
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(rates, jnp.float32),
+                                jnp.arange(len(names), dtype=jnp.uint32)))
+  return x
 
 
 def _head(module, x, output):
@@ -115,7 +219,11 @@ class _ConvNeXtBase(nn.Module):
     head_init_scale: multiplies the initial head weights and bias.
     use_grn: ConvNeXt-V2 Global Response Norm in each block.
     norm_eps: epsilon of every LayerNorm (1e-6; timm's xxlarge uses 1e-5).
-    remat: rematerialise each block in the backward pass (saves activation memory).
+    remat: rematerialise each block in the backward pass (saves activation memory): '' or
+      False off, True or 'full' recompute everything, or a `jax.checkpoint_policies` name
+      from `REMAT_POLICIES` such as 'dots_saveable' (see the module docstring).
+    scan: run each stage's blocks as one `lax.scan` (compiles one block per stage; same
+      parameter tree; drop-path masks drawn differently, see the module docstring).
     depthwise_impl: 'auto', 'conv' or 'shift'; see `layers.depthwise_conv2d`.
     dtype: compute dtype (e.g. jnp.bfloat16); None follows the inputs and params.
     param_dtype: parameter dtype.
@@ -126,7 +234,8 @@ class _ConvNeXtBase(nn.Module):
   head_init_scale: float = 1.0
   use_grn: bool = False
   norm_eps: float = 1e-6
-  remat: bool = False
+  remat: bool | str = False
+  scan: bool = False
   depthwise_impl: str = 'auto'
   dtype: Dtype | None = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -169,9 +278,9 @@ class ConvNeXt(_ConvNeXtBase):
       else:
         x = norm(f'downsample_layers.{i}.0')(x)
         x = conv(dim, (2, 2), strides=(2, 2), name=f'downsample_layers.{i}.1')(x)
-      for j in range(depth):
-        rate = rates[sum(self.depths[:i]) + j]
-        x = _make_block(self, dim, rate, f'stages.{i}.{j}')(x, train)
+      start = sum(self.depths[:i])
+      x = _blocks(self, x, train, dim, [f'stages.{i}.{j}' for j in range(depth)],
+                  rates[start:start + depth])
       stage_maps.append(x)
     if output == 'stages':
       return tuple(stage_maps)
@@ -199,8 +308,7 @@ class ConvNeXtIsotropic(_ConvNeXtBase):
                 strides=(self.patch_size, self.patch_size), padding='VALID',
                 kernel_init=layers.dense_init, dtype=self.dtype, param_dtype=self.param_dtype,
                 name='stem')(x)
-    for k in range(self.depth):
-      x = _make_block(self, self.dim, rates[k], f'blocks.{k}')(x, train)
+    x = _blocks(self, x, train, self.dim, [f'blocks.{k}' for k in range(self.depth)], rates)
     if output == 'stages':
       return (x,)
     return _head(self, x, output)

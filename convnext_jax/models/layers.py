@@ -165,10 +165,23 @@ class GlobalResponseNorm(nn.Module):
     return gamma * (x * nx.astype(x.dtype)) + beta + x
 
 
-def drop_path(x, rate: float, rng) -> jax.Array:
-  """Stochastic depth: zeroes whole samples with probability `rate`, rescales survivors."""
-  keep_prob = 1.0 - rate
-  if keep_prob <= 0.0:  # Every sample dropped; avoids 0/0 in the rescaling.
-    return jnp.zeros_like(x)
-  mask = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+def drop_path(x, rate, rng) -> jax.Array:
+  """Stochastic depth: zeroes whole samples with probability `rate`, rescales survivors.
+
+  `rate` is a Python float, or a traced scalar (a per-block rate scanned over by the
+  `scan=True` models); either way a rate of 1 gives zeros, without 0/0 in the rescaling or
+  its gradient.
+  """
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  if isinstance(rate, (int, float)):
+    keep_prob = 1.0 - rate
+    if keep_prob <= 0.0:  # Every sample dropped; avoids 0/0 in the rescaling.
+      return jnp.zeros_like(x)
+    mask = jax.random.bernoulli(rng, keep_prob, shape)
+    return jnp.where(mask, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+  keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(rng, keep_prob, shape)
+  # At keep_prob 0 the mask is all False; dividing by 1 there keeps the unselected branch,
+  # and so the gradient through `where`, finite.
+  divisor = jnp.where(keep_prob > 0.0, keep_prob, 1.0).astype(x.dtype)
+  return jnp.where(mask, x / divisor, jnp.zeros((), x.dtype))

@@ -118,8 +118,9 @@ def create_model(name: str,
     head_init_scale: scales the initial head weights (0.001 when fine-tuning a new head).
     dtype: compute dtype, e.g. `jnp.bfloat16` for mixed precision.
     param_dtype: parameter dtype.
-    **overrides: any other module attribute (`remat=True`, `depthwise_impl='conv'`,
-      `norm_eps`, or `depths`/`dims` for custom sizes).
+    **overrides: any other module attribute (`remat='full'` or a policy name such as
+      'dots_saveable', `scan=True`, `depthwise_impl='conv'`, `norm_eps`, or `depths`/`dims`
+      for custom sizes).
 
   Returns:
     An unbound `ConvNeXt` or `ConvNeXtIsotropic` module. Call it on NHWC images with
