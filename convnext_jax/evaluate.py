@@ -76,6 +76,8 @@ def evaluate(eval_step, params_by_name, dataset, num_batches: int, feed: shardin
     step_metrics = eval_step(params_by_name, pipeline.to_global_arrays(batch, feed))
     totals = step_metrics if totals is None else {
         name: totals[name].merge(m) for name, m in step_metrics.items()}
+  pipeline.release(batches)  # Not waiting for tf.data's autotuning thread (up to a minute).
+  del batches
   tracker.close(num_examples)
   results = {}
   for name, collection in (totals or {}).items():

@@ -86,8 +86,10 @@ class TrainIterator:
     return self._tracker.skipped
 
   def close(self) -> None:
-    """Stops the pipeline's threads (tf.data stops them when its iterator is deleted)."""
-    self._iterator = None
+    """Releases the pipeline (its threads stop once tf.data deletes the iterator)."""
+    if self._iterator is not None:
+      pipeline.release(self._iterator)
+      self._iterator = None
 
 
 @dataclasses.dataclass

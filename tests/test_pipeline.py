@@ -472,3 +472,25 @@ def test_configure_tensorflow_runs_ops_on_one_thread():
                             check=False, env=env)
     assert result.returncode == 0 and result.stdout.split() == ['6'], result.stderr[-2000:]
     assert ('intra-op thread pool' in result.stderr) == warns, result.stderr[-2000:]
+
+
+def test_release_drops_an_iterator_without_waiting_for_it():
+  """`pipeline.release`: the last reference goes on a daemon thread, so a deletion that waits
+  (tf.data's autotuning thread: up to a minute) does not hold the caller."""
+  import threading
+  import time
+  deleted = threading.Event()
+  where = []
+
+  class SlowToDelete:
+
+    def __del__(self):
+      time.sleep(1.0)
+      where.append(threading.current_thread())
+      deleted.set()
+
+  start = time.monotonic()
+  pipeline.release(SlowToDelete())
+  assert time.monotonic() - start < 0.5 and not deleted.is_set()
+  assert deleted.wait(10)
+  assert where[0] is not threading.main_thread() and where[0].daemon
