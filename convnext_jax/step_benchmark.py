@@ -19,9 +19,10 @@ runs each stage's blocks as one `lax.scan`; both show in the result's name. Each
 configuration, one line in the format of `benchmark forward`: img/s and ms per step (median
 wall time of `--iters` steps after `--warmup`, each waited for with `block_until_ready`), the
 ratio to PyTorch eager when compared, compile seconds, TFLOP/s from XLA's cost analysis of the
-compiled step (per device, times the devices), MFU against the device's peak dense FLOP/s
-(`PEAK_TFLOPS`; not meaningful on a CPU, said so), and memory: the device's peak bytes in
-use where the backend reports them, else XLA's plan for one device.
+step as jax lowers it (before XLA's optimizations; per device, times the devices; with
+`--scan`, of the same step unscanned, since XLA counts a loop's body once), MFU against the
+device's peak dense FLOP/s (`PEAK_TFLOPS`; not meaningful on a CPU, said so), and memory: the
+device's peak bytes in use where the backend reports them, else XLA's plan for one device.
 
 `--compare torch` adds transformers' PyTorch ConvNeXt of the same size (no Mixup, EMA or
 drop path: its plain AdamW step), at the same batch, channels_last, bfloat16 through
@@ -37,6 +38,7 @@ stage's params and gradients). The persistent compilation cache is off while it 
 No TensorFlow is imported: this runs on GPU machines that have none.
 """
 
+import argparse
 import dataclasses
 import json
 import time
@@ -134,8 +136,12 @@ def time_calls(step, warmup: int, iters: int) -> float:
   return float(np.median(times))
 
 
-def _flops(compiled) -> float | None:
-  analysis = compiled.cost_analysis()
+def _flops(lowered) -> float | None:
+  """XLA's FLOP count of one step on one device: the cost analysis of the program as jax
+  lowered it, before XLA's optimizations, i.e. the step's own arithmetic whatever the backend
+  fuses. Pass the unscanned program for a scanned model: XLA counts a loop's body once (and
+  unrolls short loops when it compiles, so even the compiled count would be neither)."""
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older jax: one dict per partition.
     analysis = analysis[0] if analysis else None
   return float(analysis['flops']) if analysis and 'flops' in analysis else None
@@ -176,6 +182,11 @@ def _variant(args) -> str:
   return ', '.join(parts)
 
 
+def _unscanned(args) -> argparse.Namespace | None:
+  """`args` without --scan, when given (for `_flops`)."""
+  return argparse.Namespace(**dict(vars(args), scan=False)) if args.scan else None
+
+
 def _jax_train(args, mesh, peak) -> Result:
   config = _config(args)
   model = train_step.create_model(config, NUM_CLASSES)
@@ -191,15 +202,21 @@ def _jax_train(args, mesh, peak) -> Result:
   batch = jax.device_put(
       {'image': rng.integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8),
        'label': rng.integers(0, NUM_CLASSES, (args.batch,), np.int32)}, batch_sharding)
-  update = jax.jit(
-      train_step.make_train_step(model, optimizer, lr_fn, config, NUM_CLASSES,
-                                 sharding.data_parallel_size(mesh)),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None, None),
-      donate_argnums=(0,), compiler_options=models.compiler_options(training=True))
+
+  def jitted(config):
+    return jax.jit(
+        train_step.make_train_step(train_step.create_model(config, NUM_CLASSES), optimizer,
+                                   lr_fn, config, NUM_CLASSES,
+                                   sharding.data_parallel_size(mesh)),
+        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None, None),
+        donate_argnums=(0,), compiler_options=models.compiler_options(training=True))
+
   start = time.perf_counter()
-  compiled = update.lower(state, batch).compile()
+  lowered = jitted(config).lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(compiled)
+  unscanned = _unscanned(args)
+  flops = _flops(jitted(_config(unscanned)).lower(state, batch) if unscanned else lowered)
 
   def step():
     nonlocal state
@@ -222,14 +239,21 @@ def _jax_infer(args, mesh, peak) -> Result:
   batch_sharding = sharding.batch_sharding(mesh)
   images = jax.device_put(np.random.default_rng(0).integers(
       0, 256, (args.batch, args.size, args.size, 3), np.uint8), batch_sharding)
-  forward = jax.jit(
-      lambda p, x: model.apply({'params': p}, batch_ops.normalize(x, dtype=dtype), train=False),
-      in_shardings=(sharding.replicated(mesh), batch_sharding),
-      compiler_options=models.compiler_options())
+
+  def jitted(model):
+    return jax.jit(
+        lambda p, x: model.apply({'params': p}, batch_ops.normalize(x, dtype=dtype),
+                                 train=False),
+        in_shardings=(sharding.replicated(mesh), batch_sharding),
+        compiler_options=models.compiler_options())
+
   start = time.perf_counter()
-  compiled = forward.lower(params, images).compile()
+  lowered = jitted(model).lower(params, images)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(compiled)
+  unscanned = _unscanned(args)
+  flops = _flops(jitted(train_step.create_model(_config(unscanned), NUM_CLASSES)).lower(
+      params, images) if unscanned else lowered)
   seconds = time_calls(lambda: jax.block_until_ready(compiled(params, images)), args.warmup,
                         args.iters)
   return Result(f'jax infer ({_variant(args)})', args.batch, seconds, compile_s,

@@ -78,6 +78,20 @@ def test_train_step_flops_are_three_forwards(runs):
   assert 0.9 * 3 <= per_image['train'] / per_image['infer'] <= 1.1 * 3, per_image
 
 
+def test_scanned_steps_count_every_block(runs, tmp_path):
+  """XLA's cost analysis counts a while loop's body once: with --scan the FLOPs come from the
+  unscanned program, so TFLOP/s and MFU do not drop to a fraction."""
+  path = tmp_path / 'scan.json'
+  with contextlib.redirect_stdout(io.StringIO()):
+    benchmark.main(['infer', '--model', 'convnext_atto', '--batch', str(BATCH), '--size',
+                    str(SIZE), '--devices', '1', '--warmup', '0', '--iters', '1', '--scan',
+                    '--json', str(path)])
+  scanned = json.loads(path.read_text())['results'][0]
+  assert scanned['name'] == 'jax infer (float32, scan)'
+  unscanned = runs['infer'][0]['results'][0]['flops']
+  assert scanned['flops'] == pytest.approx(unscanned, rel=0.02), (scanned['flops'], unscanned)
+
+
 def test_peak_table_and_mfu():
   assert step_benchmark.peak_tflops('NVIDIA H200', 'bfloat16') == 989.0
   assert step_benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 67.0
