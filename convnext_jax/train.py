@@ -382,7 +382,7 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
     raise
   finally:
     preemption.restore()
-    train_iter.close()  # Stops the input pipeline's threads now, not at interpreter exit.
+    train_iter.close()  # Without waiting for tf.data's threads (`pipeline.release`).
   ckpts.close()  # Waits for the last save; raises if it failed.
   writer.close()
   logging.info('done: step %d%s', int(state['step']),

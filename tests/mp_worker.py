@@ -13,7 +13,8 @@ Instrumentation, for the tests only:
   --record_dir       every process's scalars (`<run>_p<i>.jsonl`) and, for training, the
                      batch rows it fed (`<run>_p<i>_batches.npz`), and each run's outcome;
   --delay_process / --delay_s   that process sleeps after joining, before any work;
-  --signal_process with --sigterm_at_step (SIGTERM to itself after that step) or
+  --signal_process with --sigterm_at_step (SIGTERM to itself after that step, when the
+                     next batch is read) or
                      --sigkill_at_save (SIGKILL to itself once that step's save has started).
 """
 
@@ -29,7 +30,6 @@ from absl import app
 from absl import flags
 from clu import metric_writers
 from clu import metrics
-from clu import periodic_actions
 import flax
 import jax
 import jax.numpy as jnp
@@ -86,21 +86,15 @@ def _instrument() -> dict[str, list]:
 
   def recording_to_global(batch, feed):
     if 'mask' not in batch:  # Training batches (evaluation ones carry a mask).
-      fed.setdefault(_run_name[0], []).append(
-          {k: np.asarray(batch[k]) for k in ('image', 'label')})
+      batches = fed.setdefault(_run_name[0], [])
+      batches.append({k: np.asarray(batch[k]) for k in ('image', 'label')})
+      # Batch k + 1 is read once step k has been dispatched.
+      if (len(batches) == FLAGS.sigterm_at_step + 1 and
+          jax.process_index() == FLAGS.signal_process):
+        os.kill(os.getpid(), signal.SIGTERM)
     return to_global(batch, feed)
 
   pipeline.to_global_arrays = recording_to_global
-
-  class SignallingReport(periodic_actions.ReportProgress):
-
-    def __call__(self, step, t=None):
-      out = super().__call__(step, t)
-      if step == FLAGS.sigterm_at_step and jax.process_index() == FLAGS.signal_process:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return out
-
-  periodic_actions.ReportProgress = SignallingReport
 
   save = checkpoints.TrainingCheckpoints.save
 

@@ -109,6 +109,9 @@ class _Replay:
   def __next__(self):
     return self._feed.global_arrays(next(self._batches))
 
+  def close(self):
+    pass
+
 
 def test_two_processes_end_as_one_does_fed_the_same_global_batches(two_processes, shapes_dir,
                                                                    tmp_path, monkeypatch):
