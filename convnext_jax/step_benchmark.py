@@ -38,7 +38,6 @@ stage's params and gradients). The persistent compilation cache is off while it 
 No TensorFlow is imported: this runs on GPU machines that have none.
 """
 
-import argparse
 import dataclasses
 import json
 import time
@@ -151,20 +150,17 @@ def _memory(compiled) -> str:
   stats = jax.local_devices()[0].memory_stats()
   if stats and 'peak_bytes_in_use' in stats:
     return f'{stats["peak_bytes_in_use"] / 2**30:.2f} GiB peak/device'
-  plan = compiled.memory_analysis()
-  if plan is None:
-    return 'n/a'
-  total = (plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
-           - plan.alias_size_in_bytes)
-  return f'{total / 2**20:.0f} MiB/device (XLA plan)'
+  planned = _planned_mib(compiled)
+  return 'n/a' if planned is None else f'{planned:.0f} MiB/device (XLA plan)'
 
 
-def _config(args):
+def _config(args, scan: bool | None = None):
+  """The base config with `args`' model, batch and mesh; `scan` overrides `args.scan`."""
   config = config_lib.base()
   config.model.name = args.model
   config.model.dtype = args.dtype
   config.model.remat = args.remat
-  config.model.scan = args.scan
+  config.model.scan = args.scan if scan is None else scan
   config.model.num_classes = NUM_CLASSES
   config.global_batch_size = args.batch
   config.input.image_size = args.size
@@ -180,11 +176,6 @@ def _variant(args) -> str:
   if args.scan:
     parts.append('scan')
   return ', '.join(parts)
-
-
-def _unscanned(args) -> argparse.Namespace | None:
-  """`args` without --scan, when given (for `_flops`)."""
-  return argparse.Namespace(**dict(vars(args), scan=False)) if args.scan else None
 
 
 def _jax_train(args, mesh, peak) -> Result:
@@ -215,8 +206,7 @@ def _jax_train(args, mesh, peak) -> Result:
   lowered = jitted(config).lower(state, batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  unscanned = _unscanned(args)
-  flops = _flops(jitted(_config(unscanned)).lower(state, batch) if unscanned else lowered)
+  flops = _flops(jitted(_config(args, scan=False)).lower(state, batch) if args.scan else lowered)
 
   def step():
     nonlocal state
@@ -251,9 +241,8 @@ def _jax_infer(args, mesh, peak) -> Result:
   lowered = jitted(model).lower(params, images)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  unscanned = _unscanned(args)
-  flops = _flops(jitted(train_step.create_model(_config(unscanned), NUM_CLASSES)).lower(
-      params, images) if unscanned else lowered)
+  flops = _flops(jitted(train_step.create_model(_config(args, scan=False), NUM_CLASSES)).lower(
+      params, images) if args.scan else lowered)
   seconds = time_calls(lambda: jax.block_until_ready(compiled(params, images)), args.warmup,
                         args.iters)
   return Result(f'jax infer ({_variant(args)})', args.batch, seconds, compile_s,
