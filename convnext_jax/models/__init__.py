@@ -1,4 +1,5 @@
-"""ConvNeXt models in Flax linen: `create_model(name, ...)` and `list_models()`."""
+"""ConvNeXt models in Flax linen: `create_model(name, ...)` and `list_models()`; the paper's
+roadmap networks (`roadmap_*`, `RoadmapNet`)."""
 
 from convnext_jax.models.convnext import Block
 from convnext_jax.models.convnext import ConvNeXt
@@ -10,12 +11,18 @@ from convnext_jax.models.registry import get_spec
 from convnext_jax.models.registry import list_models
 from convnext_jax.models.registry import MODEL_SPECS
 from convnext_jax.models.registry import ModelSpec
+from convnext_jax.models.roadmap import RoadmapNet
+from convnext_jax.models.roadmap import TRACKS as ROADMAP_TRACKS
 from convnext_jax.models.utils import compiler_options
+from convnext_jax.models.utils import count_macs
 from convnext_jax.models.utils import count_params
+from convnext_jax.models.utils import merge_batch_stats
 from convnext_jax.models.utils import param_shapes
+from convnext_jax.models.utils import split_batch_stats
 
 __all__ = [
     'Block', 'ConvNeXt', 'ConvNeXtIsotropic', 'MODEL_SPECS', 'ModelSpec', 'REMAT_POLICIES',
-    'compiler_options', 'count_params', 'create_model', 'get_spec', 'list_models',
-    'param_shapes', 'remat_policy'
+    'ROADMAP_TRACKS', 'RoadmapNet', 'compiler_options', 'count_macs', 'count_params',
+    'create_model', 'get_spec', 'list_models', 'merge_batch_stats', 'param_shapes',
+    'remat_policy', 'split_batch_stats'
 ]

@@ -125,9 +125,12 @@ def depthwise_conv2d(x, kernel, padding: int, impl: str = 'auto'):
 
 
 class DepthwiseConv(nn.Module):
-  """Depthwise conv with bias; params `kernel` (kh, kw, 1, C) and `bias` (C,) like `nn.Conv`."""
+  """Depthwise conv, 'same' padding; params `kernel` (kh, kw, 1, C) and `bias` (C,) like
+  `nn.Conv`. Stride 1 takes `depthwise_conv2d` (fast on CPU); other strides a grouped conv."""
   kernel_size: int = 7
   impl: str = 'auto'
+  stride: int = 1
+  use_bias: bool = True
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -136,10 +139,19 @@ class DepthwiseConv(nn.Module):
     channels = x.shape[-1]
     kernel = self.param('kernel', dense_init, (self.kernel_size, self.kernel_size, 1, channels),
                         self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = depthwise_conv2d(x, kernel, self.kernel_size // 2, self.impl)
-    return y + bias
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    padding = self.kernel_size // 2
+    if self.stride == 1:
+      y = depthwise_conv2d(x, kernel, padding, self.impl)
+    else:
+      y = lax.conv_general_dilated(
+          x, kernel, window_strides=(self.stride, self.stride),
+          padding=((padding, padding), (padding, padding)),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=channels)
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
+      y = y + jnp.asarray(bias, y.dtype)
+    return y
 
 
 class GlobalResponseNorm(nn.Module):
@@ -163,6 +175,65 @@ class GlobalResponseNorm(nn.Module):
     gx = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True))
     nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + self.eps)
     return gamma * (x * nx.astype(x.dtype)) + beta + x
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over NHWC maps as PyTorch's `BatchNorm2d` computes it, with statistics groups.
+
+  Training normalises each group of `group_size` consecutive examples with its own mean and
+  biased variance (over the group's examples and positions), as every replica of PyTorch
+  DDP without SyncBN does with its per-GPU batch; 0 takes the whole batch as one group. The
+  running averages follow PyTorch's convention: running = (1 - momentum) * running +
+  momentum * batch statistic, with the *unbiased* variance (n / (n - 1)), each group's
+  statistics averaged over the groups (DDP keeps rank 0's; the average is what every
+  replica would agree on). Evaluation normalises with the running averages.
+
+  Variables: params `scale` (init 1, or 0 with `zero_init`), `bias`; batch_stats `mean`,
+  `var` (the names flax's own BatchNorm uses; conversion maps them to running_mean/var).
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  group_size: int = 0
+  zero_init: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    channels = x.shape[-1]
+    scale = self.param('scale', nn.initializers.zeros if self.zero_init else nn.initializers.ones,
+                       (channels,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
+    dtype = self.dtype or jnp.result_type(x, scale)
+    x32 = x.astype(jnp.float32)
+    if not train:
+      mean, var = running_mean.value, running_var.value
+    else:
+      n = x.shape[0]
+      group = self.group_size or n
+      if n % group:
+        raise ValueError(f'BatchNorm: batch {n} is not divisible by its statistics group size '
+                         f'{group} (model.bn_group_size)')
+      grouped = x32.reshape((n // group, group) + x.shape[1:])
+      axes = tuple(range(1, grouped.ndim - 1))
+      # Two passes (E[(x - mean)^2]), as PyTorch computes it.
+      mean = jnp.mean(grouped, axis=axes, keepdims=True)
+      var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+      if not self.is_initializing():
+        count = grouped.size // (grouped.shape[0] * channels)
+        unbiased = var * (count / max(count - 1, 1))
+        m = self.momentum
+        running_mean.value = ((1 - m) * running_mean.value +
+                              m * jnp.mean(mean, axis=tuple(range(mean.ndim - 1))))
+        running_var.value = ((1 - m) * running_var.value +
+                             m * jnp.mean(unbiased, axis=tuple(range(var.ndim - 1))))
+      y = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon)
+      y = y.reshape(x.shape)
+      return (y * scale + bias).astype(dtype)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale + bias).astype(dtype)
 
 
 def drop_path(x, rate, rng) -> jax.Array:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from convnext_jax.models.convnext import ConvNeXt
 from convnext_jax.models.convnext import ConvNeXtIsotropic
+from convnext_jax.models import roadmap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,13 +22,23 @@ class ModelSpec:
   layer_scale_init_value: float | None
   use_grn: bool = False
   norm_eps: float = 1e-6
+  # Roadmap steps (`roadmap.RoadmapNet`): all its design attributes, sorted (item pairs).
+  roadmap: tuple[tuple[str, Any], ...] = ()
 
   @property
   def version(self) -> int:
     return 2 if self.use_grn else 1
 
+  @property
+  def module_class(self) -> type[nn.Module]:
+    if self.roadmap:
+      return roadmap.RoadmapNet
+    return ConvNeXtIsotropic if self.isotropic else ConvNeXt
+
   def module_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of the Flax module class for this variant."""
+    if self.roadmap:
+      return dict(self.roadmap, layer_scale_init_value=self.layer_scale_init_value)
     common = dict(layer_scale_init_value=self.layer_scale_init_value, use_grn=self.use_grn,
                   norm_eps=self.norm_eps)
     if self.isotropic:
@@ -70,6 +81,14 @@ def _build_specs() -> dict[str, ModelSpec]:
   for size, (depth, dim, ls) in _ISOTROPIC.items():
     name = f'convnext_isotropic_{size}'
     specs[name] = ModelSpec(name, True, (depth,), (dim,), ls)
+  for track, steps in roadmap.TRACKS.items():
+    for step in steps:
+      arch = dict(step.arch)
+      expansion = 4 if arch['block'] == 'bottleneck' else 1
+      name = roadmap.model_name(track, step.name)
+      specs[name] = ModelSpec(name, False, arch['depths'],
+                              tuple(w * expansion for w in arch['widths']), 1e-6,
+                              roadmap=step.arch)
   return specs
 
 
@@ -137,7 +156,7 @@ def create_model(name: str,
   kwargs.update(num_classes=num_classes, drop_path_rate=drop_path_rate,
                 head_init_scale=head_init_scale, dtype=dtype, param_dtype=param_dtype)
   kwargs.update(overrides)
-  cls = ConvNeXtIsotropic if spec.isotropic else ConvNeXt
+  cls = spec.module_class
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
   unknown = sorted(set(kwargs) - fields)
   if unknown:

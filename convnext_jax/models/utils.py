@@ -49,3 +49,80 @@ def compiler_options(training: bool = False) -> dict[str, str] | None:
   if training or jax.default_backend() != 'cpu' or not _cpu_options_supported():
     return None
   return dict(_CPU_INFERENCE_OPTIONS)
+
+
+# BatchNorm's running statistics (flax's 'batch_stats' collection) are named so in every
+# BatchNorm module; no parameter has these names.
+BATCH_STATS_LEAVES = ('mean', 'var')
+
+
+def merge_batch_stats(params, batch_stats=None):
+  """One weights tree: `params` with each BatchNorm's `mean` and `var` beside its `scale`
+  and `bias`, as PyTorch keeps running_mean/var beside weight/bias. This is the tree that
+  params checkpoints and conversion hold; `split_batch_stats` undoes it.
+
+  Args:
+    params: the 'params' collection (nested dicts).
+    batch_stats: the 'batch_stats' collection, or None/empty (no BatchNorm): `params` as is.
+  """
+  if not batch_stats:
+    return params
+  merged = dict(params)
+  for name, value in batch_stats.items():
+    merged[name] = merge_batch_stats(params[name], value) if name in params else value
+  return merged
+
+
+def split_batch_stats(weights):
+  """(params, batch_stats) of a weights tree from `merge_batch_stats`; batch_stats is {}
+  when it holds no BatchNorm statistics."""
+  params, stats = {}, {}
+  for name, value in weights.items():
+    if isinstance(value, dict) or hasattr(value, 'items'):
+      p, s = split_batch_stats(value)
+      if p:
+        params[name] = p
+      if s:
+        stats[name] = s
+    elif name in BATCH_STATS_LEAVES:
+      stats[name] = value
+    else:
+      params[name] = value
+  return params, stats
+
+
+def count_macs(model: nn.Module, image_size: int = 224, **apply_kwargs) -> int:
+  """Multiply-adds of one image's forward pass, as the ConvNeXt paper (fvcore) counts FLOPs:
+  every convolution and matrix product, padded positions included; nothing else.
+
+  Counted from the jaxpr (the program as traced), so it follows whatever the model does.
+  Depthwise convolutions must run as convolutions for this (`depthwise_impl='conv'`; the
+  CPU's shifted-sum path is elementwise arithmetic). Of a `cond`'s branches, the largest.
+  """
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, **apply_kwargs))(variables, images)
+  return _jaxpr_macs(jaxpr.jaxpr)
+
+
+def _jaxpr_macs(jaxpr) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      lhs, rhs = (v.aval for v in eqn.invars[:2])
+      out = eqn.outvars[0].aval
+      spec = eqn.params['dimension_numbers'].rhs_spec  # (out feature, in feature, spatial...)
+      kernel_in = rhs.shape[spec[1]]
+      kernel_spatial = math.prod(rhs.shape[d] for d in spec[2:])
+      total += math.prod(out.shape) * kernel_in * kernel_spatial
+      del lhs
+    elif name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval
+      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in contract)
+    else:
+      subs = [_jaxpr_macs(getattr(j, 'jaxpr', j)) for j in jax.core.jaxprs_in_params(eqn.params)]
+      if subs:
+        total += max(subs) if name == 'cond' else sum(subs)
+  return total
