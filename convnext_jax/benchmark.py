@@ -375,7 +375,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m convnext_jax.benchmark')
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('forward', help='Flax vs PyTorch eager forward throughput')
-  p.add_argument('--model', default='convnext_tiny', choices=models.list_models())
+  # Against transformers' ConvNeXt: the ConvNeXt zoo only.
+  p.add_argument('--model', default='convnext_tiny', choices=models.list_models('convnext*'))
   p.add_argument('--batch', type=int, default=8)
   p.add_argument('--size', type=int, default=224)
   p.add_argument('--warmup', type=int, default=2)

@@ -2,12 +2,16 @@
 
 A *params checkpoint* (what `convnext-convert import` writes) is one orbax checkpoint
 directory with two items:
-  params/    the Flax 'params' tree (an orbax PyTree item);
+  params/    the model's weights (an orbax PyTree item): the Flax 'params' tree with, for a
+             model with BatchNorm, each BatchNorm's running `mean` and `var` beside its
+             `scale` and `bias` (`models.merge_batch_stats`), as a PyTorch state dict has them;
   metadata/  JSON: model_name, num_classes, class_names, source, layout, ema, format.
 
 A *training workdir* holds `checkpoints/<step>/` written by an orbax CheckpointManager, each
 with the items:
-  state/     the train state {'params', 'opt_state', 'ema_params', 'step', 'rng'};
+  state/     the train state {'params', 'opt_state', 'ema_params', 'step', 'rng'}, and
+             'batch_stats' for a model with BatchNorm (its running statistics, which the raw
+             and the EMA params share);
   metadata/  JSON: model_name, num_classes, class_names, the data positions of each data
              shard and the shard count, the process count, the metrics of that step.
   metrics/   JSON: the step's evaluation metrics (what the best-step policy ranks by);
@@ -16,10 +20,10 @@ Only steps orbax has finished writing count (`workdir_steps`), and of those only
 that verify (`find_usable_step`: the one decision for resuming, export, predict and
 `init_from`).
 
-`load_params(path, which, step)` reads Flax weights from either kind onto the host: it is
-what conversion (export) and prediction use. `load_params_into` reads them straight into the
-shardings of a model's params, on every process at once: what `init_from` uses. Nothing
-here imports TensorFlow.
+`load_params(path, which, step)` reads the weights (params and BatchNorm statistics, merged)
+from either kind onto the host: it is what conversion (export) and prediction use.
+`load_params_into` reads them straight into the shardings of a model's weights, on every
+process at once: what `init_from` uses. Nothing here imports TensorFlow.
 """
 
 import hashlib
@@ -36,8 +40,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from convnext_jax import fileio
+from convnext_jax import models
 from convnext_jax import multihost
+from convnext_jax.convert.layouts import HEAD_NAMES
 from convnext_jax.fileio import atomic_output
+from convnext_jax.models.utils import BATCH_STATS_LEAVES
 from convnext_jax.sharding import path_name
 
 PARAMS_ITEM = 'params'
@@ -54,6 +61,8 @@ PARAMS_FORMAT = 'convnext_jax.params'
 FORMAT_VERSION = 1
 # Where the raw and EMA weights live in the train state.
 STATE_KEYS = {'raw': 'params', 'ema': 'ema_params'}
+# Where BatchNorm's running statistics live in the train state (for raw and EMA params alike).
+BATCH_STATS_KEY = 'batch_stats'
 
 
 class CheckpointError(ValueError):
@@ -73,7 +82,8 @@ def save_params(path: str, params: Any, metadata: dict[str, Any], overwrite: boo
 
   Args:
     path: destination directory (local, or `gs://...`).
-    params: the Flax params tree (numpy or jax arrays).
+    params: the model's weights: the Flax params tree, with BatchNorm statistics merged in
+      for a model with BatchNorm (`models.merge_batch_stats`); numpy or jax arrays.
     metadata: JSON-serialisable facts; must include 'model_name' and 'num_classes'.
     overwrite: replace an existing checkpoint at `path`.
   """
@@ -111,20 +121,28 @@ def _tree_metadata(item_dir) -> dict[str, Any]:
   return ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)).tree
 
 
-def restore_numpy_tree(item_dir, subtree: str | None = None) -> dict[str, Any]:
-  """Restores an orbax PyTree item (or one top-level key of it) as host numpy arrays."""
+def restore_numpy_tree(item_dir, subtree: str | None = None,
+                       also: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Restores an orbax PyTree item (or one top-level key of it) as host numpy arrays.
+
+  With `also`, the further top-level keys named there are restored too, and the result is
+  {key: subtree} for `subtree` and each of them.
+  """
   checkpointer = ocp.PyTreeCheckpointer()
   tree = _tree_metadata(item_dir)
   if subtree is not None:
-    if subtree not in tree:
-      raise CheckpointError(f'{item_dir} has no {subtree!r} (it has {sorted(tree)})')
-    tree = {subtree: tree[subtree]}
+    for key in (subtree,) + also:
+      if key not in tree:
+        raise CheckpointError(f'{item_dir} has no {key!r} (it has {sorted(tree)})')
+    tree = {key: tree[key] for key in (subtree,) + also}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   restored = checkpointer.restore(
       item_dir, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
                                             partial_restore=subtree is not None))
   restored = _as_dict(restored)
-  return restored[subtree] if subtree is not None else restored
+  if subtree is None or also:
+    return restored
+  return restored[subtree]
 
 
 def _as_dict(tree):
@@ -470,7 +488,8 @@ def is_training_workdir(path: str) -> bool:
 
 def _params_location(path: str, which: str, step: int | None):
   """Where the weights asked for are: (orbax PyTree item directory, the top-level key in it
-  that holds them or None for the whole item, metadata)."""
+  that holds the params or None for the whole item, the top-level key that holds their
+  BatchNorm statistics or None, metadata)."""
   if which not in STATE_KEYS:
     raise CheckpointError(f"params must be 'ema' or 'raw', got {which!r}")
   if '://' not in path:
@@ -478,7 +497,7 @@ def _params_location(path: str, which: str, step: int | None):
   if not epath.Path(path).exists():
     raise CheckpointError(f'{path} does not exist')
   if is_params_checkpoint(path):
-    return epath.Path(path) / PARAMS_ITEM, None, _read_json_item(epath.Path(path))
+    return epath.Path(path) / PARAMS_ITEM, None, None, _read_json_item(epath.Path(path))
   steps = workdir_steps(path)
   if not steps:
     raise CheckpointError(
@@ -496,11 +515,15 @@ def _params_location(path: str, which: str, step: int | None):
       logging.warning('%s step %d has no EMA weights; using the raw ones', path, step)
     key = STATE_KEYS['raw']
   metadata = dict(metadata, step=step, weights='ema' if key == 'ema_params' else 'raw')
-  return state_dir, key, metadata
+  stats_key = BATCH_STATS_KEY if keys.get(BATCH_STATS_KEY) else None
+  return state_dir, key, stats_key, metadata
 
 
 def load_params(path: str, which: str = 'ema', step: int | None = None):
-  """Flax params and metadata from a params checkpoint or a training workdir, on the host.
+  """Flax weights and metadata from a params checkpoint or a training workdir, on the host.
+
+  The weights are the params with BatchNorm's running statistics merged in, for a model with
+  BatchNorm (`models.split_batch_stats` gives the two collections); else the params.
 
   Args:
     path: a `convnext-convert import` directory, or a training workdir.
@@ -509,14 +532,18 @@ def load_params(path: str, which: str = 'ema', step: int | None = None):
     step: a workdir's step (None: the latest finished one).
 
   Returns:
-    (params as nested numpy dicts, metadata dict).
+    (weights as nested numpy dicts, metadata dict).
 
   Raises:
     CheckpointError: nothing loadable at `path`, no such step, a damaged step, or weights
       that are not finite (a diverged run).
   """
-  item_dir, key, metadata = _params_location(path, which, step)
-  params = restore_numpy_tree(item_dir, key)
+  item_dir, key, stats_key, metadata = _params_location(path, which, step)
+  if stats_key is None:
+    params = restore_numpy_tree(item_dir, key)
+  else:
+    restored = restore_numpy_tree(item_dir, key, also=(stats_key,))
+    params = models.merge_batch_stats(restored[key], restored[stats_key])
   nonfinite = [name for name, value in _flat_by_name(params).items()
                if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
   if nonfinite:
@@ -539,8 +566,10 @@ def load_params_into(path: str, initial, *, which: str = 'ema', step: int | None
 
   Args:
     path, which, step: as for `load_params`.
-    initial: the freshly initialised params, as `jax.Array`s (or ShapeDtypeStructs with a
-      sharding, when every leaf comes from the checkpoint).
+    initial: the freshly initialised weights, as `jax.Array`s (or ShapeDtypeStructs with a
+      sharding, when every leaf comes from the checkpoint): for a model with BatchNorm its
+      params with the statistics merged in (`models.merge_batch_stats`) to load both; a tree
+      without statistics takes only the params.
     strict, reinit_head: as for `compare_params`.
 
   Returns:
@@ -549,28 +578,41 @@ def load_params_into(path: str, initial, *, which: str = 'ema', step: int | None
   Raises:
     CheckpointError: as `load_params`, or the trees differ (see `compare_params`).
   """
-  item_dir, key, metadata = _params_location(path, which, step)
-  stored = _tree_metadata(item_dir)
-  stored = stored[key] if key is not None else stored
+  item_dir, key, stats_key, metadata = _params_location(path, which, step)
+
+  def stored_name(name: str) -> str:  # Where a weight of `initial` is in the orbax item.
+    if key is None:
+      return name
+    is_stat = stats_key is not None and _is_batch_stat(name)
+    return f'{stats_key if is_stat else key}/{name}'
+
+  tree = _tree_metadata(item_dir)
+  if key is not None:
+    tree = models.merge_batch_stats(tree[key], tree.get(stats_key))
+  stored = {n: tuple(v.shape) for n, v in _flat_by_name(tree).items()}
   flat_initial = _flat_by_name(initial)
-  report = compare_params({n: tuple(v.shape) for n, v in flat_initial.items()},
-                          {n: tuple(v.shape) for n, v in _flat_by_name(stored).items()},
+  if not any(_is_batch_stat(n) for n in flat_initial):
+    # Params only: the checkpoint's statistics are not asked for.
+    stored = {n: v for n, v in stored.items() if not _is_batch_stat(n)}
+  report = compare_params({n: tuple(v.shape) for n, v in flat_initial.items()}, stored,
                           strict=strict, reinit_head=reinit_head)
-  taken = {n: flat_initial[n] for n in report['taken']}
+  taken = {stored_name(n): flat_initial[n] for n in report['taken']}
   item = traverse_util.unflatten_dict(
       {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in taken.items()}, sep='/')
   restore_args = traverse_util.unflatten_dict(
       {n: ocp.ArrayRestoreArgs(sharding=v.sharding, global_shape=v.shape, dtype=v.dtype)
        for n, v in taken.items()}, sep='/')
-  if key is not None:
-    item, restore_args = {key: item}, {key: restore_args}
   restored = ocp.PyTreeCheckpointer().restore(
       item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                             partial_restore=True))
-  restored = _flat_by_name(restored[key] if key is not None else restored)
-  leaves = [restored.get(path_name(p), leaf)
+  restored = _flat_by_name(restored)
+  leaves = [restored.get(stored_name(path_name(p)), leaf)
             for p, leaf in jax.tree_util.tree_flatten_with_path(initial)[0]]
   return jax.tree.unflatten(jax.tree.structure(initial), leaves), report, metadata
+
+
+def _is_batch_stat(name: str) -> bool:
+  return name.rsplit('/', 1)[-1] in BATCH_STATS_LEAVES
 
 
 def _flat_by_name(tree) -> dict[str, Any]:
@@ -581,8 +623,9 @@ def compare_params(initial: dict[str, tuple[int, ...]], loaded: dict[str, tuple[
                    reinit_head: bool = True, strict: bool = True) -> dict[str, list[str]]:
   """Which loaded parameters can replace a fresh model's, by name and shape.
 
-  A head whose shape differs (another class count), or that the checkpoint lacks (a model
-  saved without one), keeps its fresh initialisation (made with head_init_scale). Any other
+  A head (`head/...`, or a ResNet's `fc/...`) whose shape differs (another class count), or
+  that the checkpoint lacks (a model saved without one), keeps its fresh initialisation (made
+  with head_init_scale). Any other
   missing, unexpected or mis-shaped name is an error when `strict`, otherwise it keeps its
   initial value and is logged.
 
@@ -601,17 +644,18 @@ def compare_params(initial: dict[str, tuple[int, ...]], loaded: dict[str, tuple[
   """
   report = {'taken': [], 'missing': [], 'unexpected': [], 'misshaped': [],
             'reinitialized': []}
+  heads = tuple(f'{name}/' for name in HEAD_NAMES)
   for name, shape in initial.items():
     if name not in loaded:
       report['missing'].append(name)
     elif tuple(loaded[name]) != tuple(shape):
-      kind = 'reinitialized' if reinit_head and name.startswith('head/') else 'misshaped'
+      kind = 'reinitialized' if reinit_head and name.startswith(heads) else 'misshaped'
       report[kind].append(f'{name} {tuple(loaded[name])} -> {tuple(shape)}')
     else:
       report['taken'].append(name)
   report['unexpected'] = [n for n in loaded if n not in initial]
   # A checkpoint without a head (num_classes 0) feeding a classifier: a new head.
-  if reinit_head and all(n.startswith('head/') for n in report['missing']):
+  if reinit_head and all(n.startswith(heads) for n in report['missing']):
     report['reinitialized'] += report['missing']
     report['missing'] = []
   problems = {k: v for k, v in report.items() if v and k not in ('taken', 'reinitialized')}

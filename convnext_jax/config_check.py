@@ -173,6 +173,11 @@ def _model(c) -> None:
   _choice(c, 'model.dtype', tuple(train_step.DTYPES))
   _remat(c, 'model.remat')
   _boolean(c, 'model.scan')
+  if c.model.scan and models.get_spec(c.model.name).roadmap:
+    raise ConfigError(f'config.model.scan must be False for {c.model.name}: roadmap models '
+                      'have no scanned form')
+  _integer(c, 'model.bn_group_size', 0, sentinel='for the whole micro-batch',
+           why='examples per BatchNorm statistics group; 0: the per-device micro-batch')
 
 
 def _dataset(c) -> None:

@@ -43,6 +43,11 @@ def base() -> ml_collections.ConfigDict:
   c.model.scan = False  # One lax.scan per stage: fast compiles at depth, same params.
   # Other create_model arguments, e.g. depths=(2, 2, 6, 2), dims=(...) for a custom size.
   c.model.overrides = ml_collections.ConfigDict()
+  # Models with BatchNorm (roadmap steps up to 'fewer_norm'): examples per statistics group
+  # in training. 0: the per-device micro-batch (global_batch_size / grad_accum_steps / the
+  # data-parallel size), as PyTorch DDP without SyncBN, which the paper ran; -1: the whole
+  # micro-batch (SyncBN); N > 0: N examples, dividing the micro-batch. Other models ignore it.
+  c.model.bn_group_size = 0
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'imagenet2012'

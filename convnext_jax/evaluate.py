@@ -4,6 +4,12 @@ Batches come from `data.pipeline.eval_dataset`, padded with masked examples so e
 runs the same number of steps; clu `Average` metrics weigh each example by its mask. A label
 is an int class or, for ImageNet-ReaL, a multi-hot vector (correct if the prediction is any
 of the valid labels).
+
+A model with BatchNorm is evaluated with its running averages (train=False), so each image's
+prediction is independent of the rest of its batch. The EMA averages params only, so EMA
+params are evaluated with the current running averages (timm's ModelEma averages the running
+averages too; the roadmap recipes turn the EMA off for BatchNorm models, where the paper
+found it hurts, so the difference does not arise in them).
 """
 
 from collections.abc import Iterable
@@ -40,13 +46,20 @@ def topk_correct(logits, labels, k: int):
 
 
 def make_eval_step(model, dtype):
-  """jit-able (params_by_name, batch) -> {name: EvalMetrics}."""
+  """jit-able (params_by_name, batch, batch_stats=None) -> {name: EvalMetrics}.
 
-  def step(params_by_name, batch):
+  `batch_stats`: the model's BatchNorm running averages (None for a model without
+  BatchNorm), used with every entry of `params_by_name`.
+  """
+
+  def step(params_by_name, batch, batch_stats=None):
     images = batch_ops.normalize(batch['image'], dtype=dtype)
     out = {}
     for name, params in params_by_name.items():
-      logits = model.apply({'params': params}, images, train=False)
+      variables = {'params': params}
+      if batch_stats is not None:
+        variables['batch_stats'] = batch_stats
+      logits = model.apply(variables, images, train=False)
       out[name] = EvalMetrics.single_from_model_output(
           top1=topk_correct(logits, batch['label'], 1),
           top5=topk_correct(logits, batch['label'], 5), mask=batch['mask'])
@@ -56,16 +69,18 @@ def make_eval_step(model, dtype):
 
 
 def evaluate(eval_step, params_by_name, dataset, num_batches: int, feed: sharding.BatchFeed,
-             num_examples: int) -> tuple[dict[str, float], int]:
+             num_examples: int, batch_stats=None) -> tuple[dict[str, float], int]:
   """Runs one pass; returns ({'<name>/top1': ..., '<name>/top5': ...}, skipped records).
 
   Args:
-    eval_step: jitted `make_eval_step(...)`.
+    eval_step: jitted `make_eval_step(...)`, or any (params_by_name, batch[, batch_stats])
+      -> {name: EvalMetrics}.
     params_by_name: e.g. {'raw': params, 'ema': ema_params}.
     dataset: this process's padded batches (of its data shard).
     num_batches: batches each process yields.
     feed: the `sharding.BatchFeed` that assembles them into global arrays.
     num_examples: the data shard's records, to count undecodable ones at the end.
+    batch_stats: BatchNorm running averages for every entry of `params_by_name`, or None.
   """
   start = time.perf_counter()
   totals = None
@@ -73,7 +88,10 @@ def evaluate(eval_step, params_by_name, dataset, num_batches: int, feed: shardin
   batches: Iterable = dataset.as_numpy_iterator()
   for batch in batches:
     tracker.update(batch['position'])
-    step_metrics = eval_step(params_by_name, pipeline.to_global_arrays(batch, feed))
+    batch = pipeline.to_global_arrays(batch, feed)
+    # No running averages: the two-argument call, which other eval steps also accept.
+    step_metrics = (eval_step(params_by_name, batch) if batch_stats is None else
+                    eval_step(params_by_name, batch, batch_stats))
     totals = step_metrics if totals is None else {
         name: totals[name].merge(m) for name, m in step_metrics.items()}
   pipeline.release(batches)  # Not waiting for tf.data's autotuning thread (up to a minute).

@@ -18,6 +18,7 @@ config, parameter tables and the libraries' INFO records (`console`). TensorFlow
 (the oneDNN notices of the input pipeline) is off unless TF_CPP_MIN_LOG_LEVEL is set.
 """
 
+import functools
 import importlib.util
 import os
 import re
@@ -42,6 +43,7 @@ with console.native_notices_dropped():  # What TensorFlow prints while it loads 
   from convnext_jax import train
 
 PROG = 'convnext-train'
+USAGE = 'python -m convnext_jax.main --config configs/<name>.py[:args] --workdir DIR'
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -83,37 +85,43 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(**given)
 
 
-def report(message, status: int) -> int:
-  """Prints `PROG: error: message` as the last line on stderr; returns `status`."""
+def report(message, status: int, prog: str = PROG) -> int:
+  """Prints `prog: error: message` as the last line on stderr; returns `status`."""
   logging.flush()
   sys.stdout.flush()
-  print(f'{PROG}: error: {message}', file=sys.stderr, flush=True)
+  print(f'{prog}: error: {message}', file=sys.stderr, flush=True)
   return status
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], prog: str = PROG, usage: str = USAGE) -> list[str]:
   """absl's flag parsing, with a mistake in the flags or the config file reported as one line
   (exit status 2) instead of a usage dump or a traceback.
+
+  Args:
+    argv: the command line.
+    prog, usage: the command's name and usage line, for the messages (other commands built
+      on these flags, such as `convnext_jax.roadmap`, pass their own).
 
   Returns:
     The arguments left after the flags, for `main`.
   """
+  report_ = functools.partial(report, prog=prog)
   try:
     args = FLAGS(argv)
   except flags.Error as e:
-    sys.exit(report(_flag_error_message(e, argv), 2))
+    sys.exit(report_(_flag_error_message(e, argv, usage), 2))
   except (AttributeError, KeyError, OSError):
     # ml_collections raises these, untranslated, for an override of a key the config does not
     # have and for a config file it cannot load.
     message = _config_load_error(argv) or _unknown_override(argv)
     if message is None:
       raise
-    sys.exit(report(message, 2))
+    sys.exit(report_(message, 2))
   if not isinstance(FLAGS.config, ml_collections.ConfigDict):
-    sys.exit(report(_config_load_error(argv) or
-                    f'config file {_config_argument(argv)}: get_config() returned '
-                    f'{type(FLAGS.config).__name__}; it must return an ml_collections.ConfigDict',
-                    2))
+    sys.exit(report_(_config_load_error(argv) or
+                     f'config file {_config_argument(argv)}: get_config() returned '
+                     f'{type(FLAGS.config).__name__}; it must return an '
+                     'ml_collections.ConfigDict', 2))
   return args
 
 
@@ -186,7 +194,7 @@ def _unknown_override(argv: list[str]) -> str | None:
 _FLAG_TYPES = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false'}
 
 
-def _flag_error_message(error: flags.Error, argv: list[str]) -> str:
+def _flag_error_message(error: flags.Error, argv: list[str], usage: str = USAGE) -> str:
   """One line for an absl flag error: a bad override value, a config file whose
   get_config raised, an unknown or missing flag."""
   text = str(error)
@@ -196,8 +204,7 @@ def _flag_error_message(error: flags.Error, argv: list[str]) -> str:
       return problem
   missing = re.search(r'Flag --(\w+) must have a value other than None', text)
   if missing:
-    return (f'--{missing.group(1)} is required: python -m convnext_jax.main --config '
-            'configs/<name>.py[:args] --workdir DIR')
+    return f'--{missing.group(1)} is required: {usage}'
   cause = error.__context__
   # A value absl's parser refused reads `flag --NAME=VALUE: CAUSE`.
   match = cause is not None and re.fullmatch(

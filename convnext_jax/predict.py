@@ -1,4 +1,4 @@
-"""`convnext-predict`: the top classes of a ConvNeXt checkpoint for image files.
+"""`convnext-predict`: the top classes of a ConvNeXt (or roadmap model) checkpoint for images.
 
   python -m convnext_jax.predict --checkpoint PATH [--params ema|raw] [--step N]
       [--size 224] [--crop_pct F] [--crop_mode center|squash] [--labels FILE] [--top_k 5]
@@ -202,7 +202,10 @@ def load_image(path: str, size: int, crop_pct: float, crop_mode: str = 'center')
 
 
 def load_model(checkpoint: str, which: str = 'ema', step: int | None = None):
-  """(model, params on the default device, metadata) of a checkpoint.
+  """(model, weights on the default device, metadata) of a checkpoint.
+
+  The weights are the params with BatchNorm's running statistics merged in, for a model with
+  BatchNorm (`checkpoints.load_params`); `make_predict_fn` applies both.
 
   Raises:
     PredictError: no checkpoint at `checkpoint`, an unknown model, a model without a
@@ -223,7 +226,7 @@ def load_model(checkpoint: str, which: str = 'ema', step: int | None = None):
   except ValueError as e:
     raise PredictError(f'checkpoint {checkpoint}: {e}') from None
   expected = {path_name(p): tuple(v.shape) for p, v in
-              jax.tree_util.tree_flatten_with_path(models.param_shapes(model, 32))[0]}
+              jax.tree_util.tree_flatten_with_path(models.weight_shapes(model))[0]}
   found = {path_name(p): tuple(np.shape(v)) for p, v in
            jax.tree_util.tree_flatten_with_path(params)[0]}
   if expected != found:
@@ -238,10 +241,18 @@ def load_model(checkpoint: str, which: str = 'ema', step: int | None = None):
 # Cached so that repeated calls in one process (a notebook, tests) reuse the compiled forward.
 @functools.lru_cache(maxsize=8)
 def make_predict_fn(model, top_k: int):
-  """A jitted (params, uint8 NHWC images) -> (top-k probabilities, top-k class indices)."""
+  """A jitted (weights, uint8 NHWC images) -> (top-k probabilities, top-k class indices).
 
-  def predict(params, images):
-    logits = model.apply({'params': params}, batch_ops.normalize(images), train=False)
+  The weights are those of `load_model`: a model with BatchNorm normalises with the running
+  statistics in them.
+  """
+
+  def predict(weights, images):
+    params, batch_stats = models.split_batch_stats(weights)
+    variables = {'params': params}
+    if batch_stats:
+      variables['batch_stats'] = batch_stats
+    logits = model.apply(variables, batch_ops.normalize(images), train=False)
     return jax.lax.top_k(jax.nn.softmax(logits.astype(np.float32), axis=-1), top_k)
 
   return jax.jit(predict, compiler_options=models.compiler_options())

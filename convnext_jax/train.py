@@ -7,10 +7,11 @@ converted weights; evaluators; the loop (log, evaluate, checkpoint, stop on pree
 divergence).
 
 The train state is a plain pytree {'params', 'opt_state', 'ema_params', 'step', 'rng'}
-('ema_params' only with an EMA) donated into one jitted step per optimizer update, both
-built in `train_step` (which imports no TensorFlow). Inside the step: uint8 images are
-normalised, Random Erasing, Mixup/CutMix (one lambda per per-device batch) and label
-smoothing are applied, the loss is averaged over `grad_accum_steps` micro-batches, AdamW
+('ema_params' only with an EMA; 'batch_stats', BatchNorm's running averages, only for a model
+with BatchNorm) donated into one jitted step per optimizer update, both built in `train_step`
+(which imports no TensorFlow). Inside the step: uint8 images are normalised, Random Erasing,
+Mixup/CutMix (one lambda per per-device batch) and label smoothing are applied, the loss is
+averaged over `grad_accum_steps` micro-batches (the running averages updated by each), AdamW
 updates the params, and the EMA follows once. A step whose loss, gradients or new params are
 not finite leaves the state as it was (`config.nonfinite`), so no checkpoint ever holds
 non-finite weights.
@@ -80,8 +81,8 @@ def schedule_steps(config: ml_collections.ConfigDict, num_train_examples: int) -
 def validate(config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> sharding.BatchFeed:
   """Fails early, with one line each, on batch sizes the mesh cannot split (or Mixup cannot
-  pair), on meshes the processes cannot feed and on evaluation crop settings outside their
-  range.
+  pair, or BatchNorm statistics groups cannot divide), on meshes the processes cannot feed
+  and on evaluation crop settings outside their range.
 
   Returns:
     This process's `sharding.BatchFeed`: which rows of each batch it feeds.
@@ -104,6 +105,11 @@ def validate(config: ml_collections.ConfigDict,
                      f'(micro-batch {micro} over data-parallel size {dp}); change '
                      'global_batch_size or grad_accum_steps, or set input.mixup_alpha and '
                      'input.cutmix_alpha to 0')
+  group = config.model.bn_group_size
+  if group > 0 and micro % group and train_step.uses_batchnorm(config):
+    raise ValueError(f'config.model.bn_group_size {group} does not divide the micro-batch '
+                     f'{micro} (global_batch_size / grad_accum_steps); set a divisor, 0 for '
+                     f'the per-device batch ({micro // dp}) or -1 for the whole micro-batch')
   eval_crop(cin.eval_image_size if cin.eval_image_size > 0 else cin.image_size, cin.crop_pct,
             cin.get('crop_mode'))
   return feed
@@ -198,6 +204,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                'data-parallel device, %d micro-batch(es)', dict(mesh.shape),
                config.global_batch_size, per_host_batch, feed.shard_index, feed.shard_count,
                config.global_batch_size // num_shards, config.grad_accum_steps)
+  if train_step.uses_batchnorm(config):
+    group = train_step.bn_group_size(config, num_shards)
+    logging.info('BatchNorm statistics over groups of %d examples (config.model.bn_group_size'
+                 '=%d)', group or config.global_batch_size // config.grad_accum_steps,
+                 config.model.bn_group_size)
 
   # ---- The workdir, one trainer at a time. ----
   # Only now is the workdir created, which a config refused above must not leave.
@@ -248,7 +259,7 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
                sched.total_steps, sched.warmup_steps)
 
   # ---- Model and optimizer, as abstract shapes first. ----
-  model = train_step.create_model(config, num_classes)
+  model = train_step.create_model(config, num_classes, num_shards)
   spec = train_step.model_spec(config)
   lr_fn = optim.lr_schedule(config.optim.lr, config.optim.min_lr, sched.warmup_steps,
                             sched.total_steps)
@@ -302,8 +313,9 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
     results = {}
     for ev in evaluators:
       start = time.perf_counter()
+      # BatchNorm's running averages serve the raw and the EMA params alike (evaluate).
       values, skipped = evaluate.evaluate(eval_step, params_by_name, ev.dataset, ev.num_batches,
-                                          feed, ev.num_examples)
+                                          feed, ev.num_examples, state.get('batch_stats'))
       results.update({f'{ev.name}/{k}': v for k, v in values.items()})
       if skipped:
         results[f'{ev.name}/skipped_images'] = skipped
@@ -515,15 +527,23 @@ def _start_position(metadata, step: int, feed: sharding.BatchFeed, per_host_batc
 
 
 def _init_from(config, state, use_ema: bool):
-  """`state` with its params (and EMA) from `config.init_from`, read straight into their
-  shardings on every process (see `checkpoints.load_params_into`)."""
+  """`state` with its params (and EMA, and BatchNorm's running averages) from
+  `config.init_from`, read straight into their shardings on every process (see
+  `checkpoints.load_params_into`)."""
   init = config.init_from
-  params, _, metadata = checkpoints.load_params_into(
-      init.path, state['params'], which=init.params,
-      step=init.step if init.step >= 0 else None, strict=init.strict)
+  # Checkpoints hold BatchNorm's running averages beside its params (one weights tree, as
+  # PyTorch's state_dict): load into that tree and split it again.
+  weights, _, metadata = checkpoints.load_params_into(
+      init.path, models.merge_batch_stats(state['params'], state.get('batch_stats')),
+      which=init.params, step=init.step if init.step >= 0 else None, strict=init.strict)
   logging.info('init_from %s: %s (%s)', init.path, metadata.get('model_name'),
                metadata.get('weights', 'params'))
-  state = dict(state, params=params)
+  if 'batch_stats' in state:
+    params, batch_stats = models.split_batch_stats(weights)
+    state = dict(state, params=params, batch_stats=batch_stats)
+  else:
+    params = weights
+    state = dict(state, params=params)
   if use_ema:
     state['ema_params'] = jax.tree.map(jnp.copy, params)
   return state

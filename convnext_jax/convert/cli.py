@@ -1,15 +1,20 @@
-"""`convnext-convert`: ConvNeXt weights between PyTorch files and orbax params checkpoints.
+"""`convnext-convert`: ConvNeXt and ResNet weights between PyTorch files and orbax params
+checkpoints.
 
   convnext-convert import SRC DEST [--model NAME] [--ema] [--overwrite]
       SRC: official .pth ({'model': ...} / {'model_ema': ...}), timm .safetensors/.pth/.bin,
-      or a Hugging Face model directory. DEST: an orbax params checkpoint directory.
+      torchvision .pth, or a Hugging Face model directory (ConvNeXt, ConvNeXt V2, ResNet).
+      DEST: an orbax params checkpoint directory. The model is detected, except for the
+      roadmap steps that are neither a ResNet nor ConvNeXt: name those with --model.
   convnext-convert export SRC DEST [--layout official|timm|hf] [--params ema|raw]
                                    [--step N] [--overwrite]
       SRC: an orbax params checkpoint, or a training workdir (its EMA or raw weights, at the
-      latest or a given step). DEST: .pth (official), .safetensors (timm) or a directory
-      (Hugging Face); --layout overrides the guess from DEST's suffix.
+      latest or a given step; with BatchNorm's running statistics). DEST: .pth (official;
+      torchvision for ResNets), .safetensors (timm) or a directory (Hugging Face); --layout
+      overrides the guess from DEST's suffix.
   convnext-convert inspect SRC
-      Prints what SRC holds: layout, model, classes, parameter count.
+      Prints what SRC holds: layout, model, classes, parameter count (BatchNorm statistics
+      not counted).
 
 Errors are one line on stderr with exit status 1, a full disk included; nothing is written
 unless conversion succeeded (outputs go to a temporary path and are renamed into place).
@@ -26,6 +31,8 @@ from convnext_jax.convert import files
 from convnext_jax.convert import layouts
 
 PROG = 'convnext-convert'
+# The state-dict entries of a PyTorch BatchNorm that are not parameters.
+_BATCHNORM_BUFFERS = ('.running_mean', '.running_var', '.num_batches_tracked')
 
 
 def _guess_layout(dest: str) -> str:
@@ -80,8 +87,8 @@ def run_export(args) -> str:
 
 def run_inspect(args) -> str:
   if checkpoints.is_params_checkpoint(args.src):
-    params, metadata = checkpoints.load_params(args.src)
-    facts = dict(metadata, parameters=models.count_params(params))
+    weights, metadata = checkpoints.load_params(args.src)
+    facts = dict(metadata, parameters=models.count_params(models.split_batch_stats(weights)[0]))
   else:
     state_dict, info = files.load_torch_checkpoint(args.src, ema=args.ema)
     state_dict = layouts.strip_wrapper_prefix(state_dict)
@@ -90,14 +97,15 @@ def run_inspect(args) -> str:
       model_name, num_classes = layouts.detect_model(state_dict, layout)
     except layouts.ConversionError as e:
       raise layouts.ConversionError(f'{args.src}: {e}') from None
+    params = {k: v for k, v in state_dict.items() if not k.endswith(_BATCHNORM_BUFFERS)}
     facts = dict(layout=layout, model_name=model_name, num_classes=num_classes,
-                 ema=info['ema'], parameters=models.count_params(state_dict))
+                 ema=info['ema'], parameters=models.count_params(params))
   return '\n'.join(f'{k}: {v}' for k, v in facts.items() if k != 'class_names')
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog=PROG, description='Convert ConvNeXt weights between PyTorch and JAX/Flax.')
+      prog=PROG, description='Convert ConvNeXt and ResNet weights between PyTorch and JAX/Flax.')
   sub = parser.add_subparsers(dest='command', required=True)
 
   p = sub.add_parser('import', help='PyTorch file or HF directory -> orbax params checkpoint')
@@ -118,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--step', type=int, default=None,
                  help='checkpoint step of a training workdir (default: the latest)')
   p.add_argument('--layout', choices=layouts.LAYOUTS,
-                 help='output key layout (default: from the suffix of DEST)')
+                 help='output key layout (default: from the suffix of DEST); roadmap steps '
+                 'other than the ResNets and ConvNeXt have only official')
   p.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')
   p.set_defaults(run=run_export)
 

@@ -1,8 +1,8 @@
-"""Reading and writing PyTorch-side ConvNeXt checkpoints.
+"""Reading and writing PyTorch-side checkpoints of ConvNeXt and the roadmap's ResNets.
 
-Read: official `.pth` (`{'model': ...}`, `{'model_ema': ...}`), timm `.safetensors`/`.pth`/
-`.bin`, and Hugging Face model directories. Write: official `.pth`, timm `.safetensors`, and
-Hugging Face directories (`config.json` + `model.safetensors`).
+Read: official `.pth` (`{'model': ...}`, `{'model_ema': ...}`), torchvision `.pth`, timm
+`.safetensors`/`.pth`/`.bin`, and Hugging Face model directories. Write: official `.pth`, timm
+`.safetensors`, and Hugging Face directories (`config.json` + `model.safetensors`).
 
 Only `.pth`/`.bin` need torch (imported lazily). Pickles are loaded with
 `weights_only=True`: a weights file must not be able to run code. Every output is written to a
@@ -21,7 +21,9 @@ import safetensors
 import safetensors.numpy
 
 from convnext_jax import models
+from convnext_jax.convert.layouts import contiguous
 from convnext_jax.convert.layouts import ConversionError
+from convnext_jax.convert.layouts import family
 from convnext_jax.convert.layouts import HF_NORM_EPS
 from convnext_jax.fileio import atomic_output
 
@@ -182,7 +184,7 @@ def load_torch_checkpoint(path: str, ema: bool = False) -> tuple[dict[str, Any],
 def save_official_pth(state_dict: dict[str, np.ndarray], path: str, overwrite: bool = False):
   """Writes `torch.save({'model': state_dict})`, as the official repository loads it."""
   torch = _import_torch()
-  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+  tensors = {k: torch.from_numpy(contiguous(v)) for k, v in state_dict.items()}
   with atomic_output(path, overwrite) as tmp:
     # Through a Python file, so a full disk surfaces as OSError(ENOSPC) (in the context of
     # torch's RuntimeError); torch's own file writer reports it as an 'iostream error'.
@@ -194,17 +196,44 @@ def save_safetensors(state_dict: dict[str, np.ndarray], path: str, overwrite: bo
   """Writes a safetensors file (metadata format 'pt', which timm and transformers expect)."""
   with atomic_output(path, overwrite) as tmp:
     safetensors.numpy.save_file(
-        {k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp,
+        {k: contiguous(v) for k, v in state_dict.items()}, tmp,
         metadata={'format': 'pt'})
+
+
+def _hf_resnet_config(spec: models.ModelSpec) -> dict[str, Any]:
+  """`ResNetConfig` entries of a torchvision ResNet (v1.5: the stride on the 3x3 conv)."""
+  return {
+      'architectures': ['ResNetForImageClassification'],
+      'model_type': 'resnet',
+      'num_channels': 3,
+      'embedding_size': dict(spec.roadmap)['widths'][0],
+      'hidden_sizes': list(spec.dims),
+      'depths': list(spec.depths),
+      'layer_type': 'bottleneck',
+      'hidden_act': 'relu',
+      'downsample_in_first_stage': False,
+      'downsample_in_bottleneck': False,
+  }
 
 
 def hf_config(model_name: str, num_classes: int,
               class_names: list[str] | None = None) -> dict[str, Any]:
-  """A transformers `ConvNextConfig`/`ConvNextV2Config` dict for a registered model."""
+  """A transformers `ConvNextConfig`/`ConvNextV2Config`/`ResNetConfig` dict for a registered
+  model (one that the 'hf' layout can represent, `layouts.layouts_of`)."""
   spec = models.get_spec(model_name)
   v2 = spec.use_grn
   if class_names is None or len(class_names) != num_classes:
     class_names = [f'LABEL_{i}' for i in range(num_classes)]
+  labels = {
+      'id2label': {str(i): n for i, n in enumerate(class_names)},
+      'label2id': {n: i for i, n in enumerate(class_names)},
+      'torch_dtype': 'float32',
+  }
+  if family(spec) == 'resnet':
+    config = _hf_resnet_config(spec)
+    if not num_classes:
+      config['architectures'] = ['ResNetModel']
+    return dict(config, **labels)
   config = {
       'architectures': [
           ('ConvNextV2' if v2 else 'ConvNext') +
@@ -222,9 +251,7 @@ def hf_config(model_name: str, num_classes: int,
       'layer_norm_eps': HF_NORM_EPS,
       'drop_path_rate': 0.0,
       'image_size': 224,
-      'id2label': {str(i): n for i, n in enumerate(class_names)},
-      'label2id': {n: i for i, n in enumerate(class_names)},
-      'torch_dtype': 'float32',
+      **labels,
   }
   if not v2:
     # Any positive value creates `layer_scale_parameter`; the loaded weights set its value.
@@ -238,12 +265,12 @@ def save_hf_directory(state_dict: dict[str, np.ndarray], path: str, model_name: 
   """Writes a directory that `transformers.AutoModel*.from_pretrained` loads."""
   config = hf_config(model_name, num_classes, class_names)
   if not num_classes:
-    prefix = config['model_type'] + '.'  # ConvNextModel has no prefix on its own keys.
+    prefix = config['model_type'] + '.'  # ConvNextModel/ResNetModel: no prefix on their keys.
     state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
   with atomic_output(path, overwrite) as tmp:
     os.mkdir(tmp)
     with open(os.path.join(tmp, HF_CONFIG), 'w') as f:
       json.dump(config, f, indent=2)
     safetensors.numpy.save_file(
-        {k: np.ascontiguousarray(v) for k, v in state_dict.items()},
+        {k: contiguous(v) for k, v in state_dict.items()},
         os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})

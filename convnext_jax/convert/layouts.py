@@ -1,10 +1,24 @@
-"""PyTorch state-dict layouts of ConvNeXt (official, timm, Hugging Face) and Flax <-> PyTorch.
+"""PyTorch state-dict layouts (official, timm, Hugging Face) and Flax <-> PyTorch.
 
-Each Flax parameter path maps to one PyTorch key per layout. The official key is the Flax path
-joined with '.' (with `kernel`/`scale` -> `weight`), because the Flax modules carry the
-official module names; timm and Hugging Face keys are derived from it by the renames below.
-One table of (Flax path, PyTorch key, array transform) drives both directions, so they cannot
-drift apart. Nothing here needs torch: arrays are numpy (torch tensors are accepted as input).
+Each Flax weight path maps to one PyTorch key per layout. The official key is the Flax path
+joined with '.' (with `kernel`/`scale` -> `weight`, BatchNorm's `mean`/`var` ->
+`running_mean`/`running_var`), because the Flax modules carry the official module names; timm
+and Hugging Face keys are derived from it by the renames below. One table of (Flax path,
+PyTorch key, array transform) drives both directions, so they cannot drift apart. Nothing here
+needs torch: arrays are numpy (torch tensors are accepted as input).
+
+The Flax side is one *weights* tree: the 'params' collection with each BatchNorm's running
+statistics beside its scale and bias (`models.merge_batch_stats`), as a PyTorch state dict
+keeps them. PyTorch's `num_batches_tracked` counter has no Flax counterpart: it is skipped on
+import and written as 0 on export (see `NUM_BATCHES_TRACKED`).
+
+Model families, by the names their parameters carry:
+  - ConvNeXt (every `convnext*` model, and the roadmap's last step, which is ConvNeXt):
+    official (facebookresearch/ConvNeXt), timm and Hugging Face `ConvNext(V2)` keys.
+  - ResNet (the roadmap steps that are torchvision's ResNet v1.5: `roadmap_*_baseline` and
+    `roadmap_*_stage_ratio`): official keys are torchvision's, which timm's `resnet*` share;
+    Hugging Face keys are `ResNetForImageClassification`'s.
+  - Other roadmap steps exist only here: official keys (the Flax path joined) only.
 """
 
 from collections.abc import Callable
@@ -30,6 +44,16 @@ TIMM_CONV_MLP = frozenset(
 
 # transformers hard-codes eps 1e-6 in every LayerNorm but the final one (config.layer_norm_eps).
 HF_NORM_EPS = 1e-6
+
+# The `num_batches_tracked` written for every BatchNorm on export. PyTorch reads the counter
+# only with momentum=None (a cumulative average, factor 1 / count); our statistics are
+# momentum averages, and 0 is what PyTorch itself fills in for a state dict saved without it.
+NUM_BATCHES_TRACKED = 0
+
+# The RoadmapNet design of torchvision's ResNet (v1.5); the steps with it are the ResNet family.
+_RESNET_DESIGN = dict(stem='resnet', block='bottleneck', depthwise=False, kernel_size=3,
+                      activation='relu', fewer_activations=False, fewer_norms=False,
+                      norm='batch', separate_downsampling=False)
 
 
 class ConversionError(ValueError):
@@ -60,7 +84,33 @@ _TRANSFORMS = {
     'grn': _Transform(lambda a: a.reshape(1, 1, 1, -1), lambda a: a.reshape(-1),
                       lambda s: (1, 1, 1) + tuple(s)),
     'vector': _Transform(lambda a: a, lambda a: a, tuple),
+    # BatchNorm's num_batches_tracked: PyTorch only (int64 scalar), no Flax leaf.
+    'count': _Transform(lambda a: np.asarray(NUM_BATCHES_TRACKED, np.int64), None,
+                        lambda s: ()),
 }
+
+
+def family(spec: models.ModelSpec) -> str:
+  """'convnext', 'resnet' or 'roadmap': which PyTorch models a registered model's names
+  follow (see the module docstring)."""
+  if not spec.roadmap:
+    return 'convnext'
+  design = dict(spec.roadmap)
+  if design['separate_downsampling']:
+    return 'convnext'  # The roadmap's last step: ConvNeXt's tree.
+  if all(design[k] == v for k, v in _RESNET_DESIGN.items()):
+    return 'resnet'
+  return 'roadmap'
+
+
+def layouts_of(model_name: str) -> tuple[str, ...]:
+  """The layouts that can represent a registered model."""
+  spec = models.get_spec(model_name)
+  if family(spec) == 'roadmap' or spec.isotropic:
+    return ('official',)
+  if family(spec) == 'convnext' and spec.norm_eps != HF_NORM_EPS:
+    return ('official', 'timm')
+  return LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +125,19 @@ class TensorMap:
   def torch_shape(self) -> tuple[int, ...]:
     return _TRANSFORMS[self.kind].torch_shape(self.flax_shape)
 
+  @property
+  def torch_only(self) -> bool:
+    """A PyTorch buffer with no Flax leaf (num_batches_tracked): written on export, optional
+    and skipped on import."""
+    return self.kind == 'count'
+
+
+_OFFICIAL_LEAF = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean',
+                  'var': 'running_var'}
+
 
 def _official_key(path: tuple[str, ...]) -> str:
-  leaf = {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])
-  return '.'.join(path[:-1] + (leaf,))
+  return '.'.join(path[:-1] + (_OFFICIAL_LEAF.get(path[-1], path[-1]),))
 
 
 def _timm_key(key: str) -> str:
@@ -110,6 +169,23 @@ def _hf_key(key: str, prefix: str) -> str:
   return f'{prefix}.{key}'
 
 
+def _resnet_hf_key(key: str) -> str:
+  """Hugging Face `ResNetForImageClassification` key of a torchvision ResNet key."""
+  key = re.sub(r'^conv1\.', 'embedder.embedder.convolution.', key)
+  key = re.sub(r'^bn1\.', 'embedder.embedder.normalization.', key)
+  if key.startswith('fc.'):
+    return 'classifier.1.' + key[len('fc.'):]  # classifier.0 is a Flatten.
+  block = re.match(r'^layer(\d+)\.(\d+)\.', key)
+  if block:
+    rest = key[block.end():]
+    rest = re.sub(r'^conv(\d)\.', lambda m: f'layer.{int(m.group(1)) - 1}.convolution.', rest)
+    rest = re.sub(r'^bn(\d)\.', lambda m: f'layer.{int(m.group(1)) - 1}.normalization.', rest)
+    rest = re.sub(r'^downsample\.0\.', 'shortcut.convolution.', rest)
+    rest = re.sub(r'^downsample\.1\.', 'shortcut.normalization.', rest)
+    key = f'encoder.stages.{int(block.group(1)) - 1}.layers.{block.group(2)}.{rest}'
+  return 'resnet.' + key
+
+
 def _kind(path: tuple[str, ...], ndim: int, layout: str, model_name: str) -> str:
   if path[-2:-1] == ('grn',):
     return 'vector' if layout == 'timm' else 'grn'
@@ -123,41 +199,59 @@ def _kind(path: tuple[str, ...], ndim: int, layout: str, model_name: str) -> str
 
 
 def torch_key(path: tuple[str, ...], layout: str, spec: models.ModelSpec) -> str:
-  """The PyTorch state-dict key of a Flax parameter path in `layout`."""
+  """The PyTorch state-dict key of a Flax weight path in `layout`.
+
+  Raises:
+    ConversionError: `layout` cannot represent the model (isotropic ConvNeXt and roadmap
+      steps other than ResNet and ConvNeXt exist in the official layout only).
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f'unknown layout {layout!r}; expected one of {LAYOUTS}')
   key = _official_key(path)
   if layout == 'official':
     return key
+  kind = family(spec)
+  if kind == 'roadmap':
+    resnets = [n for n, s in models.MODEL_SPECS.items() if family(s) == 'resnet']
+    raise ConversionError(
+        f'{spec.name}: the {layout} layout has no such model (of the roadmap, only the '
+        f'ResNets {", ".join(resnets)} and the last step, ConvNeXt, have one); use --layout '
+        'official')
   if spec.isotropic:
     raise ConversionError(f'{spec.name}: the {layout} layout has no isotropic ConvNeXt; '
                           'use --layout official')
+  if kind == 'resnet':
+    return key if layout == 'timm' else _resnet_hf_key(key)  # timm's keys are torchvision's.
   if layout == 'timm':
     return _timm_key(key)
-  if layout == 'hf':
-    return _hf_key(key, 'convnextv2' if spec.use_grn else 'convnext')
-  raise ValueError(f'unknown layout {layout!r}; expected one of {LAYOUTS}')
+  return _hf_key(key, 'convnextv2' if spec.use_grn else 'convnext')
 
 
 @functools.lru_cache(maxsize=None)
 def _flax_shapes(model_name: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
   model = models.create_model(model_name, num_classes=num_classes)
-  flat = jax.tree_util.tree_flatten_with_path(models.param_shapes(model, image_size=32))[0]
-  return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+  return {path: tuple(leaf.shape) for path, leaf in flatten(models.weight_shapes(model)).items()}
 
 
 def tensor_maps(model_name: str, num_classes: int, layout: str) -> list[TensorMap]:
-  """Every parameter of the registered `model_name` with its key and transform in `layout`."""
+  """Every weight of the registered `model_name` with its key and transform in `layout`
+  (and each BatchNorm's PyTorch-only num_batches_tracked)."""
   return maps_from_shapes(_flax_shapes(model_name, num_classes), model_name, layout)
 
 
 def maps_from_shapes(shapes: Mapping[tuple[str, ...], tuple[int, ...]], model_name: str,
                      layout: str) -> list[TensorMap]:
-  """Tensor maps for a Flax param tree given as {path: shape}, named as `model_name` names
+  """Tensor maps for a Flax weights tree given as {path: shape}, named as `model_name` names
   them (the shapes may be a custom size, e.g. `create_model(name, dims=...)`)."""
   spec = models.get_spec(model_name)
-  return [
-      TensorMap(path, torch_key(path, layout, spec), _kind(path, len(shape), layout, model_name),
-                tuple(shape)) for path, shape in shapes.items()
-  ]
+  maps = []
+  for path, shape in shapes.items():
+    maps.append(TensorMap(path, torch_key(path, layout, spec),
+                          _kind(path, len(shape), layout, model_name), tuple(shape)))
+    if path[-1] == 'var':  # A BatchNorm: PyTorch also counts its batches.
+      counter = path[:-1] + ('num_batches_tracked',)
+      maps.append(TensorMap(counter, torch_key(counter, layout, spec), 'count', ()))
+  return maps
 
 
 def flatten(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
@@ -168,13 +262,19 @@ def flatten(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
   }
 
 
+def contiguous(array) -> np.ndarray:
+  """A C-contiguous numpy array; unlike np.ascontiguousarray, a scalar stays 0-d (PyTorch's
+  num_batches_tracked has shape ())."""
+  return np.asarray(array, order='C')
+
+
 def params_to_state_dict(params: Mapping[str, Any],
                          maps: list[TensorMap]) -> dict[str, np.ndarray]:
-  """Applies `maps` to Flax params (no checks): PyTorch key -> contiguous numpy array."""
+  """Applies `maps` to Flax weights (no checks): PyTorch key -> contiguous numpy array."""
   flat = flatten(params)
   return {
-      m.torch_key: np.ascontiguousarray(_TRANSFORMS[m.kind].to_torch(to_numpy(flat[m.flax_path])))
-      for m in maps
+      m.torch_key: contiguous(_TRANSFORMS[m.kind].to_torch(
+          None if m.torch_only else to_numpy(flat[m.flax_path]))) for m in maps
   }
 
 
@@ -188,6 +288,10 @@ def state_dict_to_params(state_dict: Mapping[str, Any], maps: list[TensorMap],
   """
   params: dict[str, Any] = {}
   for m in maps:
+    if m.torch_only:
+      if consume:
+        state_dict.pop(m.torch_key, None)
+      continue
     node = params
     for part in m.flax_path[:-1]:
       node = node.setdefault(part, {})
@@ -209,38 +313,103 @@ _BLOCK_DWCONV = {
 }
 _ISO_BLOCK_DWCONV = re.compile(r'^blocks\.(\d+)\.dwconv\.weight$')
 _HEAD_WEIGHT = {'official': 'head.weight', 'timm': 'head.fc.weight', 'hf': 'classifier.weight'}
+# ResNet-named state dicts (torchvision, timm and the roadmap steps before ConvNeXt's
+# downsampling layers; Hugging Face ResNet): the stem conv, and each block's first conv.
+_RESNET_STEM = {'official': 'conv1.weight', 'hf': 'resnet.embedder.embedder.convolution.weight'}
+_RESNET_BLOCK = {
+    'official': re.compile(r'^layer(\d+)\.(\d+)\.conv1\.weight$'),
+    'hf': re.compile(r'^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.0\.'
+                     r'convolution\.weight$'),
+}
 
 
 def detect_layout(keys) -> str:
   """'official', 'timm' or 'hf' from the state-dict keys.
 
+  A torchvision or timm ResNet is 'official': its keys are the model's own names (the ResNet
+  layouts of torchvision and timm are one).
+
   Raises:
-    ConversionError: the keys are not a ConvNeXt state dict of a known layout.
+    ConversionError: the keys are not a ConvNeXt or ResNet state dict of a known layout.
   """
   keys = set(keys)
-  if any(k.startswith(('convnext.embeddings.', 'convnextv2.embeddings.')) for k in keys):
+  if any(k.startswith(('convnext.embeddings.', 'convnextv2.embeddings.',
+                       'resnet.embedder.')) for k in keys):
     return 'hf'
   if 'stem.0.weight' in keys:
     return 'timm'
-  if 'downsample_layers.0.0.weight' in keys or 'stem.weight' in keys:
+  if {'downsample_layers.0.0.weight', 'stem.weight', _RESNET_STEM['official']} & keys:
     return 'official'
   sample = ', '.join(sorted(keys)[:5])
   raise ConversionError(
-      'not a ConvNeXt state dict of a known layout: expected keys like '
-      "'downsample_layers.0.0.weight' (official), 'stem.0.weight' (timm) or "
-      f"'convnext.embeddings.patch_embeddings.weight' (Hugging Face); found {sample}")
+      'not a ConvNeXt state dict of a known layout (nor a ResNet one): expected keys like '
+      "'downsample_layers.0.0.weight' (official), 'stem.0.weight' (timm), "
+      "'convnext.embeddings.patch_embeddings.weight' (Hugging Face), 'conv1.weight' "
+      "(torchvision/timm ResNet) or 'resnet.embedder.embedder.convolution.weight' (Hugging "
+      f"Face ResNet); found {sample}")
 
 
 def _shape(value) -> tuple[int, ...]:
   return tuple(value.shape)
 
 
+def _is_resnet(keys, layout: str) -> bool:
+  return _RESNET_STEM['hf' if layout == 'hf' else 'official'] in keys
+
+
+def _detect_resnet(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int]:
+  """(model name, num_classes) of a ResNet-named state dict: the depths from the blocks per
+  stage, the widths from the convs of each stage's first block."""
+  layout = 'hf' if layout == 'hf' else 'official'
+  stage_base = 1 if layout == 'hf' else 0  # Hugging Face counts stages from 0, torchvision 1.
+  blocks: dict[int, set[int]] = {}
+  for k in state_dict:
+    if m := _RESNET_BLOCK[layout].match(k):
+      blocks.setdefault(int(m.group(1)) + stage_base, set()).add(int(m.group(2)))
+
+  def shape(key):  # A torchvision key's shape in `layout`, or None.
+    value = state_dict.get(_resnet_hf_key(key) if layout == 'hf' else key)
+    return None if value is None else _shape(value)
+
+  head = shape('fc.weight')
+  num_classes = head[0] if head else 0
+  stages = sorted(blocks)
+  depths = tuple(len(blocks[i]) for i in stages)
+  stem = shape('conv1.weight')
+  first = [tuple(shape(f'layer{i}.0.conv{n}.weight') for n in (1, 2, 3)) for i in stages]
+  resnets = {n: s for n, s in models.MODEL_SPECS.items() if family(s) == 'resnet'}
+  known = ', '.join(f'{n} (depths {s.depths}, widths {s.dims})' for n, s in resnets.items())
+  what = f'{layout} state dict of a ResNet-named network'
+  if any(conv3 is None for _, _, conv3 in first):
+    raise ConversionError(f'{what} with basic blocks (no conv3: ResNet-18/34); the known '
+                          f'ResNets have bottleneck blocks: {known}')
+  if not (stem and stem[1:] == (3, 7, 7) and
+          all(conv2 == (conv1[0], conv1[0], 3, 3) for conv1, conv2, _ in first)):
+    raise ConversionError(
+        f'{what} that is no torchvision ResNet (conv1 {stem}, layer1.0.conv2 '
+        f'{first[0][1] if first else None}): a roadmap step past stage_ratio? Their weights '
+        'do not tell them apart (kernel7, gelu and fewer_act share every shape): name the '
+        'model (--model NAME)')
+  dims = tuple(conv3[0] for _, _, conv3 in first)
+  for name, spec in resnets.items():
+    if (spec.depths, spec.dims, dict(spec.roadmap)['widths'][0]) == (depths, dims, stem[0]):
+      return name, num_classes
+  raise ConversionError(f'no known ResNet has depths {depths} and widths {dims} ({layout} '
+                        f'layout); known ResNets: {known}')
+
+
 def detect_model(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int]:
   """(model name, num_classes) of a state dict in a known layout.
+
+  Of the roadmap models, only the ResNets are recognised (ResNet-named state dicts); a
+  ConvNeXt state dict is always a `convnext*` model (the roadmap's last step has the same
+  weights as convnext_tiny/base).
 
   Raises:
     ConversionError: the architecture matches no registered model.
   """
+  if _is_resnet(state_dict, layout):
+    return _detect_resnet(state_dict, layout)
   keys = list(state_dict)
   use_grn = any('.grn.' in k for k in keys)
   head = state_dict.get(_HEAD_WEIGHT[layout])
@@ -259,14 +428,16 @@ def detect_model(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int]:
     depths = tuple(len(per_stage[i]) for i in stages)
     dims = tuple(per_stage[i][min(per_stage[i])][0] for i in stages)
     found, wanted = dict(isotropic=False, depths=depths, dims=dims), 'hierarchical'
-  for name, spec in models.MODEL_SPECS.items():
+  convnexts = [name for name, spec in models.MODEL_SPECS.items() if not spec.roadmap]
+  for name in convnexts:
+    spec = models.MODEL_SPECS[name]
     if (spec.isotropic, spec.depths, spec.dims, spec.use_grn) == (
         found['isotropic'], found['depths'], found['dims'], use_grn):
       return name, num_classes
   version = 'V2 (GRN)' if use_grn else 'V1'
   raise ConversionError(
       f'no known ConvNeXt variant is {wanted} {version} with depths {found["depths"]} and '
-      f'dims {found["dims"]} ({layout} layout); known models: {", ".join(models.list_models())}')
+      f'dims {found["dims"]} ({layout} layout); known models: {", ".join(convnexts)}')
 
 
 # ----------------------------------------------------------------------------------------
@@ -294,10 +465,12 @@ def _listing(items, limit=6) -> str:
   return shown + (f' ... and {len(items) - limit} more' if len(items) > limit else '')
 
 
-def check_state_dict(state_dict: Mapping[str, Any], maps: list[TensorMap], what: str):
-  """Raises one ConversionError naming missing, unexpected and mis-shaped keys, if any."""
+def check_state_dict(state_dict: Mapping[str, Any], maps: list[TensorMap], what: str,
+                     hint: str = ''):
+  """Raises one ConversionError naming missing, unexpected and mis-shaped keys, if any
+  (PyTorch-only buffers may be missing), followed by `hint`."""
   expected = {m.torch_key: m for m in maps}
-  missing = [k for k in expected if k not in state_dict]
+  missing = [k for k, m in expected.items() if k not in state_dict and not m.torch_only]
   unexpected = [k for k in state_dict if k not in expected]
   misshaped = [
       f'{k} {_shape(state_dict[k])} != expected {expected[k].torch_shape}' for k in expected
@@ -311,7 +484,7 @@ def check_state_dict(state_dict: Mapping[str, Any], maps: list[TensorMap], what:
   if misshaped:
     problems.append(f'mis-shaped {len(misshaped)}: {_listing(misshaped)}')
   if problems:
-    raise ConversionError(f'{what}: ' + '; '.join(problems))
+    raise ConversionError(f'{what}: ' + '; '.join(problems) + hint)
 
 
 def strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -325,13 +498,18 @@ def strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
   return out
 
 
+def _head_path(spec: models.ModelSpec) -> tuple[str, ...]:
+  return ('head' if family(spec) == 'convnext' else 'fc', 'kernel')
+
+
 def torch_to_flax(state_dict: Mapping[str, Any],
                   model_name: str | None = None,
                   consume: bool = False) -> tuple[str, dict[str, Any]]:
-  """Converts a PyTorch ConvNeXt state dict (official, timm or Hugging Face) to Flax params.
+  """Converts a PyTorch ConvNeXt or ResNet state dict to Flax weights.
 
-  The layout is recognised from the keys, the variant from the block count and widths, the
-  class count from the head (no head: num_classes 0).
+  The layout (official, timm or Hugging Face) is recognised from the keys, the variant from
+  the block count and widths, the class count from the head (no head: num_classes 0). Roadmap
+  steps other than the ResNets and ConvNeXt cannot be told apart by their weights: name them.
 
   Args:
     state_dict: key -> torch tensor or numpy array.
@@ -340,8 +518,9 @@ def torch_to_flax(state_dict: Mapping[str, Any],
       converted, so a large checkpoint is not held twice in memory.
 
   Returns:
-    (model_name, params): params is a nested dict of float32 numpy arrays for
-    `create_model(model_name, num_classes=...).apply({'params': params}, ...)`.
+    (model_name, weights): a nested dict of float32 numpy arrays, the params with BatchNorm
+    statistics merged in (`models.split_batch_stats` gives the two collections of
+    `create_model(model_name, num_classes=...).apply`; without BatchNorm it is the params).
 
   Raises:
     ConversionError: unknown layout or variant, or missing/unexpected/mis-shaped keys.
@@ -353,46 +532,69 @@ def torch_to_flax(state_dict: Mapping[str, Any],
     state_dict.update(rekeyed)
     del rekeyed
   layout = detect_layout(state_dict)
-  detected, num_classes = detect_model(state_dict, layout)
+  try:
+    detected, num_classes = detect_model(state_dict, layout)
+  except ConversionError:
+    if not model_name:
+      raise
+    detected = None  # Named by the caller: the keys below say whether it fits.
+  if model_name:  # Its head's key may differ from the detected model's.
+    spec = models.get_spec(model_name)
+    head = state_dict.get(torch_key(_head_path(spec), layout, spec))
+    num_classes = _shape(head)[0] if head is not None else 0
   model_name = model_name or detected
   maps = tensor_maps(model_name, num_classes, layout)
-  looks_like = f' (it looks like {detected})' if detected != model_name else ''
+  looks_like = f' (it looks like {detected})' if detected not in (model_name, None) else ''
   check_state_dict(state_dict, maps,
                    f'{layout} state dict does not match {model_name}{looks_like}')
   return model_name, state_dict_to_params(state_dict, maps, consume=consume)
 
 
+# The classifier's module: ConvNeXt's `head`, torchvision ResNet's `fc`.
+HEAD_NAMES = ('head', 'fc')
+
+
 def num_classes_of(params: Mapping[str, Any]) -> int:
-  """Head outputs of a params tree (0 when it has no head)."""
-  return int(params['head']['kernel'].shape[-1]) if 'head' in params else 0
+  """Head outputs of a params (or weights) tree (0 when it has no head)."""
+  for name in HEAD_NAMES:
+    if name in params and 'kernel' in params[name]:
+      return int(params[name]['kernel'].shape[-1])
+  return 0
 
 
 def flax_to_torch(params: Mapping[str, Any], model_name: str,
                   layout: str = 'official') -> dict[str, np.ndarray]:
-  """Converts Flax params of `model_name` to a PyTorch state dict of numpy arrays.
+  """Converts Flax weights of `model_name` to a PyTorch state dict of numpy arrays.
 
   Args:
-    params: the model's 'params' collection (numpy or jax arrays).
-    model_name: registered name the params belong to.
-    layout: 'official' (facebookresearch/ConvNeXt), 'timm' or 'hf' (transformers).
+    params: the model's weights: its 'params' collection, with BatchNorm statistics merged
+      in for a model with BatchNorm (`models.merge_batch_stats`); numpy or jax arrays.
+    model_name: registered name the weights belong to.
+    layout: 'official' (facebookresearch/ConvNeXt; torchvision for ResNets), 'timm' or 'hf'
+      (transformers); `layouts_of(model_name)` says which can represent the model.
 
   Returns:
-    key -> contiguous float32 numpy array, in the model's parameter order; wrap with
-    `torch.from_numpy` to load into PyTorch.
+    key -> contiguous numpy array (float32; int64 for BatchNorm's num_batches_tracked), in
+    the model's parameter order; wrap with `torch.from_numpy` to load into PyTorch.
 
   Raises:
-    ConversionError: the params do not match `model_name`, or the layout cannot represent it.
+    ConversionError: the weights do not match `model_name`, or the layout cannot represent
+      it.
   """
   if layout not in LAYOUTS:
     raise ValueError(f'unknown layout {layout!r}; expected one of {LAYOUTS}')
   spec = models.get_spec(model_name)
-  if layout == 'hf' and spec.norm_eps != HF_NORM_EPS:
+  if layout == 'hf' and family(spec) == 'convnext' and spec.norm_eps != HF_NORM_EPS:
     raise ConversionError(
         f'{model_name} uses LayerNorm eps {spec.norm_eps}, but transformers fixes the block and '
         f'downsample LayerNorm eps at {HF_NORM_EPS}; export it as official or timm instead')
   maps = tensor_maps(model_name, num_classes_of(params), layout)
   as_flax_keys = [dataclasses.replace(m, torch_key='/'.join(m.flax_path), kind='vector')
-                  for m in maps]
-  check_state_dict({'/'.join(p): v for p, v in flatten(params).items()}, as_flax_keys,
-                   f'params do not match {model_name}')
+                  for m in maps if not m.torch_only]
+  flat = {'/'.join(p): v for p, v in flatten(params).items()}
+  no_stats = any(m.flax_path[-1] in ('mean', 'var') and m.torch_key not in flat
+                 for m in as_flax_keys)
+  check_state_dict(flat, as_flax_keys, f'params do not match {model_name}',
+                   hint='; merge the BatchNorm statistics in with models.merge_batch_stats('
+                   'params, batch_stats)' if no_stats else '')
   return params_to_state_dict(params, maps)

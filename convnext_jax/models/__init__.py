@@ -19,10 +19,11 @@ from convnext_jax.models.utils import count_params
 from convnext_jax.models.utils import merge_batch_stats
 from convnext_jax.models.utils import param_shapes
 from convnext_jax.models.utils import split_batch_stats
+from convnext_jax.models.utils import weight_shapes
 
 __all__ = [
     'Block', 'ConvNeXt', 'ConvNeXtIsotropic', 'MODEL_SPECS', 'ModelSpec', 'REMAT_POLICIES',
     'ROADMAP_TRACKS', 'RoadmapNet', 'compiler_options', 'count_macs', 'count_params',
     'create_model', 'get_spec', 'list_models', 'merge_batch_stats', 'param_shapes',
-    'remat_policy', 'split_batch_stats'
+    'remat_policy', 'split_batch_stats', 'weight_shapes'
 ]

@@ -46,7 +46,6 @@ import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from convnext_jax.models import convnext
@@ -141,7 +140,9 @@ def model_name(track: str, step: str) -> str:
   return f'roadmap_{track}_{step}'
 
 
-class RoadmapNet(convnext._ConvNeXtBase):  # pylint: disable=protected-access
+# RoadmapNet shares ConvNeXt's attributes, LayerNorm, drop-path rates and head (its last step
+# is ConvNeXt), hence the use of convnext's module-private helpers.
+class RoadmapNet(convnext._ConvNeXtBase):
   """A ResNet-to-ConvNeXt network; attributes are the roadmap's design choices.
 
   Attributes (besides those of `convnext._ConvNeXtBase`; `use_grn` and `scan` are not
@@ -199,12 +200,12 @@ class RoadmapNet(convnext._ConvNeXtBase):  # pylint: disable=protected-access
 
   @nn.compact
   def __call__(self, x, train: bool = False, output: str = 'logits'):
-    convnext._check_output(output)  # pylint: disable=protected-access
+    convnext._check_output(output)
     self._check()
     d = _Design.of(self)
     act = ACTIVATIONS[self.activation]
     x = jnp.asarray(x, self.dtype)
-    rates = convnext._drop_path_rates(self.drop_path_rate, sum(self.depths))  # pylint: disable=protected-access
+    rates = convnext._drop_path_rates(self.drop_path_rate, sum(self.depths))
     block_cls = _Block
     if self.remat:
       block_cls = nn.remat(_Block, static_argnums=(2,),
@@ -244,7 +245,7 @@ class RoadmapNet(convnext._ConvNeXtBase):  # pylint: disable=protected-access
       return tuple(stage_maps)
     # ---- Head. ----
     if sep:
-      return convnext._head(self, x, output)  # pylint: disable=protected-access
+      return convnext._head(self, x, output)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
     if output == 'pre_logits' or not self.num_classes:
       return x
@@ -284,7 +285,7 @@ def _norm(d: _Design, name: str, kind: str | None = None, zero_init: bool = Fals
     return layers.BatchNorm(momentum=d.bn_momentum, epsilon=d.bn_eps, group_size=d.bn_group_size,
                             zero_init=zero_init, dtype=d.dtype, param_dtype=d.param_dtype,
                             name=name)
-  ln = convnext._layer_norm(d.norm_eps, d.dtype, d.param_dtype, name)  # pylint: disable=protected-access
+  ln = convnext._layer_norm(d.norm_eps, d.dtype, d.param_dtype, name)
   return lambda x, train=False: ln(x)
 
 

@@ -5,6 +5,7 @@ import math
 
 import flax.linen as nn
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 
 
@@ -13,6 +14,14 @@ def param_shapes(model: nn.Module, image_size: int = 224):
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
   return variables['params']
+
+
+def weight_shapes(model: nn.Module, image_size: int = 32):
+  """The model's weights tree (params, with any BatchNorm statistics merged in: see
+  `merge_batch_stats`) as `jax.ShapeDtypeStruct`s, without computing anything."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  return merge_batch_stats(variables['params'], variables.get('batch_stats'))
 
 
 def count_params(tree) -> int:
@@ -122,7 +131,7 @@ def _jaxpr_macs(jaxpr) -> int:
       lhs = eqn.invars[0].aval
       total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in contract)
     else:
-      subs = [_jaxpr_macs(getattr(j, 'jaxpr', j)) for j in jax.core.jaxprs_in_params(eqn.params)]
+      subs = [_jaxpr_macs(getattr(j, 'jaxpr', j)) for j in jax_core.jaxprs_in_params(eqn.params)]
       if subs:
         total += max(subs) if name == 'cond' else sum(subs)
   return total

@@ -1,0 +1,350 @@
+"""Training a model with BatchNorm: the running averages ('batch_stats') in the train state.
+
+A tiny roadmap ResNet (the stem and one bottleneck block, 32 px): its statistics groups follow
+`model.bn_group_size`, so 8 devices (data or FSDP) train as one device with groups of the
+per-device batch, and other groups give other statistics; gradient accumulation carries the
+running averages through the micro-batches in turn; the non-finite guard keeps them; a
+resumed run is bit-identical to an uninterrupted one, and a SIGTERM saves them; evaluation
+uses them, so each image's prediction is its own.
+"""
+
+import os
+import re
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from convnext_jax import checkpoints
+from convnext_jax import config_check
+from convnext_jax import config_lib
+from convnext_jax import evaluate
+from convnext_jax import models
+from convnext_jax import optim
+from convnext_jax import sharding
+from convnext_jax import train
+from convnext_jax import train_step
+from convnext_jax.data import batch_ops
+import mp_config
+
+MODEL = 'roadmap_r50_baseline'
+TINY = {'depths': (1,), 'widths': (4,)}  # Compile time dominates on CPU.
+STEPS = 3
+BATCH = 32
+ACCUM = 2  # Micro-batches of 16: 2 examples per device on 8 devices.
+PER_DEVICE = BATCH // ACCUM // 8
+SIZE = 32
+NUM_CLASSES = 5
+
+
+def _config(mesh, bn_group_size=0):
+  c = config_lib.base()
+  c.model.name = MODEL
+  c.model.overrides = dict(TINY)
+  c.model.bn_group_size = bn_group_size
+  c.model.dtype = 'float32'
+  # No randomness in the forward pass: the running averages can be recomputed by hand. That
+  # Random Erasing and drop path masks do not depend on the mesh is test_sharding's.
+  c.model.drop_path_rate = 0.0
+  c.input.random_erasing = 0.0
+  c.input.mixup_alpha = 0.0
+  c.input.cutmix_alpha = 0.0
+  c.global_batch_size = BATCH
+  c.grad_accum_steps = ACCUM
+  c.optim.lr = 1e-2
+  c.optim.eps = 1e-3  # Gradients at float32 noise level stay small updates (test_sharding).
+  c.ema.decay = 0.0  # As the roadmap recipes: the EMA hurts BatchNorm models.
+  c.mesh = mesh
+  c.sharding_min_size = 256  # Shard this small model's larger kernels over 'fsdp'.
+  return c
+
+
+def _batches():
+  """Images of different brightness, so that statistics groups of different examples differ
+  (groups of noise images alike would all have about the batch's statistics)."""
+  rng = np.random.default_rng(0)
+  batches = []
+  for _ in range(STEPS):
+    low = rng.integers(0, 192, (BATCH, 1, 1, 1))
+    images = low + rng.integers(0, 64, (BATCH, SIZE, SIZE, 3))
+    batches.append({'image': images.astype(np.uint8),
+                    'label': rng.integers(0, NUM_CLASSES, (BATCH,), dtype=np.int32)})
+  return batches
+
+
+class _Run:
+  """A train state and its jitted step for `config` on `devices`."""
+
+  def __init__(self, config, devices):
+    self.config = config
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    train.validate(config, self.mesh)
+    num_shards = sharding.data_parallel_size(self.mesh)
+    self.model = train_step.create_model(config, NUM_CLASSES, num_shards)
+    lr_fn = optim.lr_schedule(config.optim.lr, 0.0, 1, 10)
+    optimizer = optim.make_optimizer(lr_fn, models.param_shapes(self.model, SIZE),
+                                     train_step.model_spec(config), eps=config.optim.eps)
+    state, self.shardings, _ = train_step.create_train_state(config, self.model, optimizer,
+                                                             self.mesh, SIZE, use_ema=False)
+    self.initial = jax.device_get(state)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.step = jax.jit(
+        train_step.make_train_step(self.model, optimizer, lr_fn, config, NUM_CLASSES,
+                                   num_shards),
+        in_shardings=(self.shardings, self.batch_sharding),
+        out_shardings=(self.shardings, None, None), donate_argnums=(0,))
+    self.state = state
+
+  def train(self):
+    """The host states after each of the `STEPS` steps from the initial state."""
+    state = self.state
+    states = []
+    for batch in _batches():
+      state, _, health = self.step(state, jax.device_put(batch, self.batch_sharding))
+      assert health['finite']
+      states.append(jax.device_get(state))
+    self.state = state
+    return states
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+@pytest.fixture(scope='module')
+def single_device():
+  """One device whose BatchNorm groups are the per-device batch of the 8-device runs."""
+  run = _Run(_config((1, 1, 1), bn_group_size=PER_DEVICE), jax.devices()[:1])
+  return run, run.train()
+
+
+@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (4, 2, 1)], ids=['data8', 'data4_fsdp2'])
+def test_meshes_match_a_single_device(single_device, mesh_shape):
+  """bn_group_size 0 is the per-device batch: 8 devices train as one device with groups of 2."""
+  ref, ref_states = single_device
+  run = _Run(_config(mesh_shape), jax.devices())
+  assert run.model.bn_group_size == PER_DEVICE
+  np.testing.assert_array_equal(_flat(run.initial['batch_stats']),
+                                _flat(ref.initial['batch_stats']))
+  states = run.train()
+  for key in ('params', 'batch_stats', 'opt_state'):
+    np.testing.assert_allclose(_flat(states[-1][key]), _flat(ref_states[-1][key]), rtol=1e-4,
+                               atol=2e-5, err_msg=key)
+  # The running averages are in the state as params are: replicated (too small to shard).
+  stats = run.state['batch_stats']['bn1']['var']
+  assert stats.sharding.is_fully_replicated and run.shardings['batch_stats']['bn1']['var'] == (
+      run.shardings['params']['bn1']['scale'])
+  if mesh_shape[1] == 2:  # FSDP splits the larger kernels (the 7x7x3x4 stem) in two.
+    kernel = run.state['params']['conv1']['kernel']
+    assert kernel.addressable_shards[0].data.size == kernel.size // 2
+
+
+def _running_averages(model, params, stats, images):
+  """The running averages after the training forward pass of `model` on each micro-batch
+  of `images` in turn (example i is in micro-batch i % ACCUM)."""
+  forward = jax.jit(lambda s, x: model.apply({'params': params, 'batch_stats': s}, x,
+                                             train=True, mutable=['batch_stats'])[1])
+  for k in range(ACCUM):
+    stats = forward(stats, batch_ops.normalize(images[k::ACCUM]))['batch_stats']
+  return jax.device_get(stats)
+
+
+def test_micro_batches_update_the_running_averages_in_turn(single_device):
+  """With 2 micro-batches, the first step's running averages are those of the model's
+  forward pass on micro-batch 0, then (from there) on micro-batch 1, as in PyTorch."""
+  ref, ref_states = single_device
+  initial, images = ref.initial, _batches()[0]['image']
+  stats = _running_averages(ref.model, initial['params'], initial['batch_stats'], images)
+  np.testing.assert_allclose(_flat(ref_states[0]['batch_stats']), _flat(stats), rtol=1e-5,
+                             atol=1e-6)
+  assert np.abs(_flat(stats) - _flat(initial['batch_stats'])).max() > 1e-2
+  # Groups of the whole micro-batch (-1) give other averages, by far more than the meshes'
+  # tolerance: the comparison with 8 devices above tells groups apart.
+  whole = train_step.create_model(_config((1, 1, 1), bn_group_size=-1), NUM_CLASSES)
+  assert whole.bn_group_size == 0  # The whole batch of each call: the micro-batch.
+  other = _running_averages(whole, initial['params'], initial['batch_stats'], images)
+  assert np.abs(_flat(other) - _flat(stats)).max() > 1e-2
+
+
+def test_a_skipped_step_keeps_the_running_averages(single_device):
+  """A non-finite loss (a NaN in the head, after every BatchNorm) skips the step: the
+  running averages, which the forward pass did update, stay as they were too."""
+  ref, ref_states = single_device
+  state = jax.tree.map(np.copy, ref_states[-1])
+  state['params']['fc']['kernel'][0, 0] = np.nan
+  new, _, health = ref.step(jax.device_put(state, ref.shardings),
+                            jax.device_put(_batches()[0], ref.batch_sharding))
+  assert not health['finite']
+  new = jax.device_get(new)
+  assert new['step'] == state['step'] + 1
+  jax.tree.map(np.testing.assert_array_equal, new['batch_stats'], state['batch_stats'])
+  jax.tree.map(np.testing.assert_array_equal, new['params'], state['params'])
+
+
+def test_init_from_loads_the_running_averages(single_device, tmp_path):
+  """Weights checkpoints hold the running averages beside the params (one tree, as PyTorch's
+  state_dict); `init_from` puts both into the state, in the state's shardings."""
+  ref, ref_states = single_device
+  trained = ref_states[-1]
+  path = str(tmp_path / 'weights')
+  checkpoints.save_params(path, models.merge_batch_stats(trained['params'],
+                                                         trained['batch_stats']),
+                          {'model_name': MODEL, 'num_classes': NUM_CLASSES})
+  config = ref.config.copy_and_resolve_references()
+  config.init_from.path = path
+  initial = jax.device_put(ref.initial, ref.shardings)
+  state = train._init_from(config, initial, use_ema=False)  # pylint: disable=protected-access
+  for key in ('params', 'batch_stats'):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state[key]), trained[key])
+    assert jax.tree.map(lambda x: x.sharding, state[key]) == ref.shardings[key]
+
+
+def test_bn_settings_are_refused_in_one_line():
+  config = _config((-1, 1, 1))
+  config_check.check(config)
+  config.model.bn_group_size = -2
+  with pytest.raises(config_check.ConfigError, match=re.escape(
+      'config.model.bn_group_size must be an integer >= 0 (examples per BatchNorm statistics '
+      'group; 0: the per-device micro-batch), or -1 for the whole micro-batch, got -2')):
+    config_check.check(config)
+  config.model.bn_group_size, config.model.scan = 0, True
+  with pytest.raises(config_check.ConfigError, match='config.model.scan must be False for '
+                     f'{MODEL}: roadmap models have no scanned form'):
+    config_check.check(config)
+
+  mesh = sharding.make_mesh((8, 1, 1))
+  config = _config((8, 1, 1), bn_group_size=3)
+  with pytest.raises(ValueError, match=r'config.model.bn_group_size 3 does not divide the '
+                     r'micro-batch 16 .*0 for the per-device batch \(2\) or -1'):
+    train.validate(config, mesh)
+  config.model.bn_group_size = 4  # Groups of 2 devices' examples: allowed.
+  train.validate(config, mesh)
+  config.model.name = 'roadmap_r50_ln'  # No BatchNorm: the key is not used.
+  config.model.bn_group_size = 3
+  train.validate(config, mesh)
+
+
+def test_evaluation_uses_the_running_averages():
+  """Each image's prediction is its own (no batch statistics), and it follows the running
+  averages given to the eval step."""
+  config = _config((1, 1, 1))
+  model = train_step.create_model(config, NUM_CLASSES)
+  variables = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, SIZE, SIZE, 3)))
+  rng = np.random.default_rng(1)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    if name == 'kernel':
+      return noise / np.sqrt(np.prod(leaf.shape[:-1]))
+    if name in ('scale', 'var'):
+      return 1.0 + 0.3 * np.abs(noise)
+    return 0.3 * noise
+
+  variables = jax.tree_util.tree_map_with_path(draw, variables)
+  params, stats = variables['params'], variables['batch_stats']
+  other_stats = jax.tree.map(lambda x: x * 3.0 + 0.5, stats)
+  images = rng.integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
+  forward = jax.jit(lambda s, x: model.apply({'params': params, 'batch_stats': s},
+                                             batch_ops.normalize(x), train=False))
+  logits = np.asarray(forward(stats, images))
+  alone = np.concatenate([forward(stats, images[i:i + 1]) for i in range(len(images))])
+  np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-5)
+
+  eval_step = jax.jit(evaluate.make_eval_step(model, np.float32))
+  batch = {'image': images, 'label': logits.argmax(-1).astype(np.int32),
+           'mask': np.ones(len(images), np.float32)}
+
+  def top1(batch_stats):
+    return float(eval_step({'raw': params}, batch, batch_stats)['raw'].compute()['top1'])
+
+  assert top1(stats) == 1.0
+  other = np.asarray(forward(other_stats, images)).argmax(-1)
+  expected = float(np.mean(other == batch['label']))
+  assert expected < 1.0  # The running averages change predictions...
+  assert top1(other_stats) == pytest.approx(expected)  # ...and evaluation follows them.
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: `train.train_and_evaluate`, stopped by SIGTERM and resumed.
+
+
+def _e2e_config(data_dir):
+  # 16 images per step on 8 devices, no Mixup. The EMA stays on, to evaluate EMA params with
+  # the running averages too.
+  c = mp_config.tiny(data_dir, num_steps=6)
+  c.model.name = MODEL
+  c.model.overrides = dict(TINY)
+  c.dataset.eval_split = 'validation[:64]'
+  c.eval_batch_size = 32
+  return c
+
+
+def _sigterm_at(step):
+  """`_NonfiniteGuard.push` (called once per step), sending this process a SIGTERM when step
+  `step` is done: the trainer's own handler then stops the run after saving."""
+  push = train._NonfiniteGuard.push  # pylint: disable=protected-access
+
+  def push_then_signal(guard, done, health):
+    push(guard, done, health)
+    if done == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  return push_then_signal
+
+
+@pytest.fixture(scope='module')
+def e2e_runs(shapes_dir, tmp_path_factory):
+  """An uninterrupted 6-step run; a run stopped by SIGTERM at step 3, then resumed, with the
+  state each resume restored."""
+  config = _e2e_config(shapes_dir)
+  straight = str(tmp_path_factory.mktemp('straight'))
+  train.train_and_evaluate(config, straight)
+
+  stopped = str(tmp_path_factory.mktemp('stopped'))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train._NonfiniteGuard, 'push', _sigterm_at(3))  # pylint: disable=protected-access
+    train.train_and_evaluate(config, stopped)
+  at_sigterm = checkpoints.workdir_steps(stopped)
+  restore_latest = checkpoints.TrainingCheckpoints.restore_latest
+  restored = []
+
+  def recording(self, abstract_state):
+    result = restore_latest(self, abstract_state)
+    restored.append(None if result is None else jax.device_get(result[1]))
+    return result
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(checkpoints.TrainingCheckpoints, 'restore_latest', recording)
+    last_eval = train.train_and_evaluate(config, stopped)
+  return straight, stopped, at_sigterm, restored, last_eval
+
+
+def _state(workdir, step):
+  return checkpoints.restore_numpy_tree(
+      checkpoints.checkpoint_dir(workdir) / str(step) / checkpoints.STATE_ITEM)
+
+
+def test_resume_is_bit_identical(e2e_runs):
+  straight, stopped, _, _, last_eval = e2e_runs
+  assert checkpoints.workdir_steps(stopped) == [3, 6]
+  resumed, uninterrupted = _state(stopped, 6), _state(straight, 6)
+  assert sorted(resumed) == ['batch_stats', 'ema_params', 'opt_state', 'params', 'rng', 'step']
+  for key in ('params', 'batch_stats', 'ema_params'):
+    jax.tree.map(np.testing.assert_array_equal, resumed[key], uninterrupted[key])
+  # Evaluated with the running averages, raw and EMA (a BatchNorm model without them fails).
+  assert {'convnext_shapes/raw/top1', 'convnext_shapes/ema/top1'} <= set(last_eval)
+
+
+def test_sigterm_saves_the_running_averages_and_resume_restores_them(e2e_runs):
+  _, stopped, at_sigterm, restored, _ = e2e_runs
+  assert at_sigterm == [3]  # Saved at the notice, then stopped.
+  saved = _state(stopped, 3)
+  assert int(saved['step']) == 3
+  # Trained running averages, not the initial zeros and ones.
+  assert np.abs(saved['batch_stats']['bn1']['mean']).max() > 1e-3
+  assert np.abs(saved['batch_stats']['bn1']['var'] - 1).max() > 1e-3
+  assert len(restored) == 1 and restored[0] is not None
+  jax.tree.map(np.testing.assert_array_equal, restored[0]['batch_stats'],
+               saved['batch_stats'])
