@@ -85,24 +85,10 @@ def mini(c, arch) -> None:
   """The CPU preset, in place, for a step whose RoadmapNet attributes are `arch`."""
   c.model.overrides.depths = MINI_DEPTHS[tuple(arch['depths'])]
   c.model.overrides.widths = tuple(w // MINI_WIDTH_DIVISOR for w in arch['widths'])
-  # A few thousand steps of small models: stochastic depth only slows them down.
-  c.model.drop_path_rate = 0.0
-  c.model.dtype = 'float32'
-  c.dataset.name = 'convnext_shapes'
-  # 32 px: the stem (either kind) divides by 4 and three stages halve again, to 1x1.
-  c.input.image_size = 32
-  c.input.scale = (0.5, 1.0)
-  # As configs/demo.py: RandAugment, Random Erasing and Mixup/CutMix do not pay in this few
-  # epochs of 5000 images.
-  c.input.randaugment = ''
-  c.input.random_erasing = 0.0
-  c.input.mixup_alpha = 0.0
-  c.input.cutmix_alpha = 0.0
-  c.input.shuffle_buffer = 5000
-  c.global_batch_size = 64
+  # As configs/demo.py (no stochastic depth: a few hundred steps of small models), at 32 px:
+  # the stem (either kind) divides by 4 and three stages halve again, to 1x1.
+  config_lib.shapes_on_cpu(c, image_size=32)
   c.num_epochs = MINI_EPOCHS
-  c.optim.lr = 3e-3
-  c.optim.warmup_epochs = 1.0
   c.log_every_steps = 100
   c.eval_every_epochs = MINI_EPOCHS  # Once, at the end.
   c.eval_batch_size = 250

@@ -131,6 +131,26 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def shapes_on_cpu(c: ml_collections.ConfigDict, image_size: int) -> None:
+  """In place: a few minutes' training on the built-in `convnext_shapes` (5000 images) on a
+  CPU, as configs/demo.py and the roadmap's mini preset train: float32, no stochastic depth,
+  batch 64, AdamW lr 3e-3 with one warmup epoch, crops of 50-100% of the image; RandAugment,
+  Random Erasing and Mixup/CutMix off (they do not pay in a few epochs of 5000 images)."""
+  c.model.drop_path_rate = 0.0
+  c.model.dtype = 'float32'
+  c.dataset.name = 'convnext_shapes'
+  c.input.image_size = image_size
+  c.input.scale = (0.5, 1.0)
+  c.input.randaugment = ''
+  c.input.random_erasing = 0.0
+  c.input.mixup_alpha = 0.0
+  c.input.cutmix_alpha = 0.0
+  c.input.shuffle_buffer = 5000
+  c.global_batch_size = 64
+  c.optim.lr = 3e-3
+  c.optim.warmup_epochs = 1.0
+
+
 def runlocal(c: ml_collections.ConfigDict, local_dataset: bool = True) -> None:
   """Shrinks `c` in place for a CPU smoke run."""
   no_root = c.dataset.name == 'class_folder' and not c.dataset.builder_kwargs.get('root')
