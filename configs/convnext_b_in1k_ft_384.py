@@ -13,5 +13,6 @@ from convnext_jax import config_lib
 
 
 def get_config(arg=None):
-  return config_lib.finetune('convnext_base', drop_path_rate=0.8, layer_decay=0.7, arg=arg,
-                             default_res=384)
+  return config_lib.finetune(
+      'convnext_base', drop_path_rate=0.8, layer_decay=0.7, arg=arg, default_res=384
+  )

@@ -10,5 +10,6 @@ from convnext_jax import config_lib
 
 
 def get_config(arg=None):
-  return config_lib.in1k('convnext_isotropic_large', drop_path_rate=0.5, arg=arg,
-                         warmup_epochs=50.0)
+  return config_lib.in1k(
+      'convnext_isotropic_large', drop_path_rate=0.5, arg=arg, warmup_epochs=50.0
+  )

@@ -15,5 +15,6 @@ from convnext_jax import config_lib
 
 
 def get_config(arg=None):
-  return config_lib.finetune('convnext_xlarge', drop_path_rate=0.4, layer_decay=0.8, arg=arg,
-                             ema=True)
+  return config_lib.finetune(
+      'convnext_xlarge', drop_path_rate=0.4, layer_decay=0.8, arg=arg, ema=True
+  )

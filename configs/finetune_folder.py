@@ -20,8 +20,15 @@ from convnext_jax import config_lib
 def get_config(arg=None):
   args = config_lib.parse_arg(arg)
   c = config_lib.base()
-  config_lib.finetune_recipe(c, args.get('model') or 'convnext_tiny', drop_path_rate=0.1,
-                             layer_decay=0.8, arg=arg, ema=True, default_res=224)
+  config_lib.finetune_recipe(
+      c,
+      args.get('model') or 'convnext_tiny',
+      drop_path_rate=0.1,
+      layer_decay=0.8,
+      arg=arg,
+      ema=True,
+      default_res=224,
+  )
   c.dataset.name = 'class_folder'
   c.dataset.builder_kwargs.root = args.get('root', '')
   c.dataset.eval_split = 'validation'

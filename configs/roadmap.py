@@ -51,8 +51,12 @@ from convnext_jax.models import roadmap
 DROP_PATH = {'r50': 0.1, 'r200': 0.5}  # Table 5: ConvNeXt-T's and ConvNeXt-B's rates.
 
 # `mini`: the depths each full-size stage layout becomes.
-MINI_DEPTHS = {(3, 4, 6, 3): (1, 1, 2, 1), (3, 3, 9, 3): (1, 1, 3, 1),
-               (3, 24, 36, 3): (1, 3, 4, 1), (3, 3, 27, 3): (1, 1, 3, 1)}
+MINI_DEPTHS = {
+    (3, 4, 6, 3): (1, 1, 2, 1),
+    (3, 3, 9, 3): (1, 1, 3, 1),
+    (3, 24, 36, 3): (1, 3, 4, 1),
+    (3, 3, 27, 3): (1, 1, 3, 1),
+}
 MINI_WIDTH_DIVISOR = 4
 MINI_EPOCHS = 6.0
 
@@ -61,17 +65,22 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg)
   unknown = sorted(set(args) - {'track', 'step', 'mini', 'runlocal'})
   if unknown:
-    raise ValueError(f'roadmap config: unknown argument(s) {unknown}; it takes '
-                     'track=r50|r200, step=<name>, mini and runlocal')
+    raise ValueError(
+        f'roadmap config: unknown argument(s) {unknown}; it takes '
+        'track=r50|r200, step=<name>, mini and runlocal'
+    )
   track = args.get('track') or 'r50'
   if track not in roadmap.TRACKS:
-    raise ValueError(f'roadmap config: unknown track {track!r}; the tracks are '
-                     f'{", ".join(roadmap.TRACKS)}')
+    raise ValueError(
+        f'roadmap config: unknown track {track!r}; the tracks are {", ".join(roadmap.TRACKS)}'
+    )
   steps = {step.name: step for step in roadmap.TRACKS[track]}
   name = args.get('step') or 'baseline'
   if name not in steps:
-    raise ValueError(f'roadmap config: unknown step {name!r} of track {track}; the steps are '
-                     f'{", ".join(steps)}')
+    raise ValueError(
+        f'roadmap config: unknown step {name!r} of track {track}; the steps are '
+        f'{", ".join(steps)}'
+    )
   c = config_lib.base()
   c.model.name = roadmap.model_name(track, name)
   c.model.drop_path_rate = DROP_PATH[track]

@@ -52,8 +52,9 @@ def _cpu() -> str:
   name elsewhere: hosts of the same kind differ, and figures are comparable only on one."""
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
-      info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines()
-                  if ':' in line)
+      info = dict(
+          line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line
+      )
   except OSError:
     return platform.processor() or platform.machine()
   info = {key.strip(): value.strip() for key, value in info.items()}
@@ -66,14 +67,18 @@ def _cpu() -> str:
 
 def versions() -> str:
   import flax  # pylint: disable=g-import-not-at-top
+
   try:
     import torch  # pylint: disable=g-import-not-at-top
+
     torch_version = torch.__version__
   except ImportError:  # Optional: only `forward` and `convert` need it.
     torch_version = 'not installed'
-  return (f'python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, '
-          f'torch {torch_version}, {os.cpu_count()} CPU cores, {platform.machine()} {_cpu()}, '
-          f'jax backend {jax.default_backend()}')
+  return (
+      f'python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, '
+      f'torch {torch_version}, {os.cpu_count()} CPU cores, {platform.machine()} {_cpu()}, '
+      f'jax backend {jax.default_backend()}'
+  )
 
 
 def bench_forward(args):
@@ -81,33 +86,48 @@ def bench_forward(args):
   import transformers  # pylint: disable=g-import-not-at-top
 
   spec = models.get_spec(args.model)
-  config_cls, model_cls = ((transformers.ConvNextV2Config,
-                            transformers.ConvNextV2ForImageClassification) if spec.use_grn else
-                           (transformers.ConvNextConfig,
-                            transformers.ConvNextForImageClassification))
+  config_cls, model_cls = (
+      (transformers.ConvNextV2Config, transformers.ConvNextV2ForImageClassification)
+      if spec.use_grn
+      else (transformers.ConvNextConfig, transformers.ConvNextForImageClassification)
+  )
   torch.manual_seed(0)
-  hf = model_cls(config_cls(hidden_sizes=list(spec.dims), depths=list(spec.depths),
-                            num_labels=1000, layer_norm_eps=1e-6)).eval()
+  hf = model_cls(
+      config_cls(
+          hidden_sizes=list(spec.dims),
+          depths=list(spec.depths),
+          num_labels=1000,
+          layer_norm_eps=1e-6,
+      )
+  ).eval()
   _, params = convert.torch_to_flax(hf.state_dict())
   params = jax.device_put(params)
-  images = np.random.default_rng(0).standard_normal(
-      (args.batch, 3, args.size, args.size)).astype(np.float32)
+  images = (
+      np.random.default_rng(0)
+      .standard_normal((args.batch, 3, args.size, args.size))
+      .astype(np.float32)
+  )
   images_nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
   images_torch = torch.from_numpy(images)
 
   print(versions())
-  print(f'{args.model} forward, batch {args.batch}, {args.size}x{args.size}, float32; torch '
-        f'threads {torch.get_num_threads()}; median of {args.iters} after {args.warmup} warm-up')
+  print(
+      f'{args.model} forward, batch {args.batch}, {args.size}x{args.size}, float32; torch '
+      f'threads {torch.get_num_threads()}; median of {args.iters} after {args.warmup} warm-up'
+  )
   results = {}
-  variants = [('auto', models.compiler_options(), ''), ('auto', None, ', XLA default options'),
-              ('conv', models.compiler_options(), '')]
+  variants = [
+      ('auto', models.compiler_options(), ''),
+      ('auto', None, ', XLA default options'),
+      ('conv', models.compiler_options(), ''),
+  ]
   for impl, options, note in variants:
     model = models.create_model(args.model, depthwise_impl=impl)
-    fn = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x),
-                 compiler_options=options)
+    fn = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x), compiler_options=options)
     logits = fn(params, images_nhwc).block_until_ready()
     seconds = step_benchmark.time_calls(
-        lambda fn=fn: fn(params, images_nhwc).block_until_ready(), args.warmup, args.iters)
+        lambda fn=fn: fn(params, images_nhwc).block_until_ready(), args.warmup, args.iters
+    )
     results[f'jax (depthwise {impl}{note})'] = (seconds, np.asarray(logits))
   with torch.inference_mode():
     torch_logits = hf(images_torch).logits.numpy()
@@ -117,19 +137,28 @@ def bench_forward(args):
   torch_seconds = results['torch eager (transformers)'][0]
   for name, (seconds, logits) in results.items():
     diff = np.abs(logits - torch_logits).max()
-    print(f'  {name:42s} {args.batch / seconds:8.1f} img/s  {seconds * 1e3:8.1f} ms/batch  '
-          f'x{torch_seconds / seconds:5.2f} vs torch  max|dlogits| {diff:.1e}')
+    print(
+        f'  {name:42s} {args.batch / seconds:8.1f} img/s  {seconds * 1e3:8.1f} ms/batch  '
+        f'x{torch_seconds / seconds:5.2f} vs torch  max|dlogits| {diff:.1e}'
+    )
 
 
 def _child_peak_rss_mb(argv) -> tuple[float, float]:
   """Runs argv in a fresh process; returns (seconds, peak RSS in MB of that process)."""
-  code = ('import resource, runpy, sys, time; sys.argv = sys.argv[1:]; t = time.perf_counter()\n'
-          'try:\n  runpy.run_module(sys.argv[0], run_name="__main__")\n'
-          'except SystemExit as e:\n  assert not e.code, e.code\n'
-          'print("BENCH", time.perf_counter() - t, '
-          'resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n')
-  result = subprocess.run([sys.executable, '-c', code, *argv], capture_output=True, text=True,
-                          check=False, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  code = (
+      'import resource, runpy, sys, time; sys.argv = sys.argv[1:]; t = time.perf_counter()\n'
+      'try:\n  runpy.run_module(sys.argv[0], run_name="__main__")\n'
+      'except SystemExit as e:\n  assert not e.code, e.code\n'
+      'print("BENCH", time.perf_counter() - t, '
+      'resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n'
+  )
+  result = subprocess.run(
+      [sys.executable, '-c', code, *argv],
+      capture_output=True,
+      text=True,
+      check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'),
+  )
   if result.returncode:
     raise RuntimeError(result.stderr)
   line = [l for l in result.stderr.splitlines() if l.startswith('BENCH')][-1]
@@ -148,27 +177,37 @@ def bench_convert(args):
   rng = np.random.default_rng(0)
   state_dict = {
       m.torch_key: torch.from_numpy(
-          rng.standard_normal(m.torch_shape, dtype=np.float32) * np.float32(0.02))
+          rng.standard_normal(m.torch_shape, dtype=np.float32) * np.float32(0.02)
+      )
       for m in maps
   }
   torch.save({'model': state_dict}, src)
   del state_dict
   size_mb = os.path.getsize(src) / 2**20
-  print(f'{args.model}: {models.count_params(shapes):,} parameters, official .pth '
-        f'{size_mb:.0f} MB (float32); each step a fresh `python -m convnext_jax.convert` '
-        'process, time includes its imports')
+  print(
+      f'{args.model}: {models.count_params(shapes):,} parameters, official .pth '
+      f'{size_mb:.0f} MB (float32); each step a fresh `python -m convnext_jax.convert` '
+      'process, time includes its imports'
+  )
   ckpt = os.path.join(workdir, 'orbax')
-  steps = [('import official .pth -> orbax', ['import', src, ckpt]),
-           ('export orbax -> official .pth', ['export', ckpt, os.path.join(workdir, 'o.pth')]),
-           ('export orbax -> timm .safetensors',
-            ['export', ckpt, os.path.join(workdir, 'o.safetensors')]),
-           ('export orbax -> hf directory', ['export', ckpt, os.path.join(workdir, 'hf')])]
+  steps = [
+      ('import official .pth -> orbax', ['import', src, ckpt]),
+      ('export orbax -> official .pth', ['export', ckpt, os.path.join(workdir, 'o.pth')]),
+      (
+          'export orbax -> timm .safetensors',
+          ['export', ckpt, os.path.join(workdir, 'o.safetensors')],
+      ),
+      ('export orbax -> hf directory', ['export', ckpt, os.path.join(workdir, 'hf')]),
+  ]
   for name, argv in steps:
     seconds, rss = _child_peak_rss_mb(['convnext_jax.convert', *argv, '--overwrite'])
-    print(f'  {name:36s} {seconds:6.1f} s   peak RSS {rss:7.0f} MB = '
-          f'{rss / size_mb:4.2f}x the checkpoint')
+    print(
+        f'  {name:36s} {seconds:6.1f} s   peak RSS {rss:7.0f} MB = '
+        f'{rss / size_mb:4.2f}x the checkpoint'
+    )
   if not args.workdir:
     import shutil  # pylint: disable=g-import-not-at-top
+
     shutil.rmtree(workdir)
 
 
@@ -176,14 +215,18 @@ def _synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
   """ImageNet-like JPEGs: about 500x375 (some portrait), quality 90, with gradients, shapes,
   texture and noise so that the encoder and RandAugment see photographic statistics."""
   import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image, ImageDraw, ImageFilter  # pylint: disable=g-import-not-at-top
+
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
+  from PIL import ImageFilter  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   images = []
   for i in range(count):
     width, height = (500, 375) if i % 4 else (375, 500)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     colors = rng.uniform(0, 255, (2, 3))
-    t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))
+    t = xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)
     t = (t - t.min()) / (np.ptp(t) + 1e-6)
     array = colors[0] * t[..., None] + colors[1] * (1 - t[..., None])
     array += rng.normal(0, 12, array.shape)
@@ -211,8 +254,9 @@ def _timed_images(next_batch, images: int) -> tuple[float, float]:
   return done / wall, (time.process_time() - cpu) / wall
 
 
-def _pil_parallel_round(pool, kind: str, start: int, images: int,
-                        batch: int) -> tuple[float, float]:
+def _pil_parallel_round(
+    pool, kind: str, start: int, images: int, batch: int
+) -> tuple[float, float]:
   """`images` Pillow transforms in the pool's workers, collated into batches in this process;
   (images per second, CPU seconds per second of this process and the workers together)."""
   wall, cpu = time.perf_counter(), time.process_time()
@@ -231,7 +275,9 @@ def _pil_parallel_round(pool, kind: str, start: int, images: int,
 
 def bench_input(args):
   import multiprocessing  # pylint: disable=g-import-not-at-top
+
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from convnext_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from convnext_jax.data import randaugment  # pylint: disable=g-import-not-at-top
 
@@ -242,18 +288,26 @@ def bench_input(args):
   cores = os.cpu_count()
   jpegs = _synthetic_jpegs(args.images)
   mean_kb = np.mean([len(j) for j in jpegs]) / 1024
-  print(f'{args.images} synthetic JPEGs, 500x375 / 375x500, quality 90, mean {mean_kb:.0f} KB; '
-        f'output batches of {args.batch} x {args.size}x{args.size}x3 uint8')
-  print(f'tensorflow {tf.__version__}, ' + versions() + ', TensorFlow intra-op threads: ' +
-        ('default' if args.tf_default_threads else '1 (pipeline.configure_tensorflow)'))
+  print(
+      f'{args.images} synthetic JPEGs, 500x375 / 375x500, quality 90, mean {mean_kb:.0f} KB; '
+      f'output batches of {args.batch} x {args.size}x{args.size}x3 uint8'
+  )
+  print(
+      f'tensorflow {tf.__version__}, '
+      + versions()
+      + ', TensorFlow intra-op threads: '
+      + ('default' if args.tf_default_threads else '1 (pipeline.configure_tensorflow)')
+  )
   train = pipeline.TrainPreprocess(args.size, randaugment=args.randaugment)
   pil_randaugment = None  # The same RandAugment settings for the Pillow pipeline.
   if args.randaugment:
     config = randaugment.RandAugmentConfig.parse(args.randaugment)
     if not config.increasing:
-      raise SystemExit(f"benchmark input: --randaugment {args.randaugment!r} uses timm's "
-                       "original op set, and the Pillow side implements the increasing one: "
-                       "add '-inc1'")
+      raise SystemExit(
+          f"benchmark input: --randaugment {args.randaugment!r} uses timm's "
+          'original op set, and the Pillow side implements the increasing one: '
+          "add '-inc1'"
+      )
     pil_randaugment = dataclasses.asdict(config)
     del pil_randaugment['increasing']
   evaluate = pipeline.EvalPreprocess(args.size, *eval_crop(args.size))
@@ -268,8 +322,9 @@ def bench_input(args):
     options.deterministic = True
     if parallel:  # As pipeline.train_dataset and eval_dataset run it.
       ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-      return ds.batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(
-          options)
+      return (
+          ds.batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options)
+      )
     options.threading.private_threadpool_size = 1
     options.threading.max_intra_op_parallelism = 1
     options.autotune.enabled = False
@@ -313,8 +368,7 @@ def bench_input(args):
     def timed_round(images):
       nonlocal position
       _pil_parallel_round(pool, kind, position, args.batch * cores, args.batch)
-      result = _pil_parallel_round(pool, kind, position + args.batch * cores, images,
-                                   args.batch)
+      result = _pil_parallel_round(pool, kind, position + args.batch * cores, images, args.batch)
       position += args.batch * cores + images
       return result
 
@@ -322,31 +376,59 @@ def bench_input(args):
 
   spec = args.randaugment or 'none'
   train_name = f'train: decode+RRC, bicubic, flip, RandAugment {spec}'
-  eval_name = (f'eval: resize {int(args.size / evaluate.crop_pct)} ({evaluate.crop_mode}), '
-               'centre crop (fused)')
-  print(f'median of {args.repeats} rounds (after warm-up), tf.data and Pillow alternating; '
-        '[min-max]; cores = CPU time / wall time, of all threads and worker processes')
-  print(f'one core: {args.iters} images per round; tf.data on one thread (private pool of 1, '
-        'synchronous map), Pillow in a Python loop, np.stack per batch')
-  _compare(args, [
-      (train_name, tf_one_core(train, True),
-       pil_one_core(lambda b, r: pil_reference.train_transform(b, r, args.size,
-                                                               pil_randaugment))),
-      (eval_name, tf_one_core(evaluate, False),
-       pil_one_core(lambda b, r: pil_reference.eval_transform(b, args.size, evaluate.crop_pct,
-                                                              evaluate.crop_mode))),
-  ], args.iters)
-  print(f'all {cores} cores: {args.iters * cores} images per round; tf.data as train_dataset '
-        f'and eval_dataset run (parallel map, prefetch), Pillow in {cores} worker processes '
-        '(as DataLoader workers) collated here; per core = img/s / cores')
+  eval_name = (
+      f'eval: resize {int(args.size / evaluate.crop_pct)} ({evaluate.crop_mode}), '
+      'centre crop (fused)'
+  )
+  print(
+      f'median of {args.repeats} rounds (after warm-up), tf.data and Pillow alternating; '
+      '[min-max]; cores = CPU time / wall time, of all threads and worker processes'
+  )
+  print(
+      f'one core: {args.iters} images per round; tf.data on one thread (private pool of 1, '
+      'synchronous map), Pillow in a Python loop, np.stack per batch'
+  )
+  _compare(
+      args,
+      [
+          (
+              train_name,
+              tf_one_core(train, True),
+              pil_one_core(
+                  lambda b, r: pil_reference.train_transform(b, r, args.size, pil_randaugment)
+              ),
+          ),
+          (
+              eval_name,
+              tf_one_core(evaluate, False),
+              pil_one_core(
+                  lambda b, r: pil_reference.eval_transform(
+                      b, args.size, evaluate.crop_pct, evaluate.crop_mode
+                  )
+              ),
+          ),
+      ],
+      args.iters,
+  )
+  print(
+      f'all {cores} cores: {args.iters * cores} images per round; tf.data as train_dataset '
+      f'and eval_dataset run (parallel map, prefetch), Pillow in {cores} worker processes '
+      '(as DataLoader workers) collated here; per core = img/s / cores'
+  )
   context = multiprocessing.get_context('spawn')  # This process runs JAX and TF threads.
-  with context.Pool(cores, pil_reference.init_worker,
-                    (jpegs, args.size, pil_randaugment, evaluate.crop_pct,
-                     evaluate.crop_mode)) as pool:
-    _compare(args, [
-        (train_name, tf_all_cores(train, True), pil_all_cores(pool, 'train')),
-        (eval_name, tf_all_cores(evaluate, False), pil_all_cores(pool, 'eval')),
-    ], args.iters * cores)
+  with context.Pool(
+      cores,
+      pil_reference.init_worker,
+      (jpegs, args.size, pil_randaugment, evaluate.crop_pct, evaluate.crop_mode),
+  ) as pool:
+    _compare(
+        args,
+        [
+            (train_name, tf_all_cores(train, True), pil_all_cores(pool, 'train')),
+            (eval_name, tf_all_cores(evaluate, False), pil_all_cores(pool, 'eval')),
+        ],
+        args.iters * cores,
+    )
 
 
 def _compare(args, rows, images: int):
@@ -364,10 +446,13 @@ def _compare(args, rows, images: int):
       rates = [rate for rate, _ in results[key]]
       per_core = statistics.median(rate / c for rate, c in results[key])
       cores = statistics.median(c for _, c in results[key])
-      cells.append(f'{statistics.median(rates):5.0f} [{min(rates):.0f}-{max(rates):.0f}] '
-                   f'{cores:4.2f} cores {per_core:4.0f}/core')
+      cells.append(
+          f'{statistics.median(rates):5.0f} [{min(rates):.0f}-{max(rates):.0f}] '
+          f'{cores:4.2f} cores {per_core:4.0f}/core'
+      )
     ratio = statistics.median(r for r, _ in results['tf']) / statistics.median(
-        r for r, _ in results['pil'])
+        r for r, _ in results['pil']
+    )
     print(f'  {name:66s} {cells[0]:>36s} {cells[1]:>36s}  x{ratio:.2f}')
 
 
@@ -388,8 +473,10 @@ def main(argv=None):
   p = sub.add_parser('infer', help='the jitted forward: img/s, FLOPs, MFU, memory')
   step_benchmark.add_arguments(p)
   p.set_defaults(run=lambda args: step_benchmark.run(args, False, versions()))
-  p = sub.add_parser('compile', help='forward+backward lowering and compile s, without and '
-                     'with scan over blocks')
+  p = sub.add_parser(
+      'compile',
+      help='forward+backward lowering and compile s, without and with scan over blocks',
+  )
   step_benchmark.add_compile_arguments(p)
   p.set_defaults(run=lambda args: step_benchmark.run_compile(args, versions()))
   p = sub.add_parser('convert', help='conversion time and peak memory')
@@ -402,11 +489,18 @@ def main(argv=None):
   p.add_argument('--randaugment', default='rand-m9-mstd0.5-inc1')
   p.add_argument('--batch', type=int, default=64, help='images per batch, as a host batch')
   p.add_argument('--warmup', type=int, default=128, help='images before timing starts')
-  p.add_argument('--iters', type=int, default=320,
-                 help='images per timed round on one core (times the core count on all cores)')
+  p.add_argument(
+      '--iters',
+      type=int,
+      default=320,
+      help='images per timed round on one core (times the core count on all cores)',
+  )
   p.add_argument('--repeats', type=int, default=5, help='timed rounds per pipeline')
-  p.add_argument('--tf-default-threads', action='store_true',
-                 help="keep TensorFlow's default intra-op thread pool, for comparison")
+  p.add_argument(
+      '--tf-default-threads',
+      action='store_true',
+      help="keep TensorFlow's default intra-op thread pool, for comparison",
+  )
   p.set_defaults(run=bench_input)
   args = parser.parse_args(argv)
   args.run(args)

@@ -73,8 +73,11 @@ def _params_checkpointer() -> ocp.Checkpointer:
   # Writing one array at a time (1 GB in flight) and without zstd keeps a large model's save
   # near one copy of the weights in memory; float weights barely compress anyway.
   params_handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, use_compression=False)
-  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
-      **{PARAMS_ITEM: params_handler, METADATA_ITEM: ocp.JsonCheckpointHandler()}))
+  return ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(
+          **{PARAMS_ITEM: params_handler, METADATA_ITEM: ocp.JsonCheckpointHandler()}
+      )
+  )
 
 
 def save_params(path: str, params: Any, metadata: dict[str, Any], overwrite: bool = False):
@@ -88,10 +91,12 @@ def save_params(path: str, params: Any, metadata: dict[str, Any], overwrite: boo
     overwrite: replace an existing checkpoint at `path`.
   """
   metadata = dict(metadata, format=PARAMS_FORMAT, format_version=FORMAT_VERSION)
-  args = ocp.args.Composite(**{
-      PARAMS_ITEM: ocp.args.PyTreeSave(params),
-      METADATA_ITEM: ocp.args.JsonSave(metadata),
-  })
+  args = ocp.args.Composite(
+      **{
+          PARAMS_ITEM: ocp.args.PyTreeSave(params),
+          METADATA_ITEM: ocp.args.JsonSave(metadata),
+      }
+  )
   if '://' in path:
     # Orbax commits remote checkpoints itself (a success marker is written last).
     if epath.Path(path).exists() and not overwrite:
@@ -109,9 +114,9 @@ def is_params_checkpoint(path: str) -> bool:
 
 
 def _read_json_item(directory: epath.Path) -> dict[str, Any]:
-  restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler(
-      **{METADATA_ITEM: ocp.JsonCheckpointHandler()})).restore(
-          directory, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))
+  restored = ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(**{METADATA_ITEM: ocp.JsonCheckpointHandler()})
+  ).restore(directory, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))
   return dict(restored[METADATA_ITEM])
 
 
@@ -121,8 +126,9 @@ def _tree_metadata(item_dir) -> dict[str, Any]:
   return ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)).tree
 
 
-def restore_numpy_tree(item_dir, subtree: str | None = None,
-                       also: tuple[str, ...] = ()) -> dict[str, Any]:
+def restore_numpy_tree(
+    item_dir, subtree: str | None = None, also: tuple[str, ...] = ()
+) -> dict[str, Any]:
   """Restores an orbax PyTree item (or one top-level key of it) as host numpy arrays.
 
   With `also`, the further top-level keys named there are restored too, and the result is
@@ -137,8 +143,11 @@ def restore_numpy_tree(item_dir, subtree: str | None = None,
     tree = {key: tree[key] for key in (subtree,) + also}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   restored = checkpointer.restore(
-      item_dir, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
-                                            partial_restore=subtree is not None))
+      item_dir,
+      args=ocp.args.PyTreeRestore(
+          item=tree, restore_args=restore_args, partial_restore=subtree is not None
+      ),
+  )
   restored = _as_dict(restored)
   if subtree is None or also:
     return restored
@@ -239,8 +248,9 @@ def verify_step(step_dir: epath.Path) -> str | None:
   return None
 
 
-def find_usable_step(workdir: str, step: int | None = None,
-                     steps: list[int] | None = None) -> tuple[int, list[tuple[int, str]]]:
+def find_usable_step(
+    workdir: str, step: int | None = None, steps: list[int] | None = None
+) -> tuple[int, list[tuple[int, str]]]:
   """The step of a training workdir to read: the one asked for, or the newest intact one.
 
   The one decision of which step is usable, for resuming, export, predict and `init_from`.
@@ -263,24 +273,33 @@ def find_usable_step(workdir: str, step: int | None = None,
     raise CheckpointError(f'{workdir} has no finished checkpoint in {directory}')
   if step is not None and step >= 0:
     if step not in steps:
-      raise CheckpointError(f'{workdir} has no finished checkpoint at step {step}; it has '
-                            f'steps {steps}')
+      raise CheckpointError(
+          f'{workdir} has no finished checkpoint at step {step}; it has steps {steps}'
+      )
     reason = verify_step(directory / str(step))
     if reason:
-      raise CheckpointError(f'checkpoint step {step} in {directory} is damaged ({reason}); '
-                            f'choose another step of {steps}')
+      raise CheckpointError(
+          f'checkpoint step {step} in {directory} is damaged ({reason}); '
+          f'choose another step of {steps}'
+      )
     return step, []
   damaged = []
   for candidate in reversed(steps):
     reason = verify_step(directory / str(candidate))
     if reason is None:
       return candidate, damaged
-    logging.warning('checkpoint step %d in %s is damaged (%s); trying the one before',
-                    candidate, directory, reason)
+    logging.warning(
+        'checkpoint step %d in %s is damaged (%s); trying the one before',
+        candidate,
+        directory,
+        reason,
+    )
     damaged.append((candidate, reason))
   listing = '; '.join(f'step {s}: {r}' for s, r in damaged)
-  raise CheckpointError(f'every checkpoint in {directory} is damaged ({listing}); move '
-                        'them away to start over, or restore them from a copy')
+  raise CheckpointError(
+      f'every checkpoint in {directory} is damaged ({listing}); move '
+      'them away to start over, or restore them from a copy'
+  )
 
 
 def _first_line(error: BaseException) -> str:
@@ -302,8 +321,15 @@ class TrainingCheckpoints:
   Errors of a background save surface, with their cause, at the next save or at `close`.
   """
 
-  def __init__(self, workdir: str, *, save_interval_steps: int, keep: int,
-               best_metric: str | None = None, enable_async: bool = True):
+  def __init__(
+      self,
+      workdir: str,
+      *,
+      save_interval_steps: int,
+      keep: int,
+      best_metric: str | None = None,
+      enable_async: bool = True,
+  ):
     self.workdir = workdir
     self.directory = checkpoint_dir(workdir)
     self._saving = None  # The step being saved, for the sealing callback.
@@ -314,35 +340,46 @@ class TrainingCheckpoints:
       return metrics.get(best_metric, -math.inf)
 
     if best_metric:
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False))
+      policies.append(
+          ocp.checkpoint_managers.BestN(
+              get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False
+          )
+      )
     # Explicit save decisions: every `save_interval_steps` steps and on a preemption notice
     # (orbax's default would also save the first step of every run).
-    save_policy = ocp.checkpoint_managers.AnySavePolicy([
-        ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-    ])
+    save_policy = ocp.checkpoint_managers.AnySavePolicy(
+        [
+            ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+        ]
+    )
     self._async = enable_async
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=save_policy,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         # With a best_fn, orbax writes each step's metrics beside it and reads them back on
         # a restart; the preservation policy above still decides what is kept.
-        best_fn=best_fn if best_metric else None, best_mode='max',
+        best_fn=best_fn if best_metric else None,
+        best_mode='max',
         async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_saving)
-        if enable_async else None,
-        enable_async_checkpointing=enable_async, create=True,
+        if enable_async
+        else None,
+        enable_async_checkpointing=enable_async,
+        create=True,
         # What a failed save (a full disk) or a killed run left half-written goes at the
         # next start; the workdir lock makes sure no other trainer is writing it.
-        cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=(STATE_ITEM, METADATA_ITEM))
+        cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(STATE_ITEM, METADATA_ITEM)
+    )
 
   def _seal_saving(self) -> None:
     # Runs on process 0 only, after every process has written the step and before orbax
     # commits it (renames it locally; writes its commit marker on GCS).
-    step_dir = ocp.step.find_step_path(self.directory, ocp.step.standard_name_format(),
-                                       step=self._saving, include_uncommitted=True)
+    step_dir = ocp.step.find_step_path(
+        self.directory, ocp.step.standard_name_format(), step=self._saving, include_uncommitted=True
+    )
     seal_step(step_dir)
 
   def latest_step(self) -> int | None:
@@ -354,8 +391,14 @@ class TrainingCheckpoints:
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 
-  def save(self, step: int, state, metadata: dict[str, Any],
-           metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+  def save(
+      self,
+      step: int,
+      state,
+      metadata: dict[str, Any],
+      metrics: dict[str, float] | None = None,
+      force: bool = False,
+  ) -> bool:
     """Saves (asynchronously) if `step` is due or `force`; returns whether a save started.
 
     Raises:
@@ -365,16 +408,26 @@ class TrainingCheckpoints:
     self._saving = step
     if metrics is None and self._track_best:
       metrics = {}  # Not evaluated (orbax warns on every save given no metrics to track).
-    started = self.manager.save(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(state),
-        METADATA_ITEM: ocp.args.JsonSave(metadata),
-    }), metrics=metrics, force=force)
+    started = self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                METADATA_ITEM: ocp.args.JsonSave(metadata),
+            }
+        ),
+        metrics=metrics,
+        force=force,
+    )
     if started and not self._async and jax.process_index() == 0:
       seal_step(self.directory / str(step))
     if started:
-      logging.info('checkpoint step %d: %s %s', step,
-                   'writing in the background to' if self._async else 'written to',
-                   self.directory / str(step))
+      logging.info(
+          'checkpoint step %d: %s %s',
+          step,
+          'writing in the background to' if self._async else 'written to',
+          self.directory / str(step),
+      )
     return started
 
   def check(self) -> None:
@@ -386,7 +439,8 @@ class TrainingCheckpoints:
       CheckpointError: as `save`.
     """
     ended = multihost.decide_on_process_0(
-        'save_ended', lambda: '' if self.manager.is_saving_in_progress() else 'ended')
+        'save_ended', lambda: '' if self.manager.is_saving_in_progress() else 'ended'
+    )
     if ended:
       self._wait()
 
@@ -399,18 +453,25 @@ class TrainingCheckpoints:
         raise CheckpointError(
             f'checkpoint step {self._saving} could not be written to {self.directory}: '
             f'{fileio.describe_disk_full(code)}; the steps before it are intact: free space '
-            '(or lower config.keep_checkpoints) and run again to resume from the newest') from e
+            '(or lower config.keep_checkpoints) and run again to resume from the newest'
+        ) from e
       raise CheckpointError(
           f'checkpoint step {self._saving} could not be written to {self.directory}: '
           f'{_first_line(e)}; the steps before it are intact and a new run resumes from the '
-          'newest') from e
+          'newest'
+      ) from e
 
   def restore(self, step: int, abstract_state):
     """Restores `step` onto the shardings of `abstract_state` (any mesh or device count)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-        METADATA_ITEM: ocp.args.JsonRestore(),
-    }))
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                METADATA_ITEM: ocp.args.JsonRestore(),
+            }
+        ),
+    )
     return restored[STATE_ITEM], dict(restored[METADATA_ITEM])
 
   def restore_latest(self, abstract_state):
@@ -426,7 +487,7 @@ class TrainingCheckpoints:
       decided = multihost.decide_on_process_0('resume_step', self._newest_usable)
       self.manager.reload()  # Process 0 may have set steps aside.
       if decided.startswith('error:'):
-        raise CheckpointError(decided[len('error:'):])
+        raise CheckpointError(decided[len('error:') :])
       if not decided:
         return None
       step = int(decided)
@@ -463,8 +524,13 @@ class TrainingCheckpoints:
     while target.exists():
       target, n = aside / f'{step}.{n}', n + 1
     (self.directory / str(step)).rename(target)
-    logging.warning('checkpoint step %d in %s is damaged (%s): moved to %s and not used',
-                    step, self.directory, reason, target)
+    logging.warning(
+        'checkpoint step %d in %s is damaged (%s): moved to %s and not used',
+        step,
+        self.directory,
+        reason,
+        target,
+    )
 
   def close(self, raise_errors: bool = True) -> None:
     """Waits for the last save and closes the manager.
@@ -503,7 +569,8 @@ def _params_location(path: str, which: str, step: int | None):
     raise CheckpointError(
         f'{path} is neither a convnext_jax params checkpoint (params/ and metadata/ inside) '
         f'nor a training workdir with finished {CHECKPOINT_DIR}/<step>/; create one with '
-        '`convnext-convert import` or by training')
+        '`convnext-convert import` or by training'
+    )
   step, _ = find_usable_step(path, step, steps)
   step_dir = checkpoint_dir(path) / str(step)
   metadata = _read_json_item(step_dir)
@@ -544,18 +611,30 @@ def load_params(path: str, which: str = 'ema', step: int | None = None):
   else:
     restored = restore_numpy_tree(item_dir, key, also=(stats_key,))
     params = models.merge_batch_stats(restored[key], restored[stats_key])
-  nonfinite = [name for name, value in _flat_by_name(params).items()
-               if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
+  nonfinite = [
+      name
+      for name, value in _flat_by_name(params).items()
+      if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()
+  ]
   if nonfinite:
     where = f'step {metadata["step"]} of {path}' if 'step' in metadata else path
-    raise CheckpointError(f'{where} holds non-finite weights ({len(nonfinite)} arrays, e.g. '
-                          f'{nonfinite[0]}): the run diverged before it was saved; use an '
-                          'earlier step')
+    raise CheckpointError(
+        f'{where} holds non-finite weights ({len(nonfinite)} arrays, e.g. '
+        f'{nonfinite[0]}): the run diverged before it was saved; use an '
+        'earlier step'
+    )
   return params, metadata
 
 
-def load_params_into(path: str, initial, *, which: str = 'ema', step: int | None = None,
-                     strict: bool = True, reinit_head: bool = True):
+def load_params_into(
+    path: str,
+    initial,
+    *,
+    which: str = 'ema',
+    step: int | None = None,
+    strict: bool = True,
+    reinit_head: bool = True,
+):
   """Checkpoint weights in place of the matching leaves of `initial`, in their shardings.
 
   Every process calls this together. Each leaf taken from the checkpoint is read by orbax
@@ -594,20 +673,32 @@ def load_params_into(path: str, initial, *, which: str = 'ema', step: int | None
   if not any(_is_batch_stat(n) for n in flat_initial):
     # Params only: the checkpoint's statistics are not asked for.
     stored = {n: v for n, v in stored.items() if not _is_batch_stat(n)}
-  report = compare_params({n: tuple(v.shape) for n, v in flat_initial.items()}, stored,
-                          strict=strict, reinit_head=reinit_head)
+  report = compare_params(
+      {n: tuple(v.shape) for n, v in flat_initial.items()},
+      stored,
+      strict=strict,
+      reinit_head=reinit_head,
+  )
   taken = {stored_name(n): flat_initial[n] for n in report['taken']}
   item = traverse_util.unflatten_dict(
-      {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in taken.items()}, sep='/')
+      {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in taken.items()}, sep='/'
+  )
   restore_args = traverse_util.unflatten_dict(
-      {n: ocp.ArrayRestoreArgs(sharding=v.sharding, global_shape=v.shape, dtype=v.dtype)
-       for n, v in taken.items()}, sep='/')
+      {
+          n: ocp.ArrayRestoreArgs(sharding=v.sharding, global_shape=v.shape, dtype=v.dtype)
+          for n, v in taken.items()
+      },
+      sep='/',
+  )
   restored = ocp.PyTreeCheckpointer().restore(
-      item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                            partial_restore=True))
+      item_dir,
+      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+  )
   restored = _flat_by_name(restored)
-  leaves = [restored.get(stored_name(path_name(p)), leaf)
-            for p, leaf in jax.tree_util.tree_flatten_with_path(initial)[0]]
+  leaves = [
+      restored.get(stored_name(path_name(p)), leaf)
+      for p, leaf in jax.tree_util.tree_flatten_with_path(initial)[0]
+  ]
   return jax.tree.unflatten(jax.tree.structure(initial), leaves), report, metadata
 
 
@@ -619,8 +710,13 @@ def _flat_by_name(tree) -> dict[str, Any]:
   return traverse_util.flatten_dict(tree, sep='/')
 
 
-def compare_params(initial: dict[str, tuple[int, ...]], loaded: dict[str, tuple[int, ...]], *,
-                   reinit_head: bool = True, strict: bool = True) -> dict[str, list[str]]:
+def compare_params(
+    initial: dict[str, tuple[int, ...]],
+    loaded: dict[str, tuple[int, ...]],
+    *,
+    reinit_head: bool = True,
+    strict: bool = True,
+) -> dict[str, list[str]]:
   """Which loaded parameters can replace a fresh model's, by name and shape.
 
   A head (`head/...`, or a ResNet's `fc/...`) whose shape differs (another class count), or
@@ -642,8 +738,7 @@ def compare_params(initial: dict[str, tuple[int, ...]], loaded: dict[str, tuple[
   Raises:
     CheckpointError: `strict` and the trees differ beyond the head.
   """
-  report = {'taken': [], 'missing': [], 'unexpected': [], 'misshaped': [],
-            'reinitialized': []}
+  report = {'taken': [], 'missing': [], 'unexpected': [], 'misshaped': [], 'reinitialized': []}
   heads = tuple(f'{name}/' for name in HEAD_NAMES)
   for name, shape in initial.items():
     if name not in loaded:
@@ -660,10 +755,14 @@ def compare_params(initial: dict[str, tuple[int, ...]], loaded: dict[str, tuple[
     report['missing'] = []
   problems = {k: v for k, v in report.items() if v and k not in ('taken', 'reinitialized')}
   if problems and strict:
-    listing = '; '.join(f'{k} {len(v)}: {", ".join(v[:5])}{" ..." if len(v) > 5 else ""}'
-                        for k, v in problems.items())
-    raise CheckpointError(f'init_from does not match the model: {listing}; set '
-                          'config.init_from.strict=False to keep initial values for these')
+    listing = '; '.join(
+        f'{k} {len(v)}: {", ".join(v[:5])}{" ..." if len(v) > 5 else ""}'
+        for k, v in problems.items()
+    )
+    raise CheckpointError(
+        f'init_from does not match the model: {listing}; set '
+        'config.init_from.strict=False to keep initial values for these'
+    )
   for kind, names in report.items():
     if names and kind != 'taken':
       logging.warning('init_from %s: %s', kind, ', '.join(names))

@@ -31,8 +31,12 @@ from convnext_jax.data import randaugment
 FREE_FORM = ('model.overrides', 'dataset.builder_kwargs')
 
 # Names other training code uses for these keys: no spelling is close enough for difflib.
-_ALIASES = {'learning_rate': 'optim.lr', 'batch_size': 'global_batch_size',
-            'epochs': 'num_epochs', 'steps': 'num_steps'}
+_ALIASES = {
+    'learning_rate': 'optim.lr',
+    'batch_size': 'global_batch_size',
+    'epochs': 'num_epochs',
+    'steps': 'num_steps',
+}
 
 NONFINITE_ACTIONS = ('skip', 'stop')
 INIT_PARAMS = ('ema', 'raw')
@@ -70,12 +74,15 @@ def unknown_key_error(key: str, config: ml_collections.ConfigDict) -> ConfigErro
   for free in FREE_FORM:
     if key.startswith(free + '.'):
       # A locked config takes no new keys, but the whole dict can be replaced at once.
-      sub = key[len(free) + 1:]
-      return ConfigError(f'config.{key} cannot be added on its own; set the whole dict, e.g. '
-                         f'--config.{free}="{{\'{sub}\': ...}}"')
+      sub = key[len(free) + 1 :]
+      return ConfigError(
+          f'config.{key} cannot be added on its own; set the whole dict, e.g. '
+          f'--config.{free}="{{\'{sub}\': ...}}"'
+      )
   guess = close_key(key, flat_keys(config))
-  hint = f'; did you mean config.{guess}?' if guess else (
-      '; the keys are those of config_lib.base()')
+  hint = (
+      f'; did you mean config.{guess}?' if guess else ('; the keys are those of config_lib.base()')
+  )
   return ConfigError(f'config.{key} is not a config key{hint}')
 
 
@@ -92,8 +99,9 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise unknown_key_error(key, config_lib.base())
   for key in known:
     if key not in keys:
-      raise ConfigError(f'config.{key} is missing; build configs on config_lib.base(), which '
-                        'sets every key')
+      raise ConfigError(
+          f'config.{key} is missing; build configs on config_lib.base(), which sets every key'
+      )
   c = config
   _integer(c, 'seed', None)
 
@@ -163,21 +171,35 @@ def check_mesh(config: ml_collections.ConfigDict) -> None:
 def _model(c) -> None:
   names = models.list_models()
   if c.model.name not in names:
-    raise ConfigError(f'config.model.name {c.model.name!r} is not a registered model'
-                      f'{_did_you_mean(c.model.name, names)}; see models.list_models()')
+    raise ConfigError(
+        f'config.model.name {c.model.name!r} is not a registered model'
+        f'{_did_you_mean(c.model.name, names)}; see models.list_models()'
+    )
   _integer(c, 'model.num_classes', 1, sentinel="for the dataset's class count")
   _number(c, 'model.drop_path_rate', 'in [0, 1)', lambda v: 0 <= v < 1)
-  _number(c, 'model.layer_scale_init_value', '>= 0', lambda v: v >= 0,
-          sentinel="for the variant's default")
+  _number(
+      c,
+      'model.layer_scale_init_value',
+      '>= 0',
+      lambda v: v >= 0,
+      sentinel="for the variant's default",
+  )
   _number(c, 'model.head_init_scale', '>= 0', lambda v: v >= 0)
   _choice(c, 'model.dtype', tuple(train_step.DTYPES))
   _remat(c, 'model.remat')
   _boolean(c, 'model.scan')
   if c.model.scan and models.get_spec(c.model.name).roadmap:
-    raise ConfigError(f'config.model.scan must be False for {c.model.name}: roadmap models '
-                      'have no scanned form')
-  _integer(c, 'model.bn_group_size', 0, sentinel='for the whole micro-batch',
-           why='examples per BatchNorm statistics group; 0: the per-device micro-batch')
+    raise ConfigError(
+        f'config.model.scan must be False for {c.model.name}: roadmap models '
+        'have no scanned form'
+    )
+  _integer(
+      c,
+      'model.bn_group_size',
+      0,
+      sentinel='for the whole micro-batch',
+      why='examples per BatchNorm statistics group; 0: the per-device micro-batch',
+  )
 
 
 def _dataset(c) -> None:
@@ -187,13 +209,17 @@ def _dataset(c) -> None:
     _string(c, f'dataset.{key}')
   extra = c.dataset.extra_eval
   if not isinstance(extra, (tuple, list)):
-    raise ConfigError(f"config.dataset.extra_eval must be a tuple of 'name:split[:label_key]' "
-                      f'strings, got {extra!r}')
+    raise ConfigError(
+        f"config.dataset.extra_eval must be a tuple of 'name:split[:label_key]' "
+        f'strings, got {extra!r}'
+    )
   for entry in extra:
     parts = entry.split(':') if isinstance(entry, str) else []
     if not 2 <= len(parts) <= 3 or not all(parts):
-      raise ConfigError(f"config.dataset.extra_eval entries must be 'name:split[:label_key]', "
-                        f"e.g. 'imagenet_v2:test:label', got {entry!r}")
+      raise ConfigError(
+          f"config.dataset.extra_eval entries must be 'name:split[:label_key]', "
+          f"e.g. 'imagenet_v2:test:label', got {entry!r}"
+      )
     _dataset_name('config.dataset.extra_eval', parts[0])
 
 
@@ -204,20 +230,21 @@ def _dataset_name(key: str, name) -> None:
   try:
     dataset_name = tfds.core.naming.parse_builder_name_kwargs(name)[0]
   except ValueError:
-    raise ConfigError(f"{key} {name!r} is not a tfds dataset name ('name[/config][:version]')"
-                      ) from None
+    raise ConfigError(
+        f"{key} {name!r} is not a tfds dataset name ('name[/config][:version]')"
+    ) from None
   if dataset_name.namespace:  # A community dataset: resolved by tfds, online.
     return
   try:
     tfds.builder_cls(dataset_name.name)
   except tfds.core.registered.DatasetNotFoundError:
     # Not the tfds error itself: it lists every one of several hundred datasets.
-    known = sorted(set(tfds.list_builders(with_community_datasets=False)) |
-                   set(datasets.DATASETS))
+    known = sorted(set(tfds.list_builders(with_community_datasets=False)) | set(datasets.DATASETS))
     raise ConfigError(
         f'{key} {dataset_name.name!r} is not a tfds dataset'
         f'{_did_you_mean(dataset_name.name, known)}; this project builds '
-        f'{", ".join(datasets.DATASETS)} (README "Datasets")') from None
+        f'{", ".join(datasets.DATASETS)} (README "Datasets")'
+    ) from None
 
 
 def _input(c) -> None:
@@ -226,12 +253,19 @@ def _input(c) -> None:
     patch = c.model.overrides.get('patch_size', 16)
     smallest, why = patch, f'{c.model.name} cuts it into {patch}x{patch} patches'
   else:
-    smallest, why = 32, (f"{c.model.name}'s stem and 3 downsamples divide it by 32; smaller "
-                         'leaves an empty feature map')
+    smallest, why = 32, (
+        f"{c.model.name}'s stem and 3 downsamples divide it by 32; smaller "
+        'leaves an empty feature map'
+    )
   _integer(c, 'input.image_size', smallest, why=why)
   _integer(c, 'input.eval_image_size', smallest, sentinel='for input.image_size', why=why)
-  _number(c, 'input.crop_pct', 'in (0, 1]', lambda v: 0 < v <= 1,
-          sentinel='for 0.875 below 384 px, 1.0 from 384')
+  _number(
+      c,
+      'input.crop_pct',
+      'in (0, 1]',
+      lambda v: 0 < v <= 1,
+      sentinel='for 0.875 below 384 px, 1.0 from 384',
+  )
   if c.input.crop_mode:  # '': 'center' below 384 px, 'squash' from 384.
     _choice(c, 'input.crop_mode', CROP_MODES)
   _pair(c, 'input.scale', '0 < min <= max <= 1', lambda a, b: 0 < a <= b <= 1)
@@ -241,13 +275,16 @@ def _input(c) -> None:
     try:
       randaugment.RandAugmentConfig.parse(c.input.randaugment)
     except ValueError as e:
-      raise ConfigError(f"config.input.randaugment: {str(e).rstrip('.')}; or '' for none"
-                        ) from None
+      raise ConfigError(f"config.input.randaugment: {str(e).rstrip('.')}; or '' for none") from None
   fill = c.input.fill
-  if not (isinstance(fill, (tuple, list)) and len(fill) == 3 and
-          all(_is_number(v) and 0 <= v <= 255 for v in fill)):
-    raise ConfigError(f'config.input.fill must be an RGB colour, 3 numbers in [0, 255], '
-                      f'got {fill!r}')
+  if not (
+      isinstance(fill, (tuple, list))
+      and len(fill) == 3
+      and all(_is_number(v) and 0 <= v <= 255 for v in fill)
+  ):
+    raise ConfigError(
+        f'config.input.fill must be an RGB colour, 3 numbers in [0, 255], got {fill!r}'
+    )
   for key in ('random_erasing', 'mixup_prob', 'mixup_switch_prob'):
     _number(c, f'input.{key}', 'a probability in [0, 1]', lambda v: 0 <= v <= 1)
   for key in ('mixup_alpha', 'cutmix_alpha'):
@@ -259,20 +296,27 @@ def _input(c) -> None:
 
 def _mesh(c) -> None:
   mesh = c.mesh
-  ok = (isinstance(mesh, (tuple, list)) and len(mesh) == len(sharding.AXES) and
-        all(_is_int(s) and (s >= 1 or s == -1) for s in mesh) and list(mesh).count(-1) <= 1)
+  ok = (
+      isinstance(mesh, (tuple, list))
+      and len(mesh) == len(sharding.AXES)
+      and all(_is_int(s) and (s >= 1 or s == -1) for s in mesh)
+      and list(mesh).count(-1) <= 1
+  )
   if not ok:
     raise ConfigError(
         f'config.mesh must be 3 integers for {sharding.AXES}, each >= 1 or one -1 for the '
-        f'remaining devices, got {mesh!r}; e.g. --config.mesh=-1,1,1')
+        f'remaining devices, got {mesh!r}; e.g. --config.mesh=-1,1,1'
+    )
 
 
 def _init_from(c) -> None:
   _string(c, 'init_from.path', empty_ok=True)
   path = c.init_from.path
   if path and not epath.Path(path).exists():
-    raise ConfigError(f'config.init_from.path {path} does not exist; give a training workdir '
-                      "or a `convnext-convert import` directory, or '' to start from scratch")
+    raise ConfigError(
+        f'config.init_from.path {path} does not exist; give a training workdir '
+        "or a `convnext-convert import` directory, or '' to start from scratch"
+    )
   _choice(c, 'init_from.params', INIT_PARAMS)
   _integer(c, 'init_from.step', 0, sentinel='for the latest')
   _boolean(c, 'init_from.strict')
@@ -300,14 +344,16 @@ def _sentinel_text(sentinel: str | None) -> str:
   return f', or -1 {sentinel}' if sentinel else ''
 
 
-def _integer(c, key: str, low: int | None, *, sentinel: str | None = None,
-             why: str | None = None) -> None:
+def _integer(
+    c, key: str, low: int | None, *, sentinel: str | None = None, why: str | None = None
+) -> None:
   """An int >= `low` (None: any), or -1 when `sentinel` says what -1 means."""
   v = _value(c, key)
   if _is_int(v) and (low is None or v >= low or (sentinel and v == -1)):
     return
   expected = {None: 'an integer', 0: 'an integer >= 0', 1: 'a positive integer'}.get(
-      low, f'an integer >= {low}')
+      low, f'an integer >= {low}'
+  )
   if why:
     expected += f' ({why})'
   raise ConfigError(f'config.{key} must be {expected}{_sentinel_text(sentinel)}, got {v!r}')
@@ -325,8 +371,9 @@ def _number(c, key: str, expected: str, ok, *, sentinel: str | None = None) -> N
 
 def _pair(c, key: str, expected: str, ok) -> None:
   v = _value(c, key)
-  if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v) and
-          ok(*v)):
+  if not (
+      isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v) and ok(*v)
+  ):
     raise ConfigError(f'config.{key} must be 2 numbers (min, max), {expected}, got {v!r}')
 
 
@@ -334,8 +381,9 @@ def _choice(c, key: str, choices: tuple[str, ...]) -> None:
   v = _value(c, key)
   if v not in choices:
     hint = _did_you_mean(v, choices) if isinstance(v, str) else ''
-    raise ConfigError(f'config.{key} must be one of {", ".join(map(repr, choices))}, '
-                      f'got {v!r}{hint}')
+    raise ConfigError(
+        f'config.{key} must be one of {", ".join(map(repr, choices))}, got {v!r}{hint}'
+    )
 
 
 def _boolean(c, key: str) -> None:
@@ -352,15 +400,16 @@ def _remat(c, key: str) -> None:
   except ValueError:
     pass
   hint = _did_you_mean(v, models.REMAT_POLICIES) if isinstance(v, str) else ''
-  raise ConfigError(f"config.{key} must be '' (off), True/False or one of "
-                    f'{", ".join(models.REMAT_POLICIES)}, got {v!r}{hint}')
+  raise ConfigError(
+      f"config.{key} must be '' (off), True/False or one of "
+      f'{", ".join(models.REMAT_POLICIES)}, got {v!r}{hint}'
+  )
 
 
 def _string(c, key: str, empty_ok: bool = False) -> None:
   v = _value(c, key)
   if not isinstance(v, str) or not (v or empty_ok):
-    raise ConfigError(f'config.{key} must be a{"" if empty_ok else " non-empty"} string, '
-                      f'got {v!r}')
+    raise ConfigError(f'config.{key} must be a{"" if empty_ok else " non-empty"} string, got {v!r}')
 
 
 def _did_you_mean(name: str, known) -> str:

@@ -181,8 +181,7 @@ def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.Co
   return c
 
 
-def in1k(model: str, drop_path_rate: float, arg: str | None = None,
-         warmup_epochs: float = 20.0):
+def in1k(model: str, drop_path_rate: float, arg: str | None = None, warmup_epochs: float = 20.0):
   """ImageNet-1K from scratch at 224 (300 epochs, EMA): the paper's table."""
   c = base()
   c.model.name = model
@@ -203,8 +202,14 @@ def in22k(model: str, drop_path_rate: float, arg: str | None = None):
   return finalize(c, arg)
 
 
-def finetune(model: str, drop_path_rate: float, layer_decay: float, arg: str | None = None,
-             ema: bool = False, default_res: int = 224) -> ml_collections.ConfigDict:
+def finetune(
+    model: str,
+    drop_path_rate: float,
+    layer_decay: float,
+    arg: str | None = None,
+    ema: bool = False,
+    default_res: int = 224,
+) -> ml_collections.ConfigDict:
   """Fine-tuning on ImageNet-1K: AdamW lr 5e-5 at batch 512, weight decay 1e-8, 30 epochs,
   cosine without warmup, no Mixup/CutMix (label smoothing, RandAugment and Random Erasing
   kept), layer-wise lr decay, a new head at head_init_scale 0.001 when classes differ.
@@ -218,8 +223,15 @@ def finetune(model: str, drop_path_rate: float, layer_decay: float, arg: str | N
   return finalize(c, arg)
 
 
-def finetune_recipe(c: ml_collections.ConfigDict, model: str, drop_path_rate: float,
-                    layer_decay: float, arg: str | None, ema: bool, default_res: int) -> None:
+def finetune_recipe(
+    c: ml_collections.ConfigDict,
+    model: str,
+    drop_path_rate: float,
+    layer_decay: float,
+    arg: str | None,
+    ema: bool,
+    default_res: int,
+) -> None:
   """Sets the fine-tuning recipe (see `finetune`) on `c` in place."""
   args = parse_arg(arg)
   c.model.name = model
@@ -243,5 +255,7 @@ def finetune_recipe(c: ml_collections.ConfigDict, model: str, drop_path_rate: fl
 def require_init(c: ml_collections.ConfigDict, arg: str | None) -> None:
   """Raises ValueError when a fine-tuning config has no weights to start from."""
   if not c.init_from.path and 'runlocal' not in parse_arg(arg):
-    raise ValueError('fine-tuning needs pre-trained weights: append :init=PATH to the config '
-                     '(a training workdir or a `convnext-convert import` directory)')
+    raise ValueError(
+        'fine-tuning needs pre-trained weights: append :init=PATH to the config '
+        '(a training workdir or a `convnext-convert import` directory)'
+    )

@@ -46,10 +46,13 @@ class _ConsoleFilter(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno >= std_logging.WARNING:
-      return not any(source in record.pathname and text in record.getMessage()
-                     for source, text in _EXPECTED_WARNINGS)
-    return (record.pathname.startswith(_PACKAGE_DIR) and
-            not getattr(record, 'convnext_jax_detail', False))
+      return not any(
+          source in record.pathname and text in record.getMessage()
+          for source, text in _EXPECTED_WARNINGS
+      )
+    return record.pathname.startswith(_PACKAGE_DIR) and not getattr(
+        record, 'convnext_jax_detail', False
+    )
 
 
 def configure(verbose: bool) -> None:

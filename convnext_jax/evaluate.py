@@ -62,14 +62,23 @@ def make_eval_step(model, dtype):
       logits = model.apply(variables, images, train=False)
       out[name] = EvalMetrics.single_from_model_output(
           top1=topk_correct(logits, batch['label'], 1),
-          top5=topk_correct(logits, batch['label'], 5), mask=batch['mask'])
+          top5=topk_correct(logits, batch['label'], 5),
+          mask=batch['mask'],
+      )
     return out
 
   return step
 
 
-def evaluate(eval_step, params_by_name, dataset, num_batches: int, feed: sharding.BatchFeed,
-             num_examples: int, batch_stats=None) -> tuple[dict[str, float], int]:
+def evaluate(
+    eval_step,
+    params_by_name,
+    dataset,
+    num_batches: int,
+    feed: sharding.BatchFeed,
+    num_examples: int,
+    batch_stats=None,
+) -> tuple[dict[str, float], int]:
   """Runs one pass; returns ({'<name>/top1': ..., '<name>/top5': ...}, skipped records).
 
   Args:
@@ -90,10 +99,16 @@ def evaluate(eval_step, params_by_name, dataset, num_batches: int, feed: shardin
     tracker.update(batch['position'])
     batch = pipeline.to_global_arrays(batch, feed)
     # No running averages: the two-argument call, which other eval steps also accept.
-    step_metrics = (eval_step(params_by_name, batch) if batch_stats is None else
-                    eval_step(params_by_name, batch, batch_stats))
-    totals = step_metrics if totals is None else {
-        name: totals[name].merge(m) for name, m in step_metrics.items()}
+    step_metrics = (
+        eval_step(params_by_name, batch)
+        if batch_stats is None
+        else eval_step(params_by_name, batch, batch_stats)
+    )
+    totals = (
+        step_metrics
+        if totals is None
+        else {name: totals[name].merge(m) for name, m in step_metrics.items()}
+    )
   pipeline.release(batches)  # Not waiting for tf.data's autotuning thread (up to a minute).
   del batches
   tracker.close(num_examples)
@@ -101,6 +116,11 @@ def evaluate(eval_step, params_by_name, dataset, num_batches: int, feed: shardin
   for name, collection in (totals or {}).items():
     for metric, value in collection.compute().items():
       results[f'{name}/{metric}'] = float(value)
-  logging.info('evaluated %d batches in %.1f s: %s', num_batches,
-               time.perf_counter() - start, results, extra=console.DETAIL)
+  logging.info(
+      'evaluated %d batches in %.1f s: %s',
+      num_batches,
+      time.perf_counter() - start,
+      results,
+      extra=console.DETAIL,
+  )
   return results, tracker.skipped

@@ -36,8 +36,9 @@ class DiskFullError(OSError):
 
   def __init__(self, code: int, path: str):
     what, name, _ = _DISK_FULL[code]
-    super().__init__(code, f'{what} writing {path} ({name}); free space or choose another '
-                     'destination')
+    super().__init__(
+        code, f'{what} writing {path} ({name}); free space or choose another destination'
+    )
 
   def __str__(self):
     return self.strerror
@@ -83,8 +84,12 @@ def _remove_until_gone(directory: str):
       return
     time.sleep(0.02)
   if os.path.lexists(directory):
-    logging.warning('%s is still being written %.0f s after the write failed; remove it '
-                    'once the process has exited', directory, _SETTLE_LIMIT_S)
+    logging.warning(
+        '%s is still being written %.0f s after the write failed; remove it '
+        'once the process has exited',
+        directory,
+        _SETTLE_LIMIT_S,
+    )
 
 
 @contextlib.contextmanager
@@ -136,8 +141,11 @@ def _not_disk_full_record(record) -> bool:
 
 
 def _is_closed_loop_echo(unraisable) -> bool:
-  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError) and
-          str(unraisable.exc_value) == 'Event loop is closed')
+  return (
+      unraisable.object is None
+      and isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == 'Event loop is closed'
+  )
 
 
 @contextlib.contextmanager

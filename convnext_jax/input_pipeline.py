@@ -33,13 +33,16 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
       by process 0 where this process cannot see it (a data_dir that is not shared).
   """
   builder = datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
-  prepared = multihost.decide_on_process_0(
-      f'{name} prepared', lambda: str(int(builder.is_prepared()))) == '1'
+  prepared = (
+      multihost.decide_on_process_0(f'{name} prepared', lambda: str(int(builder.is_prepared())))
+      == '1'
+  )
   if not prepared:
     if name.split('/')[0] not in _AUTO_PREPARE:
       raise ValueError(
           f'dataset {name} is not prepared in {builder.data_dir_root}; prepare it first (see '
-          "README 'Datasets'), or set config.dataset.data_dir to where it was prepared")
+          "README 'Datasets'), or set config.dataset.data_dir to where it was prepared"
+      )
     if jax.process_index() == 0:
       logging.info('preparing %s in %s (once) ...', name, builder.data_dir_root)
       start = time.perf_counter()
@@ -52,7 +55,8 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
     raise ValueError(
         f'dataset {name} is prepared for process 0 but not visible to process '
         f'{jax.process_index()} in {builder.data_dir_root}; every process must read the '
-        'same config.dataset.data_dir (e.g. on gs://)')
+        'same config.dataset.data_dir (e.g. on gs://)'
+    )
   return builder
 
 
@@ -119,15 +123,26 @@ class Inputs:
     batches of `config.global_batch_size`."""
     c = self._config
     preprocess = pipeline.TrainPreprocess(
-        c.input.image_size, scale=tuple(c.input.scale), ratio=tuple(c.input.ratio),
-        hflip=c.input.hflip, randaugment=c.input.randaugment or None,
-        fill=tuple(c.input.fill))
+        c.input.image_size,
+        scale=tuple(c.input.scale),
+        ratio=tuple(c.input.ratio),
+        hflip=c.input.hflip,
+        randaugment=c.input.randaugment or None,
+        fill=tuple(c.input.fill),
+    )
     dataset = pipeline.train_dataset(
-        self.builder, c.dataset.train_split,
-        per_host_batch=feed.local_batch(c.global_batch_size), preprocess=preprocess,
-        seed=c.seed, start_position=start_position, shuffle_buffer=c.input.shuffle_buffer,
-        shard_index=feed.shard_index, shard_count=feed.shard_count,
-        label_key=c.dataset.label_key, threads=c.input.threads or None)
+        self.builder,
+        c.dataset.train_split,
+        per_host_batch=feed.local_batch(c.global_batch_size),
+        preprocess=preprocess,
+        seed=c.seed,
+        start_position=start_position,
+        shuffle_buffer=c.input.shuffle_buffer,
+        shard_index=feed.shard_index,
+        shard_count=feed.shard_count,
+        label_key=c.dataset.label_key,
+        threads=c.input.threads or None,
+    )
     return TrainIterator(dataset, feed, start_position)
 
   def eval_preprocess(self) -> pipeline.EvalPreprocess:
@@ -147,12 +162,20 @@ class Inputs:
     out = []
     for name, builder, split, label_key in sets:
       dataset, num_batches = pipeline.eval_dataset(
-          builder, split, per_host_batch=feed.local_batch(global_batch),
-          preprocess=self.eval_preprocess(), shard_index=feed.shard_index,
-          shard_count=feed.shard_count, label_key=label_key, num_classes=self.num_classes,
-          threads=self._config.input.threads or None)
+          builder,
+          split,
+          per_host_batch=feed.local_batch(global_batch),
+          preprocess=self.eval_preprocess(),
+          shard_index=feed.shard_index,
+          shard_count=feed.shard_count,
+          label_key=label_key,
+          num_classes=self.num_classes,
+          threads=self._config.input.threads or None,
+      )
       shard = pipeline.host_shard(builder, split, feed.shard_index, feed.shard_count)
-      out.append(Evaluator(f'{name}_{split}' if len(sets) > 1 else name, dataset, num_batches,
-                           shard.num_examples))
+      out.append(
+          Evaluator(
+              f'{name}_{split}' if len(sets) > 1 else name, dataset, num_batches, shard.num_examples
+          )
+      )
     return out
-

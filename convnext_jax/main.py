@@ -47,37 +47,60 @@ USAGE = 'python -m convnext_jax.main --config configs/<name>.py[:args] --workdir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    'config', None, 'Training config file, e.g. configs/convnext_t_in1k.py[:runlocal].',
-    lock_config=True)
+    'config',
+    None,
+    'Training config file, e.g. configs/convnext_t_in1k.py[:runlocal].',
+    lock_config=True,
+)
 flags.DEFINE_string('workdir', None, 'Checkpoints and TensorBoard logs (local or gs://).')
-flags.DEFINE_bool('jax_distributed', False,
-                  'Call jax.distributed.initialize() (multi-host TPU/GPU); the cluster is '
-                  'detected unless the flags below say it.')
-flags.DEFINE_string('jax_coordinator_address', None,
-                    "Process 0's host:port, the same on every process (e.g. 10.0.0.1:1234).")
+flags.DEFINE_bool(
+    'jax_distributed',
+    False,
+    'Call jax.distributed.initialize() (multi-host TPU/GPU); the cluster is '
+    'detected unless the flags below say it.',
+)
+flags.DEFINE_string(
+    'jax_coordinator_address',
+    None,
+    "Process 0's host:port, the same on every process (e.g. 10.0.0.1:1234).",
+)
 flags.DEFINE_integer('jax_num_processes', None, 'Number of processes.', lower_bound=1)
-flags.DEFINE_integer('jax_process_id', None, "This process's index, 0 .. num_processes - 1.",
-                     lower_bound=0)
-flags.DEFINE_list('jax_local_device_ids', None,
-                  "This process's devices, e.g. 0,1 (default: all it sees).")
-flags.DEFINE_bool('verbose', False,
-                  'Also show the full config, parameter tables and the INFO logs of the '
-                  'libraries (orbax, tensorstore, jax, clu, tfds); default: the trainer\'s '
-                  'own progress and every warning.')
+flags.DEFINE_integer(
+    'jax_process_id', None, "This process's index, 0 .. num_processes - 1.", lower_bound=0
+)
+flags.DEFINE_list(
+    'jax_local_device_ids', None, "This process's devices, e.g. 0,1 (default: all it sees)."
+)
+flags.DEFINE_bool(
+    'verbose',
+    False,
+    'Also show the full config, parameter tables and the INFO logs of the '
+    "libraries (orbax, tensorstore, jax, clu, tfds); default: the trainer's "
+    'own progress and every warning.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
-flags.register_validator('jax_local_device_ids',
-                         lambda ids: ids is None or all(i.isdigit() for i in ids),
-                         message='--jax_local_device_ids takes device indices, e.g. 0,1')
+flags.register_validator(
+    'jax_local_device_ids',
+    lambda ids: ids is None or all(i.isdigit() for i in ids),
+    message='--jax_local_device_ids takes device indices, e.g. 0,1',
+)
 
-_DISTRIBUTED_FLAGS = ('jax_coordinator_address', 'jax_num_processes', 'jax_process_id',
-                      'jax_local_device_ids')
+_DISTRIBUTED_FLAGS = (
+    'jax_coordinator_address',
+    'jax_num_processes',
+    'jax_process_id',
+    'jax_local_device_ids',
+)
 
 
 def initialize_distributed() -> None:
   """`jax.distributed.initialize` with the flags given (the rest detected by jax), if
   `--jax_distributed` or any of them is set."""
-  given = {name[len('jax_'):]: FLAGS[name].value for name in _DISTRIBUTED_FLAGS
-           if FLAGS[name].value is not None}
+  given = {
+      name[len('jax_') :]: FLAGS[name].value
+      for name in _DISTRIBUTED_FLAGS
+      if FLAGS[name].value is not None
+  }
   if not (FLAGS.jax_distributed or given):
     return
   if 'local_device_ids' in given:
@@ -118,24 +141,31 @@ def parse_flags(argv: list[str], prog: str = PROG, usage: str = USAGE) -> list[s
       raise
     sys.exit(report_(message, 2))
   if not isinstance(FLAGS.config, ml_collections.ConfigDict):
-    sys.exit(report_(_config_load_error(argv) or
-                     f'config file {_config_argument(argv)}: get_config() returned '
-                     f'{type(FLAGS.config).__name__}; it must return an '
-                     'ml_collections.ConfigDict', 2))
+    sys.exit(
+        report_(
+            _config_load_error(argv)
+            or f'config file {_config_argument(argv)}: get_config() returned '
+            f'{type(FLAGS.config).__name__}; it must return an '
+            'ml_collections.ConfigDict',
+            2,
+        )
+    )
   return args
 
 
 def summary(config: ml_collections.ConfigDict) -> str:
   """One line of what a config trains: model, data, schedule, optimizer, mesh."""
   c = config
-  duration = (f'{c.num_steps} steps' if c.num_steps > 0 else f'{c.num_epochs:g} epochs')
+  duration = f'{c.num_steps} steps' if c.num_steps > 0 else f'{c.num_epochs:g} epochs'
   accum = f' in {c.grad_accum_steps} micro-batches' if c.grad_accum_steps > 1 else ''
   ema = f'EMA {c.ema.decay:g}' if c.ema.decay > 0 else 'no EMA'
   init = f', init from {c.init_from.path}' if c.init_from.path else ''
-  return (f'{c.model.name} ({c.model.dtype}) on {c.dataset.name} at {c.input.image_size} px, '
-          f'batch {c.global_batch_size}{accum}, {duration}, AdamW lr {c.optim.lr:g} '
-          f'wd {c.optim.weight_decay:g}, {ema}, mesh {tuple(c.mesh)}{init} '
-          '(--verbose prints all of it)')
+  return (
+      f'{c.model.name} ({c.model.dtype}) on {c.dataset.name} at {c.input.image_size} px, '
+      f'batch {c.global_batch_size}{accum}, {duration}, AdamW lr {c.optim.lr:g} '
+      f'wd {c.optim.weight_decay:g}, {ema}, mesh {tuple(c.mesh)}{init} '
+      '(--verbose prints all of it)'
+  )
 
 
 def _config_argument(argv: list[str]) -> str | None:
@@ -164,16 +194,20 @@ def _config_load_error(argv: list[str]) -> str | None:
     return None
   path = argument.split(':', 1)[0]
   if not os.path.isfile(path):
-    return (f'config file {path} not found; --config takes a file such as '
-            'configs/convnext_t_in1k.py[:runlocal]')
+    return (
+        f'config file {path} not found; --config takes a file such as '
+        'configs/convnext_t_in1k.py[:runlocal]'
+    )
   try:
     config = _load_config(argv)
   except (TypeError, ValueError, OSError) as e:  # What a get_config raises for its user.
     return f'config file {argument}: {_one_line(e)}'
   if isinstance(config, ml_collections.ConfigDict):
     return None
-  return (f'config file {argument}: get_config() returned {type(config).__name__}; it must '
-          'return an ml_collections.ConfigDict')
+  return (
+      f'config file {argument}: get_config() returned {type(config).__name__}; it must '
+      'return an ml_collections.ConfigDict'
+  )
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -208,7 +242,8 @@ def _flag_error_message(error: flags.Error, argv: list[str], usage: str = USAGE)
   cause = error.__context__
   # A value absl's parser refused reads `flag --NAME=VALUE: CAUSE`.
   match = cause is not None and re.fullmatch(
-      r'flag --([^=]+)=(.*): ' + re.escape(str(cause)), str(error), re.DOTALL)
+      r'flag --([^=]+)=(.*): ' + re.escape(str(cause)), str(error), re.DOTALL
+  )
   if match:
     name, value = match.groups()
     if name == 'config':
@@ -241,8 +276,13 @@ def main(argv):
   except config_check.ConfigError as e:
     return report(e, 2)
   initialize_distributed()
-  logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
+  logging.info(
+      'JAX %s, process %d/%d, devices: %s',
+      jax.__version__,
+      jax.process_index(),
+      jax.process_count(),
+      jax.devices(),
+  )
   try:
     config_check.check_mesh(FLAGS.config)
   except config_check.ConfigError as e:

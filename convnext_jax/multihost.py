@@ -22,6 +22,7 @@ _calls = itertools.count()
 def _client():
   # jax has no public accessor for its coordination client; orbax reads it the same way.
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
   return distributed.global_state.client
 
 

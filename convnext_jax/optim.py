@@ -29,15 +29,21 @@ from convnext_jax.sharding import path_name
 LAYER_DECAY_SCHEMES = ('group', 'single')
 
 
-def lr_schedule(base_lr: float, min_lr: float, warmup_steps: int,
-                total_steps: int) -> optax.Schedule:
+def lr_schedule(
+    base_lr: float, min_lr: float, warmup_steps: int, total_steps: int
+) -> optax.Schedule:
   """Linear warmup from 0 to `base_lr`, then cosine to `min_lr` at `total_steps`, per step."""
   if warmup_steps >= total_steps:
-    raise ValueError(f'warmup ({warmup_steps} steps) must be shorter than training '
-                     f'({total_steps} steps)')
+    raise ValueError(
+        f'warmup ({warmup_steps} steps) must be shorter than training ({total_steps} steps)'
+    )
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps, decay_steps=total_steps,
-      end_value=min_lr)
+      init_value=0.0,
+      peak_value=base_lr,
+      warmup_steps=warmup_steps,
+      decay_steps=total_steps,
+      end_value=min_lr,
+  )
 
 
 def layer_id(name: str, spec: models.ModelSpec, scheme: str) -> tuple[int, int]:
@@ -58,7 +64,7 @@ def layer_id(name: str, spec: models.ModelSpec, scheme: str) -> tuple[int, int]:
   if scheme == 'single':
     num_layers = sum(depths)
     if m := re.fullmatch(r'downsample_layers\.(\d+)\.\d+', top):
-      return sum(depths[:int(m.group(1))]) + 1, num_layers
+      return sum(depths[: int(m.group(1))]) + 1, num_layers
     if m := re.fullmatch(r'stages\.(\d+)\.(\d+)', top):
       stage, block = int(m.group(1)), int(m.group(2))
       return sum(depths[:stage]) + block + 1, num_layers
@@ -78,7 +84,7 @@ def layer_decay_scales(params, spec: models.ModelSpec, decay: float, scheme: str
 
   def scale(path, _):
     lid, num_layers = layer_id(path_name(path), spec, scheme)
-    return decay**(num_layers + 1 - lid)
+    return decay ** (num_layers + 1 - lid)
 
   return jax.tree_util.tree_map_with_path(scale, params)
 
@@ -88,17 +94,19 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: len(jnp.shape(p)) >= 2, params)
 
 
-def make_optimizer(schedule: optax.Schedule,
-                   params,
-                   spec: models.ModelSpec,
-                   *,
-                   weight_decay: float = 0.05,
-                   b1: float = 0.9,
-                   b2: float = 0.999,
-                   eps: float = 1e-8,
-                   layer_decay: float = 1.0,
-                   layer_decay_scheme: str = 'group',
-                   grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+    schedule: optax.Schedule,
+    params,
+    spec: models.ModelSpec,
+    *,
+    weight_decay: float = 0.05,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    layer_decay: float = 1.0,
+    layer_decay_scheme: str = 'group',
+    grad_clip_norm: float = 0.0,
+) -> optax.GradientTransformation:
   """AdamW (PyTorch's decoupled, lr-scaled weight decay) with optional clipping and layer decay.
 
   With layer decay, each layer group is an `optax.partition` group running AdamW at
@@ -116,18 +124,18 @@ def make_optimizer(schedule: optax.Schedule,
 
   def adamw(scale: float = 1.0):
     lr = schedule if scale == 1.0 else (lambda step: schedule(step) * scale)
-    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                       mask=weight_decay_mask)
+    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
 
   if layer_decay == 1.0:
     core = adamw()
   else:
     ids = jax.tree_util.tree_map_with_path(
-        lambda path, _: layer_id(path_name(path), spec, layer_decay_scheme), params)
+        lambda path, _: layer_id(path_name(path), spec, layer_decay_scheme), params
+    )
     is_id = lambda x: isinstance(x, tuple)
     labels = jax.tree.map(lambda i: f'layer_{i[0]:03d}', ids, is_leaf=is_id)
     groups = {
-        f'layer_{lid:03d}': adamw(layer_decay**(num_layers + 1 - lid))
+        f'layer_{lid:03d}': adamw(layer_decay ** (num_layers + 1 - lid))
         for lid, num_layers in set(jax.tree.leaves(ids, is_leaf=is_id))
     }
     core = optax.partition(groups, labels)
@@ -148,4 +156,3 @@ def ema_decay_at(step, decay: float, warmup: bool):
 def update_ema(ema_params, params, decay):
   """ema <- decay * ema + (1 - decay) * params."""
   return optax.incremental_update(params, ema_params, step_size=1.0 - decay)
-

@@ -45,8 +45,8 @@ from PIL import Image
 from convnext_jax import checkpoints
 from convnext_jax import models
 from convnext_jax.convert import layouts
-from convnext_jax.data import batch_ops
 from convnext_jax.data import CROP_MODES
+from convnext_jax.data import batch_ops
 from convnext_jax.data import eval_crop
 from convnext_jax.data import pil_reference
 from convnext_jax.sharding import path_name
@@ -81,15 +81,19 @@ def imagenet_class_names() -> list[str] | None:
     spec = None
   if spec is None or not spec.submodule_search_locations:
     return None
-  path = os.path.join(list(spec.submodule_search_locations)[0], *_IMAGENET_NAMES_MODULE)
+  path = os.path.join(next(iter(spec.submodule_search_locations)), *_IMAGENET_NAMES_MODULE)
   try:
     with open(path, encoding='utf-8') as f:
       tree = ast.parse(f.read())
   except (OSError, SyntaxError):
     return None
   for node in tree.body:
-    if (isinstance(node, ast.Assign) and len(node.targets) == 1 and
-        isinstance(node.targets[0], ast.Name) and node.targets[0].id == _IMAGENET_NAMES_VARIABLE):
+    if (
+        isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id == _IMAGENET_NAMES_VARIABLE
+    ):
       try:
         names = ast.literal_eval(node.value)
       except ValueError:
@@ -108,19 +112,23 @@ def read_label_file(path: str, num_classes: int) -> list[str]:
   try:
     text = epath.Path(path).read_text()
   except (OSError, UnicodeDecodeError) as e:
-    raise PredictError(f'cannot read labels file {path} ({e}); pass a text file with one '
-                       'class name per line') from None
+    raise PredictError(
+        f'cannot read labels file {path} ({e}); pass a text file with one class name per line'
+    ) from None
   names = [line.strip() for line in text.splitlines()]
   while names and not names[-1]:
     names.pop()
   if len(names) != num_classes:
-    raise PredictError(f'labels file {path} has {len(names)} names but the model has '
-                       f'{num_classes} classes; give one name per line, one per class')
+    raise PredictError(
+        f'labels file {path} has {len(names)} names but the model has '
+        f'{num_classes} classes; give one name per line, one per class'
+    )
   return names
 
 
-def class_names(metadata: dict[str, Any], num_classes: int,
-                labels_file: str | None = None) -> list[str]:
+def class_names(
+    metadata: dict[str, Any], num_classes: int, labels_file: str | None = None
+) -> list[str]:
   """Names for the model's classes: --labels, else metadata, else ImageNet-1K, else
   'class N'."""
   if labels_file:
@@ -152,8 +160,7 @@ def check_images(paths: Sequence[str]) -> tuple[list[str], list[PredictError]]:
   readable, errors = [], []
   for path in paths:
     if not epath.Path(path).is_file():
-      errors.append(PredictError(f'image {path} does not exist or is not a file; check the '
-                                 'path'))
+      errors.append(PredictError(f'image {path} does not exist or is not a file; check the path'))
       continue
     try:
       with epath.Path(path).open('rb') as f, Image.open(f):
@@ -213,28 +220,36 @@ def load_model(checkpoint: str, which: str = 'ema', step: int | None = None):
     checkpoints.CheckpointError: the checkpoint cannot be read as asked.
   """
   if not epath.Path(checkpoint).exists():
-    raise PredictError(f'checkpoint {checkpoint} does not exist; pass a params checkpoint '
-                       '(from `convnext-convert import`) or a training workdir')
+    raise PredictError(
+        f'checkpoint {checkpoint} does not exist; pass a params checkpoint '
+        '(from `convnext-convert import`) or a training workdir'
+    )
   params, metadata = checkpoints.load_params(checkpoint, which=which, step=step)
   num_classes = layouts.num_classes_of(params)
   if not num_classes:
-    raise PredictError(f'checkpoint {checkpoint} has no classifier head; prediction needs '
-                       'a model trained or fine-tuned for classification')
+    raise PredictError(
+        f'checkpoint {checkpoint} has no classifier head; prediction needs '
+        'a model trained or fine-tuned for classification'
+    )
   model_name = metadata.get('model_name')
   try:
     model = models.create_model(model_name, num_classes=num_classes)
   except ValueError as e:
     raise PredictError(f'checkpoint {checkpoint}: {e}') from None
-  expected = {path_name(p): tuple(v.shape) for p, v in
-              jax.tree_util.tree_flatten_with_path(models.weight_shapes(model))[0]}
-  found = {path_name(p): tuple(np.shape(v)) for p, v in
-           jax.tree_util.tree_flatten_with_path(params)[0]}
+  expected = {
+      path_name(p): tuple(v.shape)
+      for p, v in jax.tree_util.tree_flatten_with_path(models.weight_shapes(model))[0]
+  }
+  found = {
+      path_name(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   if expected != found:
-    wrong = sorted(n for n in expected.keys() | found.keys()
-                   if expected.get(n) != found.get(n))
-    raise PredictError(f'checkpoint {checkpoint} does not fit {model_name} with {num_classes} '
-                       f'classes ({len(wrong)} names differ: {", ".join(wrong[:5])}); '
-                       'was it written by convnext_jax?')
+    wrong = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
+    raise PredictError(
+        f'checkpoint {checkpoint} does not fit {model_name} with {num_classes} '
+        f'classes ({len(wrong)} names differ: {", ".join(wrong[:5])}); '
+        'was it written by convnext_jax?'
+    )
   return model, jax.device_put(params), metadata
 
 
@@ -262,9 +277,13 @@ def _raise(error: PredictError):
   raise error
 
 
-def load_images(paths: Iterable[str], size: int, crop_pct: float, crop_mode: str = 'center',
-                on_error: Callable[[PredictError], None] = _raise
-                ) -> Iterator[tuple[str, np.ndarray]]:
+def load_images(
+    paths: Iterable[str],
+    size: int,
+    crop_pct: float,
+    crop_mode: str = 'center',
+    on_error: Callable[[PredictError], None] = _raise,
+) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (path, evaluation crop) per image that decodes, in order.
 
   Args:
@@ -284,8 +303,9 @@ def load_images(paths: Iterable[str], size: int, crop_pct: float, crop_mode: str
     yield path, image
 
 
-def predict_images(predict_fn, params, images: Iterable[tuple[str, np.ndarray]],
-                   batch_size: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def predict_images(
+    predict_fn, params, images: Iterable[tuple[str, np.ndarray]], batch_size: int
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
   """Yields (path, top-k probabilities, top-k indices) per (path, image), in order.
 
   Every batch has the same shape (the last one padded by repeating an image), so the
@@ -308,29 +328,50 @@ def predict_images(predict_fn, params, images: Iterable[tuple[str, np.ndarray]],
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog=PROG, description='Top classes of a ConvNeXt checkpoint for image files.')
+      prog=PROG, description='Top classes of a ConvNeXt checkpoint for image files.'
+  )
   parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
-  parser.add_argument('--checkpoint', required=True,
-                      help='orbax params checkpoint, or training workdir')
-  parser.add_argument('--params', choices=tuple(checkpoints.STATE_KEYS), default='ema',
-                      help='weights of a training workdir (default: ema, else raw); '
-                      'ignored for a params checkpoint')
-  parser.add_argument('--step', type=int, default=None,
-                      help='checkpoint step of a training workdir (default: the latest)')
+  parser.add_argument(
+      '--checkpoint', required=True, help='orbax params checkpoint, or training workdir'
+  )
+  parser.add_argument(
+      '--params',
+      choices=tuple(checkpoints.STATE_KEYS),
+      default='ema',
+      help='weights of a training workdir (default: ema, else raw); '
+      'ignored for a params checkpoint',
+  )
+  parser.add_argument(
+      '--step',
+      type=int,
+      default=None,
+      help='checkpoint step of a training workdir (default: the latest)',
+  )
   parser.add_argument('--size', type=int, default=224, help='input size (default: 224)')
-  parser.add_argument('--crop_pct', type=float, default=None,
-                      help='centre-crop fraction (default: 0.875 below size 384, else 1.0)')
-  parser.add_argument('--crop_mode', choices=CROP_MODES, default=None,
-                      help='resize the shorter side (center) or both (squash) to '
-                      'int(size / crop_pct) before the crop (default: center below size '
-                      '384, else squash)')
-  parser.add_argument('--labels', metavar='FILE',
-                      help='class names, one per line (default: the checkpoint\'s, else '
-                      'ImageNet-1K names for 1000 classes, else "class N")')
-  parser.add_argument('--top_k', type=int, default=5,
-                      help='classes shown per image (default: 5)')
-  parser.add_argument('--batch_size', type=int, default=32,
-                      help='images per forward pass (default: 32)')
+  parser.add_argument(
+      '--crop_pct',
+      type=float,
+      default=None,
+      help='centre-crop fraction (default: 0.875 below size 384, else 1.0)',
+  )
+  parser.add_argument(
+      '--crop_mode',
+      choices=CROP_MODES,
+      default=None,
+      help='resize the shorter side (center) or both (squash) to '
+      'int(size / crop_pct) before the crop (default: center below size '
+      '384, else squash)',
+  )
+  parser.add_argument(
+      '--labels',
+      metavar='FILE',
+      help="class names, one per line (default: the checkpoint's, else "
+      'ImageNet-1K names for 1000 classes, else "class N")',
+  )
+  parser.add_argument('--top_k', type=int, default=5, help='classes shown per image (default: 5)')
+  parser.add_argument(
+      '--batch_size', type=int, default=32, help='images per forward pass (default: 32)'
+  )
   parser.add_argument('--json', action='store_true', help='print a JSON list instead')
   return parser
 
@@ -366,11 +407,16 @@ def run(args, on_error: Callable[[PredictError], None] = _raise) -> Iterator[dic
   names = class_names(metadata, num_classes, args.labels)
   predict_fn = make_predict_fn(model, min(args.top_k, num_classes))
   batch_size = min(args.batch_size, len(paths))
-  for path, probs, indices in predict_images(predict_fn, params,
-                                             itertools.chain([first], images), batch_size):
-    yield {'image': path,
-           'predictions': [{'class': int(k), 'label': names[k], 'probability': float(p)}
-                           for p, k in zip(probs, indices)]}
+  for path, probs, indices in predict_images(
+      predict_fn, params, itertools.chain([first], images), batch_size
+  ):
+    yield {
+        'image': path,
+        'predictions': [
+            {'class': int(k), 'label': names[k], 'probability': float(p)}
+            for p, k in zip(probs, indices)
+        ],
+    }
 
 
 def format_text(result: dict[str, Any]) -> str:

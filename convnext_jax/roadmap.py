@@ -38,9 +38,6 @@ import sys
 import time
 from typing import Any
 
-# Imported first: it sets TensorFlow's log level, loads TensorFlow without its start-up
-# notices, and defines the flags this command shares with it (--config, --workdir, ...).
-from convnext_jax import main as cli
 # pylint: disable=g-import-not-at-top,g-bad-import-order,wrong-import-position
 from absl import app
 from absl import flags
@@ -59,6 +56,10 @@ from convnext_jax import config_lib
 from convnext_jax import console
 from convnext_jax import datasets
 from convnext_jax import fileio
+
+# Imported first: it sets TensorFlow's log level, loads TensorFlow without its start-up
+# notices, and defines the flags this command shares with it (--config, --workdir, ...).
+from convnext_jax import main as cli
 from convnext_jax import models
 from convnext_jax import multihost
 from convnext_jax import train
@@ -66,31 +67,42 @@ from convnext_jax import train_step
 from convnext_jax.models import roadmap
 
 PROG = 'convnext_jax.roadmap'
-USAGE = ('python -m convnext_jax.roadmap --workdir DIR [--track r50|r200] [--steps a,b,...] '
-         '[--mini]')
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              'configs', 'roadmap.py')
+USAGE = 'python -m convnext_jax.roadmap --workdir DIR [--track r50|r200] [--steps a,b,...] [--mini]'
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'roadmap.py'
+)
 RESULT_FILE = 'roadmap_result.json'
 TABLE_FILE = 'roadmap.md'
 CHART_FILE = 'roadmap.png'
 
 TRACK_TITLES = {'r50': 'ResNet-50 -> ConvNeXt-T', 'r200': 'ResNet-200 -> ConvNeXt-B'}
 # Figure 2's groups of steps.
-GROUPS = (('ResNet', ('baseline',)), ('macro design', ('stage_ratio', 'patchify')),
-          ('ResNeXt', ('depthwise', 'width')), ('inverted bottleneck', ('inverted',)),
-          ('large kernel', ('dw_up', 'kernel5', 'kernel7', 'kernel9', 'kernel11')),
-          ('micro design', ('gelu', 'fewer_act', 'fewer_norm', 'ln', 'downsample')))
+GROUPS = (
+    ('ResNet', ('baseline',)),
+    ('macro design', ('stage_ratio', 'patchify')),
+    ('ResNeXt', ('depthwise', 'width')),
+    ('inverted bottleneck', ('inverted',)),
+    ('large kernel', ('dw_up', 'kernel5', 'kernel7', 'kernel9', 'kernel11')),
+    ('micro design', ('gelu', 'fewer_act', 'fewer_norm', 'ln', 'downsample')),
+)
 # Kernel sizes the paper tried and did not keep (it goes on from 7): lighter bars.
 NOT_KEPT = ('kernel5', 'kernel9', 'kernel11')
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('track', 'r50', list(roadmap.TRACKS),
-                  'r50: ResNet-50 -> ConvNeXt-T; r200: ResNet-200 -> ConvNeXt-B.')
-flags.DEFINE_list('steps', None,
-                  'Steps to train, e.g. baseline,downsample (default: every step of the track).')
-flags.DEFINE_bool('mini', False,
-                  "configs/roadmap.py's CPU preset: small models on the built-in dataset at "
-                  '32 px.')
+flags.DEFINE_enum(
+    'track',
+    'r50',
+    list(roadmap.TRACKS),
+    'r50: ResNet-50 -> ConvNeXt-T; r200: ResNet-200 -> ConvNeXt-B.',
+)
+flags.DEFINE_list(
+    'steps', None, 'Steps to train, e.g. baseline,downsample (default: every step of the track).'
+)
+flags.DEFINE_bool(
+    'mini',
+    False,
+    "configs/roadmap.py's CPU preset: small models on the built-in dataset at 32 px.",
+)
 
 
 def select_steps(track: str, names: list[str] | None) -> list[roadmap.Step]:
@@ -105,13 +117,20 @@ def select_steps(track: str, names: list[str] | None) -> list[roadmap.Step]:
   known = [step.name for step in steps]
   unknown = [name for name in names if name not in known]
   if unknown:
-    raise ValueError(f'--steps: unknown step(s) {", ".join(unknown)} of track {track}; the '
-                     f'steps are {",".join(known)}')
+    raise ValueError(
+        f'--steps: unknown step(s) {", ".join(unknown)} of track {track}; the '
+        f'steps are {",".join(known)}'
+    )
   return [step for step in steps if step.name in names]
 
 
-def step_configs(config_argument: str, overrides: dict[str, Any], track: str,
-                 steps: list[roadmap.Step], mini: bool) -> dict[str, ml_collections.ConfigDict]:
+def step_configs(
+    config_argument: str,
+    overrides: dict[str, Any],
+    track: str,
+    steps: list[roadmap.Step],
+    mini: bool,
+) -> dict[str, ml_collections.ConfigDict]:
   """Each step's config: the config file with its arguments, the track, the step (and
   `mini`), then the command line's `--config.*` overrides; each checked.
 
@@ -128,11 +147,14 @@ def step_configs(config_argument: str, overrides: dict[str, Any], track: str,
   user_args = [part.strip() for part in arg.split(',') if part.strip()]
   clash = sorted(set(config_lib.parse_arg(arg)) & {'track', 'step'})
   if clash:
-    raise ValueError(f'--config={config_argument}: the study sets the track and the step '
-                     f'itself ({",".join(clash)}= given); choose them with --track and --steps')
+    raise ValueError(
+        f'--config={config_argument}: the study sets the track and the step '
+        f'itself ({",".join(clash)}= given); choose them with --track and --steps'
+    )
   if 'model.name' in overrides:
-    raise ValueError('--config.model.name: the study sets each step\'s model; choose the '
-                     'steps with --steps')
+    raise ValueError(
+        "--config.model.name: the study sets each step's model; choose the steps with --steps"
+    )
   if mini and 'mini' not in user_args:
     user_args.append('mini')
   get_config = _config_module(path).get_config
@@ -156,6 +178,7 @@ def _config_module(path: str):
 @dataclasses.dataclass(frozen=True)
 class Study:
   """What one invocation trains: the track, its root workdir and the preset's name."""
+
   track: str
   workdir: str
   preset: str  # 'mini' or '' (full size).
@@ -164,8 +187,9 @@ class Study:
     return epath.Path(self.workdir) / step
 
 
-def run_step(study: Study, step: roadmap.Step, config: ml_collections.ConfigDict,
-             position: str) -> bool:
+def run_step(
+    study: Study, step: roadmap.Step, config: ml_collections.ConfigDict, position: str
+) -> bool:
   """Trains (or resumes, or skips) one step; process 0 writes its result.
 
   Returns:
@@ -177,8 +201,12 @@ def run_step(study: Study, step: roadmap.Step, config: ml_collections.ConfigDict
   """
   step_dir = study.step_dir(step.name)
   result_path = step_dir / RESULT_FILE
-  finished = multihost.decide_on_process_0(
-      f'roadmap {step.name} finished', lambda: str(int(result_path.exists()))) == '1'
+  finished = (
+      multihost.decide_on_process_0(
+          f'roadmap {step.name} finished', lambda: str(int(result_path.exists()))
+      )
+      == '1'
+  )
   if finished:
     result = json.loads(result_path.read_text())
     _check_same_run(result, config, step_dir)
@@ -186,8 +214,10 @@ def run_step(study: Study, step: roadmap.Step, config: ml_collections.ConfigDict
     return True
   workdir = os.fspath(step_dir)
   before = checkpoints.workdir_steps(workdir)
-  _say(f'{position} {step.name} ({step.title}): '
-       f'{"resuming" if before else "training"} {config.model.name} in {workdir}')
+  _say(
+      f'{position} {step.name} ({step.title}): '
+      f'{"resuming" if before else "training"} {config.model.name} in {workdir}'
+  )
   logging.info('config: %s', cli.summary(config))
   logging.info('config:\n%s', config, extra=console.DETAIL)
   start = time.perf_counter()
@@ -198,8 +228,10 @@ def run_step(study: Study, step: roadmap.Step, config: ml_collections.ConfigDict
   total = train.schedule_steps(config, num_train).total_steps
   saved = checkpoints.workdir_steps(workdir)
   if not saved or saved[-1] < total:
-    _say(f'{step.name}: stopped at step {saved[-1] if saved else 0} of {total}; run the same '
-         'command again to resume')
+    _say(
+        f'{step.name}: stopped at step {saved[-1] if saved else 0} of {total}; run the same '
+        'command again to resume'
+    )
     return False
   if jax.process_index() == 0:
     metrics = last_eval or checkpoints.load_params(workdir, 'raw')[1]['metrics']
@@ -211,18 +243,24 @@ def run_step(study: Study, step: roadmap.Step, config: ml_collections.ConfigDict
   return True
 
 
-def _check_same_run(result: dict[str, Any], config: ml_collections.ConfigDict,
-                    step_dir: epath.Path) -> None:
+def _check_same_run(
+    result: dict[str, Any], config: ml_collections.ConfigDict, step_dir: epath.Path
+) -> None:
   """Refuses a result of another model; warns about one trained with another config."""
   if result['model_name'] != config.model.name:
-    raise train.TrainingError(f'{step_dir} holds a {result["model_name"]} run, not '
-                              f'{config.model.name}; use one --workdir per track and preset')
+    raise train.TrainingError(
+        f'{step_dir} holds a {result["model_name"]} run, not '
+        f'{config.model.name}; use one --workdir per track and preset'
+    )
   ours, theirs = _flat(_config_json(config)), _flat(result.get('config', {}))
   differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
   if differ:
-    logging.warning('%s was trained with another config (%s differ); its result is kept: '
-                    'delete the directory to train the step again', step_dir,
-                    ', '.join(differ[:6]) + (', ...' if len(differ) > 6 else ''))
+    logging.warning(
+        '%s was trained with another config (%s differ); its result is kept: '
+        'delete the directory to train the step again',
+        step_dir,
+        ', '.join(differ[:6]) + (', ...' if len(differ) > 6 else ''),
+    )
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -243,13 +281,22 @@ def _dataset_facts(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(training examples, classes) of the configured dataset, from its prepared tfds info."""
   cd = config.dataset
   info = datasets.builder(cd.name, data_dir=cd.data_dir or None, **cd.builder_kwargs).info
-  num_classes = (config.model.num_classes if config.model.num_classes >= 0 else
-                 info.features[cd.label_key].num_classes)
+  num_classes = (
+      config.model.num_classes
+      if config.model.num_classes >= 0
+      else info.features[cd.label_key].num_classes
+  )
   return info.splits[cd.train_split].num_examples, num_classes
 
 
-def _measure(study: Study, step: roadmap.Step, config: ml_collections.ConfigDict,
-             num_classes: int, metrics: dict[str, float], workdir: str) -> dict[str, Any]:
+def _measure(
+    study: Study,
+    step: roadmap.Step,
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    metrics: dict[str, float],
+    workdir: str,
+) -> dict[str, Any]:
   """A finished step's result: accuracy, throughput, size and multiply-adds, the paper's."""
   model = train_step.create_model(config, num_classes)
   size = config.input.image_size
@@ -285,8 +332,10 @@ def images_per_sec(workdir: str) -> float | None:
   events.Reload()
   if 'train/images_per_sec' not in events.Tags()['tensors']:
     return None
-  return statistics.median(float(tensor_util.make_ndarray(e.tensor_proto))
-                           for e in events.Tensors('train/images_per_sec'))
+  return statistics.median(
+      float(tensor_util.make_ndarray(e.tensor_proto))
+      for e in events.Tensors('train/images_per_sec')
+  )
 
 
 def _write_atomically(path: epath.Path, data: bytes) -> None:
@@ -295,9 +344,8 @@ def _write_atomically(path: epath.Path, data: bytes) -> None:
   if '://' in os.fspath(path):
     path.write_bytes(data)
     return
-  with fileio.atomic_output(os.fspath(path), overwrite=True) as tmp:
-    with open(tmp, 'wb') as f:
-      f.write(data)
+  with fileio.atomic_output(os.fspath(path), overwrite=True) as tmp, open(tmp, 'wb') as f:
+    f.write(data)
 
 
 def _say(text: str) -> None:
@@ -308,10 +356,12 @@ def _say(text: str) -> None:
 
 
 def _one_result(result: dict[str, Any]) -> str:
-  return (f'top-1 {100 * result["top1"]:.1f}% (paper {result["paper_top1"]:.2f}%), '
-          f'{_img_per_sec(result)} img/s, {result["params"]:,} params, '
-          f'{_gmacs(result["macs"] / 1e9)} GMACs at {result["image_size"]} px, done in '
-          f'{console.duration(result["wall_s"])}')
+  return (
+      f'top-1 {100 * result["top1"]:.1f}% (paper {result["paper_top1"]:.2f}%), '
+      f'{_img_per_sec(result)} img/s, {result["params"]:,} params, '
+      f'{_gmacs(result["macs"] / 1e9)} GMACs at {result["image_size"]} px, done in '
+      f'{console.duration(result["wall_s"])}'
+  )
 
 
 def _gmacs(value: float) -> str:
@@ -344,32 +394,46 @@ def table(track: str, results: list[dict[str, Any]]) -> str:
   total = len(order)
   sizes = sorted({r['image_size'] for r in results})
   data = sorted({r['dataset'] for r in results})
-  lines = [f'# Roadmap study, track {track}: {TRACK_TITLES[track]}', '',
-           f'{len(results)} of {total} steps, trained on {", ".join(data)} at '
-           f'{", ".join(map(str, sizes))} px. The paper\'s numbers: ImageNet-1K, 300 epochs, '
-           '224 px, EMA off (Appendix C). GMACs: multiply-adds of one image\'s forward pass '
-           '(what the paper calls FLOPs), ours at the trained resolution. Top-1 ours: the raw '
-           'weights (no EMA) at the end of training. img/s: training throughput, the median '
-           'of the logged windows (evaluation excluded). Time: the step\'s wall time, '
-           'compilation and evaluation included.', '']
+  lines = [
+      f'# Roadmap study, track {track}: {TRACK_TITLES[track]}',
+      '',
+      f'{len(results)} of {total} steps, trained on {", ".join(data)} at '
+      f'{", ".join(map(str, sizes))} px. The paper\'s numbers: ImageNet-1K, 300 epochs, '
+      "224 px, EMA off (Appendix C). GMACs: multiply-adds of one image's forward pass "
+      '(what the paper calls FLOPs), ours at the trained resolution. Top-1 ours: the raw '
+      'weights (no EMA) at the end of training. img/s: training throughput, the median '
+      "of the logged windows (evaluation excluded). Time: the step's wall time, "
+      'compilation and evaluation included.',
+      '',
+  ]
   if any(r['preset'] == 'mini' for r in results):
-    lines += ['Mini preset (configs/roadmap.py:mini): reduced widths and depths, the built-in '
-              'convnext_shapes dataset, a short schedule. Trends at this scale are not the '
-              'paper\'s.', '']
-  lines += ['| # | step | change | params | GMACs ours (px) | GFLOPs paper (224 px) | '
-            'top-1 ours (%) | top-1 paper (%) | img/s | time |',
-            '|---|---|---|---:|---:|---:|---:|---:|---:|---:|']
+    lines += [
+        'Mini preset (configs/roadmap.py:mini): reduced widths and depths, the built-in '
+        'convnext_shapes dataset, a short schedule. Trends at this scale are not the '
+        "paper's.",
+        '',
+    ]
+  lines += [
+      '| # | step | change | params | GMACs ours (px) | GFLOPs paper (224 px) | '
+      'top-1 ours (%) | top-1 paper (%) | img/s | time |',
+      '|---|---|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   resumed = False
   for r in results:
     mark = '*' if r.get('resumed_from_step') else ''
     resumed = resumed or bool(mark)
-    lines.append(f'| {order.index(r["step"]) + 1} | {r["step"]} | {r["title"]} | '
-                 f'{r["params"]:,} | {_gmacs(r["macs"] / 1e9)} ({r["image_size"]}) | '
-                 f'{r["paper_gflops"]:.2f} | {100 * r["top1"]:.2f} | {r["paper_top1"]:.2f} | '
-                 f'{_img_per_sec(r)} | {console.duration(r["wall_s"])}{mark} |')
+    lines.append(
+        f'| {order.index(r["step"]) + 1} | {r["step"]} | {r["title"]} | '
+        f'{r["params"]:,} | {_gmacs(r["macs"] / 1e9)} ({r["image_size"]}) | '
+        f'{r["paper_gflops"]:.2f} | {100 * r["top1"]:.2f} | {r["paper_top1"]:.2f} | '
+        f'{_img_per_sec(r)} | {console.duration(r["wall_s"])}{mark} |'
+    )
   top1, gflops = roadmap.ORIGINAL_RECIPE[track]
-  lines += ['', f'Paper, the ResNet with the original 90-epoch recipe: top-1 {top1:.2f}, '
-            f'{gflops:.2f} GFLOPs.']
+  lines += [
+      '',
+      f'Paper, the ResNet with the original 90-epoch recipe: top-1 {top1:.2f}, '
+      f'{gflops:.2f} GFLOPs.',
+  ]
   if resumed:
     lines.append('*: resumed; the time is that of the last part only.')
   return '\n'.join(lines) + '\n'
@@ -382,6 +446,7 @@ def chart(track: str, results: list[dict[str, Any]]) -> bytes:
   # Imported here, and drawn on an Agg canvas without pyplot: no global backend state.
   from matplotlib import figure  # pylint: disable=g-import-not-at-top
   from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+
   names = [r['step'] for r in results]
   labels = [r['title'] for r in results]
   rows = range(len(results))
@@ -389,24 +454,30 @@ def chart(track: str, results: list[dict[str, Any]]) -> bytes:
   backend_agg.FigureCanvasAgg(fig)
   paper_ax, ours_ax = fig.subplots(1, 2, sharey=True)
   panels = (
-      (paper_ax, [r['paper_top1'] for r in results],
-       [f'{r["paper_top1"]:.2f}  {r["paper_gflops"]:.2f}G' for r in results],
-       ('#7f7f7f', '#c7c7c7'), 'Paper: ImageNet-1K, 224 px (GFLOPs at 224 px)'),
-      (ours_ax, [100 * r['top1'] for r in results],
-       [f'{100 * r["top1"]:.1f}  {_macs_short(r["macs"])}' for r in results],
-       ('#1f77b4', '#aec7e8'),
-       f'Ours: {", ".join(sorted({r["dataset"] for r in results}))}, '
-       f'{", ".join(sorted({str(r["image_size"]) for r in results}))} px'
-       f'{" (mini)" if any(r["preset"] == "mini" for r in results) else ""} '
-       '(GMACs at that size)'),
+      (
+          paper_ax,
+          [r['paper_top1'] for r in results],
+          [f'{r["paper_top1"]:.2f}  {r["paper_gflops"]:.2f}G' for r in results],
+          ('#7f7f7f', '#c7c7c7'),
+          'Paper: ImageNet-1K, 224 px (GFLOPs at 224 px)',
+      ),
+      (
+          ours_ax,
+          [100 * r['top1'] for r in results],
+          [f'{100 * r["top1"]:.1f}  {_macs_short(r["macs"])}' for r in results],
+          ('#1f77b4', '#aec7e8'),
+          f'Ours: {", ".join(sorted({r["dataset"] for r in results}))}, '
+          f'{", ".join(sorted({str(r["image_size"]) for r in results}))} px'
+          f'{" (mini)" if any(r["preset"] == "mini" for r in results) else ""} '
+          '(GMACs at that size)',
+      ),
   )
   for ax, values, notes, (kept, tried), title in panels:
     low, high = min(values), max(values)
     span = max(high - low, 1.0)
     left = low - 0.35 * span
     colors = [tried if name in NOT_KEPT else kept for name in names]
-    ax.barh(list(rows), [v - left for v in values], left=left, height=0.62, color=colors,
-            zorder=2)
+    ax.barh(list(rows), [v - left for v in values], left=left, height=0.62, color=colors, zorder=2)
     for row, value, note in zip(rows, values, notes):
       ax.text(value + 0.02 * span, row, note, va='center', fontsize=8, zorder=3)
     ax.set_xlim(left, high + 0.45 * span)
@@ -419,10 +490,18 @@ def chart(track: str, results: list[dict[str, Any]]) -> bytes:
   for group, members in GROUPS:
     shown = [i for i, name in enumerate(names) if name in members]
     if shown:
-      ours_ax.text(1.02, (shown[0] + shown[-1]) / 2, group, va='center', fontsize=8,
-                   style='italic', transform=ours_ax.get_yaxis_transform())
-  fig.suptitle(f'Roadmap {track}: {TRACK_TITLES[track]} (lighter: kernel sizes not kept)',
-               fontsize=11)
+      ours_ax.text(
+          1.02,
+          (shown[0] + shown[-1]) / 2,
+          group,
+          va='center',
+          fontsize=8,
+          style='italic',
+          transform=ours_ax.get_yaxis_transform(),
+      )
+  fig.suptitle(
+      f'Roadmap {track}: {TRACK_TITLES[track]} (lighter: kernel sizes not kept)', fontsize=11
+  )
   out = io.BytesIO()
   fig.savefig(out, format='png', bbox_inches='tight')
   return out.getvalue()
@@ -460,8 +539,13 @@ def main(argv):
     preset = 'mini'
   try:
     steps = select_steps(FLAGS.track, FLAGS.steps)
-    configs = step_configs(config_argument, config_flags.get_override_values(FLAGS['config']),
-                           FLAGS.track, steps, FLAGS.mini)
+    configs = step_configs(
+        config_argument,
+        config_flags.get_override_values(FLAGS['config']),
+        FLAGS.track,
+        steps,
+        FLAGS.mini,
+    )
   except ValueError as e:
     return report(e, 2)
   cli.initialize_distributed()
@@ -472,8 +556,10 @@ def main(argv):
     return report(e, 2)
   study = Study(FLAGS.track, FLAGS.workdir, preset)
   epath.Path(study.workdir).mkdir(parents=True, exist_ok=True)
-  _say(f'roadmap {study.track} ({TRACK_TITLES[study.track]}){" mini" if preset else ""}: '
-       f'{len(steps)} step(s) in {study.workdir}: {", ".join(s.name for s in steps)}')
+  _say(
+      f'roadmap {study.track} ({TRACK_TITLES[study.track]}){" mini" if preset else ""}: '
+      f'{len(steps)} step(s) in {study.workdir}: {", ".join(s.name for s in steps)}'
+  )
   for i, step in enumerate(steps, start=1):
     try:
       finished = run_step(study, step, configs[step.name], f'[{i}/{len(steps)}]')
@@ -498,8 +584,7 @@ def run():
   if not _has_config_flag(argv):
     # Given explicitly, so that a mistake in an override is reported as for any config.
     argv.insert(1, f'--config={DEFAULT_CONFIG}')
-  app.run(main, argv=argv,
-          flags_parser=functools.partial(cli.parse_flags, prog=PROG, usage=USAGE))
+  app.run(main, argv=argv, flags_parser=functools.partial(cli.parse_flags, prog=PROG, usage=USAGE))
 
 
 if __name__ == '__main__':

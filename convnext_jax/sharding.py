@@ -18,7 +18,8 @@ axis outside the batch, spanning processes) must feed identical rows, so they re
 *data shard*; processes holding different rows read different shards.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
 import math
 import re
@@ -55,13 +56,17 @@ def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
     if known <= 0 or len(devices) % known:
-      raise ValueError(f'mesh shape {tuple(shape)} does not divide {len(devices)} devices; '
-                       'set config.mesh so that its product is the device count')
+      raise ValueError(
+          f'mesh shape {tuple(shape)} does not divide {len(devices)} devices; '
+          'set config.mesh so that its product is the device count'
+      )
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f'mesh {dict(zip(AXES, shape))} has {math.prod(shape)} devices but '
-                     f'{len(devices)} are available; set config.mesh to multiply to '
-                     f'{len(devices)}')
+    raise ValueError(
+        f'mesh {dict(zip(AXES, shape))} has {math.prod(shape)} devices but '
+        f'{len(devices)} are available; set config.mesh to multiply to '
+        f'{len(devices)}'
+    )
   axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
   if devices == list(jax.devices()):
     return jax.make_mesh(tuple(shape), AXES, axis_types=axis_types)
@@ -97,6 +102,7 @@ class BatchFeed:
       whole batch, the process count under plain data parallelism).
     process_shards: the data shard of every process, by process index.
   """
+
   sharding: jax.sharding.NamedSharding
   shard_index: int
   shard_count: int
@@ -108,13 +114,17 @@ class BatchFeed:
 
   def global_arrays(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> global `jax.Array`s (every process calls this together)."""
-    return {k: jax.make_array_from_process_local_data(
-        self.sharding, v, (v.shape[0] * self.shard_count,) + v.shape[1:])
-            for k, v in local.items()}
+    return {
+        k: jax.make_array_from_process_local_data(
+            self.sharding, v, (v.shape[0] * self.shard_count,) + v.shape[1:]
+        )
+        for k, v in local.items()
+    }
 
 
-def batch_feed(mesh: jax.sharding.Mesh,
-               process_of: Callable[[Any], int] = lambda d: d.process_index) -> BatchFeed:
+def batch_feed(
+    mesh: jax.sharding.Mesh, process_of: Callable[[Any], int] = lambda d: d.process_index
+) -> BatchFeed:
   """The `BatchFeed` of `batch_sharding(mesh)` for this process.
 
   Args:
@@ -139,7 +149,8 @@ def batch_feed(mesh: jax.sharding.Mesh,
         f'mesh {dict(mesh.shape)} cannot be fed by {len(processes)} processes: the batch '
         f'axes {DATA_AXES} split a batch of {rows} rows as {layout}, and processes must hold '
         'either the same rows or disjoint, equal parts; choose config.mesh so that the '
-        'processes divide the data and fsdp axes, or hold all of them')
+        'processes divide the data and fsdp axes, or hold all of them'
+    )
   process_shards = tuple(shards.index(frozenset(held[p])) for p in processes)
   index = process_shards[processes.index(jax.process_index())]
   return BatchFeed(batch, index, len(shards), process_shards)
@@ -158,8 +169,13 @@ def path_name(path) -> str:
   return '/'.join(parts)
 
 
-def partition_spec(name: str, shape: Sequence[int], mesh: jax.sharding.Mesh,
-                   rules=DEFAULT_RULES, min_fsdp_size: int = 2**14) -> P:
+def partition_spec(
+    name: str,
+    shape: Sequence[int],
+    mesh: jax.sharding.Mesh,
+    rules=DEFAULT_RULES,
+    min_fsdp_size: int = 2**14,
+) -> P:
   """The PartitionSpec of one parameter under `rules` (see the module docstring)."""
   kind = next((k for pattern, k in rules if re.fullmatch(pattern, name)), 'replicate')
   if kind not in KINDS:
@@ -180,8 +196,7 @@ def partition_spec(name: str, shape: Sequence[int], mesh: jax.sharding.Mesh,
   return P(*spec)
 
 
-def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES,
-                   min_fsdp_size: int = 2**14):
+def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, min_fsdp_size: int = 2**14):
   """NamedShardings for every array leaf of `tree` (arrays or ShapeDtypeStructs)."""
 
   def sharding(path, leaf):
@@ -189,7 +204,6 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES,
     return jax.sharding.NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(sharding, tree)
-
 
 
 def like_params_shardings(tree, params, param_shardings, mesh: jax.sharding.Mesh):
@@ -208,7 +222,8 @@ def like_params_shardings(tree, params, param_shardings, mesh: jax.sharding.Mesh
   by_path = {}
   for (path, leaf), (_, leaf_sharding) in zip(
       jax.tree_util.tree_flatten_with_path(params)[0],
-      jax.tree_util.tree_flatten_with_path(param_shardings)[0]):
+      jax.tree_util.tree_flatten_with_path(param_shardings)[0],
+  ):
     by_path[path_name(path)] = (np.shape(leaf), leaf_sharding)
   longest = max(len(name.split('/')) for name in by_path)
 
@@ -221,6 +236,7 @@ def like_params_shardings(tree, params, param_shardings, mesh: jax.sharding.Mesh
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(sharding, tree)
+
 
 def describe(tree_of_shardings, max_lines: int = 12) -> str:
   """A few lines 'name: spec' for the log (the distinct specs, with a count each)."""

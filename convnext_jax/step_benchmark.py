@@ -82,6 +82,7 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 @dataclasses.dataclass
 class Result:
   """One timed configuration."""
+
   name: str
   batch: int
   seconds: float  # Median per step.
@@ -106,21 +107,23 @@ class Result:
     return self.tflops / (self.peak_tflops * self.devices)
 
   def line(self, torch_seconds: float | None, platform: str) -> str:
-    ratio = f'x{torch_seconds / self.seconds:5.2f} vs torch' if torch_seconds else (
-        ' ' * 15)
+    ratio = f'x{torch_seconds / self.seconds:5.2f} vs torch' if torch_seconds else (' ' * 15)
     compile_s = f'{self.compile_s:6.1f} s' if self.compile_s is not None else '     n/a'
     tflops = f'{self.tflops:8.3f}' if self.tflops is not None else '     n/a'
     if self.mfu is not None:
       mfu = f'{100 * self.mfu:5.1f}%'
     else:
       mfu = 'n/a (CPU: not meaningful)' if platform == 'cpu' else 'n/a (peak unknown)'
-    return (f'  {self.name:42s} {self.images_per_s:8.1f} img/s  {self.seconds * 1e3:8.1f} '
-            f'ms/step  {ratio}  compile {compile_s}  {tflops} TFLOP/s  MFU {mfu}  '
-            f'memory {self.memory}')
+    return (
+        f'  {self.name:42s} {self.images_per_s:8.1f} img/s  {self.seconds * 1e3:8.1f} '
+        f'ms/step  {ratio}  compile {compile_s}  {tflops} TFLOP/s  MFU {mfu}  '
+        f'memory {self.memory}'
+    )
 
   def record(self) -> dict:
-    return dict(dataclasses.asdict(self), images_per_s=self.images_per_s,
-                tflops=self.tflops, mfu=self.mfu)
+    return dict(
+        dataclasses.asdict(self), images_per_s=self.images_per_s, tflops=self.tflops, mfu=self.mfu
+    )
 
 
 def time_calls(step, warmup: int, iters: int) -> float:
@@ -184,23 +187,41 @@ def _jax_train(args, mesh, peak) -> Result:
   model = train_step.create_model(config, NUM_CLASSES, num_shards)
   lr_fn = optim.lr_schedule(config.optim.lr, config.optim.min_lr, 10, 1000)
   optimizer = optim.make_optimizer(
-      lr_fn, models.param_shapes(model, args.size), train_step.model_spec(config),
-      weight_decay=config.optim.weight_decay, layer_decay=config.optim.layer_decay,
-      layer_decay_scheme=config.optim.layer_decay_scheme)
-  state, shardings, _ = train_step.create_train_state(config, model, optimizer, mesh,
-                                                      args.size, use_ema=True)
+      lr_fn,
+      models.param_shapes(model, args.size),
+      train_step.model_spec(config),
+      weight_decay=config.optim.weight_decay,
+      layer_decay=config.optim.layer_decay,
+      layer_decay_scheme=config.optim.layer_decay_scheme,
+  )
+  state, shardings, _ = train_step.create_train_state(
+      config, model, optimizer, mesh, args.size, use_ema=True
+  )
   batch_sharding = sharding.batch_sharding(mesh)
   rng = np.random.default_rng(0)
   batch = jax.device_put(
-      {'image': rng.integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8),
-       'label': rng.integers(0, NUM_CLASSES, (args.batch,), np.int32)}, batch_sharding)
+      {
+          'image': rng.integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8),
+          'label': rng.integers(0, NUM_CLASSES, (args.batch,), np.int32),
+      },
+      batch_sharding,
+  )
 
   def jitted(config):
     return jax.jit(
-        train_step.make_train_step(train_step.create_model(config, NUM_CLASSES, num_shards),
-                                   optimizer, lr_fn, config, NUM_CLASSES, num_shards),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None, None),
-        donate_argnums=(0,), compiler_options=models.compiler_options(training=True))
+        train_step.make_train_step(
+            train_step.create_model(config, NUM_CLASSES, num_shards),
+            optimizer,
+            lr_fn,
+            config,
+            NUM_CLASSES,
+            num_shards,
+        ),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None, None),
+        donate_argnums=(0,),
+        compiler_options=models.compiler_options(training=True),
+    )
 
   start = time.perf_counter()
   lowered = jitted(config).lower(state, batch)
@@ -214,9 +235,16 @@ def _jax_train(args, mesh, peak) -> Result:
     jax.block_until_ready(state)
 
   seconds = time_calls(step, args.warmup, args.iters)
-  return Result(f'jax train ({_variant(args)})', args.batch, seconds, compile_s,
-                None if flops is None else flops * mesh.size, mesh.size, peak,
-                _memory(compiled))
+  return Result(
+      f'jax train ({_variant(args)})',
+      args.batch,
+      seconds,
+      compile_s,
+      None if flops is None else flops * mesh.size,
+      mesh.size,
+      peak,
+      _memory(compiled),
+  )
 
 
 def _jax_infer(args, mesh, peak) -> Result:
@@ -224,30 +252,47 @@ def _jax_infer(args, mesh, peak) -> Result:
   model = train_step.create_model(config, NUM_CLASSES)
   dtype = train_step.DTYPES[args.dtype]
   # All the variables: a BatchNorm model's forward reads its running averages too.
-  variables = jax.jit(lambda key: model.init(key, np.zeros((1, args.size, args.size, 3),
-                                                            np.float32)),
-                      out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+  variables = jax.jit(
+      lambda key: model.init(key, np.zeros((1, args.size, args.size, 3), np.float32)),
+      out_shardings=sharding.replicated(mesh),
+  )(jax.random.key(0))
   batch_sharding = sharding.batch_sharding(mesh)
-  images = jax.device_put(np.random.default_rng(0).integers(
-      0, 256, (args.batch, args.size, args.size, 3), np.uint8), batch_sharding)
+  images = jax.device_put(
+      np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8),
+      batch_sharding,
+  )
 
   def jitted(model):
     return jax.jit(
         lambda v, x: model.apply(v, batch_ops.normalize(x, dtype=dtype), train=False),
         in_shardings=(sharding.replicated(mesh), batch_sharding),
-        compiler_options=models.compiler_options())
+        compiler_options=models.compiler_options(),
+    )
 
   start = time.perf_counter()
   lowered = jitted(model).lower(variables, images)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(jitted(train_step.create_model(_config(args, scan=False), NUM_CLASSES)).lower(
-      variables, images) if args.scan else lowered)
-  seconds = time_calls(lambda: jax.block_until_ready(compiled(variables, images)), args.warmup,
-                        args.iters)
-  return Result(f'jax infer ({_variant(args)})', args.batch, seconds, compile_s,
-                None if flops is None else flops * mesh.size, mesh.size, peak,
-                _memory(compiled))
+  flops = _flops(
+      jitted(train_step.create_model(_config(args, scan=False), NUM_CLASSES)).lower(
+          variables, images
+      )
+      if args.scan
+      else lowered
+  )
+  seconds = time_calls(
+      lambda: jax.block_until_ready(compiled(variables, images)), args.warmup, args.iters
+  )
+  return Result(
+      f'jax infer ({_variant(args)})',
+      args.batch,
+      seconds,
+      compile_s,
+      None if flops is None else flops * mesh.size,
+      mesh.size,
+      peak,
+      _memory(compiled),
+  )
 
 
 def _torch_results(args, training: bool) -> list[Result]:
@@ -256,27 +301,37 @@ def _torch_results(args, training: bool) -> list[Result]:
   import transformers  # pylint: disable=g-import-not-at-top
 
   spec = models.get_spec(args.model)
-  config_cls, model_cls = ((transformers.ConvNextV2Config,
-                            transformers.ConvNextV2ForImageClassification) if spec.use_grn else
-                           (transformers.ConvNextConfig,
-                            transformers.ConvNextForImageClassification))
+  config_cls, model_cls = (
+      (transformers.ConvNextV2Config, transformers.ConvNextV2ForImageClassification)
+      if spec.use_grn
+      else (transformers.ConvNextConfig, transformers.ConvNextForImageClassification)
+  )
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   torch.manual_seed(0)
-  model = model_cls(config_cls(hidden_sizes=list(spec.dims), depths=list(spec.depths),
-                               num_labels=NUM_CLASSES, layer_norm_eps=1e-6))
+  model = model_cls(
+      config_cls(
+          hidden_sizes=list(spec.dims),
+          depths=list(spec.depths),
+          num_labels=NUM_CLASSES,
+          layer_norm_eps=1e-6,
+      )
+  )
   model = model.to(device, memory_format=torch.channels_last).train(training)
   images = torch.randn(args.batch, 3, args.size, args.size, device=device).to(
-      memory_format=torch.channels_last)
+      memory_format=torch.channels_last
+  )
   labels = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
   autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 
   def make_step(net):
     if not training:
+
       def infer():
         with torch.inference_mode(), torch.autocast(**autocast):
           net(images)
         sync()
+
       return infer
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
 
@@ -287,11 +342,17 @@ def _torch_results(args, training: bool) -> list[Result]:
       optimizer.step()
       optimizer.zero_grad(set_to_none=True)
       sync()
+
     return train
 
   what = 'train' if training else 'infer'
-  results = [Result(f'torch eager {what} ({args.dtype})', args.batch,
-                    time_calls(make_step(model), args.warmup, args.iters))]
+  results = [
+      Result(
+          f'torch eager {what} ({args.dtype})',
+          args.batch,
+          time_calls(make_step(model), args.warmup, args.iters),
+      )
+  ]
   if device == 'cuda':
     step = make_step(torch.compile(model))
     start = time.perf_counter()
@@ -299,23 +360,31 @@ def _torch_results(args, training: bool) -> list[Result]:
     compile_s = time.perf_counter() - start
     torch.cuda.reset_peak_memory_stats()
     seconds = time_calls(step, args.warmup, args.iters)
-    results.append(Result(f'torch.compile {what} ({args.dtype})', args.batch, seconds,
-                          compile_s, memory=f'{torch.cuda.max_memory_allocated() / 2**30:.2f} '
-                          'GiB peak'))
+    results.append(
+        Result(
+            f'torch.compile {what} ({args.dtype})',
+            args.batch,
+            seconds,
+            compile_s,
+            memory=f'{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB peak',
+        )
+    )
   return results
 
 
 def run(args, training: bool, versions: str) -> list[Result]:
   """Times the configurations `args` asks for and prints `versions`, then one line each."""
-  devices = jax.local_devices()[:args.devices] if args.devices else None
+  devices = jax.local_devices()[: args.devices] if args.devices else None
   mesh = sharding.make_mesh(args.mesh, devices)
   device = jax.local_devices()[0]
   peak = peak_tflops(device.device_kind, args.dtype)
   what = 'training step' if training else 'forward'
   print(versions)
-  print(f'{args.model} {what}, batch {args.batch}, {args.size}x{args.size}, {args.dtype}; '
-        f'{device.device_kind} x {mesh.size}, mesh {dict(mesh.shape)}; median of '
-        f'{args.iters} after {args.warmup} warm-up')
+  print(
+      f'{args.model} {what}, batch {args.batch}, {args.size}x{args.size}, {args.dtype}; '
+      f'{device.device_kind} x {mesh.size}, mesh {dict(mesh.shape)}; median of '
+      f'{args.iters} after {args.warmup} warm-up'
+  )
   results = [(_jax_train if training else _jax_infer)(args, mesh, peak)]
   if args.compare == 'torch':
     results += _torch_results(args, training)
@@ -324,10 +393,20 @@ def run(args, training: bool, versions: str) -> list[Result]:
     print(result.line(torch_seconds, device.platform), flush=True)
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump({'command': 'train' if training else 'infer', 'model': args.model,
-                 'batch': args.batch, 'size': args.size, 'dtype': args.dtype,
-                 'device_kind': device.device_kind, 'versions': versions,
-                 'results': [r.record() for r in results]}, f, indent=2)
+      json.dump(
+          {
+              'command': 'train' if training else 'infer',
+              'model': args.model,
+              'batch': args.batch,
+              'size': args.size,
+              'dtype': args.dtype,
+              'device_kind': device.device_kind,
+              'versions': versions,
+              'results': [r.record() for r in results],
+          },
+          f,
+          indent=2,
+      )
   return results
 
 
@@ -337,13 +416,18 @@ def add_arguments(parser) -> None:
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
   _add_remat_argument(parser)
-  parser.add_argument('--scan', action='store_true',
-                      help="one lax.scan over each stage's blocks (same params)")
-  parser.add_argument('--mesh', type=lambda s: tuple(int(v) for v in s.split(',')),
-                      default=(-1, 1, 1), help='data,fsdp,model (default: every local '
-                      'device on data)')
-  parser.add_argument('--devices', type=int, default=0,
-                      help='use the first N local devices (default: all)')
+  parser.add_argument(
+      '--scan', action='store_true', help="one lax.scan over each stage's blocks (same params)"
+  )
+  parser.add_argument(
+      '--mesh',
+      type=lambda s: tuple(int(v) for v in s.split(',')),
+      default=(-1, 1, 1),
+      help='data,fsdp,model (default: every local device on data)',
+  )
+  parser.add_argument(
+      '--devices', type=int, default=0, help='use the first N local devices (default: all)'
+  )
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--compare', choices=('torch',), help='also time PyTorch')
@@ -351,10 +435,16 @@ def add_arguments(parser) -> None:
 
 
 def _add_remat_argument(parser) -> None:
-  parser.add_argument('--remat', nargs='?', const='full', default='', metavar='POLICY',
-                      choices=('',) + models.REMAT_POLICIES,
-                      help="rematerialise each block: 'full' (the default of --remat alone) or "
-                      f'a jax.checkpoint_policies name: {", ".join(models.REMAT_POLICIES[1:])}')
+  parser.add_argument(
+      '--remat',
+      nargs='?',
+      const='full',
+      default='',
+      metavar='POLICY',
+      choices=('',) + models.REMAT_POLICIES,
+      help="rematerialise each block: 'full' (the default of --remat alone) or "
+      f'a jax.checkpoint_policies name: {", ".join(models.REMAT_POLICIES[1:])}',
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,6 +456,7 @@ COMPILE_DROP_PATH_RATE = 0.1
 @dataclasses.dataclass
 class CompileResult:
   """Seconds to lower and compile one model's forward+backward, unscanned and scanned."""
+
   model: str
   lower_s: float
   compile_s: float
@@ -383,10 +474,12 @@ class CompileResult:
     def memory(mib):
       return 'n/a' if mib is None else f'{mib:.0f} MiB'
 
-    return (f'  {self.model:26s} lower {self.lower_s:7.2f} s  compile {self.compile_s:7.2f} s'
-            f'  | scan: lower {self.scan_lower_s:7.2f} s  compile {self.scan_compile_s:7.2f} s'
-            f'  | unscanned/scan x{self.ratio:6.2f}  | XLA plan {memory(self.memory_mib)}, '
-            f'scan {memory(self.scan_memory_mib)}')
+    return (
+        f'  {self.model:26s} lower {self.lower_s:7.2f} s  compile {self.compile_s:7.2f} s'
+        f'  | scan: lower {self.scan_lower_s:7.2f} s  compile {self.scan_compile_s:7.2f} s'
+        f'  | unscanned/scan x{self.ratio:6.2f}  | XLA plan {memory(self.memory_mib)}, '
+        f'scan {memory(self.scan_memory_mib)}'
+    )
 
   def record(self) -> dict:
     return dict(dataclasses.asdict(self), ratio=self.ratio)
@@ -396,21 +489,36 @@ def _planned_mib(compiled) -> float | None:
   plan = compiled.memory_analysis()
   if plan is None:
     return None
-  return (plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
-          - plan.alias_size_in_bytes) / 2**20
+  return (
+      plan.argument_size_in_bytes
+      + plan.output_size_in_bytes
+      + plan.temp_size_in_bytes
+      - plan.alias_size_in_bytes
+  ) / 2**20
 
 
-def compile_seconds(model_name: str, batch: int, size: int, dtype: str, scan: bool,
-                    remat: str = '', depthwise_impl: str = 'auto'
-                    ) -> tuple[float, float, float | None]:
+def compile_seconds(
+    model_name: str,
+    batch: int,
+    size: int,
+    dtype: str,
+    scan: bool,
+    remat: str = '',
+    depthwise_impl: str = 'auto',
+) -> tuple[float, float, float | None]:
   """(lowering s, compile s, XLA's planned MiB) of the params' gradient, from shapes only.
 
   The loss is the mean cross-entropy of the logits, train=True with drop path
   `COMPILE_DROP_PATH_RATE`; params, images and labels are `jax.ShapeDtypeStruct`s.
   """
-  model = models.create_model(model_name, dtype=train_step.DTYPES[dtype], remat=remat,
-                              scan=scan, drop_path_rate=COMPILE_DROP_PATH_RATE,
-                              depthwise_impl=depthwise_impl)
+  model = models.create_model(
+      model_name,
+      dtype=train_step.DTYPES[dtype],
+      remat=remat,
+      scan=scan,
+      drop_path_rate=COMPILE_DROP_PATH_RATE,
+      depthwise_impl=depthwise_impl,
+  )
   params = models.param_shapes(model, size)
   images = jax.ShapeDtypeStruct((batch, size, size, 3), np.float32)
   labels = jax.ShapeDtypeStruct((batch,), np.int32)
@@ -435,45 +543,70 @@ def run_compile(args, versions: str) -> list[CompileResult]:
   known = models.list_models('convnext*')  # Scan vs no scan: the roadmap's have no scan.
   unknown = [n for n in names if n not in known]
   if unknown or not names:
-    raise SystemExit(f'benchmark compile: unknown model(s) {unknown or args.model!r}; known: '
-                     f'{", ".join(known)}')
+    raise SystemExit(
+        f'benchmark compile: unknown model(s) {unknown or args.model!r}; known: '
+        f'{", ".join(known)}'
+    )
   device = jax.local_devices()[0]
   print(versions)
   remat = f', remat={args.remat}' if args.remat else ''
   impl = '' if args.depthwise_impl == 'auto' else f', depthwise {args.depthwise_impl}'
-  print(f'forward+backward compile from abstract params (grad of mean cross-entropy, '
-        f'train=True, drop path {COMPILE_DROP_PATH_RATE}), batch {args.batch}, '
-        f'{args.size}x{args.size}, {args.dtype}{remat}{impl}; {device.device_kind}; '
-        'unscanned, then scan=True', flush=True)
+  print(
+      f'forward+backward compile from abstract params (grad of mean cross-entropy, '
+      f'train=True, drop path {COMPILE_DROP_PATH_RATE}), batch {args.batch}, '
+      f'{args.size}x{args.size}, {args.dtype}{remat}{impl}; {device.device_kind}; '
+      'unscanned, then scan=True',
+      flush=True,
+  )
   # Compile times must not be cache hits of an earlier run.
   cache_was_on = jax.config.jax_enable_compilation_cache
   jax.config.update('jax_enable_compilation_cache', False)
   results = []
   try:
     for name in names:
-      timings = [compile_seconds(name, args.batch, args.size, args.dtype, scan, args.remat,
-                                 args.depthwise_impl) for scan in (False, True)]
+      timings = [
+          compile_seconds(
+              name, args.batch, args.size, args.dtype, scan, args.remat, args.depthwise_impl
+          )
+          for scan in (False, True)
+      ]
       results.append(CompileResult(name, *timings[0], *timings[1]))
       print(results[-1].line(), flush=True)
   finally:
     jax.config.update('jax_enable_compilation_cache', cache_was_on)
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump({'command': 'compile', 'batch': args.batch, 'size': args.size,
-                 'dtype': args.dtype, 'remat': args.remat,
-                 'depthwise_impl': args.depthwise_impl,
-                 'drop_path_rate': COMPILE_DROP_PATH_RATE, 'device_kind': device.device_kind,
-                 'versions': versions, 'results': [r.record() for r in results]}, f, indent=2)
+      json.dump(
+          {
+              'command': 'compile',
+              'batch': args.batch,
+              'size': args.size,
+              'dtype': args.dtype,
+              'remat': args.remat,
+              'depthwise_impl': args.depthwise_impl,
+              'drop_path_rate': COMPILE_DROP_PATH_RATE,
+              'device_kind': device.device_kind,
+              'versions': versions,
+              'results': [r.record() for r in results],
+          },
+          f,
+          indent=2,
+      )
   return results
 
 
 def add_compile_arguments(parser) -> None:
-  parser.add_argument('--model', default='convnext_xlarge',
-                      help='one or more registered models, comma-separated')
+  parser.add_argument(
+      '--model', default='convnext_xlarge', help='one or more registered models, comma-separated'
+  )
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
   _add_remat_argument(parser)
-  parser.add_argument('--depthwise-impl', default='auto', choices=('auto', 'conv', 'shift'),
-                      help="the models' depthwise_impl ('auto': the backend's fast form)")
+  parser.add_argument(
+      '--depthwise-impl',
+      default='auto',
+      choices=('auto', 'conv', 'shift'),
+      help="the models' depthwise_impl ('auto': the backend's fast form)",
+  )
   parser.add_argument('--json', metavar='FILE', help='write the results as JSON')

@@ -48,6 +48,7 @@ from convnext_jax import train_step
 from convnext_jax import workdir_lock
 from convnext_jax.data import eval_crop
 
+
 class TrainingError(RuntimeError):
   """A run that cannot go on (divergence, a checkpoint that cannot be written, a workdir in
   use); the message is one line saying what happened, where, and what to do."""
@@ -60,6 +61,7 @@ RUN_ERRORS = (TrainingError, checkpoints.CheckpointError)
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Every duration of a run in optimizer steps, derived in one place."""
+
   steps_per_epoch: int
   total_steps: int
   warmup_steps: int
@@ -69,17 +71,25 @@ class Schedule:
 def schedule_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> Schedule:
   """Epoch-based durations -> steps: an epoch is num_train_examples // global_batch steps."""
   steps_per_epoch = max(1, num_train_examples // config.global_batch_size)
-  total = (config.num_steps if config.num_steps > 0 else
-           max(1, round(config.num_epochs * steps_per_epoch)))
-  warmup = (config.optim.warmup_steps if config.optim.warmup_steps >= 0 else
-            round(config.optim.warmup_epochs * steps_per_epoch))
-  eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else
-                max(1, round(config.eval_every_epochs * steps_per_epoch)))
+  total = (
+      config.num_steps
+      if config.num_steps > 0
+      else max(1, round(config.num_epochs * steps_per_epoch))
+  )
+  warmup = (
+      config.optim.warmup_steps
+      if config.optim.warmup_steps >= 0
+      else round(config.optim.warmup_epochs * steps_per_epoch)
+  )
+  eval_every = (
+      config.eval_every_steps
+      if config.eval_every_steps > 0
+      else max(1, round(config.eval_every_epochs * steps_per_epoch))
+  )
   return Schedule(steps_per_epoch, total, min(warmup, total - 1), eval_every)
 
 
-def validate(config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh) -> sharding.BatchFeed:
+def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> sharding.BatchFeed:
   """Fails early, with one line each, on batch sizes the mesh cannot split (or Mixup cannot
   pair, or BatchNorm statistics groups cannot divide), on meshes the processes cannot feed
   and on evaluation crop settings outside their range.
@@ -90,28 +100,39 @@ def validate(config: ml_collections.ConfigDict,
   dp = sharding.data_parallel_size(mesh)
   micro = config.global_batch_size // max(1, config.grad_accum_steps)
   if config.global_batch_size % config.grad_accum_steps:
-    raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by '
-                     f'grad_accum_steps {config.grad_accum_steps}')
+    raise ValueError(
+        f'global_batch_size {config.global_batch_size} is not divisible by '
+        f'grad_accum_steps {config.grad_accum_steps}'
+    )
   if micro % dp:
-    raise ValueError(f'micro-batch {micro} (global_batch_size / grad_accum_steps) is not '
-                     f'divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)}); '
-                     'change global_batch_size or config.mesh')
+    raise ValueError(
+        f'micro-batch {micro} (global_batch_size / grad_accum_steps) is not '
+        f'divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)}); '
+        'change global_batch_size or config.mesh'
+    )
   feed = sharding.batch_feed(mesh)  # Raises for a mesh the processes cannot feed.
   cin = config.input
   if (cin.mixup_alpha > 0 or cin.cutmix_alpha > 0) and (micro // dp) % 2:
     # As timm's Mixup, which asserts it: image i is mixed with image B - 1 - i of its batch,
     # so in an odd batch the middle one is mixed with itself.
-    raise ValueError(f'Mixup/CutMix needs an even per-device batch, got {micro // dp} '
-                     f'(micro-batch {micro} over data-parallel size {dp}); change '
-                     'global_batch_size or grad_accum_steps, or set input.mixup_alpha and '
-                     'input.cutmix_alpha to 0')
+    raise ValueError(
+        f'Mixup/CutMix needs an even per-device batch, got {micro // dp} '
+        f'(micro-batch {micro} over data-parallel size {dp}); change '
+        'global_batch_size or grad_accum_steps, or set input.mixup_alpha and '
+        'input.cutmix_alpha to 0'
+    )
   group = config.model.bn_group_size
   if group > 0 and micro % group and train_step.uses_batchnorm(config):
-    raise ValueError(f'config.model.bn_group_size {group} does not divide the micro-batch '
-                     f'{micro} (global_batch_size / grad_accum_steps); set a divisor, 0 for '
-                     f'the per-device batch ({micro // dp}) or -1 for the whole micro-batch')
-  eval_crop(cin.eval_image_size if cin.eval_image_size > 0 else cin.image_size, cin.crop_pct,
-            cin.get('crop_mode'))
+    raise ValueError(
+        f'config.model.bn_group_size {group} does not divide the micro-batch '
+        f'{micro} (global_batch_size / grad_accum_steps); set a divisor, 0 for '
+        f'the per-device batch ({micro // dp}) or -1 for the whole micro-batch'
+    )
+  eval_crop(
+      cin.eval_image_size if cin.eval_image_size > 0 else cin.image_size,
+      cin.crop_pct,
+      cin.get('crop_mode'),
+  )
   return feed
 
 
@@ -125,10 +146,9 @@ class _Preemption:
       # jax.distributed's preemption service owns SIGTERM and synchronises the notice
       # across processes (orbax's `reached_preemption`); a Python handler would replace it.
       return
-    try:
+    # Off the main thread signal() raises ValueError: rely on orbax's preemption notice only.
+    with contextlib.suppress(ValueError):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: rely on orbax's preemption notice only.
-      pass
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -173,9 +193,14 @@ class _NonfiniteGuard:
       self.in_a_row = 0
       return
     self.in_a_row += 1
-    logging.warning('step %d: loss %s, gradient norm %s: update skipped, weights kept '
-                    '(%d such steps in a row)', step, health['loss'], health['grad_norm'],
-                    self.in_a_row)
+    logging.warning(
+        'step %d: loss %s, gradient norm %s: update skipped, weights kept '
+        '(%d such steps in a row)',
+        step,
+        health['loss'],
+        health['grad_norm'],
+        self.in_a_row,
+    )
     if self.in_a_row >= self.limit:
       raise TrainingError(
           f'training diverged: {self.in_a_row} step(s) in a row up to step {step} had a '
@@ -183,7 +208,8 @@ class _NonfiniteGuard:
           f'{health["grad_norm"]}; config.nonfinite.action={self.action!r}, '
           f'max_consecutive={self.limit}); no checkpoint holds non-finite weights; lower '
           'config.optim.lr (or lengthen the warmup, set optim.grad_clip_norm) and run again '
-          'to resume from the last checkpoint')
+          'to resume from the last checkpoint'
+      )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -191,24 +217,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- Logging and process facts. ----
   input_pipeline.configure_tensorflow()  # Before the metric writer starts TensorFlow.
   process = jax.process_index()
-  logging.info('process %d of %d; %d local / %d global devices (%s)', process,
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info(
+      'process %d of %d; %d local / %d global devices (%s)',
+      process,
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+      jax.devices()[0].platform,
+  )
 
   # ---- Mesh, and the rows of each batch this process feeds. ----
   mesh = sharding.make_mesh(config.mesh)
   feed = validate(config, mesh)
   num_shards = sharding.data_parallel_size(mesh)
   per_host_batch = feed.local_batch(config.global_batch_size)
-  logging.info('mesh %s; global batch %d = %d per process (data shard %d of %d) = %d per '
-               'data-parallel device, %d micro-batch(es)', dict(mesh.shape),
-               config.global_batch_size, per_host_batch, feed.shard_index, feed.shard_count,
-               config.global_batch_size // num_shards, config.grad_accum_steps)
+  logging.info(
+      'mesh %s; global batch %d = %d per process (data shard %d of %d) = %d per '
+      'data-parallel device, %d micro-batch(es)',
+      dict(mesh.shape),
+      config.global_batch_size,
+      per_host_batch,
+      feed.shard_index,
+      feed.shard_count,
+      config.global_batch_size // num_shards,
+      config.grad_accum_steps,
+  )
   if train_step.uses_batchnorm(config):
     group = train_step.bn_group_size(config, num_shards)
-    logging.info('BatchNorm statistics over groups of %d examples (config.model.bn_group_size'
-                 '=%d)', group or config.global_batch_size // config.grad_accum_steps,
-                 config.model.bn_group_size)
+    logging.info(
+        'BatchNorm statistics over groups of %d examples (config.model.bn_group_size=%d)',
+        group or config.global_batch_size // config.grad_accum_steps,
+        config.model.bn_group_size,
+    )
 
   # ---- The workdir, one trainer at a time. ----
   # Only now is the workdir created, which a config refused above must not leave.
@@ -241,8 +281,13 @@ def _workdir_lock(workdir: str):
     lock.release()  # A no-op on the processes that did not take it.
 
 
-def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
-                   feed: sharding.BatchFeed, lock: workdir_lock.WorkdirLock):
+def _train_holding(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    feed: sharding.BatchFeed,
+    lock: workdir_lock.WorkdirLock,
+):
   """The rest of `train_and_evaluate`, once the workdir's lock is held."""
   process = jax.process_index()
   num_shards = sharding.data_parallel_size(mesh)
@@ -251,47 +296,70 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
 
   # ---- Input. ----
   inputs = input_pipeline.Inputs(config)
-  num_classes = config.model.num_classes if config.model.num_classes >= 0 else (
-      inputs.num_classes)
+  num_classes = config.model.num_classes if config.model.num_classes >= 0 else (inputs.num_classes)
   sched = schedule_steps(config, inputs.num_train_examples)
-  logging.info('%d training examples, %d classes: %d steps per epoch, %d steps, %d warmup',
-               inputs.num_train_examples, num_classes, sched.steps_per_epoch,
-               sched.total_steps, sched.warmup_steps)
+  logging.info(
+      '%d training examples, %d classes: %d steps per epoch, %d steps, %d warmup',
+      inputs.num_train_examples,
+      num_classes,
+      sched.steps_per_epoch,
+      sched.total_steps,
+      sched.warmup_steps,
+  )
 
   # ---- Model and optimizer, as abstract shapes first. ----
   model = train_step.create_model(config, num_classes, num_shards)
   spec = train_step.model_spec(config)
-  lr_fn = optim.lr_schedule(config.optim.lr, config.optim.min_lr, sched.warmup_steps,
-                            sched.total_steps)
+  lr_fn = optim.lr_schedule(
+      config.optim.lr, config.optim.min_lr, sched.warmup_steps, sched.total_steps
+  )
   image_size = config.input.image_size
   params_shape = models.param_shapes(model, image_size)
   optimizer = optim.make_optimizer(
-      lr_fn, params_shape, spec, weight_decay=config.optim.weight_decay, b1=config.optim.b1,
-      b2=config.optim.b2, eps=config.optim.eps, layer_decay=config.optim.layer_decay,
+      lr_fn,
+      params_shape,
+      spec,
+      weight_decay=config.optim.weight_decay,
+      b1=config.optim.b1,
+      b2=config.optim.b2,
+      eps=config.optim.eps,
+      layer_decay=config.optim.layer_decay,
       layer_decay_scheme=config.optim.layer_decay_scheme,
-      grad_clip_norm=config.optim.grad_clip_norm)
+      grad_clip_norm=config.optim.grad_clip_norm,
+  )
   use_ema = config.ema.decay > 0
 
   # ---- Shard and materialise directly on the mesh. ----
   state, state_shardings, abstract = train_step.create_train_state(
-      config, model, optimizer, mesh, image_size, use_ema)
+      config, model, optimizer, mesh, image_size, use_ema
+  )
   num_params = models.count_params(abstract['params'])
-  logging.info('%s: %s parameters (%.1f MB), %s compute', config.model.name,
-               f'{num_params:,}', _nbytes(abstract['params']) / 1e6, config.model.dtype)
-  logging.info('parameter sharding:\n%s', sharding.describe(state_shardings['params']),
-               extra=console.DETAIL)
+  logging.info(
+      '%s: %s parameters (%.1f MB), %s compute',
+      config.model.name,
+      f'{num_params:,}',
+      _nbytes(abstract['params']) / 1e6,
+      config.model.dtype,
+  )
+  logging.info(
+      'parameter sharding:\n%s', sharding.describe(state_shardings['params']), extra=console.DETAIL
+  )
   options = models.compiler_options()
-  parameter_overview.log_parameter_overview(state['params'], include_stats=False,
-                                            jax_logging_process=0)  # Shown with --verbose.
+  parameter_overview.log_parameter_overview(
+      state['params'], include_stats=False, jax_logging_process=0
+  )  # Shown with --verbose.
 
   # ---- Resume, or initialise from other weights. ----
   ckpts = checkpoints.TrainingCheckpoints(
-      workdir, save_interval_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
-      best_metric='top1' if config.keep_best_checkpoint else None)
+      workdir,
+      save_interval_steps=config.checkpoint_every_steps,
+      keep=config.keep_checkpoints,
+      best_metric='top1' if config.keep_best_checkpoint else None,
+  )
   start_position = 0
   abstract_with_shardings = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-      state_shardings)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
+  )
   resumed = ckpts.restore_latest(abstract_with_shardings)  # The newest intact step.
   if resumed is not None:
     latest, state, metadata = resumed
@@ -302,8 +370,10 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   start_step = int(state['step'])
 
   # ---- Evaluators. ----
-  eval_step = jax.jit(evaluate.make_eval_step(model, train_step.DTYPES[config.model.dtype]),
-                      compiler_options=options)
+  eval_step = jax.jit(
+      evaluate.make_eval_step(model, train_step.DTYPES[config.model.dtype]),
+      compiler_options=options,
+  )
   evaluators = inputs.evaluators(feed, _eval_batch(config, num_shards))
 
   def run_evals(step):
@@ -314,13 +384,26 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
     for ev in evaluators:
       start = time.perf_counter()
       # BatchNorm's running averages serve the raw and the EMA params alike (evaluate).
-      values, skipped = evaluate.evaluate(eval_step, params_by_name, ev.dataset, ev.num_batches,
-                                          feed, ev.num_examples, state.get('batch_stats'))
+      values, skipped = evaluate.evaluate(
+          eval_step,
+          params_by_name,
+          ev.dataset,
+          ev.num_batches,
+          feed,
+          ev.num_examples,
+          state.get('batch_stats'),
+      )
       results.update({f'{ev.name}/{k}': v for k, v in values.items()})
       if skipped:
         results[f'{ev.name}/skipped_images'] = skipped
-      logging.info('step %d, %s (%d images, %.1f s): %s', step, ev.name, ev.num_examples,
-                   time.perf_counter() - start, _accuracies(values))
+      logging.info(
+          'step %d, %s (%d images, %.1f s): %s',
+          step,
+          ev.name,
+          ev.num_examples,
+          time.perf_counter() - start,
+          _accuracies(values),
+      )
     writer.write_scalars(step, results)
     return results
 
@@ -328,13 +411,20 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   update = jax.jit(
       train_step.make_train_step(model, optimizer, lr_fn, config, num_classes, num_shards),
       in_shardings=(state_shardings, feed.sharding),
-      out_shardings=(state_shardings, None, None), donate_argnums=(0,),
-      compiler_options=models.compiler_options(training=True))
+      out_shardings=(state_shardings, None, None),
+      donate_argnums=(0,),
+      compiler_options=models.compiler_options(training=True),
+  )
   train_iter = inputs.train_iterator(feed, start_position)
   hooks = []
   if config.profile_start_step >= 0 and process == 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile_start_step,
-                                          num_profile_steps=config.profile_num_steps))
+    hooks.append(
+        periodic_actions.Profile(
+            logdir=workdir,
+            first_profile=config.profile_start_step,
+            num_profile_steps=config.profile_num_steps,
+        )
+    )
   preemption = _Preemption()
   guard = _NonfiniteGuard(config.nonfinite.action, config.nonfinite.max_consecutive)
   train_metrics = None
@@ -352,8 +442,7 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
         state, step_metrics, health = update(state, batch)
       done = step + 1
       guard.push(done, health)  # Checks the step before this one: no wait for this one.
-      train_metrics = (step_metrics if train_metrics is None else
-                       train_metrics.merge(step_metrics))
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       progress.steps += 1
       for hook in hooks:
         hook(done)
@@ -375,15 +464,17 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
       # A SIGTERM flag is per process; with several processes, orbax's preemption notice
       # (synchronised through jax.distributed) decides, so that all of them stop together.
       preempted = ckpts.reached_preemption(done) or (
-          preemption.requested and jax.process_count() == 1)
+          preemption.requested and jax.process_count() == 1
+      )
       force = final or preempted or ckpt_metrics is not None
       if force or ckpts.should_save(done):
         guard.flush()  # Stops here, before saving, if this step ends a run of skipped ones.
         _check_lock_held(lock, workdir, done)
         # The data positions are gathered from every process: only when a save is due.
         with progress.paused():  # Waits for the previous save, if it is still writing.
-          metadata = _metadata(config, inputs, num_classes, feed, train_iter.next_position,
-                               done, last_eval)
+          metadata = _metadata(
+              config, inputs, num_classes, feed, train_iter.next_position, done, last_eval
+          )
           ckpts.save(done, state, metadata, metrics=ckpt_metrics, force=force)
       if preempted:
         logging.warning('preempted at step %d: checkpoint written, exiting', done)
@@ -397,8 +488,9 @@ def _train_holding(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
     train_iter.close()  # Without waiting for tf.data's threads (`pipeline.release`).
   ckpts.close()  # Waits for the last save; raises if it failed.
   writer.close()
-  logging.info('done: step %d%s', int(state['step']),
-               f', {_accuracies(last_eval)}' if last_eval else '')
+  logging.info(
+      'done: step %d%s', int(state['step']), f', {_accuracies(last_eval)}' if last_eval else ''
+  )
   return last_eval
 
 
@@ -422,10 +514,14 @@ def _compile_update(update, state, train_iter, config, mesh):
   start = time.perf_counter()
   logging.info('reading the first batch (input pipeline start-up) ...')
   batch = next(train_iter)
-  logging.info('first batch in %s; compiling the train step (%s, batch %d at %d px, '
-               'mesh %s) ...', console.duration(time.perf_counter() - start),
-               config.model.name, config.global_batch_size, config.input.image_size,
-               dict(mesh.shape))
+  logging.info(
+      'first batch in %s; compiling the train step (%s, batch %d at %d px, mesh %s) ...',
+      console.duration(time.perf_counter() - start),
+      config.model.name,
+      config.global_batch_size,
+      config.input.image_size,
+      dict(mesh.shape),
+  )
   start = time.perf_counter()
   compiled = update.lower(state, batch).compile()
   logging.info('compiled the train step in %s', console.duration(time.perf_counter() - start))
@@ -471,22 +567,32 @@ class _Progress:
     if self._evals:  # Evaluations left: every `every` steps, and at the end.
       evals_left = total // every - step // every + (1 if total % every else 0)
       eta += evals_left * self._eval_seconds / self._evals
-    logging.info('step %d/%d (%.1f%%): loss %.4f, %.1f img/s, %.2f steps/s, ETA %s', step,
-                 self._sched.total_steps, 100 * step / self._sched.total_steps, float(loss),
-                 steps_per_sec * self._batch, steps_per_sec,
-                 console.duration(eta) if remaining else '-')
+    logging.info(
+        'step %d/%d (%.1f%%): loss %.4f, %.1f img/s, %.2f steps/s, ETA %s',
+        step,
+        self._sched.total_steps,
+        100 * step / self._sched.total_steps,
+        float(loss),
+        steps_per_sec * self._batch,
+        steps_per_sec,
+        console.duration(eta) if remaining else '-',
+    )
     self.steps, self._window_start, self._excluded = 0, now, 0.0
-    return {'train/images_per_sec': steps_per_sec * self._batch,
-            'steps_per_sec': steps_per_sec,
-            'train/epoch': step / self._sched.steps_per_epoch}
+    return {
+        'train/images_per_sec': steps_per_sec * self._batch,
+        'steps_per_sec': steps_per_sec,
+        'train/epoch': step / self._sched.steps_per_epoch,
+    }
 
 
 def _check_lock_held(lock: workdir_lock.WorkdirLock, workdir: str, step: int) -> None:
   """Raises `TrainingError` on every process if process 0 has lost the workdir's lock."""
   if multihost.decide_on_process_0('lock_lost', lambda: 'lost' if lock.lost else ''):
-    raise TrainingError(f'another trainer took over the lock of {workdir} (see the log for '
-                        f'who): stopped at step {step} without saving, so as not to write '
-                        'over its checkpoints; make sure one trainer uses this workdir')
+    raise TrainingError(
+        f'another trainer took over the lock of {workdir} (see the log for '
+        f'who): stopped at step {step} without saving, so as not to write '
+        'over its checkpoints; make sure one trainer uses this workdir'
+    )
 
 
 def _eval_batch(config, num_shards: int) -> int:
@@ -494,10 +600,12 @@ def _eval_batch(config, num_shards: int) -> int:
   return max(num_shards, size // num_shards * num_shards)
 
 
-def _metadata(config, inputs, num_classes, feed: sharding.BatchFeed, next_position, step,
-              last_eval) -> dict[str, Any]:
+def _metadata(
+    config, inputs, num_classes, feed: sharding.BatchFeed, next_position, step, last_eval
+) -> dict[str, Any]:
   by_process = np.atleast_1d(
-      multihost_utils.process_allgather(np.asarray(next_position, np.int64))).tolist()
+      multihost_utils.process_allgather(np.asarray(next_position, np.int64))
+  ).tolist()
   # One stream per data shard; the processes that share a shard are at the same position.
   positions = [by_process[feed.process_shards.index(k)] for k in range(feed.shard_count)]
   return {
@@ -521,8 +629,11 @@ def _start_position(metadata, step: int, feed: sharding.BatchFeed, per_host_batc
   if shard_count == feed.shard_count and len(positions) == feed.shard_count:
     return int(positions[feed.shard_index])
   # Another shard count splits the data differently: continue at the same epoch fraction.
-  logging.warning('resuming with %d data shards from a run with %s: data position estimated',
-                  feed.shard_count, shard_count)
+  logging.warning(
+      'resuming with %d data shards from a run with %s: data position estimated',
+      feed.shard_count,
+      shard_count,
+  )
   return step * per_host_batch
 
 
@@ -534,10 +645,18 @@ def _init_from(config, state, use_ema: bool):
   # Checkpoints hold BatchNorm's running averages beside its params (one weights tree, as
   # PyTorch's state_dict): load into that tree and split it again.
   weights, _, metadata = checkpoints.load_params_into(
-      init.path, models.merge_batch_stats(state['params'], state.get('batch_stats')),
-      which=init.params, step=init.step if init.step >= 0 else None, strict=init.strict)
-  logging.info('init_from %s: %s (%s)', init.path, metadata.get('model_name'),
-               metadata.get('weights', 'params'))
+      init.path,
+      models.merge_batch_stats(state['params'], state.get('batch_stats')),
+      which=init.params,
+      step=init.step if init.step >= 0 else None,
+      strict=init.strict,
+  )
+  logging.info(
+      'init_from %s: %s (%s)',
+      init.path,
+      metadata.get('model_name'),
+      metadata.get('weights', 'params'),
+  )
   if 'batch_stats' in state:
     params, batch_stats = models.split_batch_stats(weights)
     state = dict(state, params=params, batch_stats=batch_stats)

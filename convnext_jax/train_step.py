@@ -49,13 +49,15 @@ class _Sum(metrics.Metric):
 def _over_finite_steps(name: str):
   """An Average of the output `name` over the steps the non-finite guard let through."""
   return metrics.Average.from_fun(
-      lambda finite, **outputs: {'values': outputs[name][None], 'mask': finite[None]})
+      lambda finite, **outputs: {'values': outputs[name][None], 'mask': finite[None]}
+  )
 
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
   """Over the steps since the last log: mean loss and gradient norm of the finite steps,
   the last finite parameter norm and the lr, and how many steps the guard skipped."""
+
   loss: _over_finite_steps('loss')
   grad_norm: _over_finite_steps('grad_norm')
   param_norm: metrics.LastValue.from_output('param_norm')
@@ -75,13 +77,19 @@ def create_model(config, num_classes: int, data_parallel_size: int = 1):
   Raises:
     ValueError: `config.model.scan` for a roadmap model (RoadmapNet has no scanned form).
   """
-  kwargs = dict(num_classes=num_classes, drop_path_rate=config.model.drop_path_rate,
-                head_init_scale=config.model.head_init_scale,
-                dtype=DTYPES[config.model.dtype], remat=config.model.remat)
+  kwargs = dict(
+      num_classes=num_classes,
+      drop_path_rate=config.model.drop_path_rate,
+      head_init_scale=config.model.head_init_scale,
+      dtype=DTYPES[config.model.dtype],
+      remat=config.model.remat,
+  )
   if models.get_spec(config.model.name).roadmap:
     if config.model.scan:
-      raise ValueError(f'config.model.scan must be False for {config.model.name} (roadmap '
-                       'models have no scanned form)')
+      raise ValueError(
+          f'config.model.scan must be False for {config.model.name} (roadmap '
+          'models have no scanned form)'
+      )
     kwargs['bn_group_size'] = bn_group_size(config, data_parallel_size)
   else:
     kwargs['scan'] = config.model.scan
@@ -114,8 +122,9 @@ def bn_group_size(config, data_parallel_size: int) -> int:
 
 
 def _overrides(config) -> dict[str, Any]:
-  return {k: tuple(v) if isinstance(v, (list, tuple)) else v
-          for k, v in config.model.overrides.items()}
+  return {
+      k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.model.overrides.items()
+  }
 
 
 def _roadmap_design(spec: models.ModelSpec, config) -> dict[str, Any]:
@@ -133,9 +142,12 @@ def model_spec(config) -> models.ModelSpec:
   if spec.roadmap:
     design = _roadmap_design(spec, config)
     expansion = 4 if design['block'] == 'bottleneck' else 1  # As the registry's dims.
-    return dataclasses.replace(spec, depths=tuple(design['depths']),
-                               dims=tuple(w * expansion for w in design['widths']),
-                               roadmap=tuple(sorted(design.items())))
+    return dataclasses.replace(
+        spec,
+        depths=tuple(design['depths']),
+        dims=tuple(w * expansion for w in design['widths']),
+        roadmap=tuple(sorted(design.items())),
+    )
   if spec.isotropic:
     depths = (overrides['depth'],) if 'depth' in overrides else spec.depths
     dims = (overrides['dim'],) if 'dim' in overrides else spec.dims
@@ -144,8 +156,7 @@ def model_spec(config) -> models.ModelSpec:
   return dataclasses.replace(spec, depths=tuple(depths), dims=tuple(dims))
 
 
-def make_train_step(model, optimizer, schedule_fn, config, num_classes: int,
-                    num_shards: int):
+def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num_shards: int):
   """The jit-able (state, batch) -> (state, TrainMetrics) of one optimizer update."""
   cin = config.input
   accum = config.grad_accum_steps
@@ -154,9 +165,16 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int,
 
   def mixup_one(key, images, labels):
     out, targets, _ = batch_ops.mixup_cutmix(
-        key, images, labels, num_classes, mixup_alpha=cin.mixup_alpha,
-        cutmix_alpha=cin.cutmix_alpha, prob=cin.mixup_prob, switch_prob=cin.mixup_switch_prob,
-        label_smoothing=cin.label_smoothing)
+        key,
+        images,
+        labels,
+        num_classes,
+        mixup_alpha=cin.mixup_alpha,
+        cutmix_alpha=cin.cutmix_alpha,
+        prob=cin.mixup_prob,
+        switch_prob=cin.mixup_switch_prob,
+        label_smoothing=cin.label_smoothing,
+    )
     return out, targets
 
   def augment(key, images, labels):
@@ -177,8 +195,13 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int,
       logits = model.apply({'params': params}, images, train=True, rngs=rngs)
       new_stats = None
     else:
-      logits, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, images,
-                                    train=True, rngs=rngs, mutable=['batch_stats'])
+      logits, mutated = model.apply(
+          {'params': params, 'batch_stats': batch_stats},
+          images,
+          train=True,
+          rngs=rngs,
+          mutable=['batch_stats'],
+      )
       new_stats = mutated['batch_stats']
     loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
     return loss, new_stats
@@ -196,8 +219,9 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int,
     batch_stats = state.get('batch_stats')
     key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     if accum == 1:
-      (loss, batch_stats), grads = micro_step(params, batch_stats, batch['image'],
-                                              batch['label'], key)
+      (loss, batch_stats), grads = micro_step(
+          params, batch_stats, batch['image'], batch['label'], key
+      )
     else:
       # Strided micro-batches (example i goes to micro-batch i % accum), so each device
       # holds its share of every micro-batch under the batch sharding.
@@ -214,8 +238,10 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int,
 
       zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
       ((loss, grads), batch_stats), _ = jax.lax.scan(
-          body, (zero, batch_stats), (split(batch['image']), split(batch['label']),
-                                      jax.random.split(key, accum)))
+          body,
+          (zero, batch_stats),
+          (split(batch['image']), split(batch['label']), jax.random.split(key, accum)),
+      )
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
     updates, opt_state = optimizer.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
@@ -231,23 +257,32 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int,
     # work), so the state never holds a NaN or inf to be saved. The optimizer's own count
     # (bias correction, its schedule) stays too: a skipped step is as if not taken. The
     # running averages count as weights: an infinite variance can leave the loss finite.
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) &
-              jnp.isfinite(optax.tree.norm(new_params)))
+    finite = (
+        jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
+    )
     if batch_stats is not None:
       finite &= jnp.isfinite(optax.tree.norm(batch_stats))
     new_state = dict(state, step=state['step'] + 1)
-    new_state.update(jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
-                                  {k: state[k] for k in updated}))
+    new_state.update(
+        jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), updated, {k: state[k] for k in updated}
+        )
+    )
     step_metrics = TrainMetrics.single_from_model_output(
-        loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state['params']),
-        lr=schedule_fn(state['step']), finite=finite)
+        loss=loss,
+        grad_norm=grad_norm,
+        param_norm=optax.tree.norm(new_state['params']),
+        lr=schedule_fn(state['step']),
+        finite=finite,
+    )
     return new_state, step_metrics, {'finite': finite, 'loss': loss, 'grad_norm': grad_norm}
 
   return step
 
 
-def create_train_state(config, model, optimizer, mesh: jax.sharding.Mesh, image_size: int,
-                       use_ema: bool):
+def create_train_state(
+    config, model, optimizer, mesh: jax.sharding.Mesh, image_size: int, use_ema: bool
+):
   """The initial train state, created directly sharded on `mesh`.
 
   The state's shapes come from `jax.eval_shape`; the sharding rules turn them into
@@ -262,9 +297,12 @@ def create_train_state(config, model, optimizer, mesh: jax.sharding.Mesh, image_
   def init_state(key):
     variables = model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
     params = variables['params']
-    state = {'params': params, 'opt_state': optimizer.init(params),
-             'step': jnp.zeros((), jnp.int32),
-             'rng': jax.random.key_data(jax.random.key(config.seed + 1))}
+    state = {
+        'params': params,
+        'opt_state': optimizer.init(params),
+        'step': jnp.zeros((), jnp.int32),
+        'rng': jax.random.key_data(jax.random.key(config.seed + 1)),
+    }
     if 'batch_stats' in variables:  # Only then: other models' checkpoints stay as they were.
       state['batch_stats'] = variables['batch_stats']
     if use_ema:
@@ -272,20 +310,24 @@ def create_train_state(config, model, optimizer, mesh: jax.sharding.Mesh, image_
     return state
 
   abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
-  param_shardings = sharding.tree_shardings(abstract['params'], mesh,
-                                            min_fsdp_size=config.sharding_min_size)
+  param_shardings = sharding.tree_shardings(
+      abstract['params'], mesh, min_fsdp_size=config.sharding_min_size
+  )
   state_shardings = {
       'params': param_shardings,
-      'opt_state': sharding.like_params_shardings(abstract['opt_state'], abstract['params'],
-                                                  param_shardings, mesh),
+      'opt_state': sharding.like_params_shardings(
+          abstract['opt_state'], abstract['params'], param_shardings, mesh
+      ),
       'step': sharding.replicated(mesh),
       'rng': sharding.replicated(mesh),
   }
   if 'batch_stats' in abstract:
     state_shardings['batch_stats'] = sharding.tree_shardings(
-        abstract['batch_stats'], mesh, min_fsdp_size=config.sharding_min_size)
+        abstract['batch_stats'], mesh, min_fsdp_size=config.sharding_min_size
+    )
   if use_ema:
     state_shardings['ema_params'] = param_shardings
-  state = jax.jit(init_state, out_shardings=state_shardings,
-                  compiler_options=models.compiler_options())(jax.random.key(config.seed))
+  state = jax.jit(
+      init_state, out_shardings=state_shardings, compiler_options=models.compiler_options()
+  )(jax.random.key(config.seed))
   return state, state_shardings, abstract

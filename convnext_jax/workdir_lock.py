@@ -43,6 +43,7 @@ stops together; every process checks the broadcast outcome of `lost` the same wa
 Nothing here imports TensorFlow or JAX.
 """
 
+from collections.abc import Callable
 import datetime
 import json
 import os
@@ -50,7 +51,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 import uuid
 
 from absl import logging
@@ -87,7 +88,7 @@ def kvstore_spec(workdir: epath.PathLike) -> dict[str, str]:
   text = os.fspath(workdir)
   if text.startswith('gs://'):
     # epath normalises repeated and trailing slashes: gs://b/a//b/ is gs://b/a/b.
-    bucket, _, prefix = str(epath.Path(text))[len('gs://'):].partition('/')
+    bucket, _, prefix = str(epath.Path(text))[len('gs://') :].partition('/')
     if not bucket:
       raise ValueError(f'workdir {text} names no bucket; expected gs://BUCKET/PATH')
     return {'driver': 'gcs', 'bucket': bucket, 'path': prefix + '/' if prefix else ''}
@@ -114,7 +115,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
   except OSError:
     return None
   # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-  fields = stat[stat.rfind(')') + 2:].split()
+  fields = stat[stat.rfind(')') + 2 :].split()
   try:
     return fields[0], int(fields[19])
   except (IndexError, ValueError):
@@ -135,8 +136,7 @@ def _pid_running(pid: int) -> bool:
 
 
 def _utc(unix_time: float) -> str:
-  return datetime.datetime.fromtimestamp(unix_time, datetime.timezone.utc).strftime(
-      '%Y-%m-%d %H:%M:%S UTC')
+  return datetime.datetime.fromtimestamp(unix_time, datetime.UTC).strftime('%Y-%m-%d %H:%M:%S UTC')
 
 
 class WorkdirLock:
@@ -145,9 +145,16 @@ class WorkdirLock:
   Use as a context manager, or `acquire()` and `release()` in a `finally`.
   """
 
-  def __init__(self, workdir: epath.PathLike, *, heartbeat_s: float | None = 60.0,
-               stale_after_s: float = 600.0, clock: Callable[[], float] = time.time,
-               host: str | None = None, pid: int | None = None):
+  def __init__(
+      self,
+      workdir: epath.PathLike,
+      *,
+      heartbeat_s: float | None = 60.0,
+      stale_after_s: float = 600.0,
+      clock: Callable[[], float] = time.time,
+      host: str | None = None,
+      pid: int | None = None,
+  ):
     """Describes the lock; nothing is read or written before `acquire()`.
 
     Args:
@@ -165,8 +172,10 @@ class WorkdirLock:
         workdir URL.
     """
     if heartbeat_s is not None and not 0 < heartbeat_s < stale_after_s:
-      raise ValueError(f'heartbeat_s={heartbeat_s} must be positive and below stale_after_s='
-                       f'{stale_after_s}, or a live lock would look stale')
+      raise ValueError(
+          f'heartbeat_s={heartbeat_s} must be positive and below stale_after_s='
+          f'{stale_after_s}, or a live lock would look stale'
+      )
     self.workdir = os.fspath(workdir)
     self.path = self.workdir.rstrip('/') + '/' + LOCK_NAME
     self._spec = kvstore_spec(workdir)
@@ -211,8 +220,9 @@ class WorkdirLock:
         'format': LOCK_FORMAT,
         'host': self._host,
         'pid': self._pid,
-        'started': datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime(
-            '%Y-%m-%dT%H:%M:%SZ'),
+        'started': datetime.datetime.fromtimestamp(now, datetime.UTC).strftime(
+            '%Y-%m-%dT%H:%M:%SZ'
+        ),
         'started_unix': now,
         'heartbeat': now,
         'command': ' '.join(sys.argv),
@@ -248,28 +258,32 @@ class WorkdirLock:
         raise WorkdirLocked(
             f'workdir {self.workdir} has a lock file that is not a convnext_jax lock '
             f'({read.value[:80]!r}) at {self.path}, so it may be in use; if no trainer uses '
-            f'this workdir, delete {self.path}')
+            f'this workdir, delete {self.path}'
+        )
       reason = self._stale_reason(holder)
       if reason is None:
         raise WorkdirLocked(self._held_message(holder))
       written = kv.write(LOCK_NAME, data, if_equal=read.stamp.generation).result()
       if written.generation:
-        logging.warning('Took over the stale lock %s of %s: %s.', self.path,
-                        _describe(holder), reason)
+        logging.warning(
+            'Took over the stale lock %s of %s: %s.', self.path, _describe(holder), reason
+        )
         break
       # Another process changed the lock after our read (took it over too, or heartbeat):
       # read again, and most likely refuse in its favour.
     else:
-      raise WorkdirLocked(f'workdir {self.workdir}: the lock {self.path} kept changing under '
-                          f'{_MAX_ATTEMPTS} attempts to take it; another trainer is starting '
-                          'there; stop it or choose another --workdir')
+      raise WorkdirLocked(
+          f'workdir {self.workdir}: the lock {self.path} kept changing under '
+          f'{_MAX_ATTEMPTS} attempts to take it; another trainer is starting '
+          'there; stop it or choose another --workdir'
+      )
     self._record, self._generation, self._lost = record, written.generation, False
-    logging.info('Holding the workdir lock %s (host %s, pid %d).', self.path, self._host,
-                 self._pid)
+    logging.info('Holding the workdir lock %s (host %s, pid %d).', self.path, self._host, self._pid)
     if self._heartbeat_s is not None:
       self._stop.clear()
-      self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
-                                      name='workdir-lock-heartbeat')
+      self._thread = threading.Thread(
+          target=self._heartbeat_loop, daemon=True, name='workdir-lock-heartbeat'
+      )
       self._thread.start()
     return self
 
@@ -297,13 +311,18 @@ class WorkdirLock:
   def _held_message(self, holder: dict[str, Any]) -> str:
     age = max(0.0, self._clock() - holder['heartbeat'])
     if self._same_machine(holder):
-      where = ('this very process: an earlier WorkdirLock was not released'
-               if holder['pid'] == self._pid else 'running on this host')
+      where = (
+          'this very process: an earlier WorkdirLock was not released'
+          if holder['pid'] == self._pid
+          else 'running on this host'
+      )
     else:
       where = f'it is taken over after {self._stale_after_s:.0f} s without one'
-    return (f'workdir {self.workdir} is in use by another trainer: {_describe(holder)}, '
-            f'last heartbeat {age:.0f} s ago ({where}) (lock {self.path}); stop that run or '
-            f'choose another --workdir; if no trainer uses it, delete {self.path}')
+    return (
+        f'workdir {self.workdir} is in use by another trainer: {_describe(holder)}, '
+        f'last heartbeat {age:.0f} s ago ({where}) (lock {self.path}); stop that run or '
+        f'choose another --workdir; if no trainer uses it, delete {self.path}'
+    )
 
   def heartbeat(self) -> bool:
     """Rewrites our heartbeat, if the lock is still ours.
@@ -316,16 +335,24 @@ class WorkdirLock:
       if self._generation is None or self._lost:
         return False
       record = dict(self._record, heartbeat=self._clock())
-      written = self._store().write(LOCK_NAME, json.dumps(record, indent=1).encode(),
-                                    if_equal=self._generation).result()
+      written = (
+          self._store()
+          .write(LOCK_NAME, json.dumps(record, indent=1).encode(), if_equal=self._generation)
+          .result()
+      )
       if written.generation:
         self._record, self._generation = record, written.generation
         return True
       self._lost = True
     current = _parse(self._store().read(LOCK_NAME).result().value)
-    logging.error('Lost the workdir lock %s: %s; this trainer must stop writing to %s.',
-                  self.path, f'{_describe(current)} took it over, judging this trainer dead'
-                  if current else 'it was deleted or replaced', self.workdir)
+    logging.error(
+        'Lost the workdir lock %s: %s; this trainer must stop writing to %s.',
+        self.path,
+        f'{_describe(current)} took it over, judging this trainer dead'
+        if current
+        else 'it was deleted or replaced',
+        self.workdir,
+    )
     return False
 
   def _heartbeat_loop(self) -> None:
@@ -358,8 +385,9 @@ class WorkdirLock:
       logging.info('Released the workdir lock %s.', self.path)
     else:
       self._lost = True
-      logging.warning('Did not delete the workdir lock %s: another trainer took it over.',
-                      self.path)
+      logging.warning(
+          'Did not delete the workdir lock %s: another trainer took it over.', self.path
+      )
 
 
 def _parse(value: bytes) -> dict[str, Any] | None:
@@ -368,10 +396,13 @@ def _parse(value: bytes) -> dict[str, Any] | None:
     record = json.loads(value)
   except ValueError:
     return None
-  if not (isinstance(record, dict) and isinstance(record.get('host'), str)
-          and isinstance(record.get('pid'), int)
-          and isinstance(record.get('heartbeat'), (int, float))
-          and isinstance(record.get('started_unix'), (int, float))):
+  if not (
+      isinstance(record, dict)
+      and isinstance(record.get('host'), str)
+      and isinstance(record.get('pid'), int)
+      and isinstance(record.get('heartbeat'), (int, float))
+      and isinstance(record.get('started_unix'), (int, float))
+  ):
     return None
   return record
 
@@ -380,5 +411,7 @@ def _describe(holder: dict[str, Any]) -> str:
   command = ' '.join(str(holder.get('command', '')).split())  # one line
   if len(command) > _COMMAND_CHARS:
     command = command[:_COMMAND_CHARS] + '...'
-  return (f'host {holder["host"]}, pid {holder["pid"]}, started '
-          f'{_utc(holder["started_unix"])}, command "{command}"')
+  return (
+      f'host {holder["host"]}, pid {holder["pid"]}, started '
+      f'{_utc(holder["started_unix"])}, command "{command}"'
+  )

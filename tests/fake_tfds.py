@@ -37,11 +37,14 @@ def build(data_dir, splits: dict, num_classes: int, num_shards: int = 3, name='f
     def _info(self):
       return tfds.core.DatasetInfo(
           builder=self,
-          features=tfds.features.FeaturesDict({
-              'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-              'label': tfds.features.ClassLabel(num_classes=num_classes),
-              'file_name': tfds.features.Text(),
-          }))
+          features=tfds.features.FeaturesDict(
+              {
+                  'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+                  'label': tfds.features.ClassLabel(num_classes=num_classes),
+                  'file_name': tfds.features.Text(),
+              }
+          ),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -49,11 +52,9 @@ def build(data_dir, splits: dict, num_classes: int, num_shards: int = 3, name='f
 
     def _generate_examples(self, split):
       for i, (image, label) in enumerate(splits[split]):
-        yield f'{split}_{i:05d}', {'image': image, 'label': label,
-                                   'file_name': f'{split}_{i:05d}'}
+        yield f'{split}_{i:05d}', {'image': image, 'label': label, 'file_name': f'{split}_{i:05d}'}
 
   FakeImages.name = name
   builder = FakeImages(data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      num_shards=num_shards))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
   return builder

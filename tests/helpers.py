@@ -46,8 +46,7 @@ def forward(model, params, images_nhwc):
 
 def images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
   """Random NCHW float32 images (PyTorch layout); `.transpose(0, 2, 3, 1)` for Flax."""
-  return np.random.default_rng(seed).standard_normal((batch, 3, height, width)).astype(
-      np.float32)
+  return np.random.default_rng(seed).standard_normal((batch, 3, height, width)).astype(np.float32)
 
 
 def nhwc(x: np.ndarray) -> np.ndarray:
@@ -57,10 +56,15 @@ def nhwc(x: np.ndarray) -> np.ndarray:
 _SMALL_DISK_MARK = '--- small disk after the command ---'
 
 
-def run_on_small_disk(cmd: list[str], mount_dir: str, size: str, before: str = '',
-                      after: str = 'find "$DISK" -mindepth 1 -printf "%P %s\\n" | sort',
-                      env: dict[str, str] | None = None,
-                      timeout: float = 300) -> tuple[int, str, str, str]:
+def run_on_small_disk(
+    cmd: list[str],
+    mount_dir: str,
+    size: str,
+    before: str = '',
+    after: str = 'find "$DISK" -mindepth 1 -printf "%P %s\\n" | sort',
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> tuple[int, str, str, str]:
   """Runs `cmd` with a fresh tmpfs of `size` (e.g. '4m') mounted at `mount_dir`.
 
   The mount lives in a private mount namespace (`unshare -m` as root, else `unshare -rm` in
@@ -83,17 +87,21 @@ def run_on_small_disk(cmd: list[str], mount_dir: str, size: str, before: str = '
     (returncode of cmd, its stdout, its stderr, the stdout of `after`).
   """
   import os  # pylint: disable=g-import-not-at-top
-  import signal  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
+
   import pytest  # pylint: disable=g-import-not-at-top
 
   if not shutil.which('unshare'):
     pytest.skip('run_on_small_disk needs unshare (util-linux) to mount a private tmpfs')
-  unshare = (['unshare', '-m', '--propagation', 'private'] if os.geteuid() == 0 else
-             ['unshare', '-r', '-m', '--propagation', 'private'])
+  unshare = (
+      ['unshare', '-m', '--propagation', 'private']
+      if os.geteuid() == 0
+      else ['unshare', '-r', '-m', '--propagation', 'private']
+  )
   # Exit 97/98 (with no mark printed) say the mount or `before` failed, so cmd never ran.
-  script = f'''
+  script = f"""
 mount -t tmpfs -o size={size} tmpfs "$DISK" || exit 97
 (
 set -e
@@ -104,11 +112,16 @@ status=$?
 echo '{_SMALL_DISK_MARK}'
 {after}
 exit $status
-'''
+"""
   env = dict(os.environ if env is None else env, DISK=mount_dir)
-  proc = subprocess.Popen(unshare + ['sh', '-c', script, 'sh'] + list(cmd), env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+      unshare + ['sh', '-c', script, 'sh'] + list(cmd),
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+  )
   try:
     out, err = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -119,7 +132,9 @@ exit $status
     if proc.returncode == 98:
       raise AssertionError(f'`{before}` failed on the {size} tmpfs: {err.strip()}')
     # 97: mount refused; otherwise unshare itself was refused (no namespaces for us).
-    pytest.skip(f'cannot mount a tmpfs in a private mount namespace ({" ".join(unshare)}): '
-                f'{err.strip()}')
+    pytest.skip(
+        f'cannot mount a tmpfs in a private mount namespace ({" ".join(unshare)}): '
+        f'{err.strip()}'
+    )
   out, listing = out.split(_SMALL_DISK_MARK + '\n', 1)
   return proc.returncode, out, err, listing

@@ -89,8 +89,7 @@ def _instrument() -> dict[str, list]:
       batches = fed.setdefault(_run_name[0], [])
       batches.append({k: np.asarray(batch[k]) for k in ('image', 'label')})
       # Batch k + 1 is read once step k has been dispatched.
-      if (len(batches) == FLAGS.sigterm_at_step + 1 and
-          jax.process_index() == FLAGS.signal_process):
+      if len(batches) == FLAGS.sigterm_at_step + 1 and jax.process_index() == FLAGS.signal_process:
         os.kill(os.getpid(), signal.SIGTERM)
     return to_global(batch, feed)
 
@@ -134,7 +133,8 @@ def _train(fed) -> None:
       _set(config, key, value)
     try:
       result = train.train_and_evaluate(
-          config, run.get('workdir') or os.path.join(FLAGS.workdir, run['name']))
+          config, run.get('workdir') or os.path.join(FLAGS.workdir, run['name'])
+      )
       outcome = {'outcome': 'trained', 'eval': result}
     except ValueError as e:
       if 'mesh' not in str(e):
@@ -143,8 +143,10 @@ def _train(fed) -> None:
     _record(run['name'] + '_outcome', outcome)
     if FLAGS.record_dir and run['name'] in fed:
       batches = fed.pop(run['name'])
-      np.savez(pathlib.Path(FLAGS.record_dir) / f'{run["name"]}_p{jax.process_index()}_batches',
-               **{f'{k}_{i}': b[k] for i, b in enumerate(batches) for k in b})
+      np.savez(
+          pathlib.Path(FLAGS.record_dir) / f'{run["name"]}_p{jax.process_index()}_batches',
+          **{f'{k}_{i}': b[k] for i, b in enumerate(batches) for k in b},
+      )
 
 
 def _count_eval() -> None:
@@ -159,6 +161,7 @@ def _count_eval() -> None:
   @flax.struct.dataclass
   class Count(metrics.Metric):
     """How many real (unmasked) examples have label `of` (any label when None)."""
+
     total: jnp.ndarray
     of = None
 
@@ -180,15 +183,23 @@ def _count_eval() -> None:
 
   def step(params_by_name, batch):
     del params_by_name
-    return {'seen': collection.single_from_model_output(label=batch['label'],
-                                                        mask=batch['mask'])}
+    return {'seen': collection.single_from_model_output(label=batch['label'], mask=batch['mask'])}
 
   eval_step = jax.jit(step, out_shardings=sharding.replicated(mesh))
   for ev in inputs.evaluators(feed, train._eval_batch(config, sharding.data_parallel_size(mesh))):
-    values, skipped = evaluate.evaluate(eval_step, {}, ev.dataset, ev.num_batches, feed,
-                                        ev.num_examples)
-    _record('evaluate', {'evaluator': ev.name, 'skipped': skipped, 'num_batches': ev.num_batches,
-                         'shard': [feed.shard_index, feed.shard_count], **values})
+    values, skipped = evaluate.evaluate(
+        eval_step, {}, ev.dataset, ev.num_batches, feed, ev.num_examples
+    )
+    _record(
+        'evaluate',
+        {
+            'evaluator': ev.name,
+            'skipped': skipped,
+            'num_batches': ev.num_batches,
+            'shard': [feed.shard_index, feed.shard_count],
+            **values,
+        },
+    )
 
 
 def worker_main(argv):

@@ -52,6 +52,7 @@ class Failed(AssertionError):
 @dataclasses.dataclass
 class Launch:
   """Processes started by `launch`; `wait()` ends them all."""
+
   procs: list[subprocess.Popen]
   logs: list[pathlib.Path]
   deadline: float
@@ -87,9 +88,14 @@ class Launch:
         break
       time.sleep(0.2)
     self._results = [
-        Result(i, None if i in killed else p.returncode, path.read_text(errors='replace'),
-               killed=i in killed)
-        for i, (p, path) in enumerate(zip(self.procs, self.logs))]
+        Result(
+            i,
+            None if i in killed else p.returncode,
+            path.read_text(errors='replace'),
+            killed=i in killed,
+        )
+        for i, (p, path) in enumerate(zip(self.procs, self.logs))
+    ]
     return self._results
 
   def check(self) -> list[Result]:
@@ -101,14 +107,24 @@ class Launch:
 
 
 def describe(results: list[Result], tail: int = 3000) -> str:
-  return '\n'.join(f'--- process {r.index}: exit {r.returncode}'
-                   f'{" (killed by the harness)" if r.killed else ""} ---\n{r.log[-tail:]}'
-                   for r in results)
+  return '\n'.join(
+      f'--- process {r.index}: exit {r.returncode}'
+      f'{" (killed by the harness)" if r.killed else ""} ---\n{r.log[-tail:]}'
+      for r in results
+  )
 
 
-def launch(args: list[str], num_processes: int, devices_per_process: int, *, log_dir,
-           timeout: float, env: dict[str, str] | None = None, grace: float = 20.0,
-           per_process_args=None) -> Launch:
+def launch(
+    args: list[str],
+    num_processes: int,
+    devices_per_process: int,
+    *,
+    log_dir,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    grace: float = 20.0,
+    per_process_args=None,
+) -> Launch:
   """Starts `python ARGS` as `num_processes` joined JAX processes.
 
   Args:
@@ -124,21 +140,38 @@ def launch(args: list[str], num_processes: int, devices_per_process: int, *, log
   log_dir = pathlib.Path(log_dir)
   log_dir.mkdir(parents=True, exist_ok=True)
   port = free_port()
-  base_env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-                  XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process} '
-                  f'{FAST_COMPILE}', JAX_ENABLE_COMPILATION_CACHE='false')
+  base_env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='2',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process} {FAST_COMPILE}',
+      JAX_ENABLE_COMPILATION_CACHE='false',
+  )
   base_env.pop('JAX_COMPILATION_CACHE_DIR', None)
   base_env.update(env or {})
   procs, logs = [], []
   try:
     for i in range(num_processes):
-      command = [sys.executable, *args, f'--jax_coordinator_address=127.0.0.1:{port}',
-                 f'--jax_num_processes={num_processes}', f'--jax_process_id={i}',
-                 *(per_process_args(i) if per_process_args else [])]
+      command = [
+          sys.executable,
+          *args,
+          f'--jax_coordinator_address=127.0.0.1:{port}',
+          f'--jax_num_processes={num_processes}',
+          f'--jax_process_id={i}',
+          *(per_process_args(i) if per_process_args else []),
+      ]
       path = log_dir / f'process_{i}.log'
       with open(path, 'w') as log:
-        procs.append(subprocess.Popen(command, cwd=REPO, env=base_env, stdout=log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=base_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        )
       logs.append(path)
   except BaseException:
     for p in procs:
@@ -148,8 +181,7 @@ def launch(args: list[str], num_processes: int, devices_per_process: int, *, log
   return Launch(procs, logs, time.monotonic() + timeout, grace)
 
 
-def run(args: list[str], num_processes: int, devices_per_process: int, **kwargs
-        ) -> list[Result]:
+def run(args: list[str], num_processes: int, devices_per_process: int, **kwargs) -> list[Result]:
   """`launch(...).check()`: every process must exit 0."""
   return launch(args, num_processes, devices_per_process, **kwargs).check()
 

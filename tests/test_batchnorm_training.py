@@ -13,6 +13,7 @@ import re
 import signal
 
 import jax
+import mp_config
 import numpy as np
 import pytest
 
@@ -26,7 +27,6 @@ from convnext_jax import sharding
 from convnext_jax import train
 from convnext_jax import train_step
 from convnext_jax.data import batch_ops
-import mp_config
 
 MODEL = 'roadmap_r50_baseline'
 TINY = {'depths': (1,), 'widths': (4,)}  # Compile time dominates on CPU.
@@ -68,8 +68,12 @@ def _batches():
   for _ in range(STEPS):
     low = rng.integers(0, 192, (BATCH, 1, 1, 1))
     images = low + rng.integers(0, 64, (BATCH, SIZE, SIZE, 3))
-    batches.append({'image': images.astype(np.uint8),
-                    'label': rng.integers(0, NUM_CLASSES, (BATCH,), dtype=np.int32)})
+    batches.append(
+        {
+            'image': images.astype(np.uint8),
+            'label': rng.integers(0, NUM_CLASSES, (BATCH,), dtype=np.int32),
+        }
+    )
   return batches
 
 
@@ -83,17 +87,23 @@ class _Run:
     num_shards = sharding.data_parallel_size(self.mesh)
     self.model = train_step.create_model(config, NUM_CLASSES, num_shards)
     lr_fn = optim.lr_schedule(config.optim.lr, 0.0, 1, 10)
-    optimizer = optim.make_optimizer(lr_fn, models.param_shapes(self.model, SIZE),
-                                     train_step.model_spec(config), eps=config.optim.eps)
-    state, self.shardings, _ = train_step.create_train_state(config, self.model, optimizer,
-                                                             self.mesh, SIZE, use_ema=False)
+    optimizer = optim.make_optimizer(
+        lr_fn,
+        models.param_shapes(self.model, SIZE),
+        train_step.model_spec(config),
+        eps=config.optim.eps,
+    )
+    state, self.shardings, _ = train_step.create_train_state(
+        config, self.model, optimizer, self.mesh, SIZE, use_ema=False
+    )
     self.initial = jax.device_get(state)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.step = jax.jit(
-        train_step.make_train_step(self.model, optimizer, lr_fn, config, NUM_CLASSES,
-                                   num_shards),
+        train_step.make_train_step(self.model, optimizer, lr_fn, config, NUM_CLASSES, num_shards),
         in_shardings=(self.shardings, self.batch_sharding),
-        out_shardings=(self.shardings, None, None), donate_argnums=(0,))
+        out_shardings=(self.shardings, None, None),
+        donate_argnums=(0,),
+    )
     self.state = state
 
   def train(self):
@@ -125,16 +135,19 @@ def test_meshes_match_a_single_device(single_device, mesh_shape):
   ref, ref_states = single_device
   run = _Run(_config(mesh_shape), jax.devices())
   assert run.model.bn_group_size == PER_DEVICE
-  np.testing.assert_array_equal(_flat(run.initial['batch_stats']),
-                                _flat(ref.initial['batch_stats']))
+  np.testing.assert_array_equal(
+      _flat(run.initial['batch_stats']), _flat(ref.initial['batch_stats'])
+  )
   states = run.train()
   for key in ('params', 'batch_stats', 'opt_state'):
-    np.testing.assert_allclose(_flat(states[-1][key]), _flat(ref_states[-1][key]), rtol=1e-4,
-                               atol=2e-5, err_msg=key)
+    np.testing.assert_allclose(
+        _flat(states[-1][key]), _flat(ref_states[-1][key]), rtol=1e-4, atol=2e-5, err_msg=key
+    )
   # The running averages are in the state as params are: replicated (too small to shard).
   stats = run.state['batch_stats']['bn1']['var']
   assert stats.sharding.is_fully_replicated and run.shardings['batch_stats']['bn1']['var'] == (
-      run.shardings['params']['bn1']['scale'])
+      run.shardings['params']['bn1']['scale']
+  )
   if mesh_shape[1] == 2:  # FSDP splits the larger kernels (the 7x7x3x4 stem) in two.
     kernel = run.state['params']['conv1']['kernel']
     assert kernel.addressable_shards[0].data.size == kernel.size // 2
@@ -143,8 +156,11 @@ def test_meshes_match_a_single_device(single_device, mesh_shape):
 def _running_averages(model, params, stats, images):
   """The running averages after the training forward pass of `model` on each micro-batch
   of `images` in turn (example i is in micro-batch i % ACCUM)."""
-  forward = jax.jit(lambda s, x: model.apply({'params': params, 'batch_stats': s}, x,
-                                             train=True, mutable=['batch_stats'])[1])
+  forward = jax.jit(
+      lambda s, x: model.apply(
+          {'params': params, 'batch_stats': s}, x, train=True, mutable=['batch_stats']
+      )[1]
+  )
   for k in range(ACCUM):
     stats = forward(stats, batch_ops.normalize(images[k::ACCUM]))['batch_stats']
   return jax.device_get(stats)
@@ -156,8 +172,9 @@ def test_micro_batches_update_the_running_averages_in_turn(single_device):
   ref, ref_states = single_device
   initial, images = ref.initial, _batches()[0]['image']
   stats = _running_averages(ref.model, initial['params'], initial['batch_stats'], images)
-  np.testing.assert_allclose(_flat(ref_states[0]['batch_stats']), _flat(stats), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      _flat(ref_states[0]['batch_stats']), _flat(stats), rtol=1e-5, atol=1e-6
+  )
   assert np.abs(_flat(stats) - _flat(initial['batch_stats'])).max() > 1e-2
   # Groups of the whole micro-batch (-1) give other averages, by far more than the meshes'
   # tolerance: the comparison with 8 devices above tells groups apart.
@@ -173,8 +190,9 @@ def test_a_skipped_step_keeps_the_running_averages(single_device):
   ref, ref_states = single_device
   state = jax.tree.map(np.copy, ref_states[-1])
   state['params']['fc']['kernel'][0, 0] = np.nan
-  new, _, health = ref.step(jax.device_put(state, ref.shardings),
-                            jax.device_put(_batches()[0], ref.batch_sharding))
+  new, _, health = ref.step(
+      jax.device_put(state, ref.shardings), jax.device_put(_batches()[0], ref.batch_sharding)
+  )
   assert not health['finite']
   new = jax.device_get(new)
   assert new['step'] == state['step'] + 1
@@ -188,9 +206,11 @@ def test_init_from_loads_the_running_averages(single_device, tmp_path):
   ref, ref_states = single_device
   trained = ref_states[-1]
   path = str(tmp_path / 'weights')
-  checkpoints.save_params(path, models.merge_batch_stats(trained['params'],
-                                                         trained['batch_stats']),
-                          {'model_name': MODEL, 'num_classes': NUM_CLASSES})
+  checkpoints.save_params(
+      path,
+      models.merge_batch_stats(trained['params'], trained['batch_stats']),
+      {'model_name': MODEL, 'num_classes': NUM_CLASSES},
+  )
   config = ref.config.copy_and_resolve_references()
   config.init_from.path = path
   initial = jax.device_put(ref.initial, ref.shardings)
@@ -204,19 +224,28 @@ def test_bn_settings_are_refused_in_one_line():
   config = _config((-1, 1, 1))
   config_check.check(config)
   config.model.bn_group_size = -2
-  with pytest.raises(config_check.ConfigError, match=re.escape(
-      'config.model.bn_group_size must be an integer >= 0 (examples per BatchNorm statistics '
-      'group; 0: the per-device micro-batch), or -1 for the whole micro-batch, got -2')):
+  with pytest.raises(
+      config_check.ConfigError,
+      match=re.escape(
+          'config.model.bn_group_size must be an integer >= 0 (examples per BatchNorm statistics '
+          'group; 0: the per-device micro-batch), or -1 for the whole micro-batch, got -2'
+      ),
+  ):
     config_check.check(config)
   config.model.bn_group_size, config.model.scan = 0, True
-  with pytest.raises(config_check.ConfigError, match='config.model.scan must be False for '
-                     f'{MODEL}: roadmap models have no scanned form'):
+  with pytest.raises(
+      config_check.ConfigError,
+      match=f'config.model.scan must be False for {MODEL}: roadmap models have no scanned form',
+  ):
     config_check.check(config)
 
   mesh = sharding.make_mesh((8, 1, 1))
   config = _config((8, 1, 1), bn_group_size=3)
-  with pytest.raises(ValueError, match=r'config.model.bn_group_size 3 does not divide the '
-                     r'micro-batch 16 .*0 for the per-device batch \(2\) or -1'):
+  with pytest.raises(
+      ValueError,
+      match=r'config.model.bn_group_size 3 does not divide the '
+      r'micro-batch 16 .*0 for the per-device batch \(2\) or -1',
+  ):
     train.validate(config, mesh)
   config.model.bn_group_size = 4  # Groups of 2 devices' examples: allowed.
   train.validate(config, mesh)
@@ -246,15 +275,21 @@ def test_evaluation_uses_the_running_averages():
   params, stats = variables['params'], variables['batch_stats']
   other_stats = jax.tree.map(lambda x: x * 3.0 + 0.5, stats)
   images = rng.integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
-  forward = jax.jit(lambda s, x: model.apply({'params': params, 'batch_stats': s},
-                                             batch_ops.normalize(x), train=False))
+  forward = jax.jit(
+      lambda s, x: model.apply(
+          {'params': params, 'batch_stats': s}, batch_ops.normalize(x), train=False
+      )
+  )
   logits = np.asarray(forward(stats, images))
-  alone = np.concatenate([forward(stats, images[i:i + 1]) for i in range(len(images))])
+  alone = np.concatenate([forward(stats, images[i : i + 1]) for i in range(len(images))])
   np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-5)
 
   eval_step = jax.jit(evaluate.make_eval_step(model, np.float32))
-  batch = {'image': images, 'label': logits.argmax(-1).astype(np.int32),
-           'mask': np.ones(len(images), np.float32)}
+  batch = {
+      'image': images,
+      'label': logits.argmax(-1).astype(np.int32),
+      'mask': np.ones(len(images), np.float32),
+  }
 
   def top1(batch_stats):
     return float(eval_step({'raw': params}, batch, batch_stats)['raw'].compute()['top1'])
@@ -323,7 +358,8 @@ def e2e_runs(shapes_dir, tmp_path_factory):
 
 def _state(workdir, step):
   return checkpoints.restore_numpy_tree(
-      checkpoints.checkpoint_dir(workdir) / str(step) / checkpoints.STATE_ITEM)
+      checkpoints.checkpoint_dir(workdir) / str(step) / checkpoints.STATE_ITEM
+  )
 
 
 def test_resume_is_bit_identical(e2e_runs):
@@ -346,5 +382,4 @@ def test_sigterm_saves_the_running_averages_and_resume_restores_them(e2e_runs):
   assert np.abs(saved['batch_stats']['bn1']['mean']).max() > 1e-3
   assert np.abs(saved['batch_stats']['bn1']['var'] - 1).max() > 1e-3
   assert len(restored) == 1 and restored[0] is not None
-  jax.tree.map(np.testing.assert_array_equal, restored[0]['batch_stats'],
-               saved['batch_stats'])
+  jax.tree.map(np.testing.assert_array_equal, restored[0]['batch_stats'], saved['batch_stats'])

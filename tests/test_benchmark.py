@@ -31,29 +31,64 @@ def runs(tmp_path_factory):
     path = root / f'{command}.json'
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-      benchmark.main([command, '--model', 'convnext_atto', '--batch', str(BATCH), '--size',
-                      str(SIZE), '--devices', '1', '--warmup', '1', '--iters', '1',
-                      '--compare', 'torch', '--json', str(path)])
+      benchmark.main(
+          [
+              command,
+              '--model',
+              'convnext_atto',
+              '--batch',
+              str(BATCH),
+              '--size',
+              str(SIZE),
+              '--devices',
+              '1',
+              '--warmup',
+              '1',
+              '--iters',
+              '1',
+              '--compare',
+              'torch',
+              '--json',
+              str(path),
+          ]
+      )
     out[command] = json.loads(path.read_text()), printed.getvalue()
   return out
 
 
 # One line per configuration, in `benchmark forward`'s format, then the step's figures.
-LINE = (r'  {name} +\d+\.\d img/s +\d+\.\d ms/step  x ?\d+\.\d\d vs torch  compile +{compile} '
-        r'+{tflops} TFLOP/s  MFU n/a \(CPU: not meaningful\)  memory {memory}')
+LINE = (
+    r'  {name} +\d+\.\d img/s +\d+\.\d ms/step  x ?\d+\.\d\d vs torch  compile +{compile} '
+    r'+{tflops} TFLOP/s  MFU n/a \(CPU: not meaningful\)  memory {memory}'
+)
 
 
 @pytest.mark.parametrize('command', ['train', 'infer'])
 def test_every_field_is_printed(runs, command):
   lines = runs[command][1].splitlines()
   what = 'training step' if command == 'train' else 'forward'
-  assert lines[1].startswith(f'convnext_atto {what}, batch {BATCH}, {SIZE}x{SIZE}, float32; '
-                             "cpu x 1, mesh {'data': 1, 'fsdp': 1, 'model': 1}")
-  assert re.fullmatch(LINE.format(name=re.escape(f'jax {command} (float32)'),
-                                  compile=r'\d+\.\d s', tflops=r'\d+\.\d{3}',
-                                  memory=r'\d+ MiB/device \(XLA plan\)'), lines[2]), lines[2]
-  assert re.fullmatch(LINE.format(name=re.escape(f'torch eager {command} (float32)'),
-                                  compile='n/a', tflops='n/a', memory='n/a'), lines[3]), lines[3]
+  assert lines[1].startswith(
+      f'convnext_atto {what}, batch {BATCH}, {SIZE}x{SIZE}, float32; '
+      "cpu x 1, mesh {'data': 1, 'fsdp': 1, 'model': 1}"
+  )
+  assert re.fullmatch(
+      LINE.format(
+          name=re.escape(f'jax {command} (float32)'),
+          compile=r'\d+\.\d s',
+          tflops=r'\d+\.\d{3}',
+          memory=r'\d+ MiB/device \(XLA plan\)',
+      ),
+      lines[2],
+  ), lines[2]
+  assert re.fullmatch(
+      LINE.format(
+          name=re.escape(f'torch eager {command} (float32)'),
+          compile='n/a',
+          tflops='n/a',
+          memory='n/a',
+      ),
+      lines[3],
+  ), lines[3]
 
 
 @pytest.mark.parametrize('command', ['train', 'infer'])
@@ -83,9 +118,26 @@ def test_scanned_steps_count_every_block(runs, tmp_path):
   unscanned program, so TFLOP/s and MFU do not drop to a fraction."""
   path = tmp_path / 'scan.json'
   with contextlib.redirect_stdout(io.StringIO()):
-    benchmark.main(['infer', '--model', 'convnext_atto', '--batch', str(BATCH), '--size',
-                    str(SIZE), '--devices', '1', '--warmup', '0', '--iters', '1', '--scan',
-                    '--json', str(path)])
+    benchmark.main(
+        [
+            'infer',
+            '--model',
+            'convnext_atto',
+            '--batch',
+            str(BATCH),
+            '--size',
+            str(SIZE),
+            '--devices',
+            '1',
+            '--warmup',
+            '0',
+            '--iters',
+            '1',
+            '--scan',
+            '--json',
+            str(path),
+        ]
+    )
   scanned = json.loads(path.read_text())['results'][0]
   assert scanned['name'] == 'jax infer (float32, scan)'
   unscanned = runs['infer'][0]['results'][0]['flops']
@@ -114,7 +166,8 @@ def test_remat_and_scan_flags_show_in_the_result_name():
   assert variant() == 'float32'
   assert variant('--remat') == 'float32, remat=full'
   assert variant('--remat', 'dots_saveable', '--scan', '--dtype', 'bfloat16') == (
-      'bfloat16, remat=dots_saveable, scan')
+      'bfloat16, remat=dots_saveable, scan'
+  )
   with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
     parser.parse_args(['--remat', 'dots'])
 
@@ -128,30 +181,59 @@ def test_compile_prints_and_records_every_field(tmp_path, monkeypatch):
   cache_on = jax.config.jax_enable_compilation_cache
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    benchmark.main(['compile', '--model', 'convnext_atto', '--size', '32',
-                    '--depthwise-impl', 'conv', '--json', str(path)])
+    benchmark.main(
+        [
+            'compile',
+            '--model',
+            'convnext_atto',
+            '--size',
+            '32',
+            '--depthwise-impl',
+            'conv',
+            '--json',
+            str(path),
+        ]
+    )
   assert jax.config.jax_enable_compilation_cache == cache_on  # Off during the run only.
   lines = printed.getvalue().splitlines()
   assert len(lines) == 3, lines
-  assert lines[1] == ('forward+backward compile from abstract params (grad of mean '
-                      'cross-entropy, train=True, drop path 0.1), batch 1, 32x32, float32, '
-                      'depthwise conv; cpu; unscanned, then scan=True')
-  assert re.fullmatch(r'  convnext_atto +lower +\d+\.\d\d s  compile +\d+\.\d\d s  \| scan: '
-                      r'lower +\d+\.\d\d s  compile +\d+\.\d\d s  \| unscanned/scan x +\d+\.\d\d'
-                      r'  \| XLA plan \d+ MiB, scan \d+ MiB', lines[2]), lines[2]
+  assert lines[1] == (
+      'forward+backward compile from abstract params (grad of mean '
+      'cross-entropy, train=True, drop path 0.1), batch 1, 32x32, float32, '
+      'depthwise conv; cpu; unscanned, then scan=True'
+  )
+  assert re.fullmatch(
+      r'  convnext_atto +lower +\d+\.\d\d s  compile +\d+\.\d\d s  \| scan: '
+      r'lower +\d+\.\d\d s  compile +\d+\.\d\d s  \| unscanned/scan x +\d+\.\d\d'
+      r'  \| XLA plan \d+ MiB, scan \d+ MiB',
+      lines[2],
+  ), lines[2]
   record = json.loads(path.read_text())
-  assert {k: record[k] for k in ('command', 'batch', 'size', 'dtype', 'remat',
-                                 'depthwise_impl')} == {
-      'command': 'compile', 'batch': 1, 'size': 32, 'dtype': 'float32', 'remat': '',
-      'depthwise_impl': 'conv'}
+  assert {
+      k: record[k] for k in ('command', 'batch', 'size', 'dtype', 'remat', 'depthwise_impl')
+  } == {
+      'command': 'compile',
+      'batch': 1,
+      'size': 32,
+      'dtype': 'float32',
+      'remat': '',
+      'depthwise_impl': 'conv',
+  }
   (result,) = record['results']
   assert result['model'] == 'convnext_atto'
-  for key in ('lower_s', 'compile_s', 'scan_lower_s', 'scan_compile_s', 'memory_mib',
-              'scan_memory_mib'):
+  for key in (
+      'lower_s',
+      'compile_s',
+      'scan_lower_s',
+      'scan_compile_s',
+      'memory_mib',
+      'scan_memory_mib',
+  ):
     assert result[key] > 0, key
   assert result['ratio'] == pytest.approx(
-      (result['lower_s'] + result['compile_s']) /
-      (result['scan_lower_s'] + result['scan_compile_s']))
+      (result['lower_s'] + result['compile_s'])
+      / (result['scan_lower_s'] + result['scan_compile_s'])
+  )
 
 
 def test_compile_refuses_unknown_models():

@@ -22,13 +22,17 @@ from convnext_jax import checkpoints
 @pytest.fixture
 def as_if_on_gcs(tmp_path, monkeypatch):
   is_gcs_path = gcs_utils.is_gcs_path
-  monkeypatch.setattr(gcs_utils, 'is_gcs_path',
-                      lambda path: str(path).startswith(str(tmp_path)) or is_gcs_path(path))
+  monkeypatch.setattr(
+      gcs_utils,
+      'is_gcs_path',
+      lambda path: str(path).startswith(str(tmp_path)) or is_gcs_path(path),
+  )
 
 
 def _save(workdir, step, value):
-  ckpts = checkpoints.TrainingCheckpoints(workdir, save_interval_steps=1, keep=5,
-                                          enable_async=False)
+  ckpts = checkpoints.TrainingCheckpoints(
+      workdir, save_interval_steps=1, keep=5, enable_async=False
+  )
   state = {'params': {'w': np.full(3, value, np.float32)}, 'step': np.int32(step)}
   ckpts.save(step, state, {'model_name': 'convnext_atto'}, force=True)
   ckpts.close()
@@ -74,8 +78,9 @@ def test_a_step_written_in_place_counts_only_once_committed(tmp_path, as_if_on_g
 def _trained_workdir(root, steps=(1, 2), enable_async=True):
   """Steps saved as the trainer saves them (asynchronously: sealed in orbax's thread)."""
   workdir = str(root / 'run')
-  ckpts = checkpoints.TrainingCheckpoints(workdir, save_interval_steps=1, keep=5,
-                                          enable_async=enable_async)
+  ckpts = checkpoints.TrainingCheckpoints(
+      workdir, save_interval_steps=1, keep=5, enable_async=enable_async
+  )
   for step in steps:
     state = {'params': {'w': _weights(step)}, 'step': np.int32(step)}
     ckpts.save(step, state, {'model_name': 'convnext_atto', 'step': step}, force=True)
@@ -97,13 +102,13 @@ def _random_bytes(step_dir):
   path = _largest_file(step_dir / 'state')
   data = bytearray(path.read_bytes())
   middle = len(data) // 2 - 2048
-  data[middle:middle + 4096] = np.random.default_rng(0).bytes(4096)
+  data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
   path.write_bytes(bytes(data))
 
 
 def _truncate(step_dir):
   path = _largest_file(step_dir / 'state')
-  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _broken_manifest(step_dir):
@@ -115,13 +120,16 @@ def _broken_manifest(step_dir):
 DAMAGES = {
     'random_bytes': (_random_bytes, r'state/\S+ does not match the checksum'),
     'truncated_file': (_truncate, r'state/\S+ has \d+ bytes, \d+ were written'),
-    'no_array_metadata': (lambda d: (d / 'state' / '_METADATA').unlink(),
-                          r'state/_METADATA is missing'),
-    'no_metadata_json': (lambda d: (d / 'metadata' / 'metadata').unlink(),
-                         r'metadata/metadata is missing'),
+    'no_array_metadata': (
+        lambda d: (d / 'state' / '_METADATA').unlink(),
+        r'state/_METADATA is missing',
+    ),
+    'no_metadata_json': (
+        lambda d: (d / 'metadata' / 'metadata').unlink(),
+        r'metadata/metadata is missing',
+    ),
     'no_state': (lambda d: shutil.rmtree(d / 'state'), r'state/\S+ is missing'),
-    'broken_manifest': (_broken_manifest,
-                        r'state/manifest.ocdbt does not match the checksum'),
+    'broken_manifest': (_broken_manifest, r'state/manifest.ocdbt does not match the checksum'),
 }
 
 
@@ -141,24 +149,28 @@ def test_a_damaged_newest_step_is_named_and_the_intact_one_before_it_used(tmp_pa
   params, metadata = checkpoints.load_params(workdir, which='raw')
   assert metadata['step'] == 1
   np.testing.assert_array_equal(params['w'], _weights(1))
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=f'checkpoint step 2 in {directory} is damaged'):
+  with pytest.raises(
+      checkpoints.CheckpointError, match=f'checkpoint step 2 in {directory} is damaged'
+  ):
     checkpoints.load_params(workdir, which='raw', step=2)
-  loaded, _, metadata = checkpoints.load_params_into(workdir, {'w': jax.numpy.zeros(4096)},
-                                                     which='raw')
+  _, _, metadata = checkpoints.load_params_into(workdir, {'w': jax.numpy.zeros(4096)}, which='raw')
   assert metadata['step'] == 1
   # The trainer resumes from step 1 and moves step 2 aside, not deleting it.
   ckpts = checkpoints.TrainingCheckpoints(workdir, save_interval_steps=1, keep=5)
-  abstract = {'params': {'w': jax.ShapeDtypeStruct((4096,), np.float32)},
-              'step': jax.ShapeDtypeStruct((), np.int32)}
+  abstract = {
+      'params': {'w': jax.ShapeDtypeStruct((4096,), np.float32)},
+      'step': jax.ShapeDtypeStruct((), np.int32),
+  }
   step, state, _ = ckpts.restore_latest(abstract)
   ckpts.close()
   assert step == 1 and int(state['step']) == 1
   assert checkpoints.workdir_steps(workdir) == [1]
   assert (tmp_path / 'run' / checkpoints.DAMAGED_DIR / '2' / 'state').exists() or (
-      damage == 'no_state')
+      damage == 'no_state'
+  )
   assert (tmp_path / 'run' / checkpoints.DAMAGED_DIR / '2' / 'metadata').exists() or (
-      damage == 'no_metadata_json')
+      damage == 'no_metadata_json'
+  )
 
 
 # When a restore fails, tensorstore reads still in flight complete into the event loop orbax
@@ -173,8 +185,10 @@ def test_an_unsealed_step_that_fails_to_restore_is_set_aside(tmp_path):
   assert checkpoints.verify_step(checkpoints.checkpoint_dir(workdir) / '2') is None
   _broken_manifest(step_dir)
   ckpts = checkpoints.TrainingCheckpoints(workdir, save_interval_steps=1, keep=5)
-  abstract = {'params': {'w': jax.ShapeDtypeStruct((4096,), np.float32)},
-              'step': jax.ShapeDtypeStruct((), np.int32)}
+  abstract = {
+      'params': {'w': jax.ShapeDtypeStruct((4096,), np.float32)},
+      'step': jax.ShapeDtypeStruct((), np.int32),
+  }
   step, state, _ = ckpts.restore_latest(abstract)
   ckpts.close()
   assert step == 1
@@ -186,8 +200,10 @@ def test_every_step_damaged_is_one_error_naming_each(tmp_path):
   workdir = _trained_workdir(tmp_path)
   for step in ('1', '2'):
     _truncate(tmp_path / 'run' / 'checkpoints' / step)
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r'every checkpoint in .* is damaged \(step 2: .*; step 1: .*\)'):
+  with pytest.raises(
+      checkpoints.CheckpointError,
+      match=r'every checkpoint in .* is damaged \(step 2: .*; step 1: .*\)',
+  ):
     checkpoints.find_usable_step(workdir)
 
 
@@ -195,13 +211,15 @@ def test_the_best_step_is_kept_after_a_restart(tmp_path):
   """Orbax writes each step's metrics beside it, so a restarted run still knows the best."""
   workdir = str(tmp_path / 'run')
   state = {'w': np.zeros(3, np.float32)}
-  ckpts = checkpoints.TrainingCheckpoints(workdir, save_interval_steps=1, keep=2,
-                                          best_metric='top1')
+  ckpts = checkpoints.TrainingCheckpoints(
+      workdir, save_interval_steps=1, keep=2, best_metric='top1'
+  )
   for step, top1 in ((1, 0.9), (2, 0.1)):
     ckpts.save(step, state, {}, metrics={'top1': top1}, force=True)
   ckpts.close()
-  ckpts = checkpoints.TrainingCheckpoints(workdir, save_interval_steps=1, keep=2,
-                                          best_metric='top1')  # A restart.
+  ckpts = checkpoints.TrainingCheckpoints(
+      workdir, save_interval_steps=1, keep=2, best_metric='top1'
+  )  # A restart.
   for step in (3, 4, 5):
     ckpts.save(step, state, {}, force=True)
   ckpts.close()
@@ -212,13 +230,15 @@ def test_non_finite_weights_are_refused(tmp_path):
   """What export and predict read: a step holding NaN (saved by a version without the
   trainer's non-finite guard) is an error naming it, not weights."""
   workdir = str(tmp_path / 'run')
-  ckpts = checkpoints.TrainingCheckpoints(workdir, save_interval_steps=1, keep=5,
-                                          enable_async=False)
+  ckpts = checkpoints.TrainingCheckpoints(
+      workdir, save_interval_steps=1, keep=5, enable_async=False
+  )
   weights = _weights(3)
   weights[7] = np.nan
-  ckpts.save(3, {'params': {'w': weights}, 'step': np.int32(3)}, {'model_name': 'x'},
-             force=True)
+  ckpts.save(3, {'params': {'w': weights}, 'step': np.int32(3)}, {'model_name': 'x'}, force=True)
   ckpts.close()
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r'step 3 of .* holds non-finite weights \(1 arrays, e.g. w\)'):
+  with pytest.raises(
+      checkpoints.CheckpointError,
+      match=r'step 3 of .* holds non-finite weights \(1 arrays, e.g. w\)',
+  ):
     checkpoints.load_params(workdir, which='raw')

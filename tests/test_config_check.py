@@ -22,10 +22,14 @@ from convnext_jax import main
 from convnext_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ATTO_SIZE = ("an integer >= 32 (convnext_atto's stem and 3 downsamples divide it by 32; "
-             'smaller leaves an empty feature map)')
-SHAPES_DATASETS = ('convnext_shapes, imagenet2012, imagenet22k, class_folder, imagenet_v2, '
-                   'imagenet2012_real (README "Datasets")')
+ATTO_SIZE = (
+    "an integer >= 32 (convnext_atto's stem and 3 downsamples divide it by 32; "
+    'smaller leaves an empty feature map)'
+)
+SHAPES_DATASETS = (
+    'convnext_shapes, imagenet2012, imagenet22k, class_folder, imagenet_v2, '
+    'imagenet2012_real (README "Datasets")'
+)
 
 
 def _config_file(name: str, arg=None):
@@ -53,92 +57,152 @@ def _demo(**overrides):
 CHECK_CASES = [
     ({'global_batch_size': 0}, 'config.global_batch_size must be a positive integer, got 0'),
     ({'grad_accum_steps': 0}, 'config.grad_accum_steps must be a positive integer, got 0'),
-    ({'eval_batch_size': 0},
-     'config.eval_batch_size must be a positive integer, or -1 for global_batch_size, got 0'),
-    ({'model.dtype': 'float64'},
-     "config.model.dtype must be one of 'float32', 'bfloat16', 'float16', got 'float64' "
-     "(did you mean 'float16'?)"),
-    ({'model.name': 'convnext_tiney'},
-     "config.model.name 'convnext_tiney' is not a registered model (did you mean "
-     "'convnext_tiny'?); see models.list_models()"),
-    ({'mesh': ('abc',)},
-     "config.mesh must be 3 integers for ('data', 'fsdp', 'model'), each >= 1 or one -1 for "
-     "the remaining devices, got ('abc',); e.g. --config.mesh=-1,1,1"),
-    ({'mesh': (-1, -1, 1)},
-     "config.mesh must be 3 integers for ('data', 'fsdp', 'model'), each >= 1 or one -1 for "
-     'the remaining devices, got (-1, -1, 1); e.g. --config.mesh=-1,1,1'),
-    ({'mesh': (2, 0, 1)},
-     "config.mesh must be 3 integers for ('data', 'fsdp', 'model'), each >= 1 or one -1 for "
-     'the remaining devices, got (2, 0, 1); e.g. --config.mesh=-1,1,1'),
+    (
+        {'eval_batch_size': 0},
+        'config.eval_batch_size must be a positive integer, or -1 for global_batch_size, got 0',
+    ),
+    (
+        {'model.dtype': 'float64'},
+        "config.model.dtype must be one of 'float32', 'bfloat16', 'float16', got 'float64' "
+        "(did you mean 'float16'?)",
+    ),
+    (
+        {'model.name': 'convnext_tiney'},
+        "config.model.name 'convnext_tiney' is not a registered model (did you mean "
+        "'convnext_tiny'?); see models.list_models()",
+    ),
+    (
+        {'mesh': ('abc',)},
+        "config.mesh must be 3 integers for ('data', 'fsdp', 'model'), each >= 1 or one -1 for "
+        "the remaining devices, got ('abc',); e.g. --config.mesh=-1,1,1",
+    ),
+    (
+        {'mesh': (-1, -1, 1)},
+        "config.mesh must be 3 integers for ('data', 'fsdp', 'model'), each >= 1 or one -1 for "
+        'the remaining devices, got (-1, -1, 1); e.g. --config.mesh=-1,1,1',
+    ),
+    (
+        {'mesh': (2, 0, 1)},
+        "config.mesh must be 3 integers for ('data', 'fsdp', 'model'), each >= 1 or one -1 for "
+        'the remaining devices, got (2, 0, 1); e.g. --config.mesh=-1,1,1',
+    ),
     ({'input.image_size': -5}, f'config.input.image_size must be {ATTO_SIZE}, got -5'),
     ({'input.image_size': 31}, f'config.input.image_size must be {ATTO_SIZE}, got 31'),
-    ({'input.eval_image_size': 16},
-     f'config.input.eval_image_size must be {ATTO_SIZE}, or -1 for input.image_size, got 16'),
-    ({'model.name': 'convnext_isotropic_small', 'input.image_size': 15},
-     'config.input.image_size must be an integer >= 16 (convnext_isotropic_small cuts it into '
-     '16x16 patches), got 15'),
-    ({'input.crop_pct': 1.5},
-     'config.input.crop_pct must be a number in (0, 1], or -1 for 0.875 below 384 px, 1.0 '
-     'from 384, got 1.5'),
-    ({'input.crop_mode': 'centre'},
-     "config.input.crop_mode must be one of 'center', 'squash', got 'centre' (did you mean "
-     "'center'?)"),
-    ({'input.scale': (0.5, 0.1)},
-     'config.input.scale must be 2 numbers (min, max), 0 < min <= max <= 1, got (0.5, 0.1)'),
+    (
+        {'input.eval_image_size': 16},
+        f'config.input.eval_image_size must be {ATTO_SIZE}, or -1 for input.image_size, got 16',
+    ),
+    (
+        {'model.name': 'convnext_isotropic_small', 'input.image_size': 15},
+        'config.input.image_size must be an integer >= 16 (convnext_isotropic_small cuts it into '
+        '16x16 patches), got 15',
+    ),
+    (
+        {'input.crop_pct': 1.5},
+        'config.input.crop_pct must be a number in (0, 1], or -1 for 0.875 below 384 px, 1.0 '
+        'from 384, got 1.5',
+    ),
+    (
+        {'input.crop_mode': 'centre'},
+        "config.input.crop_mode must be one of 'center', 'squash', got 'centre' (did you mean "
+        "'center'?)",
+    ),
+    (
+        {'input.scale': (0.5, 0.1)},
+        'config.input.scale must be 2 numbers (min, max), 0 < min <= max <= 1, got (0.5, 0.1)',
+    ),
     ({'input.hflip': 2.0}, 'config.input.hflip must be a probability in [0, 1], got 2.0'),
-    ({'input.randaugment': 'rand-x9'},
-     "config.input.randaugment: RandAugment spec 'rand-x9': cannot read section 'x9'; expected "
-     "one of ['inc', 'm', 'mmax', 'mstd', 'n', 'p'] followed by a number; or '' for none"),
-    ({'input.fill': (1, 2)},
-     'config.input.fill must be an RGB colour, 3 numbers in [0, 255], got (1, 2)'),
-    ({'dataset.name': 'nosuch'},
-     f"config.dataset.name 'nosuch' is not a tfds dataset; this project builds {SHAPES_DATASETS}"),
-    ({'dataset.name': 'imagenet2013'},
-     "config.dataset.name 'imagenet2013' is not a tfds dataset (did you mean 'imagenet2012'?); "
-     f'this project builds {SHAPES_DATASETS}'),
-    ({'dataset.extra_eval': ('imagenet_v2',)},
-     "config.dataset.extra_eval entries must be 'name:split[:label_key]', e.g. "
-     "'imagenet_v2:test:label', got 'imagenet_v2'"),
-    ({'dataset.extra_eval': ('imagenet_v3:test',)},
-     "config.dataset.extra_eval 'imagenet_v3' is not a tfds dataset (did you mean "
-     f"'imagenet_v2'?); this project builds {SHAPES_DATASETS}"),
-    ({'num_steps': 0},
-     'config.num_steps must be a positive integer, or -1 to train for num_epochs, got 0'),
+    (
+        {'input.randaugment': 'rand-x9'},
+        "config.input.randaugment: RandAugment spec 'rand-x9': cannot read section 'x9'; expected "
+        "one of ['inc', 'm', 'mmax', 'mstd', 'n', 'p'] followed by a number; or '' for none",
+    ),
+    (
+        {'input.fill': (1, 2)},
+        'config.input.fill must be an RGB colour, 3 numbers in [0, 255], got (1, 2)',
+    ),
+    (
+        {'dataset.name': 'nosuch'},
+        (
+            "config.dataset.name 'nosuch' is not a tfds dataset; this project builds "
+            f'{SHAPES_DATASETS}'
+        ),
+    ),
+    (
+        {'dataset.name': 'imagenet2013'},
+        "config.dataset.name 'imagenet2013' is not a tfds dataset (did you mean 'imagenet2012'?); "
+        f'this project builds {SHAPES_DATASETS}',
+    ),
+    (
+        {'dataset.extra_eval': ('imagenet_v2',)},
+        "config.dataset.extra_eval entries must be 'name:split[:label_key]', e.g. "
+        "'imagenet_v2:test:label', got 'imagenet_v2'",
+    ),
+    (
+        {'dataset.extra_eval': ('imagenet_v3:test',)},
+        "config.dataset.extra_eval 'imagenet_v3' is not a tfds dataset (did you mean "
+        f"'imagenet_v2'?); this project builds {SHAPES_DATASETS}",
+    ),
+    (
+        {'num_steps': 0},
+        'config.num_steps must be a positive integer, or -1 to train for num_epochs, got 0',
+    ),
     ({'num_steps': -1, 'num_epochs': 0.0}, 'config.num_epochs must be a number > 0, got 0.0'),
     ({'optim.lr': 0.0}, 'config.optim.lr must be a number > 0, got 0.0'),
-    ({'optim.layer_decay_scheme': 'per_block'},
-     "config.optim.layer_decay_scheme must be one of 'group', 'single', got 'per_block'"),
+    (
+        {'optim.layer_decay_scheme': 'per_block'},
+        "config.optim.layer_decay_scheme must be one of 'group', 'single', got 'per_block'",
+    ),
     ({'ema.decay': 1.0}, 'config.ema.decay must be a number in [0, 1) (0: no EMA), got 1.0'),
     ({'log_every_steps': 0}, 'config.log_every_steps must be a positive integer, got 0'),
-    ({'eval_every_steps': 0},
-     'config.eval_every_steps must be a positive integer, or -1 to use eval_every_epochs, '
-     'got 0'),
-    ({'checkpoint_every_steps': -1},
-     'config.checkpoint_every_steps must be a positive integer, got -1'),
+    (
+        {'eval_every_steps': 0},
+        'config.eval_every_steps must be a positive integer, or -1 to use eval_every_epochs, '
+        'got 0',
+    ),
+    (
+        {'checkpoint_every_steps': -1},
+        'config.checkpoint_every_steps must be a positive integer, got -1',
+    ),
     ({'keep_checkpoints': 0}, 'config.keep_checkpoints must be a positive integer, got 0'),
-    ({'nonfinite.action': 'ignore'},
-     "config.nonfinite.action must be one of 'skip', 'stop', got 'ignore'"),
-    ({'nonfinite.max_consecutive': 0},
-     'config.nonfinite.max_consecutive must be a positive integer, got 0'),
-    ({'init_from.path': '/nonexistent/convnext_ckpt'},
-     'config.init_from.path /nonexistent/convnext_ckpt does not exist; give a training workdir '
-     "or a `convnext-convert import` directory, or '' to start from scratch"),
-    ({'init_from.params': 'best'},
-     "config.init_from.params must be one of 'ema', 'raw', got 'best'"),
-    ({'model.remat': 'dots_savable'},
-     "config.model.remat must be '' (off), True/False or one of full, checkpoint_dots, "
-     'checkpoint_dots_with_no_batch_dims, dots_saveable, dots_with_no_batch_dims_saveable, '
-     "everything_saveable, nothing_saveable, got 'dots_savable' (did you mean "
-     "'dots_saveable'?)"),
-    ({'model.remat': 1},
-     "config.model.remat must be '' (off), True/False or one of full, checkpoint_dots, "
-     'checkpoint_dots_with_no_batch_dims, dots_saveable, dots_with_no_batch_dims_saveable, '
-     'everything_saveable, nothing_saveable, got 1'),
+    (
+        {'nonfinite.action': 'ignore'},
+        "config.nonfinite.action must be one of 'skip', 'stop', got 'ignore'",
+    ),
+    (
+        {'nonfinite.max_consecutive': 0},
+        'config.nonfinite.max_consecutive must be a positive integer, got 0',
+    ),
+    (
+        {'init_from.path': '/nonexistent/convnext_ckpt'},
+        'config.init_from.path /nonexistent/convnext_ckpt does not exist; give a training workdir '
+        "or a `convnext-convert import` directory, or '' to start from scratch",
+    ),
+    (
+        {'init_from.params': 'best'},
+        "config.init_from.params must be one of 'ema', 'raw', got 'best'",
+    ),
+    (
+        {'model.remat': 'dots_savable'},
+        "config.model.remat must be '' (off), True/False or one of full, checkpoint_dots, "
+        'checkpoint_dots_with_no_batch_dims, dots_saveable, dots_with_no_batch_dims_saveable, '
+        "everything_saveable, nothing_saveable, got 'dots_savable' (did you mean "
+        "'dots_saveable'?)",
+    ),
+    (
+        {'model.remat': 1},
+        "config.model.remat must be '' (off), True/False or one of full, checkpoint_dots, "
+        'checkpoint_dots_with_no_batch_dims, dots_saveable, dots_with_no_batch_dims_saveable, '
+        'everything_saveable, nothing_saveable, got 1',
+    ),
 ]
 
 
-@pytest.mark.parametrize('overrides,message', CHECK_CASES,
-                         ids=[' '.join(f'{k}={v}' for k, v in o.items()) for o, _ in CHECK_CASES])
+@pytest.mark.parametrize(
+    'overrides,message',
+    CHECK_CASES,
+    ids=[' '.join(f'{k}={v}' for k, v in o.items()) for o, _ in CHECK_CASES],
+)
 def test_check_refuses_with_one_line(overrides, message):
   with pytest.raises(config_check.ConfigError) as e:
     config_check.check(_demo(**overrides))
@@ -156,24 +220,41 @@ def test_check_refuses_unknown_and_missing_keys_of_a_config_file():
   del config.nonfinite['max_consecutive']
   with pytest.raises(config_check.ConfigError) as e:
     config_check.check(config)
-  assert str(e.value) == ('config.nonfinite.max_consecutive is missing; build configs on '
-                          'config_lib.base(), which sets every key')
+  assert str(e.value) == (
+      'config.nonfinite.max_consecutive is missing; build configs on '
+      'config_lib.base(), which sets every key'
+  )
 
 
 def test_check_accepts_every_shipped_config_and_the_edges(tmp_path):
   for path in sorted((REPO / 'configs').glob('*.py')):
-    for arg in (None, 'runlocal', f'init={tmp_path}', f'init={tmp_path},res=384',
-                f'root={tmp_path},init={tmp_path}'):
+    for arg in (
+        None,
+        'runlocal',
+        f'init={tmp_path}',
+        f'init={tmp_path},res=384',
+        f'root={tmp_path},init={tmp_path}',
+    ):
       try:
         config = _config_file(path.name, arg)
       except ValueError:  # This config needs another argument.
         continue
       config_check.check(config)
-  config_check.check(_demo(**{
-      'input.image_size': 32, 'mesh': (1, -1, 2), 'input.crop_pct': 1.0, 'ema.decay': 0.0,
-      'model.overrides.depths': (1, 1, 1, 1), 'init_from.path': str(tmp_path),
-      'dataset.extra_eval': ('imagenet_v2/matched-frequency:test:label',),
-      'nonfinite.action': 'stop', 'nonfinite.max_consecutive': 1}))
+  config_check.check(
+      _demo(
+          **{
+              'input.image_size': 32,
+              'mesh': (1, -1, 2),
+              'input.crop_pct': 1.0,
+              'ema.decay': 0.0,
+              'model.overrides.depths': (1, 1, 1, 1),
+              'init_from.path': str(tmp_path),
+              'dataset.extra_eval': ('imagenet_v2/matched-frequency:test:label',),
+              'nonfinite.action': 'stop',
+              'nonfinite.max_consecutive': 1,
+          }
+      )
+  )
   config_check.check(_demo(**{'model.name': 'convnext_isotropic_small', 'input.image_size': 16}))
 
 
@@ -202,8 +283,9 @@ def run_main(monkeypatch, capsys, tmp_path):
   def run(config):
     workdir = str(tmp_path / 'workdir')
     # verbose=True: the console's default state, no absl log filter left for later tests.
-    monkeypatch.setattr(main, 'FLAGS', types.SimpleNamespace(config=config, workdir=workdir,
-                                                             verbose=True))
+    monkeypatch.setattr(
+        main, 'FLAGS', types.SimpleNamespace(config=config, workdir=workdir, verbose=True)
+    )
     status = main.main(['convnext-train'])
     return status, capsys.readouterr().err, trained, workdir
 
@@ -213,8 +295,9 @@ def run_main(monkeypatch, capsys, tmp_path):
 def test_main_config_mistake_exits_2_before_training(run_main):
   status, err, trained, workdir = run_main(_demo(global_batch_size=0))
   assert status == 2 and not trained and not os.path.exists(workdir)
-  assert err.splitlines()[-1] == ('convnext-train: error: config.global_batch_size must be a '
-                                  'positive integer, got 0')
+  assert err.splitlines()[-1] == (
+      'convnext-train: error: config.global_batch_size must be a positive integer, got 0'
+  )
 
 
 def test_main_mesh_mistake_exits_2_before_training(run_main):
@@ -222,22 +305,25 @@ def test_main_mesh_mistake_exits_2_before_training(run_main):
   status, err, trained, workdir = run_main(_demo(global_batch_size=12))
   assert status == 2 and not trained and not os.path.exists(workdir)
   assert err.splitlines()[-1] == (
-      "convnext-train: error: micro-batch 12 (global_batch_size / grad_accum_steps) is not "
+      'convnext-train: error: micro-batch 12 (global_batch_size / grad_accum_steps) is not '
       "divisible by the data-parallel size 8 (mesh {'data': 8, 'fsdp': 1, 'model': 1}); "
-      'change global_batch_size or config.mesh')
+      'change global_batch_size or config.mesh'
+  )
 
 
 def test_main_run_error_exits_1_with_one_line(run_main):
   status, err, trained, workdir = run_main(_demo())
   assert status == 1 and trained == [workdir]
-  assert err.splitlines()[-1] == (f'convnext-train: error: loss is not finite at step 3 in '
-                                  f'{workdir}; lower optim.lr')
+  assert err.splitlines()[-1] == (
+      f'convnext-train: error: loss is not finite at step 3 in {workdir}; lower optim.lr'
+  )
 
 
 def test_train_and_evaluate_refuses_a_mesh_before_creating_the_workdir(tmp_path):
   workdir = tmp_path / 'workdir'
-  with pytest.raises(ValueError, match='micro-batch 12 .* is not divisible by the '
-                     'data-parallel size 8'):
+  with pytest.raises(
+      ValueError, match='micro-batch 12 .* is not divisible by the data-parallel size 8'
+  ):
     train.train_and_evaluate(_demo(global_batch_size=12), str(workdir))
   assert not workdir.exists()
 
@@ -249,41 +335,51 @@ DEMO = 'configs/demo.py:runlocal'
 CLI_CASES = {
     'unknown_key': (
         [f'--config={DEMO}', '--config.learning_rate=1'],
-        'config.learning_rate is not a config key; did you mean config.optim.lr?'),
+        'config.learning_rate is not a config key; did you mean config.optim.lr?',
+    ),
     'unknown_nested_key': (
         [f'--config={DEMO}', '--config.optim.lrr=1'],
-        'config.optim.lrr is not a config key; did you mean config.optim.lr?'),
+        'config.optim.lrr is not a config key; did you mean config.optim.lr?',
+    ),
     'free_form_key': (
         [f'--config={DEMO}', '--config.model.overrides.depths=(1,1,1,1)'],
-        "config.model.overrides.depths cannot be added on its own; set the whole dict, e.g. "
-        "--config.model.overrides=\"{'depths': ...}\""),
+        'config.model.overrides.depths cannot be added on its own; set the whole dict, e.g. '
+        '--config.model.overrides="{\'depths\': ...}"',
+    ),
     'wrong_type': (
         [f'--config={DEMO}', '--config.global_batch_size=abc'],
-        "config.global_batch_size must be an integer, got 'abc'"),
+        "config.global_batch_size must be an integer, got 'abc'",
+    ),
     'missing_config_file': (
         ['--config=configs/nope.py:runlocal'],
         'config file configs/nope.py not found; --config takes a file such as '
-        'configs/convnext_t_in1k.py[:runlocal]'),
+        'configs/convnext_t_in1k.py[:runlocal]',
+    ),
     'get_config_raises': (
         ['--config=configs/convnext_t_in22k_ft_in1k.py', '--config.seed=1'],
         'config file configs/convnext_t_in22k_ft_in1k.py: fine-tuning needs pre-trained '
         'weights: append :init=PATH to the config (a training workdir or a `convnext-convert '
-        'import` directory)'),
+        'import` directory)',
+    ),
     'zero_batch': (
         [f'--config={DEMO}', '--config.global_batch_size=0'],
-        'config.global_batch_size must be a positive integer, got 0'),
+        'config.global_batch_size must be a positive integer, got 0',
+    ),
     'unknown_dataset': (
         [f'--config={DEMO}', '--config.dataset.name=nosuch'],
         "config.dataset.name 'nosuch' is not a tfds dataset; this project builds "
-        f'{SHAPES_DATASETS}'),
+        f'{SHAPES_DATASETS}',
+    ),
     'missing_init_from': (
         [f'--config={DEMO}', '--config.init_from.path=/nonexistent/convnext_ckpt'],
         'config.init_from.path /nonexistent/convnext_ckpt does not exist; give a training '
-        "workdir or a `convnext-convert import` directory, or '' to start from scratch"),
+        "workdir or a `convnext-convert import` directory, or '' to start from scratch",
+    ),
     'mesh_larger_than_devices': (
         [f'--config={DEMO}', '--config.mesh=3,1,1'],
         "mesh {'data': 3, 'fsdp': 1, 'model': 1} has 3 devices but 1 are available; set "
-        'config.mesh to multiply to 1'),
+        'config.mesh to multiply to 1',
+    ),
 }
 
 
@@ -291,15 +387,25 @@ CLI_CASES = {
 def cli_results(tmp_path_factory):
   """Every CLI case run once, two processes at a time: {case: (workdir, CompletedProcess)}."""
   root = tmp_path_factory.mktemp('cli')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=1',
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='3',
+  )
 
   def run(case):
     workdir = root / case
-    command = [sys.executable, '-m', 'convnext_jax.main', f'--workdir={workdir}',
-               *CLI_CASES[case][0]]
-    return workdir, subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
-                                   timeout=180, check=False)
+    command = [
+        sys.executable,
+        '-m',
+        'convnext_jax.main',
+        f'--workdir={workdir}',
+        *CLI_CASES[case][0],
+    ]
+    return workdir, subprocess.run(
+        command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180, check=False
+    )
 
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     return dict(zip(CLI_CASES, pool.map(run, CLI_CASES)))

@@ -9,8 +9,8 @@ import sys
 from absl import logging as absl_logging
 import pytest
 
-from convnext_jax import console
 import convnext_jax
+from convnext_jax import console
 
 PACKAGE = os.path.dirname(convnext_jax.__file__)
 SITE = os.path.dirname(os.path.dirname(absl_logging.__file__))
@@ -27,7 +27,7 @@ def handler_filter():
   """The filter `configure` puts on absl's handler, as a predicate; restores the handler."""
   handler = absl_logging.get_absl_handler()
   saved = list(handler.filters)
-  yield lambda record: handler.filter(record)
+  yield handler.filter
   handler.filters[:] = saved
   console.configure(verbose=True)  # Back to showing everything, as for library users.
 
@@ -47,9 +47,16 @@ def test_filter(handler_filter, verbose):
   # Our details only with --verbose.
   assert handler_filter(_record(train, **console.DETAIL)) == verbose
   # tfds' warning about a dataset it has not prepared yet (the trainer prepares it next).
-  assert handler_filter(_record(
-      tfds_utils, logging.WARNING, 'Variant folder /d/convnext_shapes/2.0.0 has no '
-      'dataset_info.json')) == verbose
+  assert (
+      handler_filter(
+          _record(
+              tfds_utils,
+              logging.WARNING,
+              'Variant folder /d/convnext_shapes/2.0.0 has no dataset_info.json',
+          )
+      )
+      == verbose
+  )
   assert handler_filter(_record(tfds_utils, logging.WARNING, 'something else'))
   # A file of another package whose name begins like ours is not ours.
   assert handler_filter(_record(PACKAGE + '_extra' + os.sep + 'x.py')) == verbose
@@ -69,7 +76,7 @@ def test_library_output_is_dropped_unless_verbose(capfd, handler_filter):
 def test_native_notices_dropped():
   """What a C library writes to fd 2 inside the block: the known notices go, the rest stays,
   in order, and stderr works again afterwards."""
-  code = '''if True:
+  code = """if True:
     import os, sys
     from convnext_jax import console
     with console.native_notices_dropped():
@@ -79,13 +86,16 @@ def test_native_notices_dropped():
       os.write(2, b"a real problem\\n")
       print("python line", file=sys.stderr)
     os.write(2, b"after\\n")
-  '''
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                        timeout=120, check=True)
+  """
+  proc = subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, timeout=120, check=True
+  )
   assert proc.stderr == 'a real problem\npython line\nafter\n'
 
 
-@pytest.mark.parametrize('seconds, text', [(0.4, '0 s'), (42, '42 s'), (59.6, '1 min 00 s'),
-                                           (425, '7 min 05 s'), (11520, '3 h 12 min')])
+@pytest.mark.parametrize(
+    'seconds, text',
+    [(0.4, '0 s'), (42, '42 s'), (59.6, '1 min 00 s'), (425, '7 min 05 s'), (11520, '3 h 12 min')],
+)
 def test_duration(seconds, text):
   assert console.duration(seconds) == text

@@ -1,17 +1,17 @@
 """Conversion API: exact round trips, key layouts, and recognising checkpoints."""
 
+import helpers
 import jax
 import numpy as np
 import pytest
 import torch
+import torch_reference
 import transformers
 
 from convnext_jax import convert
 from convnext_jax import models
 from convnext_jax.convert import files
 from convnext_jax.convert import layouts
-import helpers
-import torch_reference
 
 
 def _assert_trees_equal(a, b):
@@ -21,11 +21,19 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize('model_name,layout', [
-    ('convnext_atto', 'official'), ('convnext_atto', 'timm'), ('convnext_atto', 'hf'),
-    ('convnextv2_atto', 'official'), ('convnextv2_atto', 'timm'), ('convnextv2_atto', 'hf'),
-    ('convnext_tiny', 'timm'), ('convnext_isotropic_small', 'official'),
-])
+@pytest.mark.parametrize(
+    'model_name,layout',
+    [
+        ('convnext_atto', 'official'),
+        ('convnext_atto', 'timm'),
+        ('convnext_atto', 'hf'),
+        ('convnextv2_atto', 'official'),
+        ('convnextv2_atto', 'timm'),
+        ('convnextv2_atto', 'hf'),
+        ('convnext_tiny', 'timm'),
+        ('convnext_isotropic_small', 'official'),
+    ],
+)
 def test_round_trip_is_bit_exact(model_name, layout):
   params = helpers.random_params(models.create_model(model_name, num_classes=17))
   state_dict = convert.flax_to_torch(params, model_name, layout)
@@ -47,8 +55,11 @@ def _export_shapes(model_name, layout, num_classes):
 def test_official_keys_are_the_official_modules():
   expected = _shapes(torch_reference.OfficialConvNeXt((2, 2, 6, 2), (40, 80, 160, 320)))
   assert _export_shapes('convnext_atto', 'official', 1000) == expected
-  v2 = _shapes(torch_reference.OfficialConvNeXt((2, 2, 6, 2), (40, 80, 160, 320),
-                                                layer_scale=None, use_grn=True))
+  v2 = _shapes(
+      torch_reference.OfficialConvNeXt(
+          (2, 2, 6, 2), (40, 80, 160, 320), layer_scale=None, use_grn=True
+      )
+  )
   assert _export_shapes('convnextv2_atto', 'official', 1000) == v2
   assert v2['stages.3.1.grn.gamma'] == (1, 1, 1, 1280)
   iso = _shapes(torch_reference.OfficialIsotropic(18, 384))
@@ -68,10 +79,14 @@ def test_timm_keys_are_timm_modules():
 def test_hf_keys_are_transformers_modules(model_name):
   spec = models.get_spec(model_name)
   config_cls = transformers.ConvNextV2Config if spec.use_grn else transformers.ConvNextConfig
-  model_cls = (transformers.ConvNextV2ForImageClassification
-               if spec.use_grn else transformers.ConvNextForImageClassification)
-  hf = model_cls(config_cls(hidden_sizes=list(spec.dims), depths=list(spec.depths),
-                            num_labels=21841))
+  model_cls = (
+      transformers.ConvNextV2ForImageClassification
+      if spec.use_grn
+      else transformers.ConvNextForImageClassification
+  )
+  hf = model_cls(
+      config_cls(hidden_sizes=list(spec.dims), depths=list(spec.depths), num_labels=21841)
+  )
   assert _export_shapes(model_name, 'hf', 21841) == _shapes(hf)
 
 
@@ -106,8 +121,10 @@ def test_isotropic_exists_only_in_the_official_layout(layout):
 
 def _fake_state_dict(model_name, layout, num_classes=1000):
   """Shapes only: detection reads nothing else (xxlarge would not fit in test memory)."""
-  return {m.torch_key: jax.ShapeDtypeStruct(m.torch_shape, np.float32)
-          for m in layouts.tensor_maps(model_name, num_classes, layout)}
+  return {
+      m.torch_key: jax.ShapeDtypeStruct(m.torch_shape, np.float32)
+      for m in layouts.tensor_maps(model_name, num_classes, layout)
+  }
 
 
 # Roadmap networks: tests/test_resnet_convert.py.
@@ -139,11 +156,16 @@ def test_wrapper_prefixes_are_stripped():
 
 
 def test_unknown_architecture_is_named():
-  state_dict = {k: v for k, v in _fake_state_dict('convnext_atto', 'official').items()
-                if not k.startswith('stages.2.5.')}
-  with pytest.raises(convert.ConversionError,
-                     match=r'no known ConvNeXt variant is hierarchical V1 with depths '
-                     r'\(2, 2, 5, 2\) and dims \(40, 80, 160, 320\)'):
+  state_dict = {
+      k: v
+      for k, v in _fake_state_dict('convnext_atto', 'official').items()
+      if not k.startswith('stages.2.5.')
+  }
+  with pytest.raises(
+      convert.ConversionError,
+      match=r'no known ConvNeXt variant is hierarchical V1 with depths '
+      r'\(2, 2, 5, 2\) and dims \(40, 80, 160, 320\)',
+  ):
     convert.torch_to_flax(state_dict)
 
 
@@ -163,21 +185,26 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_keys():
   assert message == (
       'official state dict does not match convnext_atto: '
       'missing 1 key(s): stages.1.0.gamma; unexpected 1 key(s): extra.weight; '
-      'mis-shaped 1: stages.0.0.dwconv.weight (40, 1, 5, 5) != expected (40, 1, 7, 7)')
+      'mis-shaped 1: stages.0.0.dwconv.weight (40, 1, 5, 5) != expected (40, 1, 7, 7)'
+  )
 
 
 def test_forced_model_name_reports_the_difference():
   state_dict = _fake_state_dict('convnext_atto', 'timm')
-  with pytest.raises(convert.ConversionError,
-                     match=r'timm state dict does not match convnext_nano \(it looks like '
-                     r'convnext_atto\): missing 18 key\(s\): stages.2.blocks.6.conv_dw.bias, '):
+  with pytest.raises(
+      convert.ConversionError,
+      match=r'timm state dict does not match convnext_nano \(it looks like '
+      r'convnext_atto\): missing 18 key\(s\): stages.2.blocks.6.conv_dw.bias, ',
+  ):
     convert.torch_to_flax(state_dict, model_name='convnext_nano')
 
 
 def test_torch_half_precision_tensors_become_float32():
   params = helpers.random_params(models.create_model('convnext_atto'))
-  state_dict = {k: torch.from_numpy(v).to(torch.bfloat16)
-                for k, v in convert.flax_to_torch(params, 'convnext_atto').items()}
+  state_dict = {
+      k: torch.from_numpy(v).to(torch.bfloat16)
+      for k, v in convert.flax_to_torch(params, 'convnext_atto').items()
+  }
   _, back = convert.torch_to_flax(state_dict)
   assert {leaf.dtype for leaf in jax.tree.leaves(back)} == {np.dtype(np.float32)}
   leaf = back['stages.0.0']['pwconv1']['kernel']

@@ -64,8 +64,9 @@ def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def _ramp16(height: int = 32, width: int = 40) -> np.ndarray:
   """A uint16 ramp over the full range, 0 at the top left to 65535 at the bottom right."""
-  return (np.arange(height * width).reshape(height, width) * 65535 //
-          (height * width - 1)).astype(np.uint16)
+  return (np.arange(height * width).reshape(height, width) * 65535 // (height * width - 1)).astype(
+      np.uint16
+  )
 
 
 def _png16(samples: np.ndarray) -> bytes:
@@ -76,12 +77,20 @@ def _png16(samples: np.ndarray) -> bytes:
   raw = b''.join(b'\0' + row.tobytes() for row in rows)  # Filter type 0 on every row.
 
   def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack('>I', len(data)) + kind + data +
-            struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (
+        struct.pack('>I', len(data))
+        + kind
+        + data
+        + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
   header = struct.pack('>IIBBBBB', width, height, 16, color_type, 0, 0, 0)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw)) +
-          chunk(b'IEND', b''))
+  return (
+      b'\x89PNG\r\n\x1a\n'
+      + chunk(b'IHDR', header)
+      + chunk(b'IDAT', zlib.compress(raw))
+      + chunk(b'IEND', b'')
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +119,7 @@ def test_shapes_info_and_balance(shapes_builder, shapes_records):
     records = shapes_records[split]
     assert len(records) == 10 * per_class
     counts = collections.Counter(label for label, _ in records.values())
-    assert counts == {label: per_class for label in range(10)}
+    assert counts == dict.fromkeys(range(10), per_class)
     # Labels cycle through the classes with the index in the file name.
     for file_name, (label, _) in itertools.islice(records.items(), 200):
       index = int(re.fullmatch(rf'{split}_(\d{{5}})\.jpg', file_name).group(1))
@@ -119,7 +128,7 @@ def test_shapes_info_and_balance(shapes_builder, shapes_records):
 
 def test_shapes_images_are_64px_rgb_jpegs(shapes_records):
   for split in ('train', 'validation'):
-    for label, data in itertools.islice(shapes_records[split].values(), 100):
+    for _, data in itertools.islice(shapes_records[split].values(), 100):
       assert data.startswith(_JPEG_START)
       with Image.open(io.BytesIO(data)) as image:
         assert (image.format, image.mode, image.size) == ('JPEG', 'RGB', (64, 64))
@@ -132,8 +141,13 @@ def test_shapes_images_are_64px_rgb_jpegs(shapes_records):
 
 def test_shapes_are_deterministic(shapes_records):
   # The stored bytes are exactly what `encode_example` draws again for the same index.
-  for split, index in [('train', 0), ('train', 1234), ('train', 4999), ('validation', 7),
-                       ('validation', 999)]:
+  for split, index in [
+      ('train', 0),
+      ('train', 1234),
+      ('train', 4999),
+      ('validation', 7),
+      ('validation', 999),
+  ]:
     label, data = shapes_records[split][f'{split}_{index:05d}.jpg']
     assert shapes.encode_example(split, index) == (data, label)
   assert shapes.encode_example('train', 3) != shapes.encode_example('validation', 3)
@@ -193,17 +207,23 @@ def _class_files(wnid: str, odd_files: bool) -> dict[str, tuple[bytes, str, np.n
   if odd_files:
     pixels = _gradient(seed + 5)
     files[f'{wnid}_cmyk.JPEG'] = (
-        _encode(Image.fromarray(pixels).convert('CMYK'), quality=95), 'cmyk', pixels)
+        _encode(Image.fromarray(pixels).convert('CMYK'), quality=95),
+        'cmyk',
+        pixels,
+    )
     gray = np.asarray(Image.fromarray(_gradient(seed + 6)).convert('L'))
     files[f'{wnid}_gray.JPEG'] = (
-        _encode(Image.fromarray(gray), quality=95), 'gray', np.stack([gray] * 3, -1))
+        _encode(Image.fromarray(gray), quality=95),
+        'gray',
+        np.stack([gray] * 3, -1),
+    )
     pixels = _gradient(seed + 7)
     files[f'{wnid}_png.JPEG'] = (_encode(Image.fromarray(pixels), 'PNG'), 'png', pixels)
     # Cut short inside the entropy-coded data (after the start-of-scan marker), as a broken
     # download would be.
     whole = _encode(Image.fromarray(_gradient(seed + 8)), quality=92)
     start_of_scan = whole.index(b'\xff\xda')
-    truncated = whole[:(start_of_scan + len(whole)) // 2]
+    truncated = whole[: (start_of_scan + len(whole)) // 2]
     files[f'{wnid}_corrupt.JPEG'] = (truncated, 'corrupt', None)
   return files
 
@@ -226,7 +246,8 @@ def fake_imagenet22k(tmp_path_factory):
   for wnid in _WNIDS:
     files = _class_files(wnid, odd_files=wnid == 'n01000000')
     (manual_dir / f'{wnid}.tar').write_bytes(
-        _tar_bytes({name: data for name, (data, _, _) in files.items()}))
+        _tar_bytes({name: data for name, (data, _, _) in files.items()})
+    )
     for name, (data, kind, pixels) in files.items():
       expected[name] = (wnid, data, kind, pixels)
   return manual_dir, expected
@@ -242,22 +263,32 @@ def _prepare_logged(caplog, name, **kwargs):
 
 def _outcome_totals(messages: list[str], what: str) -> collections.Counter:
   """Adds up the `OutcomeCounts.log` lines of all splits."""
-  pattern = re.compile(rf'{what} \w+: (\d+) images kept as they were, (\d+) re-encoded to RGB '
-                       r'JPEG, (\d+) skipped as undecodable\.')
+  pattern = re.compile(
+      rf'{what} \w+: (\d+) images kept as they were, (\d+) re-encoded to RGB '
+      r'JPEG, (\d+) skipped as undecodable\.'
+  )
   totals = collections.Counter()
   for message in messages:
     match = pattern.fullmatch(message)
     if match:
-      totals.update(dict(zip(('kept', 'reencoded', 'skipped', 'splits'),
-                             [int(n) for n in match.groups()] + [1])))
+      totals.update(
+          dict(
+              zip(
+                  ('kept', 'reencoded', 'skipped', 'splits'), [int(n) for n in match.groups()] + [1]
+              )
+          )
+      )
   return totals
 
 
 @pytest.fixture(scope='module')
 def imagenet22k_records(fake_imagenet22k, tmp_path_factory):
   manual_dir, _ = fake_imagenet22k
-  builder = datasets.prepare('imagenet22k', data_dir=os.fspath(tmp_path_factory.mktemp('tfds')),
-                             manual_dir=os.fspath(manual_dir))
+  builder = datasets.prepare(
+      'imagenet22k',
+      data_dir=os.fspath(tmp_path_factory.mktemp('tfds')),
+      manual_dir=os.fspath(manual_dir),
+  )
   return builder, {split: _records(builder, split) for split in ('train', 'validation')}
 
 
@@ -304,14 +335,19 @@ def test_imagenet22k_from_class_tars(fake_imagenet22k, imagenet22k_records):
 
 def test_imagenet22k_counts_skipped_images(fake_imagenet22k, tmp_path, caplog):
   manual_dir, expected = fake_imagenet22k
-  _, messages = _prepare_logged(caplog, 'imagenet22k', data_dir=os.fspath(tmp_path),
-                                manual_dir=os.fspath(manual_dir))
+  _, messages = _prepare_logged(
+      caplog, 'imagenet22k', data_dir=os.fspath(tmp_path), manual_dir=os.fspath(manual_dir)
+  )
   kinds = collections.Counter(kind for *_, kind, _ in expected.values())
   assert kinds == {'rgb': 9, 'cmyk': 1, 'gray': 1, 'png': 1, 'corrupt': 1}
   # Summed over the train and validation log lines: RGB and gray JPEGs kept, CMYK and PNG
   # re-encoded, the truncated file skipped (and so in neither split).
   assert _outcome_totals(messages, 'imagenet22k') == {
-      'kept': 10, 'reencoded': 2, 'skipped': 1, 'splits': 2}
+      'kept': 10,
+      'reencoded': 2,
+      'skipped': 1,
+      'splits': 2,
+  }
 
 
 def test_image_codec_outcomes():
@@ -319,9 +355,11 @@ def test_image_codec_outcomes():
   gray = _encode(Image.fromarray(_gradient(0)).convert('L'), quality=90)
   assert image_codec.to_rgb_jpeg(rgb) == (rgb, image_codec.Outcome.KEPT)
   assert image_codec.to_rgb_jpeg(gray) == (gray, image_codec.Outcome.KEPT)
-  for data in (_encode(Image.fromarray(_gradient(0)).convert('CMYK')),
-               _encode(Image.fromarray(_gradient(0)), 'PNG'),
-               _encode(Image.fromarray(_gradient(0)).convert('RGBA'), 'WEBP', lossless=True)):
+  for data in (
+      _encode(Image.fromarray(_gradient(0)).convert('CMYK')),
+      _encode(Image.fromarray(_gradient(0)), 'PNG'),
+      _encode(Image.fromarray(_gradient(0)).convert('RGBA'), 'WEBP', lossless=True),
+  ):
     jpeg, outcome = image_codec.to_rgb_jpeg(data)
     assert outcome == image_codec.Outcome.REENCODED
     assert Image.open(io.BytesIO(jpeg)).mode == 'RGB'
@@ -364,8 +402,9 @@ def test_imagenet22k_from_outer_tar(fake_imagenet22k, imagenet22k_records, tmp_p
   archives = imagenet22k.find_class_archives(manual_dir)
   assert [archive.wnid for archive in archives] == sorted(_WNIDS)
   assert all(archive.size > 0 for archive in archives)
-  builder = datasets.prepare('imagenet22k', data_dir=os.fspath(tmp_path / 'tfds'),
-                             manual_dir=os.fspath(manual_dir))
+  builder = datasets.prepare(
+      'imagenet22k', data_dir=os.fspath(tmp_path / 'tfds'), manual_dir=os.fspath(manual_dir)
+  )
   _, from_class_tars = imagenet22k_records
   assert builder.info.features['label'].names == sorted(_WNIDS)
   for split in ('train', 'validation'):
@@ -379,8 +418,12 @@ def test_imagenet22k_with_class_list(fake_imagenet22k, tmp_path):
   list_file = tmp_path / 'synsets.txt'
   list_file.write_text('\n'.join(class_list) + '\n\n')
   data_dir = os.fspath(tmp_path / 'tfds')
-  builder = datasets.prepare('imagenet22k', data_dir=data_dir, manual_dir=os.fspath(manual_dir),
-                             class_list=os.fspath(list_file))
+  builder = datasets.prepare(
+      'imagenet22k',
+      data_dir=data_dir,
+      manual_dir=os.fspath(manual_dir),
+      class_list=os.fspath(list_file),
+  )
   assert re.fullmatch(r'classes4_[0-9a-f]{8}', builder.builder_config.name)
   assert builder.info.features['label'].names == class_list
   train = _records(builder, 'train')
@@ -398,9 +441,13 @@ def test_imagenet22k_class_list_errors(fake_imagenet22k, tmp_path):
   manual_dir, _ = fake_imagenet22k
   short_list = tmp_path / 'short.txt'
   short_list.write_text('n02000000\nn00100000\n')  # n01000000.tar is not in it.
-  with pytest.raises(ValueError, match=r"1 class tars are not in the class list .*n01000000"):
-    datasets.prepare('imagenet22k', data_dir=os.fspath(tmp_path / 'tfds'),
-                     manual_dir=os.fspath(manual_dir), class_list=os.fspath(short_list))
+  with pytest.raises(ValueError, match=r'1 class tars are not in the class list .*n01000000'):
+    datasets.prepare(
+        'imagenet22k',
+        data_dir=os.fspath(tmp_path / 'tfds'),
+        manual_dir=os.fspath(manual_dir),
+        class_list=os.fspath(short_list),
+    )
   bad_list = tmp_path / 'bad.txt'
   bad_list.write_text('n02000000\ntench\n')
   with pytest.raises(ValueError, match=r'bad.txt:2: .tench. is not a WordNet id'):
@@ -412,12 +459,15 @@ def test_imagenet22k_class_list_errors(fake_imagenet22k, tmp_path):
 
 def test_imagenet22k_manual_dir_errors(tmp_path):
   (tmp_path / 'winter21_whole.tar.gz').write_bytes(b'')
-  with pytest.raises(FileNotFoundError, match=r'No ImageNet-22K class tars .* extract it '
-                     r'first, e\.g\. `tar xzf .*/winter21_whole\.tar\.gz -C '):
+  with pytest.raises(
+      FileNotFoundError,
+      match=r'No ImageNet-22K class tars .* extract it '
+      r'first, e\.g\. `tar xzf .*/winter21_whole\.tar\.gz -C ',
+  ):
     imagenet22k.find_class_archives(tmp_path)
   # A damaged class tar stops the build with the class named, instead of losing the class.
   (tmp_path / 'n00000001.tar').write_bytes(_tar_bytes({'n00000001_1.JPEG': b'x' * 5000})[:1000])
-  archive, = imagenet22k.find_class_archives(tmp_path)
+  (archive,) = imagenet22k.find_class_archives(tmp_path)
   with pytest.raises(tarfile.TarError, match=r'Class tar of n00000001 .* is damaged'):
     list(imagenet22k.iter_class_images(archive))
 
@@ -428,9 +478,12 @@ def test_imagenet22k_beam_build_matches(fake_imagenet22k, imagenet22k_records, t
   builder = datasets.builder('imagenet22k', data_dir=os.fspath(tmp_path))
   caplog.clear()
   with caplog.at_level(logging.INFO, logger='absl'):
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(manual_dir),
-        beam_options=beam.options.pipeline_options.PipelineOptions(['--direct_num_workers=1'])))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir),
+            beam_options=beam.options.pipeline_options.PipelineOptions(['--direct_num_workers=1']),
+        )
+    )
   messages = [record.getMessage() for record in caplog.records]
   assert 'imagenet22k: building with Apache Beam, one work item per class tar.' in messages
   for counter, total in (('kept', 10), ('reencoded', 2), ('skipped', 1)):
@@ -447,24 +500,37 @@ def test_imagenet2012_prepares_from_default_manual_dir(tmp_path):
   manual_dir = tmp_path / 'downloads' / 'manual'
   manual_dir.mkdir(parents=True)
   image = lambda seed: _encode(Image.fromarray(_gradient(seed)), quality=90)
-  (manual_dir / 'ILSVRC2012_img_train.tar').write_bytes(_tar_bytes({
-      'n01440764.tar': _tar_bytes({'n01440764_1.JPEG': image(1), 'n01440764_2.JPEG': image(2)}),
-      'n01443537.tar': _tar_bytes({'n01443537_7.JPEG': image(3)}),
-  }))
-  (manual_dir / 'ILSVRC2012_img_val.tar').write_bytes(_tar_bytes(
-      {f'ILSVRC2012_val_0000000{i}.JPEG': image(i) for i in (1, 2, 3)}))
+  (manual_dir / 'ILSVRC2012_img_train.tar').write_bytes(
+      _tar_bytes(
+          {
+              'n01440764.tar': _tar_bytes(
+                  {'n01440764_1.JPEG': image(1), 'n01440764_2.JPEG': image(2)}
+              ),
+              'n01443537.tar': _tar_bytes({'n01443537_7.JPEG': image(3)}),
+          }
+      )
+  )
+  (manual_dir / 'ILSVRC2012_img_val.tar').write_bytes(
+      _tar_bytes({f'ILSVRC2012_val_0000000{i}.JPEG': image(i) for i in (1, 2, 3)})
+  )
   builder = datasets.prepare('imagenet2012', data_dir=os.fspath(tmp_path))
   labels = builder.info.features['label']
   assert labels.num_classes == 1000
-  assert {name: labels.int2str(label) for name, (label, _) in _records(builder, 'train').items()
-         } == {'n01440764_1.JPEG': 'n01440764', 'n01440764_2.JPEG': 'n01440764',
-               'n01443537_7.JPEG': 'n01443537'}
+  assert {
+      name: labels.int2str(label) for name, (label, _) in _records(builder, 'train').items()
+  } == {
+      'n01440764_1.JPEG': 'n01440764',
+      'n01440764_2.JPEG': 'n01440764',
+      'n01443537_7.JPEG': 'n01443537',
+  }
   # Validation labels come from tfds's list of the 50000 official ones.
-  assert {name: labels.int2str(label)
-          for name, (label, _) in _records(builder, 'validation').items()} == {
-              'ILSVRC2012_val_00000001.JPEG': 'n01751748',
-              'ILSVRC2012_val_00000002.JPEG': 'n09193705',
-              'ILSVRC2012_val_00000003.JPEG': 'n02105855'}
+  assert {
+      name: labels.int2str(label) for name, (label, _) in _records(builder, 'validation').items()
+  } == {
+      'ILSVRC2012_val_00000001.JPEG': 'n01751748',
+      'ILSVRC2012_val_00000002.JPEG': 'n09193705',
+      'ILSVRC2012_val_00000003.JPEG': 'n02105855',
+  }
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,7 +547,8 @@ def _make_class_folder(root, val_classes=_FOLDER_CLASSES):
     (class_dir / 'a.jpg').write_bytes(_encode(Image.fromarray(_gradient(c)), quality=92))
     (class_dir / 'b.png').write_bytes(_encode(Image.fromarray(_gradient(c + 3)), 'PNG'))
     (class_dir / 'more' / 'c.JPEG').write_bytes(
-        _encode(Image.fromarray(_gradient(c + 6)).convert('CMYK')))
+        _encode(Image.fromarray(_gradient(c + 6)).convert('CMYK'))
+    )
     (class_dir / '.DS_Store').write_bytes(b'\0\0\0\1Bud1')  # Hidden: not an image.
   (root / 'train' / 'rose' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really')
   (root / 'train' / '.ipynb_checkpoints').mkdir()  # Hidden: not a class.
@@ -510,13 +577,20 @@ def test_class_folder_builds(tmp_path, caplog):
       assert label == _FOLDER_CLASSES.index(file_name.split('/')[0]), file_name
       assert data.startswith(_JPEG_START) and _decode(data).shape == (32, 40, 3), file_name
   assert sorted(_records(builder, 'train')) == [
-      f'{name}/{path}' for name in _FOLDER_CLASSES for path in ('a.jpg', 'b.png', 'more/c.JPEG')]
+      f'{name}/{path}' for name in _FOLDER_CLASSES for path in ('a.jpg', 'b.png', 'more/c.JPEG')
+  ]
   assert _outcome_totals(messages, 'class_folder') == {
-      'kept': 3 + 6, 'reencoded': 6 + 1, 'skipped': 1, 'splits': 2}
+      'kept': 3 + 6,
+      'reencoded': 6 + 1,
+      'skipped': 1,
+      'splits': 2,
+  }
   deep = _decode(_records(builder, 'validation')['daisy/deep.png'][1])
   assert _mean_abs_diff(deep, (_ramp16() >> 8)[..., None]) < 2.0
-  assert any(re.fullmatch(r'Skipping .*rose/broken\.jpg: not an image Pillow can decode\.', m)
-             for m in messages)
+  assert any(
+      re.fullmatch(r'Skipping .*rose/broken\.jpg: not an image Pillow can decode\.', m)
+      for m in messages
+  )
   # Read back by config name, without the folder.
   reread = datasets.builder(f'class_folder/{builder.builder_config.name}', data_dir=data_dir)
   assert reread.is_prepared() and reread.info.splits['train'].num_examples == 9
@@ -524,15 +598,20 @@ def test_class_folder_builds(tmp_path, caplog):
 
 def test_class_folder_mismatched_classes(tmp_path):
   _make_class_folder(tmp_path, val_classes=('daisy', 'lily'))
-  with pytest.raises(ValueError, match=r"val must have the class directories of train: missing "
-                     r"\['rose', 'tulip'\], extra \['lily'\] \(2 and 1 in all\)"):
+  with pytest.raises(
+      ValueError,
+      match=r'val must have the class directories of train: missing '
+      r"\['rose', 'tulip'\], extra \['lily'\] \(2 and 1 in all\)",
+  ):
     datasets.prepare('class_folder', data_dir=os.fspath(tmp_path / 'tfds'), root=tmp_path)
 
 
 def test_class_folder_needs_train(tmp_path):
   (tmp_path / 'val' / 'daisy').mkdir(parents=True)
-  with pytest.raises(FileNotFoundError, match=r'No .*/train directory: a class folder is laid '
-                     r'out as root/train/<class>/<image>'):
+  with pytest.raises(
+      FileNotFoundError,
+      match=r'No .*/train directory: a class folder is laid out as root/train/<class>/<image>',
+  ):
     datasets.prepare('class_folder', data_dir=os.fspath(tmp_path / 'tfds'), root=tmp_path)
   with pytest.raises(ValueError, match=r'class_folder needs the folder of images'):
     datasets.builder('class_folder', data_dir=os.fspath(tmp_path / 'tfds'))

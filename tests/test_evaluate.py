@@ -9,10 +9,9 @@ from convnext_jax import evaluate
 
 # Four examples of a 3-class problem. Ranking per row (best first): [1, 2, 0], [0, 1, 2],
 # [2, 0, 1], [2, 1, 0].
-LOGITS = np.array([[0.1, 2.0, 0.5],
-                   [3.0, 1.0, -1.0],
-                   [0.0, -2.0, 4.0],
-                   [-1.0, 0.0, 1.0]], np.float32)
+LOGITS = np.array(
+    [[0.1, 2.0, 0.5], [3.0, 1.0, -1.0], [0.0, -2.0, 4.0], [-1.0, 0.0, 1.0]], np.float32
+)
 LABELS = np.array([1, 2, 0, 2], np.int32)
 # By hand: row 0 label 1 is ranked first (hit); row 1 label 2 is last (miss); row 2 label 0
 # is second (miss at top-1); row 3 label 2 is first (hit). Every label is in the top 3.
@@ -42,9 +41,12 @@ class _FixedLogits(nn.Module):
 def test_eval_step_on_three_classes_with_a_padded_example():
   model = _FixedLogits()
   step = jax.jit(evaluate.make_eval_step(model, jnp.float32))
-  batch = {'image': np.zeros((4, 8, 8, 3), np.uint8), 'label': LABELS,
-           # The last example is padding: it must not count.
-           'mask': np.array([1, 1, 1, 0], np.float32)}
+  batch = {
+      'image': np.zeros((4, 8, 8, 3), np.uint8),
+      'label': LABELS,
+      # The last example is padding: it must not count.
+      'mask': np.array([1, 1, 1, 0], np.float32),
+  }
   metrics = step({'raw': {}}, batch)['raw'].compute()
   # Top-1 over the 3 real examples: hits on rows 0 only -> 1/3; top-5 of 3 classes: all.
   np.testing.assert_allclose(float(metrics['top1']), 1 / 3, rtol=1e-6)

@@ -13,34 +13,53 @@ import subprocess
 import sys
 import time
 
+import helpers
 import jax
 import numpy as np
 import pytest
 
 from convnext_jax import checkpoints
-import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300
 # Checkpoints every 2 steps, the last 3 kept (and the best), no evaluation unless asked.
-SAVE_FLAGS = ('--config.checkpoint_every_steps=2', '--config.keep_checkpoints=3',
-              '--config.eval_every_steps=100', '--config.log_every_steps=2')
+SAVE_FLAGS = (
+    '--config.checkpoint_every_steps=2',
+    '--config.keep_checkpoints=3',
+    '--config.eval_every_steps=100',
+    '--config.log_every_steps=2',
+)
 
 
 def _command(workdir, data_dir, *flags):
-  return [sys.executable, '-m', 'convnext_jax.main', '--config',
-          str(REPO / 'tests' / 'mp_config.py'), '--workdir', str(workdir),
-          f'--config.dataset.data_dir={data_dir}', *SAVE_FLAGS, *flags]
+  return [
+      sys.executable,
+      '-m',
+      'convnext_jax.main',
+      '--config',
+      str(REPO / 'tests' / 'mp_config.py'),
+      '--workdir',
+      str(workdir),
+      f'--config.dataset.data_dir={data_dir}',
+      *SAVE_FLAGS,
+      *flags,
+  ]
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-              JAX_PLATFORMS='cpu')
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
 
 
 def train(workdir, data_dir, *flags) -> subprocess.CompletedProcess:
-  return subprocess.run(_command(workdir, data_dir, *flags), env=_env(), cwd=REPO,
-                        capture_output=True, text=True, timeout=TIMEOUT)
+  return subprocess.run(
+      _command(workdir, data_dir, *flags),
+      env=_env(),
+      cwd=REPO,
+      check=False,
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT,
+  )
 
 
 def last_line(text: str) -> str:
@@ -66,22 +85,29 @@ def six_steps(shapes_dir, tmp_path_factory):
   return workdir
 
 
-def test_a_diverging_run_stops_without_losing_the_good_checkpoints(six_steps, shapes_dir,
-                                                                   tmp_path):
+def test_a_diverging_run_stops_without_losing_the_good_checkpoints(six_steps, shapes_dir, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(six_steps, workdir)
   directory = workdir / checkpoints.CHECKPOINT_DIR
   # The best evaluated step, read from the metrics the healthy run wrote beside each step.
-  top1 = {step: json.loads((directory / str(step) / 'metrics' / 'metrics').read_text())['top1']
-          for step in (2, 4, 6)}
+  top1 = {
+      step: json.loads((directory / str(step) / 'metrics' / 'metrics').read_text())['top1']
+      for step in (2, 4, 6)
+  }
   best = max(top1, key=lambda s: (top1[s], s))
 
   # Resumed with an absurd learning rate: non-finite from a step or two on.
-  proc = train(workdir, shapes_dir, '--config.num_steps=30', '--config.optim.lr=1e9',
-               '--config.nonfinite.max_consecutive=3')
+  proc = train(
+      workdir,
+      shapes_dir,
+      '--config.num_steps=30',
+      '--config.optim.lr=1e9',
+      '--config.nonfinite.max_consecutive=3',
+  )
   assert proc.returncode == 1, proc.stderr[-3000:]
-  assert last_line(proc.stderr).startswith('convnext-train: error: training diverged: 3 '
-                                           'step(s) in a row'), proc.stderr[-3000:]
+  assert last_line(proc.stderr).startswith(
+      'convnext-train: error: training diverged: 3 step(s) in a row'
+  ), proc.stderr[-3000:]
   assert not (workdir / 'LOCK').exists()  # Released on the way out.
   steps = checkpoints.workdir_steps(str(workdir))
   assert best in steps, (top1, steps)
@@ -97,12 +123,13 @@ def _damage_array_data(step_dir):
   path = max(files, key=lambda p: p.stat().st_size)
   data = bytearray(path.read_bytes())
   middle = len(data) // 2 - 2048
-  data[middle:middle + 4096] = np.random.default_rng(0).bytes(4096)
+  data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
   path.write_bytes(bytes(data))
 
 
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(
-    six_steps, shapes_dir, tmp_path):
+    six_steps, shapes_dir, tmp_path
+):
   damaged, direct = tmp_path / 'damaged', tmp_path / 'direct'
   shutil.copytree(six_steps, damaged)
   shutil.copytree(six_steps, direct)
@@ -112,8 +139,10 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(
   proc = train(damaged, shapes_dir, '--config.num_steps=8')
   assert proc.returncode == 0, proc.stderr[-3000:]
   directory = damaged / checkpoints.CHECKPOINT_DIR
-  assert (f'checkpoint step 6 in {directory} is damaged (state/' in proc.stderr and
-          'does not match the checksum written with it)' in proc.stderr), proc.stderr[-3000:]
+  assert (
+      f'checkpoint step 6 in {directory} is damaged (state/' in proc.stderr
+      and 'does not match the checksum written with it)' in proc.stderr
+  ), proc.stderr[-3000:]
   assert 'resumed from step 4' in proc.stderr
   assert (damaged / checkpoints.DAMAGED_DIR / '6' / 'state').is_dir()  # Kept, not deleted.
   assert not (damaged / 'LOCK').exists()
@@ -121,17 +150,23 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert checkpoints.workdir_steps(str(damaged)) == checkpoints.workdir_steps(str(direct))
   for which in ('raw', 'ema'):
-    np.testing.assert_array_equal(_flat(_params(damaged, 8, which)),
-                                  _flat(_params(direct, 8, which)))
+    np.testing.assert_array_equal(
+        _flat(_params(damaged, 8, which)), _flat(_params(direct, 8, which))
+    )
 
 
 def test_a_second_trainer_on_the_same_workdir_is_refused(six_steps, shapes_dir, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(six_steps, workdir)
   before = sorted(p.name for p in (workdir / checkpoints.CHECKPOINT_DIR).iterdir())
-  first = subprocess.Popen(_command(workdir, shapes_dir, '--config.num_steps=100000'),
-                           env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+  first = subprocess.Popen(
+      _command(workdir, shapes_dir, '--config.num_steps=100000'),
+      env=_env(),
+      cwd=REPO,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   try:
     deadline = time.monotonic() + TIMEOUT
     while not (workdir / 'LOCK').exists():
@@ -140,8 +175,9 @@ def test_a_second_trainer_on_the_same_workdir_is_refused(six_steps, shapes_dir, 
     second = train(workdir, shapes_dir, '--config.num_steps=100000')
     assert second.returncode == 1, second.stderr[-3000:]
     line = last_line(second.stderr)
-    assert line.startswith(f'convnext-train: error: workdir {workdir} is in use by another '
-                           'trainer: host '), line
+    assert line.startswith(
+        f'convnext-train: error: workdir {workdir} is in use by another trainer: host '
+    ), line
     assert f'pid {first.pid},' in line and f'(lock {workdir}/LOCK)' in line, line
     # The second one wrote nothing: the first one's checkpoints are as they were.
     assert sorted(p.name for p in (workdir / checkpoints.CHECKPOINT_DIR).iterdir()) == before
@@ -156,28 +192,35 @@ def _disk_usage(path) -> int:
   return sum(p.stat().st_blocks * 512 for p in pathlib.Path(path).rglob('*'))
 
 
-def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_checkpoints(six_steps,
-                                                                          shapes_dir,
-                                                                          tmp_path):
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_checkpoints(
+    six_steps, shapes_dir, tmp_path
+):
   disk = tmp_path / 'disk'
   disk.mkdir()
   step_size = _disk_usage(six_steps / checkpoints.CHECKPOINT_DIR / '6')
   # Room for the workdir as it is and half a checkpoint more: step 8 cannot be written.
   size = (_disk_usage(six_steps) + step_size // 2) // 1024
   workdir = disk / 'run'
-  report = ('python -c "import sys; from convnext_jax import checkpoints as c; '
-            'steps = c.workdir_steps(sys.argv[1]); '
-            'print(steps, [c.verify_step(c.checkpoint_dir(sys.argv[1]) / str(s)) '
-            'for s in steps])" "$DISK/run"; ls "$DISK/run/checkpoints"')
+  report = (
+      'python -c "import sys; from convnext_jax import checkpoints as c; '
+      'steps = c.workdir_steps(sys.argv[1]); '
+      'print(steps, [c.verify_step(c.checkpoint_dir(sys.argv[1]) / str(s)) '
+      'for s in steps])" "$DISK/run"; ls "$DISK/run/checkpoints"'
+  )
   code, _, err, listing = helpers.run_on_small_disk(
-      _command(workdir, shapes_dir, '--config.num_steps=12'), str(disk), f'{size}k',
-      before=f'cp -r {six_steps} "$DISK/run"', after=report, env=_env())
+      _command(workdir, shapes_dir, '--config.num_steps=12'),
+      str(disk),
+      f'{size}k',
+      before=f'cp -r {six_steps} "$DISK/run"',
+      after=report,
+      env=_env(),
+  )
   assert code == 1, err[-3000:]
   assert last_line(err) == (
       f'convnext-train: error: checkpoint step 8 could not be written to {workdir}/'
       'checkpoints: no space left on device (ENOSPC); the steps before it are intact: free '
-      'space (or lower config.keep_checkpoints) and run again to resume from the newest'), (
-          err[-3000:])
+      'space (or lower config.keep_checkpoints) and run again to resume from the newest'
+  ), err[-3000:]
   assert 'Traceback' not in err and 'Event loop is closed' not in err, err[-3000:]
   steps_line, *names = listing.splitlines()
   assert steps_line == '[2, 4, 6] [None, None, None]'  # Intact, every one.

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+import helpers
 import pytest
 import torch
 
@@ -17,15 +18,16 @@ from convnext_jax import checkpoints
 from convnext_jax import convert
 from convnext_jax import fileio
 from convnext_jax import models
-import helpers
 
 MODEL = 'convnext_atto'
 CLI = [sys.executable, '-m', 'convnext_jax.convert']
 
 
 def _no_space(path):
-  return (f'convnext-convert: error: no space left on device writing {path} (ENOSPC); '
-          'free space or choose another destination')
+  return (
+      f'convnext-convert: error: no space left on device writing {path} (ENOSPC); '
+      'free space or choose another destination'
+  )
 
 
 @pytest.fixture(scope='module')
@@ -57,7 +59,8 @@ def _assert_one_error_line(stderr, dest):
 def test_import_to_full_disk(sources, disk):
   dest = f'{disk}/out'
   code, out, err, listing = helpers.run_on_small_disk(
-      CLI + ['import', sources['pth'], dest], disk, '4m')
+      CLI + ['import', sources['pth'], dest], disk, '4m'
+  )
   assert code == 1 and out == ''
   assert err.splitlines() == [_no_space(dest)], err
   assert listing == ''  # No staging directory, no partial checkpoint.
@@ -67,24 +70,30 @@ def test_import_to_full_disk(sources, disk):
 def test_export_to_full_disk(sources, disk, name):
   dest = f'{disk}/{name}'
   code, out, err, listing = helpers.run_on_small_disk(
-      CLI + ['export', sources['ckpt'], dest], disk, '4m')
+      CLI + ['export', sources['ckpt'], dest], disk, '4m'
+  )
   assert code == 1 and out == ''
   _assert_one_error_line(err, dest)
   assert listing == ''
 
 
 def _files_and_sizes(root):
-  return sorted(f'{os.path.relpath(os.path.join(d, f), root)} '
-                f'{os.path.getsize(os.path.join(d, f))}'
-                for d, _, names in os.walk(root) for f in names)
+  return sorted(
+      f'{os.path.relpath(os.path.join(d, f), root)} {os.path.getsize(os.path.join(d, f))}'
+      for d, _, names in os.walk(root)
+      for f in names
+  )
 
 
 def test_overwrite_on_full_disk_keeps_the_old_output(sources, disk):
   dest = f'{disk}/out.pth'
   code, _, err, listing = helpers.run_on_small_disk(
-      CLI + ['export', sources['ckpt'], dest, '--overwrite'], disk, '4m',
+      CLI + ['export', sources['ckpt'], dest, '--overwrite'],
+      disk,
+      '4m',
       before='printf precious > "$DISK/out.pth"',
-      after='find "$DISK" -mindepth 1 -printf "%P %s\\n"; cat "$DISK/out.pth"')
+      after='find "$DISK" -mindepth 1 -printf "%P %s\\n"; cat "$DISK/out.pth"',
+  )
   assert code == 1
   _assert_one_error_line(err, dest)
   assert listing == 'out.pth 8\nprecious'
@@ -92,9 +101,12 @@ def test_overwrite_on_full_disk_keeps_the_old_output(sources, disk):
   # An existing checkpoint (14 MB) fits on the 20 MB disk; a second copy beside it does not.
   dest = f'{disk}/ckpt'
   code, _, err, listing = helpers.run_on_small_disk(
-      CLI + ['import', sources['pth'], dest, '--overwrite'], disk, '20m',
+      CLI + ['import', sources['pth'], dest, '--overwrite'],
+      disk,
+      '20m',
       before=f'cp -r {sources["ckpt"]} "$DISK/ckpt"',
-      after='ls -A "$DISK"; cd "$DISK/ckpt" && find . -type f -printf "%P %s\\n"')
+      after='ls -A "$DISK"; cd "$DISK/ckpt" && find . -type f -printf "%P %s\\n"',
+  )
   assert code == 1
   assert err.splitlines() == [_no_space(dest)], err
   top, *files = listing.splitlines()
@@ -108,19 +120,27 @@ def test_overwrite_on_full_disk_keeps_the_old_output(sources, disk):
 
 _TENSORSTORE_ENOSPC = (
     'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "/d/": Failed '
-    "to write 20668 bytes to file 14: No space left on device [os_error_code='28']")
+    "to write 20668 bytes to file 14: No space left on device [os_error_code='28']"
+)
 
 
-@pytest.mark.parametrize('exc,expected', [
-    (OSError(errno.ENOSPC, 'No space left on device'), errno.ENOSPC),
-    (OSError(errno.EDQUOT, 'Disk quota exceeded'), errno.EDQUOT),
-    (ValueError(_TENSORSTORE_ENOSPC), errno.ENOSPC),
-    (RuntimeError('Error while serializing: I/O error: No space left on device (os error 28)'),
-     errno.ENOSPC),
-    (OSError(errno.EACCES, 'Permission denied'), None),
-    (ValueError('RESOURCE_EXHAUSTED: Out of memory allocating 4 GB'), None),
-    (RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 3 vs 2'), None),
-])
+@pytest.mark.parametrize(
+    'exc,expected',
+    [
+        (OSError(errno.ENOSPC, 'No space left on device'), errno.ENOSPC),
+        (OSError(errno.EDQUOT, 'Disk quota exceeded'), errno.EDQUOT),
+        (ValueError(_TENSORSTORE_ENOSPC), errno.ENOSPC),
+        (
+            RuntimeError(
+                'Error while serializing: I/O error: No space left on device (os error 28)'
+            ),
+            errno.ENOSPC,
+        ),
+        (OSError(errno.EACCES, 'Permission denied'), None),
+        (ValueError('RESOURCE_EXHAUSTED: Out of memory allocating 4 GB'), None),
+        (RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 3 vs 2'), None),
+    ],
+)
 def test_disk_full_errno(exc, expected):
   assert fileio.disk_full_errno(exc) == expected
 
@@ -131,23 +151,28 @@ def test_disk_full_errno_follows_the_chain():
     try:
       raise OSError(errno.ENOSPC, 'No space left on device')
     except OSError:
-      raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 3 vs 2')
+      raise RuntimeError(  # noqa: B904 (torch raises it so: the ENOSPC is only the context)
+          '[enforce fail at inline_container.cc:672] . unexpected pos 3 vs 2'
+      )
   except RuntimeError as e:
     assert fileio.disk_full_errno(e) == errno.ENOSPC
 
 
 def test_atomic_output_translates_only_disk_full(tmp_path):
   dest = str(tmp_path / 'out')
-  with pytest.raises(fileio.DiskFullError) as info:
-    with fileio.atomic_output(dest) as tmp:
-      open(tmp, 'w').close()
-      raise ValueError(_TENSORSTORE_ENOSPC)
+  with pytest.raises(fileio.DiskFullError) as info, fileio.atomic_output(dest) as tmp:
+    open(tmp, 'w').close()
+    raise ValueError(_TENSORSTORE_ENOSPC)
   assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
-  assert str(info.value) == (f'no space left on device writing {dest} (ENOSPC); free space '
-                             'or choose another destination')
-  with pytest.raises(ValueError, match='^RESOURCE_EXHAUSTED: Out of memory$'):
-    with fileio.atomic_output(dest):
-      raise ValueError('RESOURCE_EXHAUSTED: Out of memory')
+  assert str(info.value) == (
+      f'no space left on device writing {dest} (ENOSPC); free space '
+      'or choose another destination'
+  )
+  with (
+      pytest.raises(ValueError, match='^RESOURCE_EXHAUSTED: Out of memory$'),
+      fileio.atomic_output(dest),
+  ):
+    raise ValueError('RESOURCE_EXHAUSTED: Out of memory')
   assert not os.listdir(tmp_path)
 
 
@@ -178,15 +203,14 @@ def test_quiet_disk_full_echoes_drops_only_the_echoes_of_a_full_disk(monkeypatch
   handler = Collect()
   absl_logger.addHandler(handler)
   try:
-    with pytest.raises(fileio.DiskFullError):
-      with fileio.quiet_disk_full_echoes():
-        sys.unraisablehook(_closed_loop_echo())
-        try:
-          raise ValueError(_TENSORSTORE_ENOSPC)
-        except ValueError:
-          absl_logger.error('thread raised', exc_info=True)
-        absl_logger.error('unrelated')
-        raise fileio.DiskFullError(errno.ENOSPC, '/d/out')
+    with pytest.raises(fileio.DiskFullError), fileio.quiet_disk_full_echoes():
+      sys.unraisablehook(_closed_loop_echo())
+      try:
+        raise ValueError(_TENSORSTORE_ENOSPC)
+      except ValueError:
+        absl_logger.error('thread raised', exc_info=True)
+      absl_logger.error('unrelated')
+      raise fileio.DiskFullError(errno.ENOSPC, '/d/out')
     assert not printed and [r.getMessage() for r in records] == ['unrelated']
     # Echoes that come after the error left are dropped too; anything else is printed.
     sys.unraisablehook(_closed_loop_echo())
@@ -196,10 +220,9 @@ def test_quiet_disk_full_echoes_drops_only_the_echoes_of_a_full_disk(monkeypatch
     monkeypatch.setattr(sys, 'unraisablehook', printed.append)
 
     # Any other failure: the held echoes are printed after all.
-    with pytest.raises(ValueError):
-      with fileio.quiet_disk_full_echoes():
-        sys.unraisablehook(_closed_loop_echo())
-        raise ValueError('RESOURCE_EXHAUSTED: Out of memory')
+    with pytest.raises(ValueError), fileio.quiet_disk_full_echoes():
+      sys.unraisablehook(_closed_loop_echo())
+      raise ValueError('RESOURCE_EXHAUSTED: Out of memory')
     assert [str(u.exc_value) for u in printed] == ['Event loop is closed']
     assert sys.unraisablehook == printed.append  # pylint: disable=comparison-with-callable
   finally:
@@ -224,13 +247,10 @@ def test_asyncio_records_of_a_disk_full_error_are_dropped_during_and_after(monke
   asyncio_logger.addHandler(handler)
   error = ValueError(_TENSORSTORE_ENOSPC)
   try:
-    with pytest.raises(ValueError):
-      with fileio.quiet_disk_full_echoes():
-        asyncio_logger.error('Task exception was never retrieved', exc_info=(
-            ValueError, error, None))
-        raise error
-    asyncio_logger.error('Future exception was never retrieved', exc_info=(
-        ValueError, error, None))
+    with pytest.raises(ValueError), fileio.quiet_disk_full_echoes():
+      asyncio_logger.error('Task exception was never retrieved', exc_info=(ValueError, error, None))
+      raise error
+    asyncio_logger.error('Future exception was never retrieved', exc_info=(ValueError, error, None))
     asyncio_logger.error('unrelated')
   finally:
     asyncio_logger.removeHandler(handler)

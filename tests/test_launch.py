@@ -9,6 +9,7 @@ venv Python, starts the trainer with those flags, detached; the remote --stop sc
 SIGTERM.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -25,8 +26,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch'
 CONFIG = 'configs/convnext_b_in22k.py'
 # The TPU generation -> (a zone that has it, the runtime version Google documents for JAX).
-SLICES = {'v4-32': ('us-central2-b', 'tpu-ubuntu2204-base'),
-          'v5litepod-16': ('us-west4-a', 'v2-alpha-tpuv5-lite')}
+SLICES = {
+    'v4-32': ('us-central2-b', 'tpu-ubuntu2204-base'),
+    'v5litepod-16': ('us-west4-a', 'v2-alpha-tpuv5-lite'),
+}
 STEPS = {
     'create': ['create_tpu.sh'],
     'setup': ['setup_tpu.sh'],
@@ -66,14 +69,30 @@ def fake_gcloud(tmp_path):
 def run_script(step, accelerator, fake_gcloud, dry_run):
   bin_dir, log = fake_gcloud
   zone, _ = SLICES[accelerator]
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('PROJECT', 'RUNTIME_VERSION', 'DATA_DIR', 'GCLOUD_SSH_FLAGS')}
-  env.update(PATH=f'{bin_dir}:{env["PATH"]}', FAKE_GCLOUD_LOG=str(log), TPU_NAME='pod',
-             ZONE=zone, ACCELERATOR_TYPE=accelerator, BUCKET='gs://my-bucket/',
-             DRY_RUN='1' if dry_run else '0')
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if k not in ('PROJECT', 'RUNTIME_VERSION', 'DATA_DIR', 'GCLOUD_SSH_FLAGS')
+  }
+  env.update(
+      PATH=f'{bin_dir}:{env["PATH"]}',
+      FAKE_GCLOUD_LOG=str(log),
+      TPU_NAME='pod',
+      ZONE=zone,
+      ACCELERATOR_TYPE=accelerator,
+      BUCKET='gs://my-bucket/',
+      DRY_RUN='1' if dry_run else '0',
+  )
   log.unlink(missing_ok=True)
-  proc = subprocess.run(['bash', str(LAUNCH / STEPS[step][0]), *STEPS[step][1:]], env=env,
-                        cwd=REPO, capture_output=True, text=True, timeout=60)
+  proc = subprocess.run(
+      ['bash', str(LAUNCH / STEPS[step][0]), *STEPS[step][1:]],
+      env=env,
+      cwd=REPO,
+      check=False,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
   assert proc.returncode == 0, proc.stderr
   calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
   return proc.stdout, calls
@@ -98,8 +117,9 @@ def printed(stdout):
 def without_time(command):
   """A command with the parts that differ between two runs made equal: the training run's
   time stamp and the scp's temporary file."""
-  argv = [re.sub(r'^/tmp/[^ ]*/convnext_jax_src\.tar\.gz$', 'SRC.tar.gz', a)
-          for a in command['argv']]
+  argv = [
+      re.sub(r'^/tmp/[^ ]*/convnext_jax_src\.tar\.gz$', 'SRC.tar.gz', a) for a in command['argv']
+  ]
   argv = [re.sub(r'--command=bash -c .*', '--command=SCRIPT', a) for a in argv]
   script = re.sub(r'STAMP=\d{8}_\d{6}', 'STAMP=T', command.get('script', ''))
   return {'argv': argv, 'script': script}
@@ -111,19 +131,33 @@ def test_dry_run_prints_what_the_real_run_does(step, accelerator, fake_gcloud):
   dry_stdout, dry_calls = run_script(step, accelerator, fake_gcloud, dry_run=True)
   assert dry_calls == []  # A dry run calls no gcloud at all.
   _, calls = run_script(step, accelerator, fake_gcloud, dry_run=False)
-  real = [without_time(c) for c in calls
-          if c['argv'][:4] != ['compute', 'tpus', 'queued-resources', 'describe']]
+  real = [
+      without_time(c)
+      for c in calls
+      if c['argv'][:4] != ['compute', 'tpus', 'queued-resources', 'describe']
+  ]
   assert [without_time(c) for c in printed(dry_stdout)] == real
 
   zone, version = SLICES[accelerator]
   tpu = ['pod', f'--zone={zone}']
   argvs = [c['argv'] for c in calls]
   if step == 'create':
-    assert argvs == [['compute', 'tpus', 'tpu-vm', 'create', *tpu, f'--version={version}',
-                      f'--accelerator-type={accelerator}']]
+    assert argvs == [
+        [
+            'compute',
+            'tpus',
+            'tpu-vm',
+            'create',
+            *tpu,
+            f'--version={version}',
+            f'--accelerator-type={accelerator}',
+        ]
+    ]
   elif step == 'setup':
-    assert [a[:4] for a in argvs] == [['compute', 'tpus', 'tpu-vm', 'scp'],
-                                      ['compute', 'tpus', 'tpu-vm', 'ssh']]
+    assert [a[:4] for a in argvs] == [
+        ['compute', 'tpus', 'tpu-vm', 'scp'],
+        ['compute', 'tpus', 'tpu-vm', 'ssh'],
+    ]
     assert argvs[0][5:] == ['pod:convnext_jax_src.tar.gz', f'--zone={zone}', '--worker=all']
     files = calls[0]['files']  # The checkout, without its venv.
     assert {'convnext_jax/train.py', 'launch/common.sh', CONFIG} <= set(files)
@@ -132,19 +166,35 @@ def test_dry_run_prints_what_the_real_run_does(step, accelerator, fake_gcloud):
     assert "pip install -e '.[$EXTRAS]'" in calls[1]['script']
     assert 'EXTRAS=tpu' in calls[1]['script']
   elif step == 'train':
-    assert len(argvs) == 1 and argvs[0][:7] == ['compute', 'tpus', 'tpu-vm', 'ssh', *tpu,
-                                                '--worker=all']
-    assert ('MAIN_ARGS=(-m convnext_jax.main --config configs/convnext_b_in22k.py --workdir '
-            'gs://my-bucket/b22k --jax_distributed --config.grad_accum_steps=2 )'
-            ) in calls[0]['script']
+    assert len(argvs) == 1 and argvs[0][:7] == [
+        'compute',
+        'tpus',
+        'tpu-vm',
+        'ssh',
+        *tpu,
+        '--worker=all',
+    ]
+    assert (
+        'MAIN_ARGS=(-m convnext_jax.main --config configs/convnext_b_in22k.py --workdir '
+        'gs://my-bucket/b22k --jax_distributed --config.grad_accum_steps=2 )'
+    ) in calls[0]['script']
     assert 'ENV_ARGS=(TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets )' in calls[0]['script']
   elif step == 'stop':
     assert argvs[0][:7] == ['compute', 'tpus', 'tpu-vm', 'ssh', *tpu, '--worker=all']
     assert 'kill -TERM -- "-$pgid"' in calls[0]['script']
   else:
-    assert argvs == [['compute', 'tpus', 'queued-resources', 'describe', 'pod-qr',
-                      f'--zone={zone}', '--format=value(name)'],
-                     ['compute', 'tpus', 'tpu-vm', 'delete', *tpu, '--quiet']]
+    assert argvs == [
+        [
+            'compute',
+            'tpus',
+            'queued-resources',
+            'describe',
+            'pod-qr',
+            f'--zone={zone}',
+            '--format=value(name)',
+        ],
+        ['compute', 'tpus', 'tpu-vm', 'delete', *tpu, '--quiet'],
+    ]
 
 
 def test_the_workers_start_the_trainer_detached_and_stop_it(fake_gcloud, tmp_path):
@@ -157,14 +207,22 @@ def test_the_workers_start_the_trainer_detached_and_stop_it(fake_gcloud, tmp_pat
   (home / 'convnext_jax' / CONFIG).write_text('')
   python = home / 'convnext_venv' / 'bin' / 'python'
   python.parent.mkdir(parents=True)
-  python.write_text('#!/usr/bin/env bash\n'
-                    'printf "%s\\n" "$PWD" "TFDS_DATA_DIR=$TFDS_DATA_DIR" "$@" > "$HOME/argv"\n'
-                    'trap \'echo SIGTERM > "$HOME/signal"; exit 0\' TERM\n'
-                    'sleep 60 & wait\n')
+  python.write_text(
+      '#!/usr/bin/env bash\n'
+      'printf "%s\\n" "$PWD" "TFDS_DATA_DIR=$TFDS_DATA_DIR" "$@" > "$HOME/argv"\n'
+      'trap \'echo SIGTERM > "$HOME/signal"; exit 0\' TERM\n'
+      'sleep 60 & wait\n'
+  )
   python.chmod(0o755)
   env = dict(os.environ, HOME=str(home))
-  started = subprocess.run(['bash', '-c', train_call['script']], env=env, capture_output=True,
-                           text=True, timeout=30)
+  started = subprocess.run(
+      ['bash', '-c', train_call['script']],
+      env=env,
+      check=False,
+      capture_output=True,
+      text=True,
+      timeout=30,
+  )
   assert started.returncode == 0, started.stderr
   pgid = int((home / 'convnext_logs' / 'train.pid').read_text())
   try:
@@ -173,21 +231,39 @@ def test_the_workers_start_the_trainer_detached_and_stop_it(fake_gcloud, tmp_pat
         break
       time.sleep(0.1)
     assert (home / 'argv').read_text().splitlines() == [
-        str(home / 'convnext_jax'), 'TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets',
-        '-m', 'convnext_jax.main', '--config', CONFIG, '--workdir', 'gs://my-bucket/b22k',
-        '--jax_distributed', '--config.grad_accum_steps=2']
+        str(home / 'convnext_jax'),
+        'TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets',
+        '-m',
+        'convnext_jax.main',
+        '--config',
+        CONFIG,
+        '--workdir',
+        'gs://my-bucket/b22k',
+        '--jax_distributed',
+        '--config.grad_accum_steps=2',
+    ]
     # A second start on the same worker is refused while this one runs.
-    again = subprocess.run(['bash', '-c', train_call['script']], env=env, capture_output=True,
-                           text=True, timeout=30)
+    again = subprocess.run(
+        ['bash', '-c', train_call['script']],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert again.returncode == 1 and 'already going' in again.stdout
-    stopped = subprocess.run(['bash', '-c', stop_call['script']], env=env, capture_output=True,
-                             text=True, timeout=60)
+    stopped = subprocess.run(
+        ['bash', '-c', stop_call['script']],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert stopped.returncode == 0 and 'stopped' in stopped.stdout, stopped.stdout
     assert (home / 'signal').read_text() == 'SIGTERM\n'
     log = (home / 'convnext_logs' / 'train_latest.log').read_text()
     assert 'exited with status 0' in log
   finally:
-    try:
+    with contextlib.suppress(ProcessLookupError):
       os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass

@@ -3,6 +3,7 @@
 Scan over blocks and remat policies: tests/test_scan.py."""
 
 import flax.linen as nn
+from helpers import random_params
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,6 @@ import pytest
 
 from convnext_jax import models
 from convnext_jax.models import layers
-from helpers import random_params
 
 # Exact parameter counts with 1000 classes, from the reference table (official code and timm).
 PUBLISHED_PARAMS = {
@@ -37,24 +37,42 @@ PUBLISHED_PARAMS = {
 PUBLISHED_GMACS = {'convnext_tiny': 4.47, 'convnext_base': 15.38}
 
 ALL_NAMES = [
-    *(f'convnext_{s}' for s in ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base',
-                                'large', 'xlarge', 'xxlarge')),
-    *(f'convnextv2_{s}' for s in ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base',
-                                  'large', 'huge')),
-    'convnext_isotropic_small', 'convnext_isotropic_base', 'convnext_isotropic_large',
+    *(
+        f'convnext_{s}'
+        for s in (
+            'atto',
+            'femto',
+            'pico',
+            'nano',
+            'tiny',
+            'small',
+            'base',
+            'large',
+            'xlarge',
+            'xxlarge',
+        )
+    ),
+    *(
+        f'convnextv2_{s}'
+        for s in ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base', 'large', 'huge')
+    ),
+    'convnext_isotropic_small',
+    'convnext_isotropic_base',
+    'convnext_isotropic_large',
 ]
 
 
 def test_list_models_is_the_zoo():
   assert models.list_models('convnext*') == ALL_NAMES
-  assert models.list_models()[:len(ALL_NAMES)] == ALL_NAMES  # Then the roadmap's networks.
+  assert models.list_models()[: len(ALL_NAMES)] == ALL_NAMES  # Then the roadmap's networks.
   assert models.list_models('convnextv2_*') == [n for n in ALL_NAMES if 'v2' in n]
 
 
 @pytest.mark.parametrize('name', sorted(PUBLISHED_PARAMS))
 def test_published_parameter_count(name):
   assert models.count_params(models.param_shapes(models.create_model(name))) == (
-      PUBLISHED_PARAMS[name])
+      PUBLISHED_PARAMS[name]
+  )
 
 
 @pytest.mark.parametrize('size', ['femto', 'pico', 'small', 'large'])
@@ -79,8 +97,10 @@ def test_param_names_mirror_official_modules():
   iso = models.param_shapes(models.create_model('convnext_isotropic_large'))
   assert iso['stem']['kernel'].shape == (16, 16, 3, 1024)
   assert iso['blocks.35']['gamma'].shape == (1024,)
-  assert 'gamma' not in models.param_shapes(models.create_model('convnext_isotropic_small'))[
-      'blocks.0']
+  assert (
+      'gamma'
+      not in models.param_shapes(models.create_model('convnext_isotropic_small'))['blocks.0']
+  )
 
 
 def test_xxlarge_uses_layernorm_eps_1e5():
@@ -111,10 +131,14 @@ def _apply(model, params, x, **kwargs):
 
 def test_init_matches_official_recipe():
   params = _init(_small(head_init_scale=0.001))
-  kernels = np.concatenate([
-      np.ravel(params[f'stages.{i}.{j}'][k]['kernel'])
-      for i, d in enumerate((1, 1, 2, 1)) for j in range(d) for k in ('pwconv1', 'pwconv2')
-  ])
+  kernels = np.concatenate(
+      [
+          np.ravel(params[f'stages.{i}.{j}'][k]['kernel'])
+          for i, d in enumerate((1, 1, 2, 1))
+          for j in range(d)
+          for k in ('pwconv1', 'pwconv2')
+      ]
+  )
   assert kernels.std() == pytest.approx(0.02, rel=0.01)
   assert np.abs(kernels).max() < 0.2
   assert np.all(params['stages.2.1']['gamma'] == np.float32(1e-6))
@@ -143,8 +167,12 @@ def test_outputs_logits_pre_logits_and_stages():
   head = params['head']
   np.testing.assert_allclose(feats @ head['kernel'] + head['bias'], logits, atol=1e-5)
   stages = _apply(model, params, x, method='forward_stages')
-  assert [s.shape for s in stages] == [(2, 24, 32, 16), (2, 12, 16, 32), (2, 6, 8, 48),
-                                      (2, 3, 4, 64)]
+  assert [s.shape for s in stages] == [
+      (2, 24, 32, 16),
+      (2, 12, 16, 32),
+      (2, 6, 8, 48),
+      (2, 3, 4, 64),
+  ]
   with pytest.raises(ValueError, match='output must be one of'):
     model.apply({'params': params}, x, output='features')
 
@@ -176,24 +204,37 @@ def test_drop_path_drops_whole_samples_and_rescales_survivors():
   x = jax.random.normal(jax.random.key(0), (4000, 4, 4, 8))
   variables = jax.jit(block.init)(jax.random.key(1), x)
   residual_eval = jax.jit(block.apply)(variables, x) - x
-  residual_train = jax.jit(lambda v, x: block.apply(
-      v, x, train=True, rngs={'drop_path': jax.random.key(2)}))(variables, x) - x
+  residual_train = (
+      jax.jit(lambda v, x: block.apply(v, x, train=True, rngs={'drop_path': jax.random.key(2)}))(
+          variables, x
+      )
+      - x
+  )
   dropped = np.all(np.asarray(residual_train) == 0, axis=(1, 2, 3))
   kept = ~dropped
   assert 0.45 < dropped.mean() < 0.55
-  np.testing.assert_allclose(residual_train[kept], 2.0 * residual_eval[kept], rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(residual_train[kept], 2.0 * residual_eval[kept], rtol=1e-5, atol=1e-6)
 
 
 def test_drop_path_mask_differs_per_block():
   model = _small(drop_path_rate=0.9)
   params = random_params(model)
   x = jax.random.normal(jax.random.key(0), (64, 64, 64, 3))
-  _, state = jax.jit(lambda p, x: model.apply(
-      {'params': p}, x, train=True, rngs={'drop_path': jax.random.key(3)},
-      capture_intermediates=True, mutable=['intermediates']))(params, x)
-  out = {k: np.asarray(v['__call__'][0]) for k, v in state['intermediates'].items()
-         if k.startswith(('stages.2.', 'downsample_layers.2.1'))}
+  _, state = jax.jit(
+      lambda p, x: model.apply(
+          {'params': p},
+          x,
+          train=True,
+          rngs={'drop_path': jax.random.key(3)},
+          capture_intermediates=True,
+          mutable=['intermediates'],
+      )
+  )(params, x)
+  out = {
+      k: np.asarray(v['__call__'][0])
+      for k, v in state['intermediates'].items()
+      if k.startswith(('stages.2.', 'downsample_layers.2.1'))
+  }
   # A block's output equals its input exactly for the samples whose branch was dropped.
   drop_0 = np.all(out['stages.2.0'] == out['downsample_layers.2.1'], axis=(1, 2, 3))
   drop_1 = np.all(out['stages.2.1'] == out['stages.2.0'], axis=(1, 2, 3))
@@ -205,8 +246,9 @@ def test_train_without_drop_path_equals_eval():
   model = _small(drop_path_rate=0.0)
   params = random_params(model)
   x = jnp.ones((2, 64, 64, 3))
-  np.testing.assert_array_equal(_apply(model, params, x, train=True),
-                                _apply(model, params, x, train=False))
+  np.testing.assert_array_equal(
+      _apply(model, params, x, train=True), _apply(model, params, x, train=False)
+  )
 
 
 @pytest.mark.parametrize('name', ['convnext_atto', 'convnextv2_atto'])
@@ -220,8 +262,7 @@ def test_bfloat16_compute_with_float32_params(name):
   logits32 = _apply(model32, params, x)
   logits16 = _apply(model16, params, x)
   assert logits16.dtype == jnp.float32
-  stages = jax.eval_shape(lambda p, x: model16.apply({'params': p}, x, output='stages'),
-                          params, x)
+  stages = jax.eval_shape(lambda p, x: model16.apply({'params': p}, x, output='stages'), params, x)
   assert stages[-1].dtype == jnp.bfloat16
   scale = float(jnp.abs(logits32).max())
   assert float(jnp.abs(logits16 - logits32).max()) < 0.05 * scale
@@ -230,14 +271,14 @@ def test_bfloat16_compute_with_float32_params(name):
 def test_remat_gives_identical_values_and_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   # The grouped-conv depthwise form compiles its gradient fastest on CPU; remat is orthogonal.
-  plain, remat = (_small(drop_path_rate=0.3, remat=r, depthwise_impl='conv')
-                  for r in (False, True))
+  plain, remat = (_small(drop_path_rate=0.3, remat=r, depthwise_impl='conv') for r in (False, True))
   params = random_params(plain)
   assert jax.tree.structure(params) == jax.tree.structure(models.param_shapes(remat))
 
   def loss(model):
-    return lambda p: model.apply({'params': p}, x, train=True,
-                                 rngs={'drop_path': jax.random.key(1)}).sum()
+    return lambda p: model.apply(
+        {'params': p}, x, train=True, rngs={'drop_path': jax.random.key(1)}
+    ).sum()
 
   (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(loss(m)))(params) for m in (plain, remat))
   np.testing.assert_allclose(l1, l2, rtol=1e-6)

@@ -19,7 +19,11 @@ import pathlib
 import shutil
 import socket
 
+import fake_tfds
+import helpers
 import jax
+import mp_config
+import multiprocess
 import numpy as np
 from PIL import Image
 import pytest
@@ -29,25 +33,32 @@ from convnext_jax import input_pipeline
 from convnext_jax import train
 from convnext_jax import train_step
 from convnext_jax import workdir_lock
-import fake_tfds
-import helpers
-import mp_config
-import multiprocess
 
 CONFIG = 'tests/mp_config.py'
 TIMEOUT = 600  # Seconds per launch before it counts as hung: they take 20-150 s on 2 cores.
 STEPS = 6
 # (data, fsdp, model) meshes over 2 processes x 4 devices: data parallel, FSDP, both, all
 # three, and tensor parallel only (each process then holds the whole batch).
-MESHES = {'data8': (8, 1, 1), 'fsdp8': (1, 8, 1), 'data2_fsdp4': (2, 4, 1),
-          'data2_fsdp2_model2': (2, 2, 2), 'model8': (1, 1, 8)}
+MESHES = {
+    'data8': (8, 1, 1),
+    'fsdp8': (1, 8, 1),
+    'data2_fsdp4': (2, 4, 1),
+    'data2_fsdp2_model2': (2, 2, 2),
+    'model8': (1, 1, 8),
+}
 
 
 def worker(data_dir, workdir, runs=(), *flags, config=CONFIG):
   """`tests/mp_worker.py` arguments; it records into `workdir`."""
-  return ['tests/mp_worker.py', f'--config={config}', f'--config.dataset.data_dir={data_dir}',
-          f'--workdir={workdir}', f'--record_dir={workdir}', f'--runs={json.dumps(list(runs))}',
-          *flags]
+  return [
+      'tests/mp_worker.py',
+      f'--config={config}',
+      f'--config.dataset.data_dir={data_dir}',
+      f'--workdir={workdir}',
+      f'--record_dir={workdir}',
+      f'--runs={json.dumps(list(runs))}',
+      *flags,
+  ]
 
 
 def records(record_dir, name, process) -> list[dict]:
@@ -56,13 +67,16 @@ def records(record_dir, name, process) -> list[dict]:
 
 
 def losses(record_dir, name, process) -> dict[int, float]:
-  return {r['step']: r['train/loss'] for r in records(record_dir, name, process)
-          if 'train/loss' in r}
+  return {
+      r['step']: r['train/loss'] for r in records(record_dir, name, process) if 'train/loss' in r
+  }
 
 
 def raw_and_ema(workdir, step=None):
-  return (checkpoints.load_params(str(workdir), which='raw', step=step)[0],
-          checkpoints.load_params(str(workdir), which='ema', step=step)[0])
+  return (
+      checkpoints.load_params(str(workdir), which='raw', step=step)[0],
+      checkpoints.load_params(str(workdir), which='ema', step=step)[0],
+  )
 
 
 def assert_trees_equal(a, b):
@@ -78,24 +92,45 @@ def two_processes(shapes_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp('two_processes')
   config = mp_config.get_config()
   converted = helpers.random_params(train_step.create_model(config, 1000))
-  checkpoints.save_params(str(root / 'converted'), converted,
-                          {'model_name': 'convnext_atto', 'num_classes': 1000})
-  runs = [{'name': name, 'overrides': {'mesh': list(shape)} if name == 'data8' else
-           {'mesh': list(shape), 'num_steps': 3}} for name, shape in MESHES.items()]
-  frozen = {'mesh': [1, 8, 1], 'num_steps': 1, 'optim.lr': 0.0, 'optim.min_lr': 0.0,
-            'optim.warmup_steps': 0}
-  runs += [{'name': 'from_converted',
-            'overrides': dict(frozen, **{'init_from.path': str(root / 'converted')})},
-           {'name': 'from_workdir',
-            'overrides': dict(frozen, **{'init_from.path': str(root / 'data8')})}]
-  results = multiprocess.run(worker(shapes_dir, root, runs), 2, 4, log_dir=root / 'logs',
-                             timeout=TIMEOUT)
+  checkpoints.save_params(
+      str(root / 'converted'), converted, {'model_name': 'convnext_atto', 'num_classes': 1000}
+  )
+  runs = [
+      {
+          'name': name,
+          'overrides': {'mesh': list(shape)}
+          if name == 'data8'
+          else {'mesh': list(shape), 'num_steps': 3},
+      }
+      for name, shape in MESHES.items()
+  ]
+  frozen = {
+      'mesh': [1, 8, 1],
+      'num_steps': 1,
+      'optim.lr': 0.0,
+      'optim.min_lr': 0.0,
+      'optim.warmup_steps': 0,
+  }
+  runs += [
+      {
+          'name': 'from_converted',
+          'overrides': dict(frozen, **{'init_from.path': str(root / 'converted')}),
+      },
+      {
+          'name': 'from_workdir',
+          'overrides': dict(frozen, **{'init_from.path': str(root / 'data8')}),
+      },
+  ]
+  results = multiprocess.run(
+      worker(shapes_dir, root, runs), 2, 4, log_dir=root / 'logs', timeout=TIMEOUT
+  )
   return root, [r.log for r in results], converted
 
 
 class _Replay:
   """Stands in for the training iterator: the given global batches, as this process feeds
   them."""
+
   next_position = 0
   skipped = 0
 
@@ -113,22 +148,28 @@ class _Replay:
     pass
 
 
-def test_two_processes_end_as_one_does_fed_the_same_global_batches(two_processes, shapes_dir,
-                                                                   tmp_path, monkeypatch):
+def test_two_processes_end_as_one_does_fed_the_same_global_batches(
+    two_processes, shapes_dir, tmp_path, monkeypatch
+):
   root, _, _ = two_processes
   two = [losses(root, 'data8', p) for p in (0, 1)]
   assert sorted(two[0]) == list(range(1, STEPS + 1)) and two[0] == two[1]
   # The global batch of each step: process 0's rows, then process 1's (disjoint halves).
   fed = [np.load(root / f'data8_p{p}_batches.npz') for p in (0, 1)]
-  global_batches = [{k: np.concatenate([f[f'{k}_{i}'] for f in fed]) for k in ('image', 'label')}
-                    for i in range(STEPS)]
+  global_batches = [
+      {k: np.concatenate([f[f'{k}_{i}'] for f in fed]) for k in ('image', 'label')}
+      for i in range(STEPS)
+  ]
   assert global_batches[0]['image'].shape == (16, 32, 32, 3)
   assert not np.array_equal(fed[0]['image_0'], fed[1]['image_0'])
 
   config = mp_config.get_config()
   config.dataset.data_dir = shapes_dir
-  monkeypatch.setattr(input_pipeline.Inputs, 'train_iterator',
-                      lambda self, feed, start: _Replay(global_batches, feed))
+  monkeypatch.setattr(
+      input_pipeline.Inputs,
+      'train_iterator',
+      lambda self, feed, start: _Replay(global_batches, feed),
+  )
   train.train_and_evaluate(config, str(tmp_path / 'one'))  # 1 process x 8 devices.
   for one, two_ in zip(raw_and_ema(tmp_path / 'one'), raw_and_ema(root / 'data8')):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, two_)
@@ -142,17 +183,21 @@ def test_every_mesh_trains_identically_on_both_processes(two_processes, name):
   assert outcomes[0]['eval'] == outcomes[1]['eval']
   per_process = [losses(root, name, p) for p in (0, 1)]
   assert per_process[0] == per_process[1] and len(per_process[0]) == (
-      STEPS if name == 'data8' else 3)
+      STEPS if name == 'data8' else 3
+  )
   data, fsdp, model = MESHES[name]
   shards = 1 if data * fsdp == 1 else 2
-  line = (f"mesh {{'data': {data}, 'fsdp': {fsdp}, 'model': {model}}}; global batch 16 = "
-          f'{16 // shards} per process (data shard ')
+  line = (
+      f"mesh {{'data': {data}, 'fsdp': {fsdp}, 'model': {model}}}; global batch 16 = "
+      f'{16 // shards} per process (data shard '
+  )
   for p, log in enumerate(logs):
     assert f'{line}{min(p, shards - 1)} of {shards})' in log, name
   if shards == 2:  # The same global batches as 'data8': the same losses, up to rounding.
     reference = losses(root, 'data8', 0)
-    np.testing.assert_allclose([per_process[0][s] for s in (1, 2, 3)],
-                               [reference[s] for s in (1, 2, 3)], rtol=2e-5)
+    np.testing.assert_allclose(
+        [per_process[0][s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)], rtol=2e-5
+    )
 
 
 def test_init_from_under_fsdp_spanning_processes(two_processes):
@@ -171,13 +216,18 @@ def test_init_from_under_fsdp_spanning_processes(two_processes):
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
-    two_processes, shapes_dir, tmp_path):
+    two_processes, shapes_dir, tmp_path
+):
   root, _, _ = two_processes
   stopped = tmp_path / 'stopped'
   runs = [{'name': 'stopped', 'workdir': str(stopped), 'overrides': {'mesh': [8, 1, 1]}}]
   results = multiprocess.run(
-      worker(shapes_dir, tmp_path, runs, '--signal_process=1', '--sigterm_at_step=2'), 2, 4,
-      log_dir=tmp_path / 'logs', timeout=TIMEOUT)
+      worker(shapes_dir, tmp_path, runs, '--signal_process=1', '--sigterm_at_step=2'),
+      2,
+      4,
+      log_dir=tmp_path / 'logs',
+      timeout=TIMEOUT,
+  )
   steps = checkpoints.workdir_steps(str(stopped))
   assert len(steps) == 1 and 2 <= steps[0] < STEPS, steps
   for r in results:  # Both saved that step together and exited 0.
@@ -187,16 +237,27 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
   # The same command again, through the entry point itself, resumes and ends exactly as the
   # uninterrupted run did; first while another trainer (this test) holds the workdir's lock:
   # process 0 finds it held and both processes stop with its one line.
-  command = ['-m', 'convnext_jax.main', f'--config={CONFIG}',
-             f'--config.dataset.data_dir={shapes_dir}', f'--workdir={stopped}']
+  command = [
+      '-m',
+      'convnext_jax.main',
+      f'--config={CONFIG}',
+      f'--config.dataset.data_dir={shapes_dir}',
+      f'--workdir={stopped}',
+  ]
   with workdir_lock.WorkdirLock(str(stopped)):
-    refused = multiprocess.launch(command, 2, 4, log_dir=tmp_path / 'refused_logs',
-                                  timeout=TIMEOUT).wait()
+    refused = multiprocess.launch(
+        command, 2, 4, log_dir=tmp_path / 'refused_logs', timeout=TIMEOUT
+    ).wait()
   for r in refused:
     assert r.returncode == 1, multiprocess.describe(refused)
-    assert r.log.strip().splitlines()[-1].startswith(
-        f'convnext-train: error: workdir {stopped} is in use by another trainer: host '
-        f'{socket.gethostname()}, pid {os.getpid()},'), multiprocess.describe(refused)
+    assert (
+        r.log.strip()
+        .splitlines()[-1]
+        .startswith(
+            f'convnext-train: error: workdir {stopped} is in use by another trainer: host '
+            f'{socket.gethostname()}, pid {os.getpid()},'
+        )
+    ), multiprocess.describe(refused)
   assert checkpoints.workdir_steps(str(stopped)) == steps  # Nothing written meanwhile.
   multiprocess.run(command, 2, 4, log_dir=tmp_path / 'resume_logs', timeout=TIMEOUT)
   assert not (stopped / workdir_lock.LOCK_NAME).exists()  # Released at the end.
@@ -215,18 +276,24 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
 
 
 def test_sigkill_during_an_async_save_leaves_the_previous_step_to_every_reader(
-    shapes_dir, tmp_path):
+    shapes_dir, tmp_path
+):
   workdir = tmp_path / 'killed'
-  runs = [{'name': 'killed', 'workdir': str(workdir),
-           'overrides': {'checkpoint_every_steps': 2}}]
+  runs = [{'name': 'killed', 'workdir': str(workdir), 'overrides': {'checkpoint_every_steps': 2}}]
   results = multiprocess.launch(
       worker(shapes_dir, tmp_path, runs, '--signal_process=1', '--sigkill_at_save=4'),
-      2, 4, log_dir=tmp_path / 'logs', timeout=TIMEOUT, grace=5).wait()
+      2,
+      4,
+      log_dir=tmp_path / 'logs',
+      timeout=TIMEOUT,
+      grace=5,
+  ).wait()
   assert results[1].returncode == -9, multiprocess.describe(results)
   assert results[0].returncode != 0  # Killed, or failed on losing its peer.
   directory = workdir / checkpoints.CHECKPOINT_DIR
-  assert any(p.name.startswith('4.orbax-checkpoint-tmp') for p in directory.iterdir()), (
-      sorted(p.name for p in directory.iterdir()))  # Step 4 was being written.
+  assert any(p.name.startswith('4.orbax-checkpoint-tmp') for p in directory.iterdir()), sorted(
+      p.name for p in directory.iterdir()
+  )  # Step 4 was being written.
   assert checkpoints.workdir_steps(str(workdir)) == [2]
   assert checkpoints.load_params(str(workdir))[1]['step'] == 2  # Export, predict.
   ckpts = checkpoints.TrainingCheckpoints(str(workdir), save_interval_steps=2, keep=3)
@@ -252,9 +319,20 @@ def _late_launch(tmp_path_factory):
         Image.fromarray(fake_tfds.numbered_image(label * 3 + k)).save(directory / f'{k}.png')
   runs = [{'name': 'straddle', 'overrides': {'mesh': [2, 1, 3]}}]
   launch = multiprocess.launch(
-      worker(root / 'tfds', root, runs, '--count_eval', '--delay_process=1', '--delay_s=30',
-             config=f'{CONFIG}:folder={folder}'),
-      3, 2, log_dir=root / 'logs', timeout=TIMEOUT)
+      worker(
+          root / 'tfds',
+          root,
+          runs,
+          '--count_eval',
+          '--delay_process=1',
+          '--delay_s=30',
+          config=f'{CONFIG}:folder={folder}',
+      ),
+      3,
+      2,
+      log_dir=root / 'logs',
+      timeout=TIMEOUT,
+  )
   yield root, launch
   launch.wait()  # Ends it, if no test did.
 
@@ -276,8 +354,9 @@ def test_a_mesh_the_processes_cannot_feed_is_refused_up_front(late_process):
   for p in range(3):
     outcome = records(root, 'straddle_outcome', p)[0]
     assert outcome['outcome'] == 'refused'
-    assert ("mesh {'data': 2, 'fsdp': 1, 'model': 3} cannot be fed by 3 processes: "
-            'the batch axes') in outcome['error']
+    assert (
+        "mesh {'data': 2, 'fsdp': 1, 'model': 3} cannot be fed by 3 processes: the batch axes"
+    ) in outcome['error']
     assert 'process 1: rows [0, 1]' in outcome['error']
 
 

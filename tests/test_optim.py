@@ -39,7 +39,7 @@ def _named_scales(name, decay, scheme):
 
 def test_layer_decay_base_equals_the_official_table():
   decay = 0.8
-  table = [decay**(12 + 1 - i) for i in range(12 + 2)]  # The official list of scales.
+  table = [decay ** (12 + 1 - i) for i in range(12 + 2)]  # The official list of scales.
   scales = _named_scales('convnext_base', decay, 'group')
   assert len(scales) == 344  # Every parameter tensor of convnext_base has a scale.
   for name, scale in scales.items():
@@ -63,7 +63,7 @@ def test_layer_decay_isotropic_and_single_schemes():
   iso = _named_scales('convnext_isotropic_small', decay, 'group')  # 18 blocks.
   assert iso['stem/kernel'] == pytest.approx(decay**13)
   for k in range(18):
-    assert iso[f'blocks.{k}/pwconv1/kernel'] == pytest.approx(decay**(12 - (12 * k) // 18))
+    assert iso[f'blocks.{k}/pwconv1/kernel'] == pytest.approx(decay ** (12 - (12 * k) // 18))
   assert iso['head/kernel'] == iso['norm/scale'] == 1.0
   single = _named_scales('convnext_isotropic_small', decay, 'single')
   assert single['stem/kernel'] == pytest.approx(decay**19)
@@ -71,16 +71,18 @@ def test_layer_decay_isotropic_and_single_schemes():
   tiny = _named_scales('convnext_tiny', decay, 'single')  # depths (3, 3, 9, 3): 18 layers.
   assert tiny['downsample_layers.0.0/kernel'] == pytest.approx(decay**18)  # Id 1.
   assert tiny['stages.0.0/dwconv/kernel'] == pytest.approx(decay**18)
-  assert tiny['downsample_layers.2.1/kernel'] == pytest.approx(decay**(19 - 7))
-  assert tiny['stages.2.8/gamma'] == pytest.approx(decay**(19 - 15))
+  assert tiny['downsample_layers.2.1/kernel'] == pytest.approx(decay ** (19 - 7))
+  assert tiny['stages.2.8/gamma'] == pytest.approx(decay ** (19 - 15))
   assert tiny['stages.3.2/gamma'] == pytest.approx(decay)
   assert tiny['head/kernel'] == 1.0
 
 
 def test_weight_decay_mask_is_kernels_only():
   shapes = models.param_shapes(models.create_model('convnextv2_atto'), 64)
-  mask = {path_name(p): m for p, m in
-          jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(shapes))[0]}
+  mask = {
+      path_name(p): m
+      for p, m in jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(shapes))[0]
+  }
   decayed = sorted({n.split('/')[-1] for n, m in mask.items() if m})
   kept = sorted({n.split('/')[-1] for n, m in mask.items() if not m})
   assert decayed == ['kernel']
@@ -122,12 +124,15 @@ def test_adamw_with_layer_decay_equals_pytorch_param_groups():
   rng = np.random.default_rng(0)
   shapes = models.param_shapes(model, 32)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
-  grads = [jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
-           for _ in range(3)]
+  grads = [
+      jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+      for _ in range(3)
+  ]
   lr_values = [1e-3, 2e-3, 1.5e-3]
   decay, wd = 0.75, 0.05
-  tx = optim.make_optimizer(lambda step: jnp.asarray(lr_values)[step], shapes, spec,
-                            weight_decay=wd, layer_decay=decay)
+  tx = optim.make_optimizer(
+      lambda step: jnp.asarray(lr_values)[step], shapes, spec, weight_decay=wd, layer_decay=decay
+  )
   state = tx.init(params)
   ours = params
   for g in grads:
@@ -149,8 +154,9 @@ def test_adamw_with_layer_decay_equals_pytorch_param_groups():
       t.grad = torch.tensor(np.array(gl))
     opt.step()
   for (path, _), t, o in zip(leaves, tensors, jax.tree.leaves(ours)):
-    np.testing.assert_allclose(np.asarray(o), t.detach().numpy(), rtol=1e-5, atol=1e-6,
-                               err_msg=path_name(path))
+    np.testing.assert_allclose(
+        np.asarray(o), t.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=path_name(path)
+    )
 
 
 def test_gradient_clipping_bounds_the_global_norm():

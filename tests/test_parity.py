@@ -5,24 +5,28 @@ PyTorch statements of the official and timm definitions (tests/torch_reference.p
 isotropic models, timm's key layout and 1x1-conv MLP, and xxlarge's LayerNorm eps.
 """
 
+import helpers
 import numpy as np
 import pytest
 import torch
+import torch_reference
 import transformers
 
 from convnext_jax import convert
 from convnext_jax import models
 from convnext_jax.convert import layouts
-import helpers
-import torch_reference
 
 ATOL = 1e-4  # float32 logits and features
 
 
 def _hf_model(model_name, num_classes=1000):
   spec = models.get_spec(model_name)
-  kwargs = dict(hidden_sizes=list(spec.dims), depths=list(spec.depths), num_labels=num_classes,
-                layer_norm_eps=1e-6)
+  kwargs = dict(
+      hidden_sizes=list(spec.dims),
+      depths=list(spec.depths),
+      num_labels=num_classes,
+      layer_norm_eps=1e-6,
+  )
   if spec.use_grn:
     return transformers.ConvNextV2ForImageClassification(transformers.ConvNextV2Config(**kwargs))
   return transformers.ConvNextForImageClassification(transformers.ConvNextConfig(**kwargs))
@@ -55,8 +59,7 @@ def test_isotropic_small_matches_official_definition():
   assert name == 'convnext_isotropic_small'
   x = helpers.images(2, 224, 224)
   logits, _ = helpers.forward(models.create_model(name), params, helpers.nhwc(x))
-  np.testing.assert_allclose(logits, _torch_forward(reference, x)[0].numpy(), atol=ATOL,
-                             rtol=0)
+  np.testing.assert_allclose(logits, _torch_forward(reference, x)[0].numpy(), atol=ATOL, rtol=0)
 
 
 def _custom_size_to_torch(model, model_name, layout, params=None):
@@ -64,8 +67,9 @@ def _custom_size_to_torch(model, model_name, layout, params=None):
   params = helpers.random_params(model, seed=3) if params is None else params
   shapes = {p: v.shape for p, v in layouts.flatten(params).items()}
   maps = layouts.maps_from_shapes(shapes, model_name, layout)
-  return params, {k: torch.from_numpy(v) for k, v in layouts.params_to_state_dict(
-      params, maps).items()}
+  return params, {
+      k: torch.from_numpy(v) for k, v in layouts.params_to_state_dict(params, maps).items()
+  }
 
 
 def test_isotropic_with_layer_scale_matches_official_definition():
@@ -84,11 +88,13 @@ def test_isotropic_with_layer_scale_matches_official_definition():
 def test_xxlarge_layernorm_eps_matches_reference():
   # xxlarge's structure with eps 1e-5 at a test-sized width. A stem scaled down to outputs of
   # order 1e-3 gives the stem LayerNorm a variance near eps, so 1e-5 vs 1e-6 is visible.
-  model = models.create_model('convnext_xxlarge', depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
-                              num_classes=5)
+  model = models.create_model(
+      'convnext_xxlarge', depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=5
+  )
   params = helpers.random_params(model, seed=3)
-  params['downsample_layers.0.0'] = {k: v * 1e-3 for k, v in
-                                     params['downsample_layers.0.0'].items()}
+  params['downsample_layers.0.0'] = {
+      k: v * 1e-3 for k, v in params['downsample_layers.0.0'].items()
+  }
   params, state_dict = _custom_size_to_torch(model, 'convnext_xxlarge', 'official', params)
   x = helpers.images(2, 64, 64)
   logits, _ = helpers.forward(model, params, helpers.nhwc(x))
@@ -99,19 +105,24 @@ def test_xxlarge_layernorm_eps_matches_reference():
     assert np.allclose(logits, ref_logits, atol=ATOL, rtol=0) == agrees, eps
 
 
-@pytest.mark.parametrize('model_name,conv_mlp', [('convnext_atto', True),
-                                                 ('convnextv2_atto', True),
-                                                 ('convnext_tiny', False)])
+@pytest.mark.parametrize(
+    'model_name,conv_mlp',
+    [('convnext_atto', True), ('convnextv2_atto', True), ('convnext_tiny', False)],
+)
 def test_timm_layout_matches_timm_definition(model_name, conv_mlp):
   spec = models.get_spec(model_name)
   model = models.create_model(model_name, num_classes=10)
   params = helpers.random_params(model, seed=4)
   state_dict = convert.flax_to_torch(params, model_name, layout='timm')
   reference = torch_reference.TimmConvNeXt(
-      spec.depths, spec.dims, num_classes=10, layer_scale=spec.layer_scale_init_value,
-      use_grn=spec.use_grn, conv_mlp=conv_mlp)
-  reference.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()},
-                            strict=True)
+      spec.depths,
+      spec.dims,
+      num_classes=10,
+      layer_scale=spec.layer_scale_init_value,
+      use_grn=spec.use_grn,
+      conv_mlp=conv_mlp,
+  )
+  reference.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
   x = helpers.images(2, 96, 64)
   logits, stages = helpers.forward(model, params, helpers.nhwc(x))
   ref_logits, ref_stages = _torch_forward(reference.eval(), x)
@@ -123,11 +134,12 @@ def test_official_v2_definition_loads_official_export():
   model = models.create_model('convnextv2_atto', num_classes=10)
   params = helpers.random_params(model, seed=5)
   state_dict = convert.flax_to_torch(params, 'convnextv2_atto', layout='official')
-  reference = torch_reference.OfficialConvNeXt((2, 2, 6, 2), (40, 80, 160, 320), 10,
-                                               layer_scale=None, use_grn=True)
-  reference.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()},
-                            strict=True)
+  reference = torch_reference.OfficialConvNeXt(
+      (2, 2, 6, 2), (40, 80, 160, 320), 10, layer_scale=None, use_grn=True
+  )
+  reference.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
   x = helpers.images(2, 64, 96)
   logits, _ = helpers.forward(model, params, helpers.nhwc(x))
-  np.testing.assert_allclose(logits, _torch_forward(reference.eval(), x)[0].numpy(),
-                             atol=ATOL, rtol=0)
+  np.testing.assert_allclose(
+      logits, _torch_forward(reference.eval(), x)[0].numpy(), atol=ATOL, rtol=0
+  )

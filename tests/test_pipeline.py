@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import fake_tfds
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,6 @@ from convnext_jax import evaluate
 from convnext_jax import sharding
 from convnext_jax.data import image_ops
 from convnext_jax.data import pipeline
-import fake_tfds
 
 
 def _photo(height=375, width=500, seed=0) -> np.ndarray:
@@ -27,7 +27,7 @@ def _photo(height=375, width=500, seed=0) -> np.ndarray:
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:height, 0:width]
   image = np.stack([xx * 255 / width, yy * 255 / height, ((xx + 2 * yy) % 97) * 2.6], -1)
-  image[height // 3:height // 2, width // 4:width // 2] = (250, 20, 40)
+  image[height // 3 : height // 2, width // 4 : width // 2] = (250, 20, 40)
   image += rng.normal(0, 10, image.shape)
   return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -59,11 +59,16 @@ def _pil_resize_then_center_crop(image: Image.Image, short: int, size: int) -> n
   return np.asarray(_pil_center_crop(image.resize(new_size, Image.BICUBIC), size))
 
 
-@pytest.mark.parametrize('height,width', [
-    (375, 500), (500, 333),  # Common ImageNet shapes.
-    (375, 503),  # Resized width 343: the crop's left edge is round(59.5) = 60, not 59.
-    (1000, 300),  # Beyond 2:1 portrait: Pillow 13 runs its vertical pass first.
-], ids=['landscape', 'portrait', 'half_offset', 'tall'])
+@pytest.mark.parametrize(
+    'height,width',
+    [
+        (375, 500),
+        (500, 333),  # Common ImageNet shapes.
+        (375, 503),  # Resized width 343: the crop's left edge is round(59.5) = 60, not 59.
+        (1000, 300),  # Beyond 2:1 portrait: Pillow 13 runs its vertical pass first.
+    ],
+    ids=['landscape', 'portrait', 'half_offset', 'tall'],
+)
 @pytest.mark.parametrize('codec', ['jpeg', 'png'])
 def test_eval_transform_matches_pillow(height, width, codec):
   if height > 2 * width and not _pil_version_at_least(13):
@@ -77,15 +82,18 @@ def test_eval_transform_matches_pillow(height, width, codec):
   _assert_pillow_equal(out, reference, f'{codec} {height}x{width}')
 
 
-@pytest.mark.parametrize('height,width,size', [
-    (375, 500, (256, 341)),  # Downscaling, horizontal pass first.
-    (500, 333, (224, 224)),  # Height loses > 2x the width's pixels: vertical first (Pillow 13).
-    (60, 90, (128, 300)),  # Upscaling, by different factors per axis.
-    (128, 200, (128, 300)),  # One axis only, by 3/2: many results are exact halves.
-    (500, 200, (128, 300)),  # Down one axis, up the other; vertical first.
-    (7, 400, (224, 50)),  # Extreme aspect ratios.
-    (257, 301, (256, 299)),  # Saturated edges overshoot: Pillow clips after each pass.
-])
+@pytest.mark.parametrize(
+    'height,width,size',
+    [
+        (375, 500, (256, 341)),  # Downscaling, horizontal pass first.
+        (500, 333, (224, 224)),  # Height loses > 2x the width's pixels: vertical first (Pillow 13).
+        (60, 90, (128, 300)),  # Upscaling, by different factors per axis.
+        (128, 200, (128, 300)),  # One axis only, by 3/2: many results are exact halves.
+        (500, 200, (128, 300)),  # Down one axis, up the other; vertical first.
+        (7, 400, (224, 50)),  # Extreme aspect ratios.
+        (257, 301, (256, 299)),  # Saturated edges overshoot: Pillow clips after each pass.
+    ],
+)
 def test_resize_matches_pillow(height, width, size):
   """The two 8-bit passes in Pillow's order give Pillow's values, on uint8 pixels directly."""
   vertical_first = bool(image_ops.pillow_vertical_first((height, width), size))
@@ -103,8 +111,12 @@ def test_pillow_pass_order_matters_and_is_pillows():
   pixels = _photo(500, 333, seed=3)  # 500 -> 224 loses 276 rows; 333 -> 224 loses 109 columns.
   size = tf.constant([224, 224])
   scale = tf.cast(size, tf.float32) / tf.constant([500.0, 333.0])
-  orders = [image_ops._pillow_resample(tf.constant(pixels), size, scale, tf.zeros([2]),
-                                       tf.constant(first)).numpy() for first in (True, False)]
+  orders = [
+      image_ops._pillow_resample(
+          tf.constant(pixels), size, scale, tf.zeros([2]), tf.constant(first)
+      ).numpy()
+      for first in (True, False)
+  ]
   assert np.abs(orders[0].astype(int) - orders[1].astype(int)).max() >= 3
   rule = lambda hw, out: bool(image_ops.pillow_vertical_first(hw, out))
   assert rule((500, 333), (224, 224)) and not rule((375, 500), (224, 224))
@@ -113,18 +125,21 @@ def test_pillow_pass_order_matters_and_is_pillows():
   assert rule((10, 100), (7, 99)) and not rule((10, 100), (8, 99))  # 3 > 2 x 1; 2 is not.
 
 
-@pytest.mark.parametrize('height,width,size,box', [
-    (375, 500, (256, 341), (16, 58, 224, 224)),  # The 224/256 centre crop of a landscape.
-    (500, 333, (384, 256), (80, 16, 224, 224)),  # Portrait.
-    (60, 90, (128, 192), (0, 10, 128, 150)),  # Upscaling, touching the image's edge.
-    (375, 500, (64, 85), (5, 7, 50, 60)),  # Strong downscaling, odd offsets.
-])
+@pytest.mark.parametrize(
+    'height,width,size,box',
+    [
+        (375, 500, (256, 341), (16, 58, 224, 224)),  # The 224/256 centre crop of a landscape.
+        (500, 333, (384, 256), (80, 16, 224, 224)),  # Portrait.
+        (60, 90, (128, 192), (0, 10, 128, 150)),  # Upscaling, touching the image's edge.
+        (375, 500, (64, 85), (5, 7, 50, 60)),  # Strong downscaling, odd offsets.
+    ],
+)
 def test_resize_crop_window_equals_resize_then_crop(height, width, size, box):
   data = fake_tfds.jpeg_bytes(_photo(height, width, seed=1))
   out = image_ops.resize_crop_window(tf.constant(data), tf.constant(size), tf.constant(box))
   full = image_ops.resize(image_ops.decode_rgb(tf.constant(data)), size).numpy()
   top, left, h, w = box
-  diff = np.abs(out.numpy().astype(int) - full[top:top + h, left:left + w].astype(int))
+  diff = np.abs(out.numpy().astype(int) - full[top : top + h, left : left + w].astype(int))
   assert out.shape == (h, w, 3) and out.dtype == tf.uint8
   # Float rounding only: the decoded window reaches past the kernel's support.
   assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
@@ -132,7 +147,7 @@ def test_resize_crop_window_equals_resize_then_crop(height, width, size, box):
   png = _encode_png(_photo(height, width, seed=1))
   from_png = image_ops.resize_crop_window(tf.constant(png), tf.constant(size), tf.constant(box))
   full_png = image_ops.resize(image_ops.decode_rgb(tf.constant(png)), size).numpy()
-  diff = np.abs(from_png.numpy().astype(int) - full_png[top:top + h, left:left + w].astype(int))
+  diff = np.abs(from_png.numpy().astype(int) - full_png[top : top + h, left : left + w].astype(int))
   assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
@@ -142,11 +157,11 @@ def test_image_shape_reads_png_and_jpeg_headers():
     png = _encode_png(_photo(height, width))
     np.testing.assert_array_equal(image_ops.image_shape(tf.constant(png)), [height, width, 3])
     # Only the header is read: the first 40 bytes of the file are enough.
-    np.testing.assert_array_equal(image_ops.image_shape(tf.constant(png[:40])),
-                                  [height, width, 3])
+    np.testing.assert_array_equal(image_ops.image_shape(tf.constant(png[:40])), [height, width, 3])
     jpeg = fake_tfds.jpeg_bytes(_photo(height, width))
-    np.testing.assert_array_equal(image_ops.image_shape(tf.constant(jpeg[:1000])),
-                                  [height, width, 3])
+    np.testing.assert_array_equal(
+        image_ops.image_shape(tf.constant(jpeg[:1000])), [height, width, 3]
+    )
   gray = io.BytesIO()
   Image.fromarray(_photo(30, 20)[..., 0]).save(gray, 'PNG')
   np.testing.assert_array_equal(image_ops.image_shape(tf.constant(gray.getvalue())), [30, 20, 3])
@@ -184,10 +199,12 @@ def test_eval_crop_modes_match_timm():
 
 
 def test_random_resized_crop_window_statistics():
-  windows = np.stack([
-      image_ops.random_resized_crop_window([375, 500, 3], tf.constant([7, i])).numpy()
-      for i in range(400)
-  ])
+  windows = np.stack(
+      [
+          image_ops.random_resized_crop_window([375, 500, 3], tf.constant([7, i])).numpy()
+          for i in range(400)
+      ]
+  )
   top, left, h, w = windows.T
   assert np.all((top >= 0) & (left >= 0) & (top + h <= 375) & (left + w <= 500))
   area = h * w / (375 * 500)
@@ -213,11 +230,13 @@ def test_random_resized_crop_window_statistics():
 
 def test_random_resized_crop_fallback_is_clamped_centre_crop():
   # A 10x1000 strip: no sampled box of area >= 90% fits within ratio [3/4, 4/3].
-  window = image_ops.random_resized_crop_window([10, 1000], tf.constant([0, 1]),
-                                                scale=(0.9, 1.0)).numpy()
+  window = image_ops.random_resized_crop_window(
+      [10, 1000], tf.constant([0, 1]), scale=(0.9, 1.0)
+  ).numpy()
   np.testing.assert_array_equal(window, [0, (1000 - 13) // 2, 10, 13])
-  window = image_ops.random_resized_crop_window([1000, 10], tf.constant([0, 1]),
-                                                scale=(0.9, 1.0)).numpy()
+  window = image_ops.random_resized_crop_window(
+      [1000, 10], tf.constant([0, 1]), scale=(0.9, 1.0)
+  ).numpy()
   np.testing.assert_array_equal(window, [(1000 - 13) // 2, 0, 13, 10])
 
 
@@ -235,12 +254,16 @@ def test_train_crop_and_resize_match_pillow():
     _assert_pillow_equal(out, np.asarray(reference), f'seed {i}: window {(top, left, h, w)}')
 
 
-@pytest.mark.parametrize('window', [
-    (0, 0, 375, 500),  # The whole image.
-    (0, 210, 375, 290),  # Tall crop at the image's edges: Pillow 13 resizes vertically first.
-    (131, 7, 9, 11),  # Tiny, at odd offsets: upscaled 20x.
-    (200, 450, 175, 50),  # Touching the bottom-right corner.
-], ids=['whole', 'tall_edge', 'tiny', 'corner'])
+@pytest.mark.parametrize(
+    'window',
+    [
+        (0, 0, 375, 500),  # The whole image.
+        (0, 210, 375, 290),  # Tall crop at the image's edges: Pillow 13 resizes vertically first.
+        (131, 7, 9, 11),  # Tiny, at odd offsets: upscaled 20x.
+        (200, 450, 175, 50),  # Touching the bottom-right corner.
+    ],
+    ids=['whole', 'tall_edge', 'tiny', 'corner'],
+)
 def test_decode_and_crop_then_resize_match_pillow(window):
   """The fused JPEG window decode gives the whole decode's pixels, up to the image's edges."""
   top, left, h, w = window
@@ -250,14 +273,19 @@ def test_decode_and_crop_then_resize_match_pillow(window):
   crop = image_ops.decode_and_crop(tf.constant(data), tf.constant(window))
   image = Image.open(io.BytesIO(data)).convert('RGB').crop((left, top, left + w, top + h))
   np.testing.assert_array_equal(crop.numpy(), np.asarray(image))
-  _assert_pillow_equal(image_ops.resize(crop, (224, 224)).numpy(),
-                       np.asarray(image.resize((224, 224), Image.BICUBIC)), str(window))
+  _assert_pillow_equal(
+      image_ops.resize(crop, (224, 224)).numpy(),
+      np.asarray(image.resize((224, 224), Image.BICUBIC)),
+      str(window),
+  )
 
 
 def test_flip_probability_and_determinism():
   image = tf.constant(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
-  flips = [bool(np.any(image_ops.random_flip(image, tf.constant([1, i])).numpy()
-                       != image.numpy())) for i in range(400)]
+  flips = [
+      bool(np.any(image_ops.random_flip(image, tf.constant([1, i])).numpy() != image.numpy()))
+      for i in range(400)
+  ]
   assert 0.43 < np.mean(flips) < 0.57
 
 
@@ -271,8 +299,9 @@ NUM = 50
 @pytest.fixture(scope='module')
 def numbered(tmp_path_factory):
   examples = [(fake_tfds.jpeg_bytes(fake_tfds.numbered_image(i)), i % 5) for i in range(NUM)]
-  return fake_tfds.build(tmp_path_factory.mktemp('tfds'), {'train': examples,
-                                                           'validation': examples[:23]}, 5)
+  return fake_tfds.build(
+      tmp_path_factory.mktemp('tfds'), {'train': examples, 'validation': examples[:23]}, 5
+  )
 
 
 def _identity(images: np.ndarray) -> list[int]:
@@ -302,9 +331,14 @@ def test_eval_counts_every_example_exactly_once(numbered, shard_count, batch):
   preprocess = pipeline.EvalPreprocess(32, 0.875)
   seen, batch_counts = [], []
   for index in range(shard_count):
-    ds, num_batches = pipeline.eval_dataset(numbered, 'train', per_host_batch=batch,
-                                            preprocess=preprocess, shard_index=index,
-                                            shard_count=shard_count)
+    ds, num_batches = pipeline.eval_dataset(
+        numbered,
+        'train',
+        per_host_batch=batch,
+        preprocess=preprocess,
+        shard_index=index,
+        shard_count=shard_count,
+    )
     batches = list(ds.as_numpy_iterator())
     assert len(batches) == num_batches
     batch_counts.append(len(batches))
@@ -312,15 +346,19 @@ def test_eval_counts_every_example_exactly_once(numbered, shard_count, batch):
       assert b['image'].shape == (batch, 32, 32, 3)
       seen += _identity(b['image'][b['mask']])
       assert np.all(b['position'][~b['mask']] == -1)
-      np.testing.assert_array_equal(b['label'][b['mask']] , np.array(
-          _identity(b['image'][b['mask']])) % 5)
+      np.testing.assert_array_equal(
+          b['label'][b['mask']], np.array(_identity(b['image'][b['mask']])) % 5
+      )
   assert len(set(batch_counts)) == 1  # Every process runs the same number of steps.
   assert sorted(seen) == list(range(NUM))
 
 
 def _train_batches(builder, n, **kwargs):
-  args = dict(per_host_batch=8, seed=0, preprocess=pipeline.TrainPreprocess(
-      32, scale=(0.5, 1.0), randaugment=None))
+  args = dict(
+      per_host_batch=8,
+      seed=0,
+      preprocess=pipeline.TrainPreprocess(32, scale=(0.5, 1.0), randaugment=None),
+  )
   args.update(kwargs)
   ds = pipeline.train_dataset(builder, 'train', **args)
   return [b for _, b in zip(range(n), ds.as_numpy_iterator())]
@@ -337,7 +375,7 @@ def test_same_seed_same_batches_and_epochs_reshuffle(numbered):
   positions = np.concatenate([b['position'] for b in first])
   np.testing.assert_array_equal(positions, np.arange(13 * 8))
   ids = [i for b in first for i in _identity(b['image'])]
-  epoch0, epoch1 = ids[:NUM], ids[NUM:2 * NUM]
+  epoch0, epoch1 = ids[:NUM], ids[NUM : 2 * NUM]
   assert sorted(epoch0) == sorted(epoch1) == list(range(NUM))  # Each epoch sees all once,
   assert epoch0 != epoch1  # in a new order.
 
@@ -353,9 +391,11 @@ def test_resume_continues_the_stream(numbered):
 
 @pytest.mark.parametrize('shard_count', [2, 3])
 def test_hosts_read_disjoint_examples(numbered, shard_count):
-  per_host = [_train_batches(numbered, 2, per_host_batch=4, shard_index=i,
-                             shard_count=shard_count) for i in range(shard_count)]
-  ids = [set(i for b in host for i in _identity(b['image'])) for host in per_host]
+  per_host = [
+      _train_batches(numbered, 2, per_host_batch=4, shard_index=i, shard_count=shard_count)
+      for i in range(shard_count)
+  ]
+  ids = [{i for b in host for i in _identity(b['image'])} for host in per_host]
   for a in range(shard_count):
     for b in range(a + 1, shard_count):
       assert not ids[a] & ids[b]
@@ -373,14 +413,17 @@ def test_evaluate_averages_over_real_examples_only(numbered):
   """23 validation examples in batches of 8: one padded example, whose label is 0, like the
   constant prediction below. Top-1 is 5/23 (labels i % 5 == 0 for i in 0, 5, ..., 20), not
   6/24 (padding counted) or 5/24 (divided by the padded count)."""
-  dataset, num_batches = pipeline.eval_dataset(numbered, 'validation', per_host_batch=8,
-                                               preprocess=pipeline.EvalPreprocess(32, 0.875))
+  dataset, num_batches = pipeline.eval_dataset(
+      numbered, 'validation', per_host_batch=8, preprocess=pipeline.EvalPreprocess(32, 0.875)
+  )
   assert num_batches == 3
   feed = sharding.batch_feed(sharding.make_mesh((-1, 1, 1)))
   step = jax.jit(evaluate.make_eval_step(_ConstantModel(), jnp.float32))
   # Classes ranked 0 > 4 > 3 > 1 > 2: top-5 is everything; 'other' never ranks 0 first.
-  params = {'constant': jnp.array([5.0, 2.0, 1.0, 3.0, 4.0]),
-            'other': jnp.array([0.0, 1.0, 0.0, 0.0, 0.0])}
+  params = {
+      'constant': jnp.array([5.0, 2.0, 1.0, 3.0, 4.0]),
+      'other': jnp.array([0.0, 1.0, 0.0, 0.0, 0.0]),
+  }
   results, skipped = evaluate.evaluate(step, params, dataset, num_batches, feed, 23)
   assert skipped == 0
   assert results['constant/top1'] == pytest.approx(5 / 23, rel=1e-6)
@@ -408,8 +451,9 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
       (b'not an image at all', 2),
   ]
   builder = fake_tfds.build(tmp_path, {'train': examples}, 3, num_shards=1, name='broken')
-  ds, num_batches = pipeline.eval_dataset(builder, 'train', per_host_batch=4,
-                                          preprocess=pipeline.EvalPreprocess(32, 1.0))
+  ds, num_batches = pipeline.eval_dataset(
+      builder, 'train', per_host_batch=4, preprocess=pipeline.EvalPreprocess(32, 1.0)
+  )
   tracker = pipeline.StreamTracker()
   kept = []
   for batch in ds.as_numpy_iterator():
@@ -433,14 +477,33 @@ def test_input_benchmark_command(tmp_path):
   """`python -m convnext_jax.benchmark input` (docs/benchmarks.md) runs, times both pipelines
   on one core and on all cores, and reports them beside Pillow's."""
   result = subprocess.run(
-      [sys.executable, '-m', 'convnext_jax.benchmark', 'input', '--images', '4', '--batch', '4',
-       '--warmup', '4', '--iters', '8', '--repeats', '2'],
-      capture_output=True, text=True, check=False, cwd=tmp_path,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+      [
+          sys.executable,
+          '-m',
+          'convnext_jax.benchmark',
+          'input',
+          '--images',
+          '4',
+          '--batch',
+          '4',
+          '--warmup',
+          '4',
+          '--iters',
+          '8',
+          '--repeats',
+          '2',
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+      cwd=tmp_path,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'),
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'intra-op threads: 1' in result.stdout, result.stdout
-  rows = [line for line in result.stdout.splitlines() if line.lstrip().startswith(('train:',
-                                                                                   'eval:'))]
+  rows = [
+      line for line in result.stdout.splitlines() if line.lstrip().startswith(('train:', 'eval:'))
+  ]
   assert len(rows) == 4, result.stdout
   for i, row in enumerate(rows):
     # Median [min-max], cores and images/s per core, for tf.data and for Pillow.
@@ -455,21 +518,26 @@ def test_input_benchmark_command(tmp_path):
 def test_configure_tensorflow_runs_ops_on_one_thread():
   """The training process's TensorFlow: no GPUs, one intra-op thread; a warning, not an
   error, if TensorFlow already ran."""
-  code = ('import tensorflow as tf\n'
-          'from convnext_jax.data import pipeline\n'
-          'pipeline.configure_tensorflow()\n'
-          'assert tf.config.threading.get_intra_op_parallelism_threads() == 1\n'
-          'assert not tf.config.get_visible_devices("GPU")\n'
-          'print(int(tf.reduce_sum(tf.range(4))))\n')
-  late = ('import tensorflow as tf\n'
-          'from convnext_jax.data import pipeline\n'
-          'print(int(tf.reduce_sum(tf.range(4))))\n'
-          'pipeline.configure_tensorflow()\n'
-          'assert tf.config.threading.get_intra_op_parallelism_threads() == 0\n')
+  code = (
+      'import tensorflow as tf\n'
+      'from convnext_jax.data import pipeline\n'
+      'pipeline.configure_tensorflow()\n'
+      'assert tf.config.threading.get_intra_op_parallelism_threads() == 1\n'
+      'assert not tf.config.get_visible_devices("GPU")\n'
+      'print(int(tf.reduce_sum(tf.range(4))))\n'
+  )
+  late = (
+      'import tensorflow as tf\n'
+      'from convnext_jax.data import pipeline\n'
+      'print(int(tf.reduce_sum(tf.range(4))))\n'
+      'pipeline.configure_tensorflow()\n'
+      'assert tf.config.threading.get_intra_op_parallelism_threads() == 0\n'
+  )
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   for source, warns in ((code, False), (late, True)):
-    result = subprocess.run([sys.executable, '-c', source], capture_output=True, text=True,
-                            check=False, env=env)
+    result = subprocess.run(
+        [sys.executable, '-c', source], capture_output=True, text=True, check=False, env=env
+    )
     assert result.returncode == 0 and result.stdout.split() == ['6'], result.stderr[-2000:]
     assert ('intra-op thread pool' in result.stderr) == warns, result.stderr[-2000:]
 
@@ -479,6 +547,7 @@ def test_release_drops_an_iterator_without_waiting_for_it():
   (tf.data's autotuning thread: up to a minute) does not hold the caller."""
   import threading
   import time
+
   deleted = threading.Event()
   where = []
 

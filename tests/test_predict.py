@@ -4,9 +4,11 @@ the others still predicted), and 16-bit PNGs."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
+import helpers
 import jax
 import numpy as np
 from PIL import Image
@@ -17,7 +19,6 @@ from convnext_jax import models
 from convnext_jax import predict
 from convnext_jax.data import batch_ops
 from convnext_jax.data import pil_reference
-import helpers
 
 SIZE = 64
 NAMES = ['cat', 'dog', 'bird']
@@ -49,21 +50,25 @@ def files(tmp_path_factory):
   model = models.create_model('convnext_atto', num_classes=len(NAMES))
   params = _biased_params(model, favoured=1)
   checkpoint = str(root / 'atto3')
-  checkpoints.save_params(checkpoint, params,
-                          {'model_name': 'convnext_atto', 'num_classes': 3,
-                           'class_names': NAMES})
-  images = [_write_image(root / 'wide.png', 60, 90, 0),
-            _write_image(root / 'tall.jpg', 80, 50, 1),
-            _write_image(root / 'square.jpg', 70, 70, 2)]
+  checkpoints.save_params(
+      checkpoint, params, {'model_name': 'convnext_atto', 'num_classes': 3, 'class_names': NAMES}
+  )
+  images = [
+      _write_image(root / 'wide.png', 60, 90, 0),
+      _write_image(root / 'tall.jpg', 80, 50, 1),
+      _write_image(root / 'square.jpg', 70, 70, 2),
+  ]
   return dict(root=root, model=model, params=params, checkpoint=checkpoint, images=images)
 
 
 def _direct_probabilities(model, params, paths, crop_pct=0.875):
   """softmax(logits) of the model on the evaluation crops, without the predict module."""
-  images = np.stack([pil_reference.eval_transform(open(p, 'rb').read(), SIZE, crop_pct)
-                     for p in paths])
+  images = np.stack(
+      [pil_reference.eval_transform(pathlib.Path(p).read_bytes(), SIZE, crop_pct) for p in paths]
+  )
   logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
-      params, batch_ops.normalize(images))
+      params, batch_ops.normalize(images)
+  )
   return np.asarray(jax.nn.softmax(np.asarray(logits, np.float64), axis=-1))
 
 
@@ -74,8 +79,9 @@ def _run(argv, capsys):
 
 
 def test_text_output_is_sorted_probabilities_with_metadata_names(files, capsys):
-  code, out, err = _run(['--checkpoint', files['checkpoint'], '--size', str(SIZE),
-                         *files['images'][:2]], capsys)
+  code, out, err = _run(
+      ['--checkpoint', files['checkpoint'], '--size', str(SIZE), *files['images'][:2]], capsys
+  )
   assert code == 0, err
   lines = out.splitlines()
   # Top 5 of 3 classes: all three, per image.
@@ -92,8 +98,19 @@ def test_text_output_is_sorted_probabilities_with_metadata_names(files, capsys):
 
 def test_json_matches_direct_softmax_across_padded_batches(files, capsys):
   # Three images at batch size 2: the second batch is padded.
-  code, out, err = _run(['--checkpoint', files['checkpoint'], '--size', str(SIZE),
-                         '--batch_size', '2', '--json', *files['images']], capsys)
+  code, out, err = _run(
+      [
+          '--checkpoint',
+          files['checkpoint'],
+          '--size',
+          str(SIZE),
+          '--batch_size',
+          '2',
+          '--json',
+          *files['images'],
+      ],
+      capsys,
+  )
   assert code == 0, err
   results = json.loads(out)
   expected = _direct_probabilities(files['model'], files['params'], files['images'])
@@ -103,28 +120,46 @@ def test_json_matches_direct_softmax_across_padded_batches(files, capsys):
     order = np.argsort(-probs)
     assert [p['class'] for p in predictions] == list(order)
     assert [p['label'] for p in predictions] == [NAMES[k] for k in order]
-    np.testing.assert_allclose([p['probability'] for p in predictions], probs[order],
-                               atol=1e-5)
+    np.testing.assert_allclose([p['probability'] for p in predictions], probs[order], atol=1e-5)
     assert predictions[0]['label'] == 'dog'
 
 
 def test_training_workdir_ema_and_raw_weights(files, capsys):
   model = files['model']
-  state = {'params': _biased_params(model, favoured=0), 'ema_params': files['params'],
-           'step': np.int32(7)}
+  state = {
+      'params': _biased_params(model, favoured=0),
+      'ema_params': files['params'],
+      'step': np.int32(7),
+  }
   workdir = str(files['root'] / 'workdir')
-  ckpts = checkpoints.TrainingCheckpoints(workdir, save_interval_steps=1, keep=2,
-                                          enable_async=False)
-  ckpts.save(7, state, {'model_name': 'convnext_atto', 'num_classes': 3,
-                        'class_names': NAMES}, force=True)
+  ckpts = checkpoints.TrainingCheckpoints(
+      workdir, save_interval_steps=1, keep=2, enable_async=False
+  )
+  ckpts.save(
+      7, state, {'model_name': 'convnext_atto', 'num_classes': 3, 'class_names': NAMES}, force=True
+  )
   ckpts.close()
   labels = files['root'] / 'labels.txt'
   labels.write_text('Cat\nDog\nBird\n\n')
   top1 = {}
   for which in ('ema', 'raw'):
-    code, out, err = _run(['--checkpoint', workdir, '--params', which, '--step', '7',
-                           '--size', str(SIZE), '--labels', str(labels), '--json',
-                           *files['images'][:2]], capsys)
+    code, out, err = _run(
+        [
+            '--checkpoint',
+            workdir,
+            '--params',
+            which,
+            '--step',
+            '7',
+            '--size',
+            str(SIZE),
+            '--labels',
+            str(labels),
+            '--json',
+            *files['images'][:2],
+        ],
+        capsys,
+    )
     assert code == 0, err
     top1[which] = json.loads(out)[0]['predictions'][0]['label']
   # --labels overrides the metadata's names.
@@ -148,7 +183,12 @@ def test_default_eval_crop():
   # The official rule: crop 0.875 of the shorter side's resize below 384 px, squash from 384
   # (pinned at the same sizes in test_pipeline.py, which imports TensorFlow).
   assert [predict.eval_crop(s) for s in (64, 224, 383, 384, 512)] == [
-      (0.875, 'center'), (0.875, 'center'), (0.875, 'center'), (1.0, 'squash'), (1.0, 'squash')]
+      (0.875, 'center'),
+      (0.875, 'center'),
+      (0.875, 'center'),
+      (1.0, 'squash'),
+      (1.0, 'squash'),
+  ]
   assert predict.eval_crop(224, 1.0) == (1.0, 'center')
   assert predict.eval_crop(384, 0.95, 'center') == (0.95, 'center')
   with pytest.raises(ValueError, match=r'crop_pct must be in \(0, 1\]'):
@@ -160,19 +200,41 @@ def test_default_eval_crop():
 def test_command_line_imagenet_names_without_tensorflow(files):
   model = models.create_model('convnext_atto', num_classes=1000)
   checkpoint = str(files['root'] / 'atto1000')
-  checkpoints.save_params(checkpoint, _biased_params(model, favoured=0),
-                          {'model_name': 'convnext_atto', 'num_classes': 1000})
+  checkpoints.save_params(
+      checkpoint,
+      _biased_params(model, favoured=0),
+      {'model_name': 'convnext_atto', 'num_classes': 1000},
+  )
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   result = subprocess.run(
-      [sys.executable, '-X', 'importtime', '-m', 'convnext_jax.predict', '--checkpoint',
-       checkpoint, '--size', str(SIZE), '--top_k', '3', files['images'][2]],
-      capture_output=True, text=True, check=False, env=env)
+      [
+          sys.executable,
+          '-X',
+          'importtime',
+          '-m',
+          'convnext_jax.predict',
+          '--checkpoint',
+          checkpoint,
+          '--size',
+          str(SIZE),
+          '--top_k',
+          '3',
+          files['images'][2],
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+      env=env,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert lines[0] == files['images'][2] and len(lines) == 4
   assert lines[1].split(maxsplit=1)[1] == 'tench, Tinca tinca'
-  imported = {line.rsplit('|', 1)[-1].strip().split('.')[0]
-              for line in result.stderr.splitlines() if line.startswith('import time:')}
+  imported = {
+      line.rsplit('|', 1)[-1].strip().split('.')[0]
+      for line in result.stderr.splitlines()
+      if line.startswith('import time:')
+  }
   assert 'jax' in imported
   assert not imported & {'tensorflow', 'tensorflow_datasets', 'keras', 'tf_keras'}
 
@@ -181,14 +243,15 @@ def test_missing_image(files, capsys):
   missing = str(files['root'] / 'nope.jpg')
   code, out, err = _run(['--checkpoint', files['checkpoint'], missing], capsys)
   assert code == 2 and not out
-  assert err.strip() == (f'convnext-predict: error: image {missing} does not exist or is not '
-                         'a file; check the path')
+  assert err.strip() == (
+      f'convnext-predict: error: image {missing} does not exist or is not a file; check the path'
+  )
 
 
 def _truncated(path, source):
   """`source`'s first 60 %: the header still reads, the pixel data ends early."""
-  data = open(source, 'rb').read()
-  path.write_bytes(data[:len(data) * 6 // 10])
+  data = pathlib.Path(source).read_bytes()
+  path.write_bytes(data[: len(data) * 6 // 10])
   return str(path)
 
 
@@ -201,12 +264,16 @@ def _bad_files(root):
   short_jpeg = _truncated(root / 'short.jpg', _write_image(root / 'full.jpg', 70, 70, 5))
   short_png = _truncated(root / 'short.png', _write_image(root / 'full.png', 70, 70, 6))
   prefix = 'convnext-predict: error: '
-  truncated = ('(OSError: image file is truncated', '); the file is truncated or corrupt; '
-               'replace it')
+  truncated = (
+      '(OSError: image file is truncated',
+      '); the file is truncated or corrupt; replace it',
+  )
   expected = {
       missing: (f'{prefix}image {missing} does not exist or is not a file; check the path',),
-      str(notes): (f'{prefix}cannot read image {notes} (not an image format Pillow knows); '
-                   'pass JPEG, PNG, GIF, BMP or WebP files',),
+      str(notes): (
+          f'{prefix}cannot read image {notes} (not an image format Pillow knows); '
+          'pass JPEG, PNG, GIF, BMP or WebP files',
+      ),
       short_jpeg: (f'{prefix}cannot read image {short_jpeg} {truncated[0]}', truncated[1]),
       short_png: (f'{prefix}cannot read image {short_png} {truncated[0]}', truncated[1]),
   }
@@ -217,7 +284,7 @@ def _assert_one_line_each(err, expected):
   lines = err.splitlines()
   assert len(lines) == len(expected), err
   for path, parts in expected.items():
-    line, = [candidate for candidate in lines if f' {path} ' in candidate]
+    (line,) = [candidate for candidate in lines if f' {path} ' in candidate]
     assert line.startswith(parts[0]) and line.endswith(parts[-1]), line
 
 
@@ -229,8 +296,19 @@ def test_bad_images_are_reported_and_the_others_predicted(files, capsys, as_json
   # At batch size 2 the truncated files fail while their batches fill: the good images
   # around them must still be predicted, in order.
   argv = [good[0], short_jpeg, missing, good[1], notes, short_png, good[2]]
-  code, out, err = _run(['--checkpoint', files['checkpoint'], '--size', str(SIZE),
-                         '--batch_size', '2', *(['--json'] if as_json else []), *argv], capsys)
+  code, out, err = _run(
+      [
+          '--checkpoint',
+          files['checkpoint'],
+          '--size',
+          str(SIZE),
+          '--batch_size',
+          '2',
+          *(['--json'] if as_json else []),
+          *argv,
+      ],
+      capsys,
+  )
   assert code == 2
   _assert_one_line_each(err, expected)
   probs = _direct_probabilities(files['model'], files['params'], good)
@@ -240,32 +318,32 @@ def test_bad_images_are_reported_and_the_others_predicted(files, capsys, as_json
     for result, p in zip(results, probs):
       order = np.argsort(-p)
       assert [q['class'] for q in result['predictions']] == list(order)
-      np.testing.assert_allclose([q['probability'] for q in result['predictions']], p[order],
-                                 atol=1e-5)
+      np.testing.assert_allclose(
+          [q['probability'] for q in result['predictions']], p[order], atol=1e-5
+      )
   else:
     lines = out.splitlines()
     assert lines[::4] == good and len(lines) == 3 * 4
     for i, p in enumerate(probs):
       order = np.argsort(-p)
-      block = lines[4 * i + 1:4 * i + 4]
+      block = lines[4 * i + 1 : 4 * i + 4]
       assert [line.split(maxsplit=1)[1] for line in block] == [NAMES[k] for k in order]
-      np.testing.assert_allclose([float(line.split()[0]) for line in block], p[order],
-                                 atol=1e-4)
+      np.testing.assert_allclose([float(line.split()[0]) for line in block], p[order], atol=1e-4)
 
 
 def test_no_readable_image_loads_no_model(files, capsys):
   bad, expected = _bad_files(files['root'])
   # A checkpoint that does not exist: loading it would add its own error line.
-  code, out, err = _run(['--checkpoint', str(files['root'] / 'no_such_checkpoint'), *bad],
-                        capsys)
+  code, out, err = _run(['--checkpoint', str(files['root'] / 'no_such_checkpoint'), *bad], capsys)
   assert code == 2 and not out
   _assert_one_line_each(err, expected)
 
 
 def _ramp16(height, width):
   """A uint16 ramp over the full range, 0 at the top left to 65535 at the bottom right."""
-  return (np.arange(height * width).reshape(height, width) * 65535 //
-          (height * width - 1)).astype(np.uint16)
+  return (np.arange(height * width).reshape(height, width) * 65535 // (height * width - 1)).astype(
+      np.uint16
+  )
 
 
 def test_16bit_grayscale_png_keeps_its_high_bytes(files):
@@ -286,8 +364,10 @@ def test_unreadable_image(files, capsys):
   bad.write_bytes(b'this is not a picture')
   code, out, err = _run(['--checkpoint', files['checkpoint'], str(bad)], capsys)
   assert code == 2 and not out and len(err.splitlines()) == 1
-  assert err.strip() == (f'convnext-predict: error: cannot read image {bad} (not an image '
-                         'format Pillow knows); pass JPEG, PNG, GIF, BMP or WebP files')
+  assert err.strip() == (
+      f'convnext-predict: error: cannot read image {bad} (not an image '
+      'format Pillow knows); pass JPEG, PNG, GIF, BMP or WebP files'
+  )
 
 
 def test_missing_checkpoint(files, capsys):
@@ -300,8 +380,11 @@ def test_missing_checkpoint(files, capsys):
 def test_label_file_with_wrong_count(files, capsys):
   labels = files['root'] / 'four.txt'
   labels.write_text('a\nb\nc\nd\n')
-  code, out, err = _run(['--checkpoint', files['checkpoint'], '--labels', str(labels),
-                         files['images'][0]], capsys)
+  code, out, err = _run(
+      ['--checkpoint', files['checkpoint'], '--labels', str(labels), files['images'][0]], capsys
+  )
   assert code == 2 and not out
-  assert err.strip() == (f'convnext-predict: error: labels file {labels} has 4 names but the '
-                         'model has 3 classes; give one name per line, one per class')
+  assert err.strip() == (
+      f'convnext-predict: error: labels file {labels} has 4 names but the '
+      'model has 3 classes; give one name per line, one per class'
+  )

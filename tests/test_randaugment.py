@@ -19,9 +19,11 @@ import io
 import math
 
 import numpy as np
+from PIL import Image
+from PIL import ImageEnhance
+from PIL import ImageOps
 import pytest
 import tensorflow as tf
-from PIL import Image, ImageEnhance, ImageOps
 
 from convnext_jax.data import randaugment as ra
 
@@ -32,20 +34,27 @@ def _synthetic(height, width, seed=0):
   """Gradients, a saturated block, a flat block, hard edges and a noisy corner."""
   rng = np.random.default_rng(seed)
   y, x = np.mgrid[0:height, 0:width]
-  image = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (3 * x + 5 * y) % 256],
-                   axis=-1).astype(np.uint8)
-  image[height // 5:height // 2, width // 6:width // 2] = (255, 0, 40)
-  image[height // 2:, width // 2:3 * width // 4] = (90, 90, 90)
-  image[height // 3:, ::7] = 0
-  image[height - height // 3:, :width // 3] = rng.integers(0, 256, (height // 3, width // 3, 3))
+  image = np.stack(
+      [x * 255 // (width - 1), y * 255 // (height - 1), (3 * x + 5 * y) % 256], axis=-1
+  ).astype(np.uint8)
+  image[height // 5 : height // 2, width // 6 : width // 2] = (255, 0, 40)
+  image[height // 2 :, width // 2 : 3 * width // 4] = (90, 90, 90)
+  image[height // 3 :, ::7] = 0
+  image[height - height // 3 :, : width // 3] = rng.integers(0, 256, (height // 3, width // 3, 3))
   return image
 
 
 def _jpeg_decoded(size=224):
   """A smooth scene with edges and texture, through a JPEG round trip (Pillow's decoder)."""
   y, x = np.mgrid[0:size, 0:size] / size
-  scene = np.stack([128 + 100 * np.sin(6 * x + 2 * y), 128 + 90 * np.cos(5 * y - 3 * x),
-                    255 * (((x - 0.5) ** 2 + (y - 0.5) ** 2) < 0.1)], axis=-1)
+  scene = np.stack(
+      [
+          128 + 100 * np.sin(6 * x + 2 * y),
+          128 + 90 * np.cos(5 * y - 3 * x),
+          255 * (((x - 0.5) ** 2 + (y - 0.5) ** 2) < 0.1),
+      ],
+      axis=-1,
+  )
   scene += np.random.default_rng(1).normal(0, 12, scene.shape)
   encoded = io.BytesIO()
   Image.fromarray(np.clip(scene, 0, 255).astype(np.uint8)).save(encoded, 'JPEG', quality=85)
@@ -62,8 +71,11 @@ def _eager_and_graph(fn, image, args):
 
   def mapped(x):
     x = tf.compat.v1.placeholder_with_default(x, [None, None, 3])
-    return tf.map_fn(lambda arg: fn(x, arg), tf.constant(np.asarray(args)),
-                     fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+    return tf.map_fn(
+        lambda arg: fn(x, arg),
+        tf.constant(np.asarray(args)),
+        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
+    )
 
   graph = next(iter(tf.data.Dataset.from_tensors(image).map(mapped)))
   return eager, list(graph.numpy())
@@ -108,8 +120,9 @@ def _posterize_reference(image, bits):
 
 
 def test_auto_contrast_equalize_invert_match_pillow():
-  _compare(lambda x, _: ra.auto_contrast(x), lambda im, _: ImageOps.autocontrast(im), [0],
-           exact=True)
+  _compare(
+      lambda x, _: ra.auto_contrast(x), lambda im, _: ImageOps.autocontrast(im), [0], exact=True
+  )
   # The shared images span (nearly) 0..255 per channel, where autocontrast does little: here
   # every channel has its own narrow range to stretch.
   narrow = np.random.default_rng(2).integers([30, 90, 0], [200, 141, 17], (29, 31, 3))
@@ -117,22 +130,29 @@ def test_auto_contrast_equalize_invert_match_pillow():
   expected = np.asarray(ImageOps.autocontrast(Image.fromarray(narrow)))
   assert not np.array_equal(expected, narrow)
   np.testing.assert_array_equal(ra.auto_contrast(narrow).numpy(), expected)
-  np.testing.assert_array_equal(ra.equalize(narrow).numpy(),
-                                np.asarray(ImageOps.equalize(Image.fromarray(narrow))))
+  np.testing.assert_array_equal(
+      ra.equalize(narrow).numpy(), np.asarray(ImageOps.equalize(Image.fromarray(narrow)))
+  )
   _compare(lambda x, _: ra.equalize(x), lambda im, _: ImageOps.equalize(im), [0], exact=True)
   _compare(lambda x, _: ra.invert(x), lambda im, _: ImageOps.invert(im), [0], exact=True)
 
 
-@pytest.mark.parametrize('pixels', [
-    np.full((5, 7, 3), 77, np.uint8),  # Single value per channel: both leave it unchanged.
-    np.concatenate([np.full((5, 7, 3), 100, np.uint8), np.full((5, 7, 3), 104, np.uint8)]),
-    np.concatenate([np.zeros((1, 7, 3), np.uint8), np.full((9, 7, 3), 200, np.uint8)]),
-], ids=['flat', 'two_levels', 'dominant_top_bin'])
+@pytest.mark.parametrize(
+    'pixels',
+    [
+        np.full((5, 7, 3), 77, np.uint8),  # Single value per channel: both leave it unchanged.
+        np.concatenate([np.full((5, 7, 3), 100, np.uint8), np.full((5, 7, 3), 104, np.uint8)]),
+        np.concatenate([np.zeros((1, 7, 3), np.uint8), np.full((9, 7, 3), 200, np.uint8)]),
+    ],
+    ids=['flat', 'two_levels', 'dominant_top_bin'],
+)
 def test_auto_contrast_and_equalize_degenerate_histograms(pixels):
-  np.testing.assert_array_equal(ra.auto_contrast(pixels).numpy(),
-                                np.asarray(ImageOps.autocontrast(Image.fromarray(pixels))))
-  np.testing.assert_array_equal(ra.equalize(pixels).numpy(),
-                                np.asarray(ImageOps.equalize(Image.fromarray(pixels))))
+  np.testing.assert_array_equal(
+      ra.auto_contrast(pixels).numpy(), np.asarray(ImageOps.autocontrast(Image.fromarray(pixels)))
+  )
+  np.testing.assert_array_equal(
+      ra.equalize(pixels).numpy(), np.asarray(ImageOps.equalize(Image.fromarray(pixels)))
+  )
 
 
 def test_posterize_matches_timm():
@@ -145,9 +165,12 @@ def test_solarize_matches_pillow():
 
 def test_solarize_add_matches_timm():
   _compare(ra.solarize_add, _solarize_add_reference, [0, 11, 99, 110, 128], exact=True)
-  _compare(lambda x, t: ra.solarize_add(x, 60, threshold=t),
-           lambda im, t: _solarize_add_reference(im, 60, threshold=t), [0, 200, 256],
-           exact=True)
+  _compare(
+      lambda x, t: ra.solarize_add(x, 60, threshold=t),
+      lambda im, t: _solarize_add_reference(im, 60, threshold=t),
+      [0, 200, 256],
+      exact=True,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,12 +179,16 @@ def test_solarize_add_matches_timm():
 FACTORS = [0.0, 0.1, 0.55, 1.0, 1.45, 1.9, 2.6]
 
 
-@pytest.mark.parametrize('op,enhancer', [
-    (ra.color, ImageEnhance.Color),
-    (ra.contrast, ImageEnhance.Contrast),
-    (ra.brightness, ImageEnhance.Brightness),
-    (ra.sharpness, ImageEnhance.Sharpness),
-], ids=['color', 'contrast', 'brightness', 'sharpness'])
+@pytest.mark.parametrize(
+    'op,enhancer',
+    [
+        (ra.color, ImageEnhance.Color),
+        (ra.contrast, ImageEnhance.Contrast),
+        (ra.brightness, ImageEnhance.Brightness),
+        (ra.sharpness, ImageEnhance.Sharpness),
+    ],
+    ids=['color', 'contrast', 'brightness', 'sharpness'],
+)
 def test_enhance_ops_match_pillow(op, enhancer):
   _compare(op, lambda im, factor: enhancer(im).enhance(factor), FACTORS, exact=False)
 
@@ -182,32 +209,48 @@ def test_enhance_ops_are_exact_at_factor_one_and_degenerate_at_zero():
 
 
 def _pil_affine(image, matrix):
-  return image.transform(image.size, Image.AFFINE, tuple(matrix), Image.BICUBIC,
-                         fillcolor=FILL)
+  return image.transform(image.size, Image.AFFINE, tuple(matrix), Image.BICUBIC, fillcolor=FILL)
 
 
 def test_rotate_matches_pillow():
-  _compare(lambda x, deg: ra.rotate(x, deg, FILL),
-           lambda im, deg: im.rotate(deg, Image.BICUBIC, fillcolor=FILL),
-           [-27.0, -13.3, 0.0, 27.0, 90.0, 180.0, -400.0], exact=False)
+  _compare(
+      lambda x, deg: ra.rotate(x, deg, FILL),
+      lambda im, deg: im.rotate(deg, Image.BICUBIC, fillcolor=FILL),
+      [-27.0, -13.3, 0.0, 27.0, 90.0, 180.0, -400.0],
+      exact=False,
+  )
 
 
 def test_shears_match_pillow():
   factors = [-0.27, -0.05, 0.0, 0.12, 0.27]
-  _compare(lambda x, factor: ra.shear_x(x, factor, FILL),
-           lambda im, factor: _pil_affine(im, (1, factor, 0, 0, 1, 0)), factors, exact=False)
-  _compare(lambda x, factor: ra.shear_y(x, factor, FILL),
-           lambda im, factor: _pil_affine(im, (1, 0, 0, factor, 1, 0)), factors, exact=False)
+  _compare(
+      lambda x, factor: ra.shear_x(x, factor, FILL),
+      lambda im, factor: _pil_affine(im, (1, factor, 0, 0, 1, 0)),
+      factors,
+      exact=False,
+  )
+  _compare(
+      lambda x, factor: ra.shear_y(x, factor, FILL),
+      lambda im, factor: _pil_affine(im, (1, 0, 0, factor, 1, 0)),
+      factors,
+      exact=False,
+  )
 
 
 def test_translations_match_pillow():
   pcts = [-0.4, -0.1, 0.0, 0.2, 0.4, 1.5]
-  _compare(lambda x, pct: ra.translate_x_rel(x, pct, FILL),
-           lambda im, pct: _pil_affine(im, (1, 0, pct * im.size[0], 0, 1, 0)), pcts,
-           exact=False)
-  _compare(lambda x, pct: ra.translate_y_rel(x, pct, FILL),
-           lambda im, pct: _pil_affine(im, (1, 0, 0, 0, 1, pct * im.size[1])), pcts,
-           exact=False)
+  _compare(
+      lambda x, pct: ra.translate_x_rel(x, pct, FILL),
+      lambda im, pct: _pil_affine(im, (1, 0, pct * im.size[0], 0, 1, 0)),
+      pcts,
+      exact=False,
+  )
+  _compare(
+      lambda x, pct: ra.translate_y_rel(x, pct, FILL),
+      lambda im, pct: _pil_affine(im, (1, 0, 0, 0, 1, pct * im.size[1])),
+      pcts,
+      exact=False,
+  )
 
 
 def test_general_affine_transform_matches_pillow():
@@ -230,10 +273,14 @@ def test_ops_take_scalar_tensor_arguments():
   image = IMAGES['synthetic_37x53']
   pairs = [
       (ra.rotate(image, tf.constant(27.0, tf.float64), FILL), ra.rotate(image, 27.0, FILL)),
-      (ra.shear_x(image, tf.constant(-0.27, tf.float64), tf.constant(FILL)),
-       ra.shear_x(image, -0.27, FILL)),
-      (ra.translate_y_rel(image, tf.constant(0.4, tf.float64), FILL),
-       ra.translate_y_rel(image, 0.4, FILL)),
+      (
+          ra.shear_x(image, tf.constant(-0.27, tf.float64), tf.constant(FILL)),
+          ra.shear_x(image, -0.27, FILL),
+      ),
+      (
+          ra.translate_y_rel(image, tf.constant(0.4, tf.float64), FILL),
+          ra.translate_y_rel(image, 0.4, FILL),
+      ),
       (ra.posterize(image, tf.constant(3)), ra.posterize(image, 3)),
       (ra.solarize(image, tf.constant(128)), ra.solarize(image, 128)),
       (ra.solarize_add(image, tf.constant(99)), ra.solarize_add(image, 99)),
@@ -246,7 +293,7 @@ def test_ops_take_scalar_tensor_arguments():
 
 @pytest.mark.parametrize('shape', [(1, 1), (2, 5), (6, 1)])
 def test_tiny_images(shape):
-  image = _synthetic(8, 8)[:shape[0], :shape[1]].copy()
+  image = _synthetic(8, 8)[: shape[0], : shape[1]].copy()
   pil = Image.fromarray(image)
   np.testing.assert_array_equal(ra.sharpness(image, 1.9).numpy(), image)  # All border.
   _check(ra.equalize(image).numpy(), np.asarray(ImageOps.equalize(pil)), exact=True, label='eq')
@@ -264,33 +311,50 @@ def test_tiny_images(shape):
 # RandAugment: configuration, level mapping, randomness.
 
 
-@pytest.mark.parametrize('spec,expected', [
-    ('rand-m9-mstd0.5-inc1', ra.RandAugmentConfig()),
-    ('rand-m7-n3-p0.7', ra.RandAugmentConfig(num_layers=3, magnitude=7.0, magnitude_std=0.0,
-                                             prob=0.7, increasing=False)),
-    ('rand', ra.RandAugmentConfig(magnitude=10.0, magnitude_std=0.0, increasing=False)),
-    ('rand-inc1-m9-mstd101', ra.RandAugmentConfig(magnitude_std=math.inf)),
-    ('rand-m15-mmax20-inc0-n1', ra.RandAugmentConfig(num_layers=1, magnitude=15.0,
-                                                     magnitude_std=0.0, magnitude_max=20.0,
-                                                     increasing=False)),
-])
+@pytest.mark.parametrize(
+    'spec,expected',
+    [
+        ('rand-m9-mstd0.5-inc1', ra.RandAugmentConfig()),
+        (
+            'rand-m7-n3-p0.7',
+            ra.RandAugmentConfig(
+                num_layers=3, magnitude=7.0, magnitude_std=0.0, prob=0.7, increasing=False
+            ),
+        ),
+        ('rand', ra.RandAugmentConfig(magnitude=10.0, magnitude_std=0.0, increasing=False)),
+        ('rand-inc1-m9-mstd101', ra.RandAugmentConfig(magnitude_std=math.inf)),
+        (
+            'rand-m15-mmax20-inc0-n1',
+            ra.RandAugmentConfig(
+                num_layers=1,
+                magnitude=15.0,
+                magnitude_std=0.0,
+                magnitude_max=20.0,
+                increasing=False,
+            ),
+        ),
+    ],
+)
 def test_config_parse(spec, expected):
   assert ra.RandAugmentConfig.parse(spec) == expected
 
 
-@pytest.mark.parametrize('spec,message', [
-    ('m9-mstd0.5', "must start with 'rand'"),
-    ('augmix-m9', "must start with 'rand'"),
-    ('rand-x3', 'cannot read section'),
-    ('rand-m', 'cannot read section'),
-    ('rand-inc', 'cannot read section'),
-    ('rand-m9-', 'cannot read section'),
-    ('rand-m9x', 'not a valid value'),
-    ('rand-n2.5', 'not a valid value'),
-    ('rand-tweights', 'not implemented'),
-    ('rand-p1.5', 'prob'),
-    ('rand-mmax0', 'magnitude_max'),
-])
+@pytest.mark.parametrize(
+    'spec,message',
+    [
+        ('m9-mstd0.5', "must start with 'rand'"),
+        ('augmix-m9', "must start with 'rand'"),
+        ('rand-x3', 'cannot read section'),
+        ('rand-m', 'cannot read section'),
+        ('rand-inc', 'cannot read section'),
+        ('rand-m9-', 'cannot read section'),
+        ('rand-m9x', 'not a valid value'),
+        ('rand-n2.5', 'not a valid value'),
+        ('rand-tweights', 'not implemented'),
+        ('rand-p1.5', 'prob'),
+        ('rand-mmax0', 'magnitude_max'),
+    ],
+)
 def test_config_parse_errors(spec, message):
   with pytest.raises(ValueError, match=message):
     ra.RandAugmentConfig.parse(spec)
@@ -322,9 +386,21 @@ def _timm_level_to_arg(name, m, negate, translate_pct=0.45):
   }[name]()
 
 
-@pytest.mark.parametrize('name', ['Rotate', 'ShearX', 'TranslateYRel', 'Posterize',
-                                  'PosterizeIncreasing', 'Solarize', 'SolarizeIncreasing',
-                                  'SolarizeAdd', 'Contrast', 'SharpnessIncreasing'])
+@pytest.mark.parametrize(
+    'name',
+    [
+        'Rotate',
+        'ShearX',
+        'TranslateYRel',
+        'Posterize',
+        'PosterizeIncreasing',
+        'Solarize',
+        'SolarizeIncreasing',
+        'SolarizeAdd',
+        'Contrast',
+        'SharpnessIncreasing',
+    ],
+)
 def test_level_to_arg_matches_timm(name):
   for magnitude in [0.0, 0.5, 2.5, 5.0, 7.3, 9.0, 9.99, 10.0, 13.0]:
     for negate in (False, True):
@@ -338,9 +414,15 @@ def test_level_to_arg_matches_timm(name):
 def test_level_to_arg_spot_values():
   # Magnitude 9, the recipe's mean: rotate 27 degrees, shear 0.27, translate 40.5% of the side,
   # keep 1 bit, solarize from 26, add 99, enhance by 1 +- 0.81.
-  expected = {'Rotate': 27.0, 'ShearY': 0.27, 'TranslateXRel': 0.405,
-              'PosterizeIncreasing': 1, 'SolarizeIncreasing': 26, 'SolarizeAdd': 99,
-              'ColorIncreasing': 1.81}
+  expected = {
+      'Rotate': 27.0,
+      'ShearY': 0.27,
+      'TranslateXRel': 0.405,
+      'PosterizeIncreasing': 1,
+      'SolarizeIncreasing': 26,
+      'SolarizeAdd': 99,
+      'ColorIncreasing': 1.81,
+  }
   for name, value in expected.items():
     assert ra.level_to_arg(name, 9.0).numpy() == pytest.approx(value, abs=1e-12), name
   assert ra.level_to_arg('BrightnessIncreasing', 10.0, negate=True).numpy() == pytest.approx(0.1)
@@ -349,10 +431,14 @@ def test_level_to_arg_spot_values():
 
 def _decisions(config, count, salt=0):
   """Decisions for seeds (i, salt), i < count, stacked: each field (count, num_layers)."""
-  seeds = tf.stack([tf.range(count, dtype=tf.int64), tf.fill([count], tf.cast(salt, tf.int64))],
-                   axis=1)
-  batch = tf.data.Dataset.from_tensor_slices(seeds).map(
-      lambda s: tuple(ra.rand_augment_decisions(s, config))).batch(count)
+  seeds = tf.stack(
+      [tf.range(count, dtype=tf.int64), tf.fill([count], tf.cast(salt, tf.int64))], axis=1
+  )
+  batch = (
+      tf.data.Dataset.from_tensor_slices(seeds)
+      .map(lambda s: tuple(ra.rand_augment_decisions(s, config)))
+      .batch(count)
+  )
   return ra.LayerDecisions(*(t.numpy() for t in next(iter(batch))))
 
 
@@ -414,14 +500,23 @@ _PIL_OPS = {
     'TranslateXRel': lambda im, p: _pil_affine(im, (1, 0, p * im.size[0], 0, 1, 0)),
     'TranslateYRel': lambda im, p: _pil_affine(im, (1, 0, 0, 0, 1, p * im.size[1])),
 }
-_LEVEL_NAMES = {'TranslateXRel': 'TranslateYRel', 'ShearY': 'ShearX',
-                'ColorIncreasing': 'SharpnessIncreasing',
-                'ContrastIncreasing': 'SharpnessIncreasing',
-                'BrightnessIncreasing': 'SharpnessIncreasing'}
+_LEVEL_NAMES = {
+    'TranslateXRel': 'TranslateYRel',
+    'ShearY': 'ShearX',
+    'ColorIncreasing': 'SharpnessIncreasing',
+    'ContrastIncreasing': 'SharpnessIncreasing',
+    'BrightnessIncreasing': 'SharpnessIncreasing',
+}
 
 
-_POINT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'PosterizeIncreasing',
-              'SolarizeIncreasing', 'SolarizeAdd')
+_POINT_OPS = (
+    'AutoContrast',
+    'Equalize',
+    'Invert',
+    'PosterizeIncreasing',
+    'SolarizeIncreasing',
+    'SolarizeAdd',
+)
 
 
 def _timm_reference(image, name, magnitude, negate):
@@ -446,8 +541,10 @@ def augmented():
   seeds = tf.stack([tf.range(40, dtype=tf.int64), tf.fill([40], tf.constant(9, tf.int64))], 1)
   dataset = tf.data.Dataset.from_tensor_slices(seeds).map(augment)
   assert dataset.element_spec[0] == tf.TensorSpec((None, None, 3), tf.uint8)
-  return [(out.numpy(), ra.LayerDecisions(*(d.numpy() for d in decisions)))
-          for out, decisions in dataset]
+  return [
+      (out.numpy(), ra.LayerDecisions(*(d.numpy() for d in decisions)))
+      for out, decisions in dataset
+  ]
 
 
 def test_rand_augment_is_deterministic_per_seed_and_varies_across_seeds(augmented):
@@ -475,8 +572,12 @@ def test_rand_augment_equals_its_decisions_applied_in_order(augmented):
       if not apply[layer]:
         continue
       applied += 1
-      expected = _timm_reference(expected, ra.INCREASING_TRANSFORMS[op_index[layer]],
-                                 float(magnitude[layer]), bool(negate[layer]))
+      expected = _timm_reference(
+          expected,
+          ra.INCREASING_TRANSFORMS[op_index[layer]],
+          float(magnitude[layer]),
+          bool(negate[layer]),
+      )
     diff = np.abs(ours.astype(np.int16) - np.asarray(expected))
     # One geometric op's 1-level differences can be spread by a following equalize.
     assert np.mean(diff <= 1) >= 0.99, (op_index, apply, magnitude)
@@ -502,8 +603,12 @@ def test_every_op_dispatches_by_name_to_timms_op():
     name = ra.INCREASING_TRANSFORMS[op_index]
     seen.add(name)
     expected = _timm_reference(Image.fromarray(image), name, float(magnitude), bool(negate))
-    _check(ours.numpy(), np.asarray(expected), exact=name in _POINT_OPS,
-           label=f'{name} m={magnitude:.3f} negate={negate}')
+    _check(
+        ours.numpy(),
+        np.asarray(expected),
+        exact=name in _POINT_OPS,
+        label=f'{name} m={magnitude:.3f} negate={negate}',
+    )
   assert seen == set(ra.INCREASING_TRANSFORMS)
 
 
@@ -511,7 +616,8 @@ def test_rand_augment_shapes_and_types(augmented):
   assert all(out.shape == (37, 53, 3) and out.dtype == np.uint8 for out, _ in augmented)
   image = IMAGES['synthetic_37x53']
   dataset = tf.data.Dataset.from_tensors(image).map(
-      lambda x: ra.rand_augment(x, tf.constant([1, 2]), ra.RandAugmentConfig()))
+      lambda x: ra.rand_augment(x, tf.constant([1, 2]), ra.RandAugmentConfig())
+  )
   assert dataset.element_spec == tf.TensorSpec((37, 53, 3), tf.uint8)  # Static shape kept.
   assert next(iter(dataset)).shape == (37, 53, 3)
   untouched = ra.rand_augment(image, tf.constant([5, 6]), ra.RandAugmentConfig(num_layers=0))

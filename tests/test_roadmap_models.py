@@ -11,27 +11,78 @@ import torch
 from convnext_jax import models
 from convnext_jax.models import layers
 
-STEPS = ('baseline', 'stage_ratio', 'patchify', 'depthwise', 'width', 'inverted', 'dw_up',
-         'kernel5', 'kernel7', 'kernel9', 'kernel11', 'gelu', 'fewer_act', 'fewer_norm', 'ln',
-         'downsample')
+STEPS = (
+    'baseline',
+    'stage_ratio',
+    'patchify',
+    'depthwise',
+    'width',
+    'inverted',
+    'dw_up',
+    'kernel5',
+    'kernel7',
+    'kernel9',
+    'kernel11',
+    'gelu',
+    'fewer_act',
+    'fewer_norm',
+    'ln',
+    'downsample',
+)
 # GFLOPs (multiply-adds) at 224 px, Tables 10 and 11 of the paper (arXiv:2201.03545v2). For
 # 'ln' Table 10 prints 4.46, which no norm swap can add; Figure 2's bar reads 4.2, and the
 # step before and the R200 track's same step are both 4.15 / 14.81.
 PAPER_GFLOPS = {
-    'r50': (4.09, 4.53, 4.42, 2.35, 5.27, 4.64, 4.07, 4.10, 4.15, 4.21, 4.29, 4.15, 4.15, 4.15,
-            4.2, 4.49),
-    'r200': (15.01, 14.52, 14.38, 7.23, 16.76, 15.68, 14.63, 14.70, 14.81, 14.95, 15.13, 14.81,
-             14.81, 14.81, 14.81, 15.35),
+    'r50': (
+        4.09,
+        4.53,
+        4.42,
+        2.35,
+        5.27,
+        4.64,
+        4.07,
+        4.10,
+        4.15,
+        4.21,
+        4.29,
+        4.15,
+        4.15,
+        4.15,
+        4.2,
+        4.49,
+    ),
+    'r200': (
+        15.01,
+        14.52,
+        14.38,
+        7.23,
+        16.76,
+        15.68,
+        14.63,
+        14.70,
+        14.81,
+        14.95,
+        15.13,
+        14.81,
+        14.81,
+        14.81,
+        14.81,
+        15.35,
+    ),
 }
 # Published parameter counts: torchvision's resnet50 and the ConvNeXt releases.
-PUBLISHED_PARAMS = {'roadmap_r50_baseline': 25_557_032, 'roadmap_r50_downsample': 28_589_128,
-                    'roadmap_r200_downsample': 88_591_464}
+PUBLISHED_PARAMS = {
+    'roadmap_r50_baseline': 25_557_032,
+    'roadmap_r50_downsample': 28_589_128,
+    'roadmap_r200_downsample': 88_591_464,
+}
 
 
 def test_list_models_gives_each_track_in_roadmap_order():
   assert models.list_models('roadmap_r50_*') == [f'roadmap_r50_{s}' for s in STEPS]
   assert models.list_models('roadmap*') == (
-      [f'roadmap_r50_{s}' for s in STEPS] + [f'roadmap_r200_{s}' for s in STEPS])
+      [f'roadmap_r50_{s}' for s in STEPS] + [f'roadmap_r200_{s}' for s in STEPS]
+  )
 
 
 @pytest.mark.parametrize('track', ['r50', 'r200'])
@@ -45,6 +96,7 @@ def test_multiply_adds_of_every_step_are_the_papers(track):
 def _hand_count(depths, widths, block, stem, kernel=3, depthwise=False, separate=False):
   """Multiply-adds at 224 px, counted by hand from the architecture (padded taps included,
   as fvcore counts them): convolutions and the classifier only."""
+
   def conv(size, cin, cout, k, stride=1, groups=1):
     out = size // stride
     return out * out * cout * (cin // groups) * k * k, out
@@ -66,12 +118,18 @@ def _hand_count(depths, widths, block, stem, kernel=3, depthwise=False, separate
         cin = width
       if block == 'bottleneck':
         cout = 4 * width
-        layers_ = [(cin, width, 1, 1, 1), (width, width, kernel, stride, width if depthwise else 1),
-                   (width, cout, 1, 1, 1)]
+        layers_ = [
+            (cin, width, 1, 1, 1),
+            (width, width, kernel, stride, width if depthwise else 1),
+            (width, cout, 1, 1, 1),
+        ]
       else:  # Depthwise conv first.
         cout = width
-        layers_ = [(cin, cin, kernel, stride, cin), (cin, 4 * width, 1, 1, 1),
-                   (4 * width, cout, 1, 1, 1)]
+        layers_ = [
+            (cin, cin, kernel, stride, cin),
+            (cin, 4 * width, 1, 1, 1),
+            (4 * width, cout, 1, 1, 1),
+        ]
       in_size = size
       for a, b, k, s, g in layers_:
         macs, size = conv(size, a, b, k, s, g)
@@ -82,16 +140,48 @@ def _hand_count(depths, widths, block, stem, kernel=3, depthwise=False, separate
   return total + cin * 1000
 
 
-@pytest.mark.parametrize('name,arch', [
-    ('roadmap_r50_baseline', dict(depths=(3, 4, 6, 3), widths=(64, 128, 256, 512),
-                                  block='bottleneck', stem='resnet')),
-    ('roadmap_r50_depthwise', dict(depths=(3, 3, 9, 3), widths=(64, 128, 256, 512),
-                                   block='bottleneck', stem='patchify', depthwise=True)),
-    ('roadmap_r50_kernel11', dict(depths=(3, 3, 9, 3), widths=(96, 192, 384, 768),
-                                  block='dw_first', stem='patchify', kernel=11)),
-    ('roadmap_r50_downsample', dict(depths=(3, 3, 9, 3), widths=(96, 192, 384, 768),
-                                    block='dw_first', stem='patchify', kernel=7, separate=True)),
-])
+@pytest.mark.parametrize(
+    'name,arch',
+    [
+        (
+            'roadmap_r50_baseline',
+            dict(
+                depths=(3, 4, 6, 3), widths=(64, 128, 256, 512), block='bottleneck', stem='resnet'
+            ),
+        ),
+        (
+            'roadmap_r50_depthwise',
+            dict(
+                depths=(3, 3, 9, 3),
+                widths=(64, 128, 256, 512),
+                block='bottleneck',
+                stem='patchify',
+                depthwise=True,
+            ),
+        ),
+        (
+            'roadmap_r50_kernel11',
+            dict(
+                depths=(3, 3, 9, 3),
+                widths=(96, 192, 384, 768),
+                block='dw_first',
+                stem='patchify',
+                kernel=11,
+            ),
+        ),
+        (
+            'roadmap_r50_downsample',
+            dict(
+                depths=(3, 3, 9, 3),
+                widths=(96, 192, 384, 768),
+                block='dw_first',
+                stem='patchify',
+                kernel=7,
+                separate=True,
+            ),
+        ),
+    ],
+)
 def test_traced_count_equals_a_count_by_hand(name, arch):
   model = models.create_model(name, depthwise_impl='conv')
   assert models.count_macs(model, 224) == _hand_count(**arch)
@@ -100,17 +190,28 @@ def test_traced_count_equals_a_count_by_hand(name, arch):
 @pytest.mark.parametrize('name', sorted(PUBLISHED_PARAMS))
 def test_published_parameter_counts(name):
   assert models.count_params(models.param_shapes(models.create_model(name))) == (
-      PUBLISHED_PARAMS[name])
+      PUBLISHED_PARAMS[name]
+  )
 
 
 def test_baseline_has_torchvision_names_and_batch_statistics():
   model = models.create_model('roadmap_r50_baseline')
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   params, stats = variables['params'], variables['batch_stats']
-  assert sorted(params) == sorted(['conv1', 'bn1', 'fc'] + [
-      f'layer{i + 1}.{j}' for i, depth in enumerate((3, 4, 6, 3)) for j in range(depth)])
-  assert sorted(params['layer1.0']) == ['bn1', 'bn2', 'bn3', 'conv1', 'conv2', 'conv3',
-                                        'downsample.0', 'downsample.1']
+  assert sorted(params) == sorted(
+      ['conv1', 'bn1', 'fc']
+      + [f'layer{i + 1}.{j}' for i, depth in enumerate((3, 4, 6, 3)) for j in range(depth)]
+  )
+  assert sorted(params['layer1.0']) == [
+      'bn1',
+      'bn2',
+      'bn3',
+      'conv1',
+      'conv2',
+      'conv3',
+      'downsample.0',
+      'downsample.1',
+  ]
   assert 'downsample.0' not in params['layer1.1']
   assert params['layer2.0']['conv2']['kernel'].shape == (3, 3, 128, 128)  # v1.5: stride here.
   assert params['fc']['kernel'].shape == (2048, 1000)
@@ -126,17 +227,20 @@ def test_last_step_is_convnext(track, convnext):
   assert shapes[0] == shapes[1]
   # The function, on the same weights, at reduced depth and width (the same code per block).
   depths, dims = (1, 1, 2, 1), tuple(d // 8 for d in models.get_spec(convnext).dims)
-  ours = models.create_model(f'roadmap_{track}_downsample', num_classes=7, depths=depths,
-                             widths=dims)
+  ours = models.create_model(
+      f'roadmap_{track}_downsample', num_classes=7, depths=depths, widths=dims
+  )
   reference = models.create_model(convnext, num_classes=7, depths=depths, dims=dims)
   variables = reference.init(jax.random.key(0), images)
   # Move every weight off its init (layer scale, biases) so that all of them matter.
   leaves, tree = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(2), len(leaves))
-  variables = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape)
-                              for x, k in zip(leaves, keys)])
-  np.testing.assert_allclose(ours.apply(variables, images), reference.apply(variables, images),
-                             rtol=1e-5, atol=1e-5)
+  variables = tree.unflatten(
+      [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
+  np.testing.assert_allclose(
+      ours.apply(variables, images), reference.apply(variables, images), rtol=1e-5, atol=1e-5
+  )
 
 
 def _torch_batchnorm(x_nhwc, scale, bias, mean, var):
@@ -163,19 +267,26 @@ def test_batchnorm_training_update_is_pytorchs(group_size):
   bn = layers.BatchNorm(group_size=group_size)
   y, updated = bn.apply(
       {'params': {'scale': scale, 'bias': bias}, 'batch_stats': {'mean': mean, 'var': var}},
-      x, train=True, mutable=['batch_stats'])
-  groups = [x] if not group_size else [x[i:i + group_size] for i in range(0, 6, group_size)]
+      x,
+      train=True,
+      mutable=['batch_stats'],
+  )
+  groups = [x] if not group_size else [x[i : i + group_size] for i in range(0, 6, group_size)]
   outs = [_torch_batchnorm(g, scale, bias, mean, var) for g in groups]
   np.testing.assert_allclose(y, np.concatenate([o[0] for o in outs]), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(updated['batch_stats']['mean'], np.mean([o[1] for o in outs], 0),
-                             rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(updated['batch_stats']['var'], np.mean([o[2] for o in outs], 0),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      updated['batch_stats']['mean'], np.mean([o[1] for o in outs], 0), rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(
+      updated['batch_stats']['var'], np.mean([o[2] for o in outs], 0), rtol=1e-5, atol=1e-6
+  )
   # Evaluation normalises with the running statistics.
-  y_eval = bn.apply({'params': {'scale': scale, 'bias': bias},
-                     'batch_stats': {'mean': mean, 'var': var}}, x)
-  np.testing.assert_allclose(y_eval, (x - mean) / np.sqrt(var + 1e-5) * scale + bias,
-                             rtol=1e-5, atol=1e-5)
+  y_eval = bn.apply(
+      {'params': {'scale': scale, 'bias': bias}, 'batch_stats': {'mean': mean, 'var': var}}, x
+  )
+  np.testing.assert_allclose(
+      y_eval, (x - mean) / np.sqrt(var + 1e-5) * scale + bias, rtol=1e-5, atol=1e-5
+  )
 
 
 @pytest.mark.parametrize('impl', ['conv', 'shift'])
@@ -188,31 +299,44 @@ def test_strided_depthwise_conv_is_pytorchs_grouped_conv(impl, size):
   kernel = np.asarray(params['params']['kernel'])  # (5, 5, 1, 6)
   expected = torch.nn.functional.conv2d(
       torch.from_numpy(x).permute(0, 3, 1, 2),
-      torch.from_numpy(kernel.copy()).permute(3, 2, 0, 1), stride=2, padding=2, groups=6)
-  np.testing.assert_allclose(conv.apply(params, x), expected.permute(0, 2, 3, 1).numpy(),
-                             rtol=1e-5, atol=1e-5)
+      torch.from_numpy(kernel.copy()).permute(3, 2, 0, 1),
+      stride=2,
+      padding=2,
+      groups=6,
+  )
+  np.testing.assert_allclose(
+      conv.apply(params, x), expected.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5
+  )
   # And its gradient.
   grad = jax.grad(lambda p: conv.apply(p, x).sum())(params)['params']['kernel']
-  reference = jax.grad(lambda p: layers.DepthwiseConv(5, stride=2, use_bias=False,
-                                                      impl='conv').apply(p, x).sum())(params)
+  reference = jax.grad(
+      lambda p: layers.DepthwiseConv(5, stride=2, use_bias=False, impl='conv').apply(p, x).sum()
+  )(params)
   np.testing.assert_allclose(grad, reference['params']['kernel'], rtol=1e-4, atol=1e-4)
 
 
 def test_every_step_runs_and_trains_its_batch_statistics():
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   for name in models.list_models('roadmap_r50_*'):
-    model = models.create_model(name, num_classes=3, depths=(1, 1, 1, 1), widths=(8, 8, 8, 8),
-                                drop_path_rate=0.1)
+    model = models.create_model(
+        name, num_classes=3, depths=(1, 1, 1, 1), widths=(8, 8, 8, 8), drop_path_rate=0.1
+    )
     variables = model.init(jax.random.key(0), images)
-    logits, updated = model.apply(variables, images, train=True, mutable=['batch_stats'],
-                                  rngs={'drop_path': jax.random.key(3)})
+    logits, updated = model.apply(
+        variables,
+        images,
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'drop_path': jax.random.key(3)},
+    )
     assert logits.shape == (2, 3) and np.isfinite(logits).all(), name
     uses_bn = not name.endswith(('_ln', '_downsample'))
     assert ('batch_stats' in variables) == uses_bn, name
     if uses_bn:
       before, after = variables['batch_stats'], updated['batch_stats']
-      assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
-                                                          jax.tree.leaves(after))), name
+      assert not all(
+          np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+      ), name
 
 
 def test_weights_merge_and_split_round_trip():
@@ -228,12 +352,12 @@ def test_weights_merge_and_split_round_trip():
 def test_invalid_designs_are_refused_in_one_line():
   images = jnp.zeros((1, 32, 32, 3))
   small = dict(depths=(1, 1, 1, 1), widths=(4, 4, 4, 4))
-  with pytest.raises(ValueError, match="block must be one of"):
+  with pytest.raises(ValueError, match='block must be one of'):
     models.create_model('roadmap_r50_baseline', block='mbconv', **small).init(
-        jax.random.key(0), images)
+        jax.random.key(0), images
+    )
   with pytest.raises(ValueError, match='scan'):
-    models.create_model('roadmap_r50_baseline', scan=True, **small).init(
-        jax.random.key(0), images)
+    models.create_model('roadmap_r50_baseline', scan=True, **small).init(jax.random.key(0), images)
   with pytest.raises(ValueError, match='statistics group size 4'):
     model = models.create_model('roadmap_r50_baseline', bn_group_size=4, **small)
     variables = model.init(jax.random.key(0), images)

@@ -5,6 +5,7 @@ traces one block per stage; every remat policy gives the plain loss and gradient
 Models are tiny (a few blocks of 8-40 channels at 32 px): jit compilation is the cost.
 """
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,6 @@ import transformers
 from convnext_jax import convert
 from convnext_jax import models
 from convnext_jax.models import layers
-import helpers
 
 # Stage 2 holds two blocks, so a wrong stacking order or a lost block shows.
 DEPTHS, DIMS = (1, 1, 2, 1), (16, 24, 32, 40)
@@ -35,13 +35,17 @@ def _pair(name='convnext_atto', **kwargs):
 
 def _outputs(model, params, x, every_output=False):
   """Logits, or logits, pre-logits features and stage maps, in one jitted call."""
+
   def run(p, x):
     variables = {'params': p}
     if not every_output:
       return model.apply(variables, x)
-    return (model.apply(variables, x),
-            model.apply(variables, x, method='forward_features'),
-            model.apply(variables, x, output='stages'))
+    return (
+        model.apply(variables, x),
+        model.apply(variables, x, method='forward_features'),
+        model.apply(variables, x, output='stages'),
+    )
+
   return jax.jit(run)(params, x)
 
 
@@ -50,13 +54,14 @@ def _assert_close(got, want, rtol, atol):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), got, want)
 
 
-@pytest.mark.parametrize('name,every_output', [
-    ('convnext_atto', True), ('convnextv2_atto', False), ('convnext_isotropic_large', True)])
+@pytest.mark.parametrize(
+    'name,every_output',
+    [('convnext_atto', True), ('convnextv2_atto', False), ('convnext_isotropic_large', True)],
+)
 def test_scan_gives_the_unscanned_outputs(name, every_output):
   # V1 with layer scale and the shifted-sum depthwise form; V2 with GRN; isotropic with
   # layer scale (iso-L's structure). Logits, forward_features and output='stages'.
-  plain, scanned = _pair(name, **({'depthwise_impl': 'shift'} if name == 'convnext_atto'
-                                  else {}))
+  plain, scanned = _pair(name, **({'depthwise_impl': 'shift'} if name == 'convnext_atto' else {}))
   params = helpers.random_params(plain)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   want = _outputs(plain, params, x, every_output)
@@ -81,6 +86,7 @@ def _loss_and_grads(model, params, x, rng=None):
   def loss(p):
     kwargs = {} if rng is None else {'rngs': {'drop_path': rng}}
     return jnp.mean(jnp.square(model.apply({'params': p}, x, train=True, **kwargs)))
+
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
@@ -88,8 +94,7 @@ def test_scan_gives_the_unscanned_loss_and_gradients():
   plain, scanned = _pair()
   params = helpers.random_params(plain)
   x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
-  (loss, grads), (scan_loss, scan_grads) = (_loss_and_grads(m, params, x)
-                                            for m in (plain, scanned))
+  (loss, grads), (scan_loss, scan_grads) = (_loss_and_grads(m, params, x) for m in (plain, scanned))
   np.testing.assert_allclose(scan_loss, loss, rtol=1e-5)
   # Same tree, per-block names: autodiff slices the stacked gradient back.
   _assert_close(scan_grads, grads, rtol=1e-4, atol=1e-6)
@@ -100,10 +105,12 @@ def test_scan_drop_path_is_random_per_key_and_finite_at_rate_one():
   _, scanned = _pair('convnext_isotropic_small', drop_path_rate=1.0)  # Last block: rate 1.
   params = helpers.random_params(scanned)
   x = jax.random.normal(jax.random.key(3), (16, 32, 32, 3))
-  fn = jax.jit(lambda p, key: scanned.apply({'params': p}, x, train=True,
-                                            rngs={'drop_path': key}))
-  a, b, again = fn(params, jax.random.key(0)), fn(params, jax.random.key(1)), fn(
-      params, jax.random.key(0))
+  fn = jax.jit(lambda p, key: scanned.apply({'params': p}, x, train=True, rngs={'drop_path': key}))
+  a, b, again = (
+      fn(params, jax.random.key(0)),
+      fn(params, jax.random.key(1)),
+      fn(params, jax.random.key(0)),
+  )
   np.testing.assert_array_equal(a, again)
   assert np.isfinite(a).all() and np.isfinite(b).all()
   assert np.abs(a - b).max() > 1e-3
@@ -128,8 +135,9 @@ def test_scan_draws_a_different_drop_path_key_per_block(monkeypatch):
   _, scanned = _pair(drop_path_rate=0.5)
   params = helpers.random_params(scanned)
   x = jnp.ones((2, 32, 32, 3))
-  jax.jit(lambda p: scanned.apply({'params': p}, x, train=True,
-                                  rngs={'drop_path': jax.random.key(0)}))(params)
+  jax.jit(
+      lambda p: scanned.apply({'params': p}, x, train=True, rngs={'drop_path': jax.random.key(0)})
+  )(params)
   jax.effects_barrier()
   # One key per stage, folded with the block index: every block of every stage differs.
   assert len(keys) == sum(DEPTHS) and len(set(keys)) == sum(DEPTHS)
@@ -158,7 +166,8 @@ def test_scan_keeps_the_parameter_tree(name):
   assert jax.tree.map(lambda s: s.shape, got) == jax.tree.map(lambda s: s.shape, want)
   full = models.create_model(name)
   assert jax.tree.structure(models.param_shapes(full.clone(scan=True), 32)) == (
-      jax.tree.structure(models.param_shapes(full, 32)))
+      jax.tree.structure(models.param_shapes(full, 32))
+  )
 
 
 def _count(model, params, x, primitive):
@@ -171,8 +180,7 @@ def test_scan_traces_one_block_per_stage():
   for depths in ((1, 1, 2, 1), (1, 1, 6, 1)):
     plain = models.create_model('convnext_atto', depths=depths, dims=DIMS)
     params = models.param_shapes(plain, 32)
-    counts[depths] = [_count(m, params, x, 'dot_general') for m in (plain, plain.clone(
-        scan=True))]
+    counts[depths] = [_count(m, params, x, 'dot_general') for m in (plain, plain.clone(scan=True))]
     assert _count(plain.clone(scan=True), params, x, 'scan[') == 4
   # Two matmuls a block, plus the head: unscanned grows with depth, scanned does not.
   assert counts[(1, 1, 2, 1)] == [2 * 5 + 1, 2 * 4 + 1]
@@ -181,13 +189,14 @@ def test_scan_traces_one_block_per_stage():
 
 def test_scanned_model_converts_to_transformers_with_the_same_logits():
   spec = models.get_spec('convnext_atto')
-  model = models.create_model('convnext_atto', num_classes=5, scan=True,
-                              depthwise_impl='conv')
+  model = models.create_model('convnext_atto', num_classes=5, scan=True, depthwise_impl='conv')
   params = helpers.random_params(model, seed=4)
   state_dict = convert.flax_to_torch(params, 'convnext_atto', 'hf')
-  hf = transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
-      hidden_sizes=list(spec.dims), depths=list(spec.depths), num_labels=5,
-      layer_norm_eps=1e-6))
+  hf = transformers.ConvNextForImageClassification(
+      transformers.ConvNextConfig(
+          hidden_sizes=list(spec.dims), depths=list(spec.depths), num_labels=5, layer_norm_eps=1e-6
+      )
+  )
   hf.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
   x = helpers.images(2, 32, 32)
   with torch.no_grad():
@@ -207,16 +216,27 @@ def test_scanned_model_converts_to_transformers_with_the_same_logits():
 
 def test_remat_policy_names():
   assert models.remat_policy('') is None and models.remat_policy(False) is None
-  assert models.remat_policy(True) is models.remat_policy('full') is (
-      jax.checkpoint_policies.nothing_saveable)
+  assert (
+      models.remat_policy(True)
+      is models.remat_policy('full')
+      is (jax.checkpoint_policies.nothing_saveable)
+  )
   assert models.remat_policy('dots_saveable') is jax.checkpoint_policies.dots_saveable
-  assert {'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
-          'everything_saveable', 'nothing_saveable'} <= set(models.REMAT_POLICIES)
+  assert {
+      'full',
+      'dots_saveable',
+      'dots_with_no_batch_dims_saveable',
+      'everything_saveable',
+      'nothing_saveable',
+  } <= set(models.REMAT_POLICIES)
   # Policy factories need arguments: not names a config can give.
   assert 'save_only_these_names' not in models.REMAT_POLICIES
   for bad in ('dots', 'save_only_these_names', 1, 'True'):
-    with pytest.raises(ValueError, match=r"remat must be '' or False \(off\), True, or one of "
-                       r'full, checkpoint_dots, .*dots_saveable.*; got'):
+    with pytest.raises(
+        ValueError,
+        match=r"remat must be '' or False \(off\), True, or one of "
+        r'full, checkpoint_dots, .*dots_saveable.*; got',
+    ):
       models.remat_policy(bad)
   with pytest.raises(ValueError, match='everything_saveable'):
     models.param_shapes(models.create_model('convnext_atto', remat='dots'), 32)
@@ -225,8 +245,15 @@ def test_remat_policy_names():
 @pytest.mark.parametrize('scan', [False, True], ids=['unscanned', 'scan'])
 def test_every_remat_policy_gives_the_plain_loss_and_gradients(scan):
   # One tiny model; every policy's gradient in one jitted function (one compilation).
-  plain = models.create_model('convnext_isotropic_large', depth=2, dim=8, num_classes=4,
-                              depthwise_impl='conv', drop_path_rate=0.2, scan=scan)
+  plain = models.create_model(
+      'convnext_isotropic_large',
+      depth=2,
+      dim=8,
+      num_classes=4,
+      depthwise_impl='conv',
+      drop_path_rate=0.2,
+      scan=scan,
+  )
   names = ('', True) + models.REMAT_POLICIES
   variants = [plain.clone(remat=r) for r in names]
   params = helpers.random_params(plain)
@@ -234,8 +261,12 @@ def test_every_remat_policy_gives_the_plain_loss_and_gradients(scan):
 
   def all_grads(p):
     def loss(model):
-      return lambda p: jnp.mean(jnp.square(model.apply(
-          {'params': p}, x, train=True, rngs={'drop_path': jax.random.key(1)})))
+      return lambda p: jnp.mean(
+          jnp.square(
+              model.apply({'params': p}, x, train=True, rngs={'drop_path': jax.random.key(1)})
+          )
+      )
+
     return [jax.value_and_grad(loss(m))(p) for m in variants]
 
   (loss, grads), *rest = jax.jit(all_grads)(params)

@@ -47,9 +47,13 @@ def _config(mesh):
 
 def _batches():
   rng = np.random.default_rng(0)
-  return [{'image': rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
-           'label': rng.integers(0, NUM_CLASSES, (BATCH,), dtype=np.int32)}
-          for _ in range(STEPS)]
+  return [
+      {
+          'image': rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
+          'label': rng.integers(0, NUM_CLASSES, (BATCH,), dtype=np.int32),
+      }
+      for _ in range(STEPS)
+  ]
 
 
 def _run(mesh_shape, devices):
@@ -58,16 +62,23 @@ def _run(mesh_shape, devices):
   train.validate(config, mesh)
   model = train_step.create_model(config, NUM_CLASSES)
   lr_fn = optim.lr_schedule(config.optim.lr, 0.0, 1, 10)
-  optimizer = optim.make_optimizer(lr_fn, models.param_shapes(model, SIZE),
-                                   train_step.model_spec(config),
-                                   layer_decay=config.optim.layer_decay, eps=config.optim.eps)
+  optimizer = optim.make_optimizer(
+      lr_fn,
+      models.param_shapes(model, SIZE),
+      train_step.model_spec(config),
+      layer_decay=config.optim.layer_decay,
+      eps=config.optim.eps,
+  )
   state, shardings, _ = train_step.create_train_state(config, model, optimizer, mesh, SIZE, True)
   batch_sharding = sharding.batch_sharding(mesh)
   step = jax.jit(
-      train_step.make_train_step(model, optimizer, lr_fn, config, NUM_CLASSES,
-                            sharding.data_parallel_size(mesh)),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None, None),
-      donate_argnums=(0,))
+      train_step.make_train_step(
+          model, optimizer, lr_fn, config, NUM_CLASSES, sharding.data_parallel_size(mesh)
+      ),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, None, None),
+      donate_argnums=(0,),
+  )
   initial = jax.device_get(state['params'])
   losses = []
   for batch in _batches():
@@ -81,8 +92,9 @@ def single_device():
   return _run((1, 1, 1), jax.devices()[:1])
 
 
-@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (4, 2, 1), (4, 1, 2)],
-                         ids=['data8', 'data4_fsdp2', 'data4_model2'])
+@pytest.mark.parametrize(
+    'mesh_shape', [(8, 1, 1), (4, 2, 1), (4, 1, 2)], ids=['data8', 'data4_fsdp2', 'data4_model2']
+)
 def test_meshes_match_a_single_device(single_device, mesh_shape):
   ref_losses, ref_state, _, initial = single_device
   losses, state, device_state, _ = _run(mesh_shape, jax.devices())
@@ -93,8 +105,9 @@ def test_meshes_match_a_single_device(single_device, mesh_shape):
   moved = np.abs(flat(ref_state['params']) - flat(initial)).max()
   assert moved > 1e-3
   for key in ('params', 'ema_params', 'opt_state'):
-    np.testing.assert_allclose(flat(state[key]), flat(ref_state[key]), rtol=1e-4, atol=2e-5,
-                               err_msg=key)
+    np.testing.assert_allclose(
+        flat(state[key]), flat(ref_state[key]), rtol=1e-4, atol=2e-5, err_msg=key
+    )
   # The state really is laid out as the mesh says.
   params = device_state['params']
   pw1 = params['stages.1.0']['pwconv1']['kernel']
@@ -114,8 +127,9 @@ def test_validate_rejects_batches_the_mesh_cannot_split():
   config = _config((8, 1, 1))
   config.global_batch_size = 12
   mesh = sharding.make_mesh(config.mesh)
-  with pytest.raises(ValueError, match=r'micro-batch 12 .* not divisible by the '
-                     r'data-parallel size 8'):
+  with pytest.raises(
+      ValueError, match=r'micro-batch 12 .* not divisible by the data-parallel size 8'
+  ):
     train.validate(config, mesh)
   config.global_batch_size = 32
   config.grad_accum_steps = 3
@@ -125,8 +139,10 @@ def test_validate_rejects_batches_the_mesh_cannot_split():
   config.global_batch_size, config.grad_accum_steps = 48, 2  # 3 per device and micro-batch.
   train.validate(config, mesh)  # Without Mixup/CutMix (as _config sets them), 3 is fine.
   config.input.cutmix_alpha = 1.0
-  with pytest.raises(ValueError, match=r'even per-device batch, got 3 \(micro-batch 24 over '
-                     r'data-parallel size 8\)'):
+  with pytest.raises(
+      ValueError,
+      match=r'even per-device batch, got 3 \(micro-batch 24 over data-parallel size 8\)',
+  ):
     train.validate(config, mesh)
   config.grad_accum_steps = 1
   train.validate(config, mesh)
@@ -143,19 +159,24 @@ def test_validate_rejects_batches_the_mesh_cannot_split():
 
 
 # Process layouts simulated on the 8 devices here: device d belongs to process d // k.
-@pytest.mark.parametrize('mesh_shape,per_process,shard_count,process_shards', [
-    ((8, 1, 1), 4, 2, (0, 1)),      # 2 processes x 4 devices: each feeds its half.
-    ((1, 8, 1), 4, 2, (0, 1)),
-    ((2, 4, 1), 4, 2, (0, 1)),
-    ((2, 2, 2), 4, 2, (0, 1)),
-    ((1, 1, 8), 4, 1, (0, 0)),      # Tensor parallel only: both hold (and feed) the batch.
-    ((2, 1, 4), 2, 2, (0, 0, 1, 1)),  # 4 x 2: pairs of processes share a data row.
-    ((4, 2, 1), 2, 4, (0, 1, 2, 3)),
-])
-def test_batch_feed_gives_each_process_the_rows_its_devices_hold(mesh_shape, per_process,
-                                                                 shard_count, process_shards):
-  feed = sharding.batch_feed(sharding.make_mesh(mesh_shape),
-                             process_of=lambda d: d.id // per_process)
+@pytest.mark.parametrize(
+    'mesh_shape,per_process,shard_count,process_shards',
+    [
+        ((8, 1, 1), 4, 2, (0, 1)),  # 2 processes x 4 devices: each feeds its half.
+        ((1, 8, 1), 4, 2, (0, 1)),
+        ((2, 4, 1), 4, 2, (0, 1)),
+        ((2, 2, 2), 4, 2, (0, 1)),
+        ((1, 1, 8), 4, 1, (0, 0)),  # Tensor parallel only: both hold (and feed) the batch.
+        ((2, 1, 4), 2, 2, (0, 0, 1, 1)),  # 4 x 2: pairs of processes share a data row.
+        ((4, 2, 1), 2, 4, (0, 1, 2, 3)),
+    ],
+)
+def test_batch_feed_gives_each_process_the_rows_its_devices_hold(
+    mesh_shape, per_process, shard_count, process_shards
+):
+  feed = sharding.batch_feed(
+      sharding.make_mesh(mesh_shape), process_of=lambda d: d.id // per_process
+  )
   assert (feed.shard_count, feed.process_shards) == (shard_count, process_shards)
   assert feed.local_batch(16) == 16 // shard_count
 
@@ -163,9 +184,13 @@ def test_batch_feed_gives_each_process_the_rows_its_devices_hold(mesh_shape, per
 def test_batch_feed_refuses_processes_that_would_feed_overlapping_rows():
   # 3 processes x 2 devices, data 2 x model 3: process 1 holds a device of each data row.
   mesh = sharding.make_mesh((2, 1, 3), jax.devices()[:6])
-  with pytest.raises(ValueError, match=(
-      r"mesh \{'data': 2, 'fsdp': 1, 'model': 3\} cannot be fed by 3 processes: .* process 0: "
-      r'rows \[0\]; process 1: rows \[0, 1\]; process 2: rows \[1\]')):
+  with pytest.raises(
+      ValueError,
+      match=(
+          r"mesh \{'data': 2, 'fsdp': 1, 'model': 3\} cannot be fed by 3 processes: .* process 0: "
+          r'rows \[0\]; process 1: rows \[0, 1\]; process 2: rows \[1\]'
+      ),
+  ):
     sharding.batch_feed(mesh, process_of=lambda d: d.id // 2)
 
 

@@ -17,6 +17,7 @@ import sys
 import threading
 
 import jax
+import mp_config
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -29,7 +30,6 @@ from convnext_jax import optim
 from convnext_jax import train
 from convnext_jax import train_step
 from convnext_jax.convert import cli
-import mp_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_STEPS = 150
@@ -44,22 +44,33 @@ def _demo_config(arg=None):
 
 
 # configs/demo.py cut to fit the suite: 150 steps (2 epochs) at 32 px, about a minute.
-SHORT_DEMO_FLAGS = ('--config.input.image_size=32', f'--config.num_steps={DEMO_STEPS}',
-                    '--config.optim.warmup_steps=15', '--config.log_every_steps=25',
-                    f'--config.eval_every_steps={DEMO_STEPS}',
-                    '--config.checkpoint_every_steps=75')
+SHORT_DEMO_FLAGS = (
+    '--config.input.image_size=32',
+    f'--config.num_steps={DEMO_STEPS}',
+    '--config.optim.warmup_steps=15',
+    '--config.log_every_steps=25',
+    f'--config.eval_every_steps={DEMO_STEPS}',
+    '--config.checkpoint_every_steps=75',
+)
 
 
 def run_main(workdir: str, data_dir: str, *flags: str) -> str:
   """`python -m convnext_jax.main --config configs/demo.py` on one CPU device; returns what
   it printed (stdout and stderr)."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
   env.pop('TF_CPP_MIN_LOG_LEVEL')  # The suite's (conftest.py): the console a user sees.
-  command = [sys.executable, '-m', 'convnext_jax.main', '--config',
-             str(REPO / 'configs' / 'demo.py'), '--workdir', workdir,
-             f'--config.dataset.data_dir={data_dir}', *flags]
-  proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+  command = [
+      sys.executable,
+      '-m',
+      'convnext_jax.main',
+      '--config',
+      str(REPO / 'configs' / 'demo.py'),
+      '--workdir',
+      workdir,
+      f'--config.dataset.data_dir={data_dir}',
+      *flags,
+  ]
+  proc = subprocess.run(command, env=env, cwd=REPO, check=False, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-4000:]
   # TensorFlow was set up before anything ran it (pipeline.configure_tensorflow's warning).
   assert 'intra-op thread pool' not in proc.stderr, proc.stderr[-4000:]
@@ -113,19 +124,29 @@ def test_console_shows_progress_and_results_not_library_chatter(demo_run):
     found = [m for m in messages if re.fullmatch(pattern, m)]
     assert len(found) == 1, (pattern, console)
 
-  one(r'config \S+demo.py: convnext_atto \(float32\) on convnext_shapes at 32 px, batch 64, '
-      r'150 steps, .*')
-  one(r'first batch in \d+ s; compiling the train step \(convnext_atto, batch 64 at 32 px, '
-      r'mesh .*\) \.\.\.')
+  one(
+      r'config \S+demo.py: convnext_atto \(float32\) on convnext_shapes at 32 px, batch 64, '
+      r'150 steps, .*'
+  )
+  one(
+      r'first batch in \d+ s; compiling the train step \(convnext_atto, batch 64 at 32 px, '
+      r'mesh .*\) \.\.\.'
+  )
   one(r'compiled the train step in \d+ s')
   for step in range(25, DEMO_STEPS + 1, 25):  # log_every_steps=25.
-    one(rf'step {step}/150 \({100 * step / 150:.1f}%\): loss \d\.\d{{4}}, [\d.]+ img/s, '
-        rf'[\d.]+ steps/s, ETA {"-" if step == 150 else ".*s"}')
-  one(r'step 150, convnext_shapes \(1000 images, [\d.]+ s\): ema top-1 [\d.]+% top-5 [\d.]+%, '
-      r'raw top-1 [\d.]+% top-5 [\d.]+%')
+    one(
+        rf'step {step}/150 \({100 * step / 150:.1f}%\): loss \d\.\d{{4}}, [\d.]+ img/s, '
+        rf'[\d.]+ steps/s, ETA {"-" if step == 150 else ".*s"}'
+    )
+  one(
+      r'step 150, convnext_shapes \(1000 images, [\d.]+ s\): ema top-1 [\d.]+% top-5 [\d.]+%, '
+      r'raw top-1 [\d.]+% top-5 [\d.]+%'
+  )
   for step in (75, 150):  # checkpoint_every_steps=75.
-    one(rf'checkpoint step {step}: writing in the background to {re.escape(workdir)}/'
-        rf'checkpoints/{step}')
+    one(
+        rf'checkpoint step {step}: writing in the background to {re.escape(workdir)}/'
+        rf'checkpoints/{step}'
+    )
 
 
 def test_tensorboard_events_hold_the_logged_scalars(demo_run):
@@ -139,10 +160,19 @@ def test_tensorboard_events_hold_the_logged_scalars(demo_run):
     return {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
 
   tags = set(acc.Tags()['tensors'])
-  for tag in ('train/loss', 'train/lr', 'train/grad_norm', 'train/param_norm',
-              'train/images_per_sec', 'train/epoch', 'steps_per_sec',
-              'convnext_shapes/raw/top1', 'convnext_shapes/ema/top1',
-              'convnext_shapes/raw/top5', 'convnext_shapes/ema/top5'):
+  for tag in (
+      'train/loss',
+      'train/lr',
+      'train/grad_norm',
+      'train/param_norm',
+      'train/images_per_sec',
+      'train/epoch',
+      'steps_per_sec',
+      'convnext_shapes/raw/top1',
+      'convnext_shapes/ema/top1',
+      'convnext_shapes/raw/top5',
+      'convnext_shapes/ema/top5',
+  ):
     assert tag in tags, (tag, sorted(tags))
   lr = series('train/lr')
   assert sorted(lr) == list(range(25, DEMO_STEPS + 1, 25))
@@ -164,13 +194,14 @@ def test_export_from_workdir(demo_run, tmp_path):
   out = tmp_path / 'demo_raw75.safetensors'
   assert cli.main(['export', workdir, str(out), '--params', 'raw', '--step', '75']) == 0
   from safetensors.numpy import load_file
+
   name, params = convert.torch_to_flax(load_file(out))
   assert name == 'convnext_atto'
   raw75, _ = checkpoints.load_params(workdir, which='raw', step=75)
   jax.tree.map(np.testing.assert_array_equal, params, raw75)
   latest_raw, _ = checkpoints.load_params(workdir, which='raw')
   assert not np.array_equal(latest_raw['head']['kernel'], raw75['head']['kernel'])
-  ema, meta = checkpoints.load_params(workdir, which='ema')
+  _, meta = checkpoints.load_params(workdir, which='ema')
   assert meta['step'] == DEMO_STEPS and meta['weights'] == 'ema'
   assert meta['class_names'][:2] == ['circle', 'square']
 
@@ -182,9 +213,13 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   workdir, _, _, _ = demo_run
   backbone, _ = checkpoints.load_params(workdir, which='ema')
   rng = np.random.default_rng(0)
-  pretrained = dict(backbone, head={
-      'kernel': (0.02 * rng.standard_normal((320, 1000))).astype(np.float32),
-      'bias': np.zeros(1000, np.float32)})
+  pretrained = dict(
+      backbone,
+      head={
+          'kernel': (0.02 * rng.standard_normal((320, 1000))).astype(np.float32),
+          'bias': np.zeros(1000, np.float32),
+      },
+  )
   src = tmp_path / 'atto_in1k.safetensors'
   save_file(convert.flax_to_torch(pretrained, 'convnext_atto', layout='timm'), str(src))
   ckpt = tmp_path / 'atto_in1k'
@@ -196,25 +231,39 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   model = train_step.create_model(config, 10)
   fresh = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
   merged, report, _ = checkpoints.load_params_into(str(ckpt), fresh['params'])
-  assert report['reinitialized'] == ['head/bias (1000,) -> (10,)',
-                                     'head/kernel (320, 1000) -> (320, 10)']
-  np.testing.assert_array_equal(merged['downsample_layers.0.0']['kernel'],
-                                backbone['downsample_layers.0.0']['kernel'])
+  assert report['reinitialized'] == [
+      'head/bias (1000,) -> (10,)',
+      'head/kernel (320, 1000) -> (320, 10)',
+  ]
+  np.testing.assert_array_equal(
+      merged['downsample_layers.0.0']['kernel'], backbone['downsample_layers.0.0']['kernel']
+  )
   head = np.asarray(merged['head']['kernel'])  # Truncated normal, std 0.02, x head_init_scale.
   assert 0.8 * 2e-5 < head.std() < 1.2 * 2e-5 and not np.asarray(merged['head']['bias']).any()
   loaded, _ = checkpoints.load_params(str(ckpt))
-  checkpoints.save_params(str(tmp_path / 'extra'), dict(loaded, extra={'kernel': np.zeros(2)}),
-                          {'model_name': 'convnext_atto', 'num_classes': 1000})
+  checkpoints.save_params(
+      str(tmp_path / 'extra'),
+      dict(loaded, extra={'kernel': np.zeros(2)}),
+      {'model_name': 'convnext_atto', 'num_classes': 1000},
+  )
   with pytest.raises(checkpoints.CheckpointError, match='unexpected 1: extra/kernel'):
     checkpoints.load_params_into(str(tmp_path / 'extra'), fresh['params'])
 
   # Fine-tuning through the training entry point. The new head starts at chance (its logits
   # are ~1e-3 of the backbone's); 60 steps take it well above.
   finetune_dir = str(tmp_path / 'finetune')
-  run_main(finetune_dir, shapes_dir, f'--config.init_from.path={ckpt}',
-           '--config.model.head_init_scale=0.001', '--config.input.image_size=32',
-           '--config.num_steps=60', '--config.optim.lr=1e-3', '--config.optim.warmup_steps=0',
-           '--config.eval_every_steps=60', '--config.checkpoint_every_steps=60')
+  run_main(
+      finetune_dir,
+      shapes_dir,
+      f'--config.init_from.path={ckpt}',
+      '--config.model.head_init_scale=0.001',
+      '--config.input.image_size=32',
+      '--config.num_steps=60',
+      '--config.optim.lr=1e-3',
+      '--config.optim.warmup_steps=0',
+      '--config.eval_every_steps=60',
+      '--config.checkpoint_every_steps=60',
+  )
   tuned, meta = checkpoints.load_params(finetune_dir, which='raw')
   assert meta['num_classes'] == 10 and tuned['head']['kernel'].shape == (320, 10)
   assert meta['metrics']['convnext_shapes/raw/top1'] > 2.5 * CHANCE, meta['metrics']
@@ -257,8 +306,7 @@ def _params(workdir, step):
 def _threads_left(before):
   """Non-daemon threads started since `before` and still alive: they would hold the
   interpreter's exit after the run (threading joins them)."""
-  return [t for t in threading.enumerate()
-          if t not in before and t.is_alive() and not t.daemon]
+  return [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
 
 
 def test_resume_gives_the_uninterrupted_parameters(shapes_dir, tmp_path, monkeypatch):
@@ -283,13 +331,21 @@ def test_resume_gives_the_uninterrupted_parameters(shapes_dir, tmp_path, monkeyp
   jax.tree.map(np.testing.assert_array_equal, _params(stopped, 6), _params(straight, 6))
 
   # The same checkpoint resumed by a process with 2 devices instead of 8.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu')
-  code = ('import sys; sys.path.insert(0, sys.argv[1]); import test_train; '
-          'from convnext_jax import train; '
-          'train.train_and_evaluate(test_train.resume_config(sys.argv[2]), sys.argv[3])')
-  subprocess.run([sys.executable, '-c', code, str(REPO / 'tests'), shapes_dir,
-                  str(tmp_path / 'stopped_copy')], env=env, check=True, capture_output=True)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  code = (
+      'import sys; sys.path.insert(0, sys.argv[1]); import test_train; '
+      'from convnext_jax import train; '
+      'train.train_and_evaluate(test_train.resume_config(sys.argv[2]), sys.argv[3])'
+  )
+  subprocess.run(
+      [sys.executable, '-c', code, str(REPO / 'tests'), shapes_dir, str(tmp_path / 'stopped_copy')],
+      env=env,
+      check=True,
+      capture_output=True,
+  )
   other = _params(str(tmp_path / 'stopped_copy'), 6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               other, _params(straight, 6))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      other,
+      _params(straight, 6),
+  )

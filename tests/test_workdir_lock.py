@@ -12,7 +12,8 @@ import threading
 import pytest
 
 from convnext_jax import workdir_lock
-from convnext_jax.workdir_lock import WorkdirLock, WorkdirLocked
+from convnext_jax.workdir_lock import WorkdirLock
+from convnext_jax.workdir_lock import WorkdirLocked
 
 HOST = socket.gethostname()
 # The lock holder in a second process: takes the lock, says so, and sleeps until killed.
@@ -49,16 +50,19 @@ def _dead_pid():
 
 def test_second_process_refused_until_killed_then_taken_over(tmp_path, caplog):
   workdir = str(tmp_path / 'run')
-  holder = subprocess.Popen([sys.executable, '-c', _HOLDER, workdir], stdout=subprocess.PIPE,
-                            text=True)
+  holder = subprocess.Popen(
+      [sys.executable, '-c', _HOLDER, workdir], stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline() == 'locked\n'
     with pytest.raises(WorkdirLocked) as refused:
       WorkdirLock(workdir).acquire()
     message = str(refused.value)
     assert '\n' not in message
-    assert f'workdir {workdir} is in use by another trainer: host {HOST}, pid {holder.pid}, ' \
+    assert (
+        f'workdir {workdir} is in use by another trainer: host {HOST}, pid {holder.pid}, '
         in message
+    )
     assert f'(lock {workdir}/LOCK)' in message
     assert message.endswith(f'if no trainer uses it, delete {workdir}/LOCK')
     assert _read_lock(workdir)['pid'] == holder.pid
@@ -119,8 +123,10 @@ def test_threads_racing_on_stale_lock_exactly_one_wins(tmp_path):
   clock = FakeClock()
   WorkdirLock(tmp_path, heartbeat_s=None, clock=clock, host='gone').acquire()
   clock.now += 601
-  locks = [WorkdirLock(tmp_path, heartbeat_s=None, clock=clock, host=f'h{i}', pid=100 + i)
-           for i in range(8)]
+  locks = [
+      WorkdirLock(tmp_path, heartbeat_s=None, clock=clock, host=f'h{i}', pid=100 + i)
+      for i in range(8)
+  ]
   barrier = threading.Barrier(len(locks))
   errors = {}
 
@@ -147,10 +153,10 @@ def test_threads_racing_on_stale_lock_exactly_one_wins(tmp_path):
 def test_other_host_fresh_refuses_stale_taken_over_and_old_holder_lost(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, 'argv', ['convnext-train', '--workdir', str(tmp_path)])
   clock = FakeClock()
-  old = WorkdirLock(tmp_path, heartbeat_s=None, stale_after_s=600, clock=clock,
-                    host='other', pid=4242).acquire()
-  new = WorkdirLock(tmp_path, heartbeat_s=None, stale_after_s=600, clock=clock,
-                    host='mine', pid=7)
+  old = WorkdirLock(
+      tmp_path, heartbeat_s=None, stale_after_s=600, clock=clock, host='other', pid=4242
+  ).acquire()
+  new = WorkdirLock(tmp_path, heartbeat_s=None, stale_after_s=600, clock=clock, host='mine', pid=7)
 
   clock.now += 590
   with pytest.raises(WorkdirLocked) as refused:
@@ -159,7 +165,8 @@ def test_other_host_fresh_refuses_stale_taken_over_and_old_holder_lost(tmp_path,
       f'workdir {tmp_path} is in use by another trainer: host other, pid 4242, started '
       f'2026-12-03 06:00:00 UTC, command "{" ".join(sys.argv)}", last heartbeat 590 s ago '
       f'(it is taken over after 600 s without one) (lock {tmp_path}/LOCK); stop that run or '
-      f'choose another --workdir; if no trainer uses it, delete {tmp_path}/LOCK')
+      f'choose another --workdir; if no trainer uses it, delete {tmp_path}/LOCK'
+  )
 
   assert old.heartbeat()  # refreshed at +590: stale only at +1190
   clock.now += 600
@@ -191,8 +198,9 @@ def _wait_for(condition, timeout_s=10.0):
 
 def test_heartbeat_thread_refreshes_then_detects_takeover(tmp_path):
   clock = FakeClock()
-  lock = WorkdirLock(tmp_path, heartbeat_s=0.01, stale_after_s=600, clock=clock, host='a',
-                     pid=1).acquire()
+  lock = WorkdirLock(
+      tmp_path, heartbeat_s=0.01, stale_after_s=600, clock=clock, host='a', pid=1
+  ).acquire()
   clock.now += 5
   assert _wait_for(lambda: _read_lock(tmp_path)['heartbeat'] == clock.now)
   assert not lock.lost
@@ -224,17 +232,27 @@ def test_corrupt_lock_is_never_taken_over(tmp_path):
   assert str(refused.value) == (
       f"workdir {tmp_path} has a lock file that is not a convnext_jax lock (b'not json') at "
       f'{tmp_path}/LOCK, so it may be in use; if no trainer uses this workdir, delete '
-      f'{tmp_path}/LOCK')
+      f'{tmp_path}/LOCK'
+  )
   assert (tmp_path / 'LOCK').read_text() == 'not json'
 
 
 def test_gcs_and_local_kvstore_specs():
   assert workdir_lock.kvstore_spec('gs://bucket/a/b') == {
-      'driver': 'gcs', 'bucket': 'bucket', 'path': 'a/b/'}
+      'driver': 'gcs',
+      'bucket': 'bucket',
+      'path': 'a/b/',
+  }
   assert workdir_lock.kvstore_spec('gs://bucket/a/b/') == {
-      'driver': 'gcs', 'bucket': 'bucket', 'path': 'a/b/'}
+      'driver': 'gcs',
+      'bucket': 'bucket',
+      'path': 'a/b/',
+  }
   assert workdir_lock.kvstore_spec('gs://bucket') == {
-      'driver': 'gcs', 'bucket': 'bucket', 'path': ''}
+      'driver': 'gcs',
+      'bucket': 'bucket',
+      'path': '',
+  }
   assert workdir_lock.kvstore_spec('/x/run') == {'driver': 'file', 'path': '/x/run/'}
   with pytest.raises(ValueError, match='only local paths and gs://'):
     workdir_lock.kvstore_spec('s3://bucket/a')

@@ -65,20 +65,23 @@ class OfficialBlock(nn.Module):
 class OfficialConvNeXt(nn.Module):
   """Hierarchical ConvNeXt with the official module names; `stages` are returned too."""
 
-  def __init__(self, depths, dims, num_classes=1000, layer_scale=1e-6, use_grn=False,
-               eps=1e-6):
+  def __init__(self, depths, dims, num_classes=1000, layer_scale=1e-6, use_grn=False, eps=1e-6):
     super().__init__()
-    self.downsample_layers = nn.ModuleList([
-        nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), ChannelsFirstLayerNorm(dims[0], eps))
-    ])
+    self.downsample_layers = nn.ModuleList(
+        [nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), ChannelsFirstLayerNorm(dims[0], eps))]
+    )
     for i in range(1, len(dims)):
       self.downsample_layers.append(
-          nn.Sequential(ChannelsFirstLayerNorm(dims[i - 1], eps),
-                        nn.Conv2d(dims[i - 1], dims[i], 2, stride=2)))
-    self.stages = nn.ModuleList([
-        nn.Sequential(*[OfficialBlock(d, layer_scale, use_grn, eps) for _ in range(n)])
-        for n, d in zip(depths, dims)
-    ])
+          nn.Sequential(
+              ChannelsFirstLayerNorm(dims[i - 1], eps), nn.Conv2d(dims[i - 1], dims[i], 2, stride=2)
+          )
+      )
+    self.stages = nn.ModuleList(
+        [
+            nn.Sequential(*[OfficialBlock(d, layer_scale, use_grn, eps) for _ in range(n)])
+            for n, d in zip(depths, dims)
+        ]
+    )
     self.norm = nn.LayerNorm(dims[-1], eps=eps)
     self.head = nn.Linear(dims[-1], num_classes)
 
@@ -95,8 +98,9 @@ class OfficialIsotropic(nn.Module):
   def __init__(self, depth, dim, num_classes=1000, layer_scale=0.0, eps=1e-6):
     super().__init__()
     self.stem = nn.Conv2d(3, dim, 16, stride=16)
-    self.blocks = nn.Sequential(*[OfficialBlock(dim, layer_scale, False, eps)
-                                  for _ in range(depth)])
+    self.blocks = nn.Sequential(
+        *[OfficialBlock(dim, layer_scale, False, eps) for _ in range(depth)]
+    )
     self.norm = nn.LayerNorm(dim, eps=eps)
     self.head = nn.Linear(dim, num_classes)
 
@@ -162,10 +166,14 @@ class TimmStage(nn.Module):
 
   def __init__(self, in_dim, dim, depth, layer_scale, use_grn, conv_mlp, eps, first):
     super().__init__()
-    self.downsample = nn.Identity() if first else nn.Sequential(
-        ChannelsFirstLayerNorm(in_dim, eps), nn.Conv2d(in_dim, dim, 2, stride=2))
-    self.blocks = nn.Sequential(*[TimmBlock(dim, layer_scale, use_grn, conv_mlp, eps)
-                                  for _ in range(depth)])
+    self.downsample = (
+        nn.Identity()
+        if first
+        else nn.Sequential(ChannelsFirstLayerNorm(in_dim, eps), nn.Conv2d(in_dim, dim, 2, stride=2))
+    )
+    self.blocks = nn.Sequential(
+        *[TimmBlock(dim, layer_scale, use_grn, conv_mlp, eps) for _ in range(depth)]
+    )
 
   def forward(self, x):
     return self.blocks(self.downsample(x))
@@ -185,15 +193,35 @@ class TimmHead(nn.Module):
 class TimmConvNeXt(nn.Module):
   """Hierarchical ConvNeXt with timm's module names."""
 
-  def __init__(self, depths, dims, num_classes=1000, layer_scale=1e-6, use_grn=False,
-               conv_mlp=False, eps=1e-6):
+  def __init__(
+      self,
+      depths,
+      dims,
+      num_classes=1000,
+      layer_scale=1e-6,
+      use_grn=False,
+      conv_mlp=False,
+      eps=1e-6,
+  ):
     super().__init__()
-    self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4),
-                              ChannelsFirstLayerNorm(dims[0], eps))
-    self.stages = nn.Sequential(*[
-        TimmStage(dims[max(i - 1, 0)], dims[i], depths[i], layer_scale, use_grn, conv_mlp, eps,
-                  first=i == 0) for i in range(len(dims))
-    ])
+    self.stem = nn.Sequential(
+        nn.Conv2d(3, dims[0], 4, stride=4), ChannelsFirstLayerNorm(dims[0], eps)
+    )
+    self.stages = nn.Sequential(
+        *[
+            TimmStage(
+                dims[max(i - 1, 0)],
+                dims[i],
+                depths[i],
+                layer_scale,
+                use_grn,
+                conv_mlp,
+                eps,
+                first=i == 0,
+            )
+            for i in range(len(dims))
+        ]
+    )
     self.head = TimmHead(dims[-1], num_classes, eps)
 
   def forward(self, x):
@@ -211,7 +239,8 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
   inits would hide a wrongly mapped tensor). Works on any ConvNeXt module tree (HF too)."""
   generator = torch.Generator().manual_seed(seed)
   norm_scales = {
-      id(m.weight) for m in module.modules()
+      id(m.weight)
+      for m in module.modules()
       if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith('LayerNorm')
   }
   with torch.no_grad():

@@ -11,15 +11,21 @@ Command line: `convnext-convert` / `python -m convnext_jax.convert` (see `cli`).
 """
 
 from convnext_jax.convert.files import load_torch_checkpoint
+from convnext_jax.convert.layouts import LAYOUTS
 from convnext_jax.convert.layouts import ConversionError
 from convnext_jax.convert.layouts import detect_layout
 from convnext_jax.convert.layouts import detect_model
 from convnext_jax.convert.layouts import flax_to_torch
-from convnext_jax.convert.layouts import LAYOUTS
 from convnext_jax.convert.layouts import layouts_of
 from convnext_jax.convert.layouts import torch_to_flax
 
 __all__ = [
-    'ConversionError', 'LAYOUTS', 'detect_layout', 'detect_model', 'flax_to_torch',
-    'layouts_of', 'load_torch_checkpoint', 'torch_to_flax'
+    'LAYOUTS',
+    'ConversionError',
+    'detect_layout',
+    'detect_model',
+    'flax_to_torch',
+    'layouts_of',
+    'load_torch_checkpoint',
+    'torch_to_flax',
 ]

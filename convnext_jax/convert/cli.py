@@ -62,8 +62,10 @@ def run_import(args) -> str:
   }
   checkpoints.save_params(args.dest, params, metadata, overwrite=args.overwrite)
   weights = 'EMA' if info['ema'] else 'raw'
-  return (f'wrote {args.dest}: {model_name}, {num_classes} classes, {weights} weights '
-          f'from {layout} {args.src}')
+  return (
+      f'wrote {args.dest}: {model_name}, {num_classes} classes, {weights} weights '
+      f'from {layout} {args.src}'
+  )
 
 
 def run_export(args) -> str:
@@ -78,10 +80,17 @@ def run_export(args) -> str:
   elif layout == 'timm':
     files.save_safetensors(state_dict, args.dest, overwrite=args.overwrite)
   else:
-    files.save_hf_directory(state_dict, args.dest, model_name, num_classes,
-                            metadata.get('class_names'), overwrite=args.overwrite)
-  weights = (f", {metadata['weights']} weights of step {metadata['step']}"
-             if 'step' in metadata else '')
+    files.save_hf_directory(
+        state_dict,
+        args.dest,
+        model_name,
+        num_classes,
+        metadata.get('class_names'),
+        overwrite=args.overwrite,
+    )
+  weights = (
+      f", {metadata['weights']} weights of step {metadata['step']}" if 'step' in metadata else ''
+  )
   return f'wrote {args.dest}: {model_name}, {num_classes} classes, {layout} layout{weights}'
 
 
@@ -98,36 +107,58 @@ def run_inspect(args) -> str:
     except layouts.ConversionError as e:
       raise layouts.ConversionError(f'{args.src}: {e}') from None
     params = {k: v for k, v in state_dict.items() if not k.endswith(_BATCHNORM_BUFFERS)}
-    facts = dict(layout=layout, model_name=model_name, num_classes=num_classes,
-                 ema=info['ema'], parameters=models.count_params(params))
+    facts = dict(
+        layout=layout,
+        model_name=model_name,
+        num_classes=num_classes,
+        ema=info['ema'],
+        parameters=models.count_params(params),
+    )
   return '\n'.join(f'{k}: {v}' for k, v in facts.items() if k != 'class_names')
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog=PROG, description='Convert ConvNeXt and ResNet weights between PyTorch and JAX/Flax.')
+      prog=PROG, description='Convert ConvNeXt and ResNet weights between PyTorch and JAX/Flax.'
+  )
   sub = parser.add_subparsers(dest='command', required=True)
 
   p = sub.add_parser('import', help='PyTorch file or HF directory -> orbax params checkpoint')
   p.add_argument('src', help='.pth/.bin/.safetensors file or Hugging Face model directory')
   p.add_argument('dest', help='orbax checkpoint directory to create')
-  p.add_argument('--model', choices=models.list_models(), metavar='NAME',
-                 help='expected model name (default: detected from the weights)')
-  p.add_argument('--ema', action='store_true',
-                 help="take 'model_ema' from an official training checkpoint")
+  p.add_argument(
+      '--model',
+      choices=models.list_models(),
+      metavar='NAME',
+      help='expected model name (default: detected from the weights)',
+  )
+  p.add_argument(
+      '--ema', action='store_true', help="take 'model_ema' from an official training checkpoint"
+  )
   p.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')
   p.set_defaults(run=run_import)
 
   p = sub.add_parser('export', help='orbax params checkpoint -> PyTorch file or HF directory')
   p.add_argument('src', help='orbax params checkpoint, or training workdir')
   p.add_argument('dest', help='.pth (official), .safetensors (timm) or directory (hf)')
-  p.add_argument('--params', choices=('ema', 'raw'), default='ema',
-                 help='weights of a training workdir (default: ema, else raw)')
-  p.add_argument('--step', type=int, default=None,
-                 help='checkpoint step of a training workdir (default: the latest)')
-  p.add_argument('--layout', choices=layouts.LAYOUTS,
-                 help='output key layout (default: from the suffix of DEST); roadmap steps '
-                 'other than the ResNets and ConvNeXt have only official')
+  p.add_argument(
+      '--params',
+      choices=('ema', 'raw'),
+      default='ema',
+      help='weights of a training workdir (default: ema, else raw)',
+  )
+  p.add_argument(
+      '--step',
+      type=int,
+      default=None,
+      help='checkpoint step of a training workdir (default: the latest)',
+  )
+  p.add_argument(
+      '--layout',
+      choices=layouts.LAYOUTS,
+      help='output key layout (default: from the suffix of DEST); roadmap steps '
+      'other than the ResNets and ConvNeXt have only official',
+  )
   p.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')
   p.set_defaults(run=run_export)
 

@@ -21,10 +21,10 @@ import safetensors
 import safetensors.numpy
 
 from convnext_jax import models
-from convnext_jax.convert.layouts import contiguous
-from convnext_jax.convert.layouts import ConversionError
-from convnext_jax.convert.layouts import family
 from convnext_jax.convert.layouts import HF_NORM_EPS
+from convnext_jax.convert.layouts import ConversionError
+from convnext_jax.convert.layouts import contiguous
+from convnext_jax.convert.layouts import family
 from convnext_jax.fileio import atomic_output
 
 PICKLE_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.tar')
@@ -39,8 +39,9 @@ def _import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ConversionError("reading or writing .pth files needs PyTorch: "
-                          "pip install 'convnext_jax[torch]'") from None
+    raise ConversionError(
+        "reading or writing .pth files needs PyTorch: pip install 'convnext_jax[torch]'"
+    ) from None
   return torch
 
 
@@ -65,28 +66,32 @@ def _torch_load(path: str) -> Any:
         what = found.group(1) if found else 'non-tensor objects'
         raise ConversionError(
             f'{path} holds {what}, which a weights-only load refuses to unpickle (a pickle can '
-            'run code); re-save just the state dict with torch.save') from None
+            'run code); re-save just the state dict with torch.save'
+        ) from None
       reason = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-      raise ConversionError(f'cannot read {path}: {reason}; the file is truncated or not a '
-                            'PyTorch checkpoint, re-download or re-save it') from None
+      raise ConversionError(
+          f'cannot read {path}: {reason}; the file is truncated or not a '
+          'PyTorch checkpoint, re-download or re-save it'
+      ) from None
 
 
 def _load_safetensors(path: str) -> dict[str, Any]:
   try:
     try:
       with safetensors.safe_open(path, framework='numpy') as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except TypeError as e:  # numpy has no bfloat16: read such files through torch.
       if 'bfloat16' not in str(e).lower() and 'bf16' not in str(e).lower():
         raise
       _import_torch()
       with safetensors.safe_open(path, framework='pt') as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
   except ConversionError:
     raise
   except Exception as e:  # SafetensorError, OSError, ...
-    raise ConversionError(f'cannot read {path}: {e}; the file is truncated or not a '
-                          'safetensors file') from None
+    raise ConversionError(
+        f'cannot read {path}: {e}; the file is truncated or not a safetensors file'
+    ) from None
 
 
 def _select_state_dict(obj: Any, path: str, ema: bool) -> tuple[dict[str, Any], bool]:
@@ -102,8 +107,10 @@ def _select_state_dict(obj: Any, path: str, ema: bool) -> tuple[dict[str, Any], 
     for key in _EMA_KEYS:
       if key in nested:
         return obj[key], True
-    raise ConversionError(f"{path} has no EMA weights (keys: {', '.join(sorted(obj))}); "
-                          'drop --ema to convert the raw weights')
+    raise ConversionError(
+        f"{path} has no EMA weights (keys: {', '.join(sorted(obj))}); "
+        'drop --ema to convert the raw weights'
+    )
   for key in _STATE_DICT_KEYS:
     if key in nested:
       return obj[key], False
@@ -121,8 +128,10 @@ def _hf_weights_files(directory: str) -> list[str]:
   for name in ('model.safetensors', 'pytorch_model.bin'):
     if os.path.exists(os.path.join(directory, name)):
       return [os.path.join(directory, name)]
-  raise ConversionError(f'{directory} has no model.safetensors or pytorch_model.bin; '
-                        'expected a Hugging Face model directory')
+  raise ConversionError(
+      f'{directory} has no model.safetensors or pytorch_model.bin; '
+      'expected a Hugging Face model directory'
+  )
 
 
 def _class_names(hf_config: dict[str, Any]) -> list[str] | None:
@@ -155,8 +164,10 @@ def load_torch_checkpoint(path: str, ema: bool = False) -> tuple[dict[str, Any],
   if os.path.isdir(path):
     config_path = os.path.join(path, HF_CONFIG)
     if not os.path.exists(config_path):
-      raise ConversionError(f'{path} is a directory without {HF_CONFIG}; expected a Hugging '
-                            'Face model directory or a checkpoint file')
+      raise ConversionError(
+          f'{path} is a directory without {HF_CONFIG}; expected a Hugging '
+          'Face model directory or a checkpoint file'
+      )
     with open(config_path) as f:
       info['class_names'] = _class_names(json.load(f))
     state_dict = {}
@@ -172,8 +183,10 @@ def load_torch_checkpoint(path: str, ema: bool = False) -> tuple[dict[str, Any],
   if path.endswith(PICKLE_SUFFIXES):
     state_dict, info['ema'] = _select_state_dict(_torch_load(path), path, ema)
     return state_dict, info
-  raise ConversionError(f'{path}: unknown checkpoint type; expected a .pth/.pt/.bin/.ckpt or '
-                        f'{SAFETENSORS_SUFFIX} file, or a Hugging Face model directory')
+  raise ConversionError(
+      f'{path}: unknown checkpoint type; expected a .pth/.pt/.bin/.ckpt or '
+      f'{SAFETENSORS_SUFFIX} file, or a Hugging Face model directory'
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -185,19 +198,18 @@ def save_official_pth(state_dict: dict[str, np.ndarray], path: str, overwrite: b
   """Writes `torch.save({'model': state_dict})`, as the official repository loads it."""
   torch = _import_torch()
   tensors = {k: torch.from_numpy(contiguous(v)) for k, v in state_dict.items()}
-  with atomic_output(path, overwrite) as tmp:
-    # Through a Python file, so a full disk surfaces as OSError(ENOSPC) (in the context of
-    # torch's RuntimeError); torch's own file writer reports it as an 'iostream error'.
-    with open(tmp, 'wb') as f:
-      torch.save({'model': tensors}, f)
+  # Through a Python file, so a full disk surfaces as OSError(ENOSPC) (in the context of
+  # torch's RuntimeError); torch's own file writer reports it as an 'iostream error'.
+  with atomic_output(path, overwrite) as tmp, open(tmp, 'wb') as f:
+    torch.save({'model': tensors}, f)
 
 
 def save_safetensors(state_dict: dict[str, np.ndarray], path: str, overwrite: bool = False):
   """Writes a safetensors file (metadata format 'pt', which timm and transformers expect)."""
   with atomic_output(path, overwrite) as tmp:
     safetensors.numpy.save_file(
-        {k: contiguous(v) for k, v in state_dict.items()}, tmp,
-        metadata={'format': 'pt'})
+        {k: contiguous(v) for k, v in state_dict.items()}, tmp, metadata={'format': 'pt'}
+    )
 
 
 def _hf_resnet_config(spec: models.ModelSpec) -> dict[str, Any]:
@@ -216,8 +228,9 @@ def _hf_resnet_config(spec: models.ModelSpec) -> dict[str, Any]:
   }
 
 
-def hf_config(model_name: str, num_classes: int,
-              class_names: list[str] | None = None) -> dict[str, Any]:
+def hf_config(
+    model_name: str, num_classes: int, class_names: list[str] | None = None
+) -> dict[str, Any]:
   """A transformers `ConvNextConfig`/`ConvNextV2Config`/`ResNetConfig` dict for a registered
   model (one that the 'hf' layout can represent, `layouts.layouts_of`)."""
   spec = models.get_spec(model_name)
@@ -236,8 +249,8 @@ def hf_config(model_name: str, num_classes: int,
     return dict(config, **labels)
   config = {
       'architectures': [
-          ('ConvNextV2' if v2 else 'ConvNext') +
-          ('ForImageClassification' if num_classes else 'Model')
+          ('ConvNextV2' if v2 else 'ConvNext')
+          + ('ForImageClassification' if num_classes else 'Model')
       ],
       'model_type': 'convnextv2' if v2 else 'convnext',
       'num_channels': 3,
@@ -259,18 +272,25 @@ def hf_config(model_name: str, num_classes: int,
   return config
 
 
-def save_hf_directory(state_dict: dict[str, np.ndarray], path: str, model_name: str,
-                      num_classes: int, class_names: list[str] | None = None,
-                      overwrite: bool = False):
+def save_hf_directory(
+    state_dict: dict[str, np.ndarray],
+    path: str,
+    model_name: str,
+    num_classes: int,
+    class_names: list[str] | None = None,
+    overwrite: bool = False,
+):
   """Writes a directory that `transformers.AutoModel*.from_pretrained` loads."""
   config = hf_config(model_name, num_classes, class_names)
   if not num_classes:
     prefix = config['model_type'] + '.'  # ConvNextModel/ResNetModel: no prefix on their keys.
-    state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
   with atomic_output(path, overwrite) as tmp:
     os.mkdir(tmp)
     with open(os.path.join(tmp, HF_CONFIG), 'w') as f:
       json.dump(config, f, indent=2)
     safetensors.numpy.save_file(
         {k: contiguous(v) for k, v in state_dict.items()},
-        os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+        os.path.join(tmp, 'model.safetensors'),
+        metadata={'format': 'pt'},
+    )

@@ -38,8 +38,10 @@ LAYOUTS = ('official', 'timm', 'hf')
 
 # timm builds these with `conv_mlp=True`: fc1/fc2 are 1x1 convs stored as (out, in, 1, 1).
 TIMM_CONV_MLP = frozenset(
-    f'{prefix}_{size}' for prefix in ('convnext', 'convnextv2')
-    for size in ('atto', 'femto', 'pico', 'nano'))
+    f'{prefix}_{size}'
+    for prefix in ('convnext', 'convnextv2')
+    for size in ('atto', 'femto', 'pico', 'nano')
+)
 
 
 # transformers hard-codes eps 1e-6 in every LayerNorm but the final one (config.layer_norm_eps).
@@ -51,9 +53,17 @@ HF_NORM_EPS = 1e-6
 NUM_BATCHES_TRACKED = 0
 
 # The RoadmapNet design of torchvision's ResNet (v1.5); the steps with it are the ResNet family.
-_RESNET_DESIGN = dict(stem='resnet', block='bottleneck', depthwise=False, kernel_size=3,
-                      activation='relu', fewer_activations=False, fewer_norms=False,
-                      norm='batch', separate_downsampling=False)
+_RESNET_DESIGN = dict(
+    stem='resnet',
+    block='bottleneck',
+    depthwise=False,
+    kernel_size=3,
+    activation='relu',
+    fewer_activations=False,
+    fewer_norms=False,
+    norm='batch',
+    separate_downsampling=False,
+)
 
 
 class ConversionError(ValueError):
@@ -63,6 +73,7 @@ class ConversionError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class _Transform:
   """How one kind of tensor is laid out in PyTorch relative to Flax."""
+
   to_torch: Callable[[np.ndarray], np.ndarray]
   to_flax: Callable[[np.ndarray], np.ndarray]
   torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
@@ -70,23 +81,28 @@ class _Transform:
 
 _TRANSFORMS = {
     # Conv kernel (kh, kw, in, out) <-> weight (out, in, kh, kw).
-    'conv': _Transform(lambda a: np.transpose(a, (3, 2, 0, 1)),
-                       lambda a: np.transpose(a, (2, 3, 1, 0)),
-                       lambda s: (s[3], s[2], s[0], s[1])),
+    'conv': _Transform(
+        lambda a: np.transpose(a, (3, 2, 0, 1)),
+        lambda a: np.transpose(a, (2, 3, 1, 0)),
+        lambda s: (s[3], s[2], s[0], s[1]),
+    ),
     # Dense kernel (in, out) <-> Linear weight (out, in).
-    'linear': _Transform(lambda a: np.transpose(a, (1, 0)), lambda a: np.transpose(a, (1, 0)),
-                         lambda s: (s[1], s[0])),
+    'linear': _Transform(
+        lambda a: np.transpose(a, (1, 0)), lambda a: np.transpose(a, (1, 0)), lambda s: (s[1], s[0])
+    ),
     # Dense kernel (in, out) <-> 1x1 Conv2d weight (out, in, 1, 1) (timm's conv_mlp).
-    'linear_as_conv1x1': _Transform(lambda a: np.transpose(a, (1, 0))[:, :, None, None],
-                                    lambda a: np.transpose(a[:, :, 0, 0], (1, 0)),
-                                    lambda s: (s[1], s[0], 1, 1)),
+    'linear_as_conv1x1': _Transform(
+        lambda a: np.transpose(a, (1, 0))[:, :, None, None],
+        lambda a: np.transpose(a[:, :, 0, 0], (1, 0)),
+        lambda s: (s[1], s[0], 1, 1),
+    ),
     # GRN gamma/beta (C,) <-> (1, 1, 1, C) (official and transformers).
-    'grn': _Transform(lambda a: a.reshape(1, 1, 1, -1), lambda a: a.reshape(-1),
-                      lambda s: (1, 1, 1) + tuple(s)),
+    'grn': _Transform(
+        lambda a: a.reshape(1, 1, 1, -1), lambda a: a.reshape(-1), lambda s: (1, 1, 1) + tuple(s)
+    ),
     'vector': _Transform(lambda a: a, lambda a: a, tuple),
     # BatchNorm's num_batches_tracked: PyTorch only (int64 scalar), no Flax leaf.
-    'count': _Transform(lambda a: np.asarray(NUM_BATCHES_TRACKED, np.int64), None,
-                        lambda s: ()),
+    'count': _Transform(lambda a: np.asarray(NUM_BATCHES_TRACKED, np.int64), None, lambda s: ()),
 }
 
 
@@ -116,6 +132,7 @@ def layouts_of(model_name: str) -> tuple[str, ...]:
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
   """One parameter: where it lives on each side and how its array is laid out."""
+
   flax_path: tuple[str, ...]
   torch_key: str
   kind: str  # A key of _TRANSFORMS.
@@ -132,8 +149,12 @@ class TensorMap:
     return self.kind == 'count'
 
 
-_OFFICIAL_LEAF = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean',
-                  'var': 'running_var'}
+_OFFICIAL_LEAF = {
+    'kernel': 'weight',
+    'scale': 'weight',
+    'mean': 'running_mean',
+    'var': 'running_var',
+}
 
 
 def _official_key(path: tuple[str, ...]) -> str:
@@ -156,7 +177,7 @@ def _timm_key(key: str) -> str:
 def _hf_key(key: str, prefix: str) -> str:
   """Hugging Face `ConvNext(V2)ForImageClassification` key; prefix 'convnext'/'convnextv2'."""
   if key.startswith('head.'):
-    return 'classifier.' + key[len('head.'):]
+    return 'classifier.' + key[len('head.') :]
   key = re.sub(r'^downsample_layers\.0\.0\.', 'embeddings.patch_embeddings.', key)
   key = re.sub(r'^downsample_layers\.0\.1\.', 'embeddings.layernorm.', key)
   key = re.sub(r'^downsample_layers\.(\d+)\.', r'encoder.stages.\1.downsampling_layer.', key)
@@ -174,10 +195,10 @@ def _resnet_hf_key(key: str) -> str:
   key = re.sub(r'^conv1\.', 'embedder.embedder.convolution.', key)
   key = re.sub(r'^bn1\.', 'embedder.embedder.normalization.', key)
   if key.startswith('fc.'):
-    return 'classifier.1.' + key[len('fc.'):]  # classifier.0 is a Flatten.
+    return 'classifier.1.' + key[len('fc.') :]  # classifier.0 is a Flatten.
   block = re.match(r'^layer(\d+)\.(\d+)\.', key)
   if block:
-    rest = key[block.end():]
+    rest = key[block.end() :]
     rest = re.sub(r'^conv(\d)\.', lambda m: f'layer.{int(m.group(1)) - 1}.convolution.', rest)
     rest = re.sub(r'^bn(\d)\.', lambda m: f'layer.{int(m.group(1)) - 1}.normalization.', rest)
     rest = re.sub(r'^downsample\.0\.', 'shortcut.convolution.', rest)
@@ -216,10 +237,12 @@ def torch_key(path: tuple[str, ...], layout: str, spec: models.ModelSpec) -> str
     raise ConversionError(
         f'{spec.name}: the {layout} layout has no such model (of the roadmap, only the '
         f'ResNets {", ".join(resnets)} and the last step, ConvNeXt, have one); use --layout '
-        'official')
+        'official'
+    )
   if spec.isotropic:
-    raise ConversionError(f'{spec.name}: the {layout} layout has no isotropic ConvNeXt; '
-                          'use --layout official')
+    raise ConversionError(
+        f'{spec.name}: the {layout} layout has no isotropic ConvNeXt; use --layout official'
+    )
   if kind == 'resnet':
     return key if layout == 'timm' else _resnet_hf_key(key)  # timm's keys are torchvision's.
   if layout == 'timm':
@@ -227,7 +250,7 @@ def torch_key(path: tuple[str, ...], layout: str, spec: models.ModelSpec) -> str
   return _hf_key(key, 'convnextv2' if spec.use_grn else 'convnext')
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flax_shapes(model_name: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
   model = models.create_model(model_name, num_classes=num_classes)
   return {path: tuple(leaf.shape) for path, leaf in flatten(models.weight_shapes(model)).items()}
@@ -239,15 +262,22 @@ def tensor_maps(model_name: str, num_classes: int, layout: str) -> list[TensorMa
   return maps_from_shapes(_flax_shapes(model_name, num_classes), model_name, layout)
 
 
-def maps_from_shapes(shapes: Mapping[tuple[str, ...], tuple[int, ...]], model_name: str,
-                     layout: str) -> list[TensorMap]:
+def maps_from_shapes(
+    shapes: Mapping[tuple[str, ...], tuple[int, ...]], model_name: str, layout: str
+) -> list[TensorMap]:
   """Tensor maps for a Flax weights tree given as {path: shape}, named as `model_name` names
   them (the shapes may be a custom size, e.g. `create_model(name, dims=...)`)."""
   spec = models.get_spec(model_name)
   maps = []
   for path, shape in shapes.items():
-    maps.append(TensorMap(path, torch_key(path, layout, spec),
-                          _kind(path, len(shape), layout, model_name), tuple(shape)))
+    maps.append(
+        TensorMap(
+            path,
+            torch_key(path, layout, spec),
+            _kind(path, len(shape), layout, model_name),
+            tuple(shape),
+        )
+    )
     if path[-1] == 'var':  # A BatchNorm: PyTorch also counts its batches.
       counter = path[:-1] + ('num_batches_tracked',)
       maps.append(TensorMap(counter, torch_key(counter, layout, spec), 'count', ()))
@@ -268,18 +298,20 @@ def contiguous(array) -> np.ndarray:
   return np.asarray(array, order='C')
 
 
-def params_to_state_dict(params: Mapping[str, Any],
-                         maps: list[TensorMap]) -> dict[str, np.ndarray]:
+def params_to_state_dict(params: Mapping[str, Any], maps: list[TensorMap]) -> dict[str, np.ndarray]:
   """Applies `maps` to Flax weights (no checks): PyTorch key -> contiguous numpy array."""
   flat = flatten(params)
   return {
-      m.torch_key: contiguous(_TRANSFORMS[m.kind].to_torch(
-          None if m.torch_only else to_numpy(flat[m.flax_path]))) for m in maps
+      m.torch_key: contiguous(
+          _TRANSFORMS[m.kind].to_torch(None if m.torch_only else to_numpy(flat[m.flax_path]))
+      )
+      for m in maps
   }
 
 
-def state_dict_to_params(state_dict: Mapping[str, Any], maps: list[TensorMap],
-                         consume: bool = False) -> dict[str, Any]:
+def state_dict_to_params(
+    state_dict: Mapping[str, Any], maps: list[TensorMap], consume: bool = False
+) -> dict[str, Any]:
   """Applies `maps` to a PyTorch state dict (no checks): nested Flax params of numpy arrays.
 
   Every output array is a fresh copy, so nothing keeps the source tensors (or a memory-mapped
@@ -296,8 +328,9 @@ def state_dict_to_params(state_dict: Mapping[str, Any], maps: list[TensorMap],
     for part in m.flax_path[:-1]:
       node = node.setdefault(part, {})
     value = state_dict.pop(m.torch_key) if consume else state_dict[m.torch_key]
-    node[m.flax_path[-1]] = np.array(_TRANSFORMS[m.kind].to_flax(to_numpy(value)), order='C',
-                                     copy=True)
+    node[m.flax_path[-1]] = np.array(
+        _TRANSFORMS[m.kind].to_flax(to_numpy(value)), order='C', copy=True
+    )
     del value
   return params
 
@@ -318,8 +351,9 @@ _HEAD_WEIGHT = {'official': 'head.weight', 'timm': 'head.fc.weight', 'hf': 'clas
 _RESNET_STEM = {'official': 'conv1.weight', 'hf': 'resnet.embedder.embedder.convolution.weight'}
 _RESNET_BLOCK = {
     'official': re.compile(r'^layer(\d+)\.(\d+)\.conv1\.weight$'),
-    'hf': re.compile(r'^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.0\.'
-                     r'convolution\.weight$'),
+    'hf': re.compile(
+        r'^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.0\.convolution\.weight$'
+    ),
 }
 
 
@@ -333,8 +367,10 @@ def detect_layout(keys) -> str:
     ConversionError: the keys are not a ConvNeXt or ResNet state dict of a known layout.
   """
   keys = set(keys)
-  if any(k.startswith(('convnext.embeddings.', 'convnextv2.embeddings.',
-                       'resnet.embedder.')) for k in keys):
+  if any(
+      k.startswith(('convnext.embeddings.', 'convnextv2.embeddings.', 'resnet.embedder.'))
+      for k in keys
+  ):
     return 'hf'
   if 'stem.0.weight' in keys:
     return 'timm'
@@ -346,7 +382,8 @@ def detect_layout(keys) -> str:
       "'downsample_layers.0.0.weight' (official), 'stem.0.weight' (timm), "
       "'convnext.embeddings.patch_embeddings.weight' (Hugging Face), 'conv1.weight' "
       "(torchvision/timm ResNet) or 'resnet.embedder.embedder.convolution.weight' (Hugging "
-      f"Face ResNet); found {sample}")
+      f'Face ResNet); found {sample}'
+  )
 
 
 def _shape(value) -> tuple[int, ...]:
@@ -381,21 +418,29 @@ def _detect_resnet(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int
   known = ', '.join(f'{n} (depths {s.depths}, widths {s.dims})' for n, s in resnets.items())
   what = f'{layout} state dict of a ResNet-named network'
   if any(conv3 is None for _, _, conv3 in first):
-    raise ConversionError(f'{what} with basic blocks (no conv3: ResNet-18/34); the known '
-                          f'ResNets have bottleneck blocks: {known}')
-  if not (stem and stem[1:] == (3, 7, 7) and
-          all(conv2 == (conv1[0], conv1[0], 3, 3) for conv1, conv2, _ in first)):
+    raise ConversionError(
+        f'{what} with basic blocks (no conv3: ResNet-18/34); the known '
+        f'ResNets have bottleneck blocks: {known}'
+    )
+  if not (
+      stem
+      and stem[1:] == (3, 7, 7)
+      and all(conv2 == (conv1[0], conv1[0], 3, 3) for conv1, conv2, _ in first)
+  ):
     raise ConversionError(
         f'{what} that is no torchvision ResNet (conv1 {stem}, layer1.0.conv2 '
         f'{first[0][1] if first else None}): a roadmap step past stage_ratio? Their weights '
         'do not tell them apart (kernel7, gelu and fewer_act share every shape): name the '
-        'model (--model NAME)')
+        'model (--model NAME)'
+    )
   dims = tuple(conv3[0] for _, _, conv3 in first)
   for name, spec in resnets.items():
     if (spec.depths, spec.dims, dict(spec.roadmap)['widths'][0]) == (depths, dims, stem[0]):
       return name, num_classes
-  raise ConversionError(f'no known ResNet has depths {depths} and widths {dims} ({layout} '
-                        f'layout); known ResNets: {known}')
+  raise ConversionError(
+      f'no known ResNet has depths {depths} and widths {dims} ({layout} '
+      f'layout); known ResNets: {known}'
+  )
 
 
 def detect_model(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int]:
@@ -432,12 +477,17 @@ def detect_model(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int]:
   for name in convnexts:
     spec = models.MODEL_SPECS[name]
     if (spec.isotropic, spec.depths, spec.dims, spec.use_grn) == (
-        found['isotropic'], found['depths'], found['dims'], use_grn):
+        found['isotropic'],
+        found['depths'],
+        found['dims'],
+        use_grn,
+    ):
       return name, num_classes
   version = 'V2 (GRN)' if use_grn else 'V1'
   raise ConversionError(
       f'no known ConvNeXt variant is {wanted} {version} with depths {found["depths"]} and '
-      f'dims {found["dims"]} ({layout} layout); known models: {", ".join(convnexts)}')
+      f'dims {found["dims"]} ({layout} layout); known models: {", ".join(convnexts)}'
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -465,15 +515,17 @@ def _listing(items, limit=6) -> str:
   return shown + (f' ... and {len(items) - limit} more' if len(items) > limit else '')
 
 
-def check_state_dict(state_dict: Mapping[str, Any], maps: list[TensorMap], what: str,
-                     hint: str = ''):
+def check_state_dict(
+    state_dict: Mapping[str, Any], maps: list[TensorMap], what: str, hint: str = ''
+):
   """Raises one ConversionError naming missing, unexpected and mis-shaped keys, if any
   (PyTorch-only buffers may be missing), followed by `hint`."""
   expected = {m.torch_key: m for m in maps}
   missing = [k for k, m in expected.items() if k not in state_dict and not m.torch_only]
   unexpected = [k for k in state_dict if k not in expected]
   misshaped = [
-      f'{k} {_shape(state_dict[k])} != expected {expected[k].torch_shape}' for k in expected
+      f'{k} {_shape(state_dict[k])} != expected {expected[k].torch_shape}'
+      for k in expected
       if k in state_dict and _shape(state_dict[k]) != expected[k].torch_shape
   ]
   problems = []
@@ -494,7 +546,7 @@ def strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
   out = state_dict
   for prefix in ('module.', '_orig_mod.'):
     if out and all(k.startswith(prefix) for k in out):
-      out = {k[len(prefix):]: v for k, v in out.items()}
+      out = {k[len(prefix) :]: v for k, v in out.items()}
   return out
 
 
@@ -502,9 +554,9 @@ def _head_path(spec: models.ModelSpec) -> tuple[str, ...]:
   return ('head' if family(spec) == 'convnext' else 'fc', 'kernel')
 
 
-def torch_to_flax(state_dict: Mapping[str, Any],
-                  model_name: str | None = None,
-                  consume: bool = False) -> tuple[str, dict[str, Any]]:
+def torch_to_flax(
+    state_dict: Mapping[str, Any], model_name: str | None = None, consume: bool = False
+) -> tuple[str, dict[str, Any]]:
   """Converts a PyTorch ConvNeXt or ResNet state dict to Flax weights.
 
   The layout (official, timm or Hugging Face) is recognised from the keys, the variant from
@@ -545,8 +597,7 @@ def torch_to_flax(state_dict: Mapping[str, Any],
   model_name = model_name or detected
   maps = tensor_maps(model_name, num_classes, layout)
   looks_like = f' (it looks like {detected})' if detected not in (model_name, None) else ''
-  check_state_dict(state_dict, maps,
-                   f'{layout} state dict does not match {model_name}{looks_like}')
+  check_state_dict(state_dict, maps, f'{layout} state dict does not match {model_name}{looks_like}')
   return model_name, state_dict_to_params(state_dict, maps, consume=consume)
 
 
@@ -562,8 +613,9 @@ def num_classes_of(params: Mapping[str, Any]) -> int:
   return 0
 
 
-def flax_to_torch(params: Mapping[str, Any], model_name: str,
-                  layout: str = 'official') -> dict[str, np.ndarray]:
+def flax_to_torch(
+    params: Mapping[str, Any], model_name: str, layout: str = 'official'
+) -> dict[str, np.ndarray]:
   """Converts Flax weights of `model_name` to a PyTorch state dict of numpy arrays.
 
   Args:
@@ -587,14 +639,25 @@ def flax_to_torch(params: Mapping[str, Any], model_name: str,
   if layout == 'hf' and family(spec) == 'convnext' and spec.norm_eps != HF_NORM_EPS:
     raise ConversionError(
         f'{model_name} uses LayerNorm eps {spec.norm_eps}, but transformers fixes the block and '
-        f'downsample LayerNorm eps at {HF_NORM_EPS}; export it as official or timm instead')
+        f'downsample LayerNorm eps at {HF_NORM_EPS}; export it as official or timm instead'
+    )
   maps = tensor_maps(model_name, num_classes_of(params), layout)
-  as_flax_keys = [dataclasses.replace(m, torch_key='/'.join(m.flax_path), kind='vector')
-                  for m in maps if not m.torch_only]
+  as_flax_keys = [
+      dataclasses.replace(m, torch_key='/'.join(m.flax_path), kind='vector')
+      for m in maps
+      if not m.torch_only
+  ]
   flat = {'/'.join(p): v for p, v in flatten(params).items()}
-  no_stats = any(m.flax_path[-1] in ('mean', 'var') and m.torch_key not in flat
-                 for m in as_flax_keys)
-  check_state_dict(flat, as_flax_keys, f'params do not match {model_name}',
-                   hint='; merge the BatchNorm statistics in with models.merge_batch_stats('
-                   'params, batch_stats)' if no_stats else '')
+  no_stats = any(
+      m.flax_path[-1] in ('mean', 'var') and m.torch_key not in flat for m in as_flax_keys
+  )
+  check_state_dict(
+      flat,
+      as_flax_keys,
+      f'params do not match {model_name}',
+      hint='; merge the BatchNorm statistics in with models.merge_batch_stats('
+      'params, batch_stats)'
+      if no_stats
+      else '',
+  )
   return params_to_state_dict(params, maps)

@@ -32,8 +32,9 @@ def check_eval_crop(crop_pct: float, crop_mode: str) -> None:
     raise ValueError(f'eval crop_mode must be one of {CROP_MODES}, got {crop_mode!r}')
 
 
-def eval_crop(image_size: int, crop_pct: float | None = None,
-              crop_mode: str | None = None) -> tuple[float, str]:
+def eval_crop(
+    image_size: int, crop_pct: float | None = None, crop_mode: str | None = None
+) -> tuple[float, str]:
   """(crop_pct, crop_mode) for evaluating at `image_size`: the official defaults where unset
   (None, a negative crop_pct, an empty crop_mode).
 

@@ -30,8 +30,15 @@ def smooth_one_hot(labels, num_classes: int, smoothing: float = 0.0):
   return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (on - off) + off
 
 
-def random_erasing(key, images, prob: float = 0.25, min_area: float = 0.02,
-                   max_area: float = 1 / 3, min_aspect: float = 0.3, attempts: int = 10):
+def random_erasing(
+    key,
+    images,
+    prob: float = 0.25,
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+    attempts: int = 10,
+):
   """timm's RandomErasing(mode='pixel', max_count=1) on a normalised (N, H, W, C) batch.
 
   Per image, with probability `prob`: up to `attempts` draws of an area fraction in
@@ -42,8 +49,9 @@ def random_erasing(key, images, prob: float = 0.25, min_area: float = 0.02,
   n, h, w, _ = images.shape
   k_apply, k_area, k_aspect, k_top, k_left, k_noise = jax.random.split(key, 6)
   area = h * w * jax.random.uniform(k_area, (n, attempts), minval=min_area, maxval=max_area)
-  log_aspect = jax.random.uniform(k_aspect, (n, attempts), minval=math.log(min_aspect),
-                                  maxval=-math.log(min_aspect))
+  log_aspect = jax.random.uniform(
+      k_aspect, (n, attempts), minval=math.log(min_aspect), maxval=-math.log(min_aspect)
+  )
   aspect = jnp.exp(log_aspect)
   # Python's round() rounds half to even, as jnp.round does.
   box_h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
@@ -58,8 +66,12 @@ def random_erasing(key, images, prob: float = 0.25, min_area: float = 0.02,
   left = jax.random.randint(k_left, (n,), 0, w - box_w + 1)
   rows = jnp.arange(h)[None, :, None]
   cols = jnp.arange(w)[None, None, :]
-  inside = ((rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None]) &
-            (cols >= left[:, None, None]) & (cols < (left + box_w)[:, None, None]))
+  inside = (
+      (rows >= top[:, None, None])
+      & (rows < (top + box_h)[:, None, None])
+      & (cols >= left[:, None, None])
+      & (cols < (left + box_w)[:, None, None])
+  )
   mask = (inside & erase[:, None, None])[..., None]
   noise = jax.random.normal(k_noise, images.shape, images.dtype)
   return jnp.where(mask, noise, images)
@@ -81,9 +93,18 @@ def cutmix_box(key, height: int, width: int, lam):
   return y_lo, y_hi, x_lo, x_hi
 
 
-def mixup_cutmix(key, images, labels, num_classes: int, mixup_alpha: float = 0.8,
-                 cutmix_alpha: float = 1.0, prob: float = 1.0, switch_prob: float = 0.5,
-                 label_smoothing: float = 0.1, correct_lam: bool = True):
+def mixup_cutmix(
+    key,
+    images,
+    labels,
+    num_classes: int,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.1,
+    correct_lam: bool = True,
+):
   """Mixup or CutMix of one per-device batch with itself reversed, and its soft targets.
 
   With probability `prob` the batch is mixed: CutMix with probability `switch_prob` (when
@@ -112,10 +133,12 @@ def mixup_cutmix(key, images, labels, num_classes: int, mixup_alpha: float = 0.8
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_cut = (jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha)
-             if cutmix_alpha > 0 else jnp.float32(1.0))
-  lam_mix = (jax.random.beta(k_mix, mixup_alpha, mixup_alpha)
-             if mixup_alpha > 0 else jnp.float32(1.0))
+  lam_cut = (
+      jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
+  )
+  lam_mix = (
+      jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
+  )
   lam = jnp.where(apply, jnp.where(use_cutmix, lam_cut, lam_mix), 1.0).astype(jnp.float32)
 
   flipped = images[::-1]
@@ -146,7 +169,6 @@ def per_device(fn, num_shards: int):
     keys = jax.random.split(key, num_shards)
     split = [a.reshape((num_shards, a.shape[0] // num_shards) + a.shape[1:]) for a in arrays]
     outs = jax.vmap(fn)(keys, *split)
-    return jax.tree.map(
-        lambda o: o.reshape((-1,) + o.shape[2:]) if o.ndim >= 2 else o, outs)
+    return jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:]) if o.ndim >= 2 else o, outs)
 
   return apply

@@ -15,8 +15,9 @@ import math
 import tensorflow as tf
 
 
-def random_resized_crop_window(image_shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                               attempts: int = 10):
+def random_resized_crop_window(
+    image_shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10
+):
   """torchvision's RandomResizedCrop window: (top, left, height, width), int32.
 
   Up to `attempts` draws of an area fraction in `scale` and a log-uniform aspect ratio in
@@ -33,11 +34,16 @@ def random_resized_crop_window(image_shape, seed, scale=(0.08, 1.0), ratio=(3 / 
   height = tf.cast(image_shape[0], tf.float32)
   width = tf.cast(image_shape[1], tf.float32)
   area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 4))
-  target_area = height * width * tf.random.stateless_uniform(
-      [attempts], area_seed, minval=scale[0], maxval=scale[1])
+      tf.random.experimental.stateless_split(seed, 4)
+  )
+  target_area = (
+      height
+      * width
+      * tf.random.stateless_uniform([attempts], area_seed, minval=scale[0], maxval=scale[1])
+  )
   log_ratio = tf.random.stateless_uniform(
-      [attempts], ratio_seed, minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
+      [attempts], ratio_seed, minval=math.log(ratio[0]), maxval=math.log(ratio[1])
+  )
   aspect = tf.exp(log_ratio)
   # Python's round() (used by torchvision) rounds half to even, as tf.round does.
   w = tf.round(tf.sqrt(target_area * aspect))
@@ -53,10 +59,12 @@ def random_resized_crop_window(image_shape, seed, scale=(0.08, 1.0), ratio=(3 / 
   height_i = tf.cast(image_shape[0], tf.int32)
   width_i = tf.cast(image_shape[1], tf.int32)
   # Uniform integer offsets in [0, H - h] and [0, W - w], inclusive.
-  top = tf.random.stateless_uniform([], top_seed, minval=0, maxval=height_i - crop_h + 1,
-                                    dtype=tf.int32)
-  left = tf.random.stateless_uniform([], left_seed, minval=0, maxval=width_i - crop_w + 1,
-                                     dtype=tf.int32)
+  top = tf.random.stateless_uniform(
+      [], top_seed, minval=0, maxval=height_i - crop_h + 1, dtype=tf.int32
+  )
+  left = tf.random.stateless_uniform(
+      [], left_seed, minval=0, maxval=width_i - crop_w + 1, dtype=tf.int32
+  )
   top = tf.where(found, top, (height_i - crop_h) // 2)
   left = tf.where(found, left, (width_i - crop_w) // 2)
   return tf.stack([top, left, crop_h, crop_w])
@@ -72,7 +80,8 @@ def decode_rgb(image_bytes):
   return tf.cond(
       tf.io.is_jpeg(image_bytes),
       lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method=_DCT_METHOD),
-      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
+      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
+  )
 
 
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -95,9 +104,13 @@ def image_shape(image_bytes):
   is_png = tf.equal(tf.strings.substr(image_bytes, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
   # A PNG header shorter than its IHDR fields is left to the decoder's error.
   is_png &= tf.strings.length(image_bytes) >= 24
-  return tf.case([(tf.io.is_jpeg(image_bytes), lambda: tf.image.extract_jpeg_shape(image_bytes)),
-                  (is_png, lambda: _png_shape(image_bytes))],
-                 default=lambda: tf.shape(decode_rgb(image_bytes)))
+  return tf.case(
+      [
+          (tf.io.is_jpeg(image_bytes), lambda: tf.image.extract_jpeg_shape(image_bytes)),
+          (is_png, lambda: _png_shape(image_bytes)),
+      ],
+      default=lambda: tf.shape(decode_rgb(image_bytes)),
+  )
 
 
 # The fused JPEG decode upsamples chroma without the neighbours outside its window, which
@@ -125,10 +138,10 @@ def decode_and_crop(image_bytes, window, shape=None):
     image_size = tf.cast((image_shape(image_bytes) if shape is None else shape)[:2], tf.int32)
     start = tf.maximum(window[:2] - _JPEG_WINDOW_MARGIN, 0)
     stop = tf.minimum(window[:2] + window[2:] + _JPEG_WINDOW_MARGIN, image_size)
-    wide = tf.image.decode_and_crop_jpeg(image_bytes, tf.concat([start, stop - start], 0),
-                                         channels=3, dct_method=_DCT_METHOD)
-    return tf.slice(wide, tf.concat([window[:2] - start, [0]], 0),
-                    tf.concat([window[2:], [3]], 0))
+    wide = tf.image.decode_and_crop_jpeg(
+        image_bytes, tf.concat([start, stop - start], 0), channels=3, dct_method=_DCT_METHOD
+    )
+    return tf.slice(wide, tf.concat([window[:2] - start, [0]], 0), tf.concat([window[2:], [3]], 0))
 
   def other():
     image = decode_rgb(image_bytes)
@@ -152,9 +165,13 @@ def _resample_rows(rows, size, scale, translation):
   other axis has size 1 and scale 1, where the kernel's single tap has weight 1 exactly.
   """
   out = tf.raw_ops.ScaleAndTranslate(
-      images=rows[None, :, None, :], size=tf.stack([size, 1]),
-      scale=tf.stack([scale, 1.0]), translation=tf.stack([translation, 0.0]),
-      kernel_type='keyscubic', antialias=True)
+      images=rows[None, :, None, :],
+      size=tf.stack([size, 1]),
+      scale=tf.stack([scale, 1.0]),
+      translation=tf.stack([translation, 0.0]),
+      kernel_type='keyscubic',
+      antialias=True,
+  )
   return out[0, :, 0, :]
 
 
@@ -213,8 +230,9 @@ def _pillow_resample(image, size, scale, translation, vertical_first):
   translation = tf.cast(translation, tf.float32)
   vertical = lambda x: _vertical_pass(x, size[0], scale[0], translation[0])
   horizontal = lambda x: _horizontal_pass(x, size[1], scale[1], translation[1])
-  out = tf.cond(vertical_first, lambda: horizontal(vertical(image)),
-                lambda: vertical(horizontal(image)))
+  out = tf.cond(
+      vertical_first, lambda: horizontal(vertical(image)), lambda: vertical(horizontal(image))
+  )
   return tf.cast(out, tf.uint8)
 
 
@@ -223,8 +241,7 @@ def resize(image, size):
   `Image.resize(size, BICUBIC)` (see `_pillow_resample`)."""
   in_size = tf.shape(image)[:2]
   scale = tf.cast(size, tf.float32) / tf.cast(in_size, tf.float32)
-  return _pillow_resample(image, size, scale, tf.zeros([2]),
-                          pillow_vertical_first(in_size, size))
+  return _pillow_resample(image, size, scale, tf.zeros([2]), pillow_vertical_first(in_size, size))
 
 
 def resize_crop_window(image_bytes, size, crop_box, shape=None):
@@ -264,8 +281,9 @@ def resize_crop_window(image_bytes, size, crop_box, shape=None):
   # In the window's coordinates: output i samples (i + 0.5 - t) / scale with t chosen so that
   # this equals (top + i + 0.5) / scale - start.
   translation = tf.cast(start, tf.float32) * scale - box[:2]
-  return _pillow_resample(image, crop_box[2:], scale, translation,
-                          pillow_vertical_first(shape[:2], size))
+  return _pillow_resample(
+      image, crop_box[2:], scale, translation, pillow_vertical_first(shape[:2], size)
+  )
 
 
 def shorter_side_size(height, width, shorter: int):

@@ -46,8 +46,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
   Returns:
     An 8-bit 'RGB' image.
   """
-  if image.mode in _UINT16_MODES or (image.mode == 'I' and
-                                     image.format in _UINT16_AS_I_FORMATS):
+  if image.mode in _UINT16_MODES or (image.mode == 'I' and image.format in _UINT16_AS_I_FORMATS):
     high_bytes = np.asarray(image).astype(np.uint32) >> 8
     image = Image.fromarray(high_bytes.astype(np.uint8))
   return image.convert('RGB')
@@ -86,7 +85,7 @@ def _enhance(cls):
 def _posterize(image, bits):
   # ImageOps.posterize refuses 0 bits (magnitude 10); older Pillow, which timm was written
   # against, returned black. The LUT keeps that behaviour.
-  mask = ~(2**(8 - bits) - 1) & 0xFF
+  mask = ~(2 ** (8 - bits) - 1) & 0xFF
   return image.point([v & mask for v in range(256)] * 3)
 
 
@@ -115,8 +114,16 @@ _OPS = [
 ]
 
 
-def rand_augment(image, rng, num_layers=2, magnitude=9.0, magnitude_std=0.5,
-                 magnitude_max=10.0, prob=0.5, translate_pct=0.45):
+def rand_augment(
+    image,
+    rng,
+    num_layers=2,
+    magnitude=9.0,
+    magnitude_std=0.5,
+    magnitude_max=10.0,
+    prob=0.5,
+    translate_pct=0.45,
+):
   """timm's RandAugment with its increasing op set ('inc1') on a PIL image; the defaults
   are 'rand-m9-mstd0.5-inc1', the arguments `randaugment.RandAugmentConfig`'s fields."""
   for op in rng.choice(len(_OPS), num_layers, replace=True):
@@ -144,8 +151,9 @@ def train_transform(jpeg: bytes, rng, size: int = 224, randaugment: dict | None 
   return np.asarray(image)
 
 
-def eval_transform(jpeg: bytes, size: int = 224, crop_pct: float = 0.875,
-                   crop_mode: str = 'center'):
+def eval_transform(
+    jpeg: bytes, size: int = 224, crop_pct: float = 0.875, crop_mode: str = 'center'
+):
   """timm's evaluation transform: Resize(int(size / crop_pct)) of the shorter side
   ('center') or of both ('squash'), bicubic, then CenterCrop(size)."""
   image = to_rgb(Image.open(io.BytesIO(jpeg)))
@@ -167,10 +175,17 @@ def eval_transform(jpeg: bytes, size: int = 224, crop_pct: float = 0.875,
 _WORKER = {}
 
 
-def init_worker(jpegs, size: int, randaugment: dict | None, crop_pct: float,
-                crop_mode: str = 'center'):
-  _WORKER.update(jpegs=jpegs, size=size, randaugment=randaugment, crop_pct=crop_pct,
-                 crop_mode=crop_mode, rng=np.random.default_rng(os.getpid()))
+def init_worker(
+    jpegs, size: int, randaugment: dict | None, crop_pct: float, crop_mode: str = 'center'
+):
+  _WORKER.update(
+      jpegs=jpegs,
+      size=size,
+      randaugment=randaugment,
+      crop_pct=crop_pct,
+      crop_mode=crop_mode,
+      rng=np.random.default_rng(os.getpid()),
+  )
 
 
 def worker_transform(task):

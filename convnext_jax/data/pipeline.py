@@ -30,15 +30,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from convnext_jax.data import check_eval_crop
 from convnext_jax.data import DEFAULT_CROP_PCT
+from convnext_jax.data import check_eval_crop
+
 # pylint: disable=unused-import (re-exports)
-from convnext_jax.data import default_crop_mode
-from convnext_jax.data import default_crop_pct
 # pylint: enable=unused-import
 from convnext_jax.data import image_ops
 from convnext_jax.data import randaugment as randaugment_lib
-
 
 _no_autograph = tf.autograph.experimental.do_not_convert
 
@@ -61,9 +59,11 @@ def configure_tensorflow() -> None:
   try:
     tf.config.threading.set_intra_op_parallelism_threads(1)
   except RuntimeError:  # Already initialised with another setting.
-    logging.warning('TensorFlow ran before the input pipelines were set up, so its ops keep '
-                    'their intra-op thread pool, which slows tf.data down '
-                    '(docs/benchmarks.md); build the pipelines before running TensorFlow code')
+    logging.warning(
+        'TensorFlow ran before the input pipelines were set up, so its ops keep '
+        'their intra-op thread pool, which slows tf.data down '
+        '(docs/benchmarks.md); build the pipelines before running TensorFlow code'
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,7 @@ class TrainPreprocess:
     randaugment: a timm RandAugment spec such as 'rand-m9-mstd0.5-inc1', or None/'' for none.
     fill: RandAugment's fill colour for geometric ops (the dataset mean, 0..255).
   """
+
   image_size: int = 224
   scale: tuple[float, float] = (0.08, 1.0)
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -87,8 +88,7 @@ class TrainPreprocess:
 
   def __post_init__(self):
     # Parsed once, here, so that a bad spec fails when the pipeline is built.
-    config = (randaugment_lib.RandAugmentConfig.parse(self.randaugment) if self.randaugment
-              else None)
+    config = randaugment_lib.RandAugmentConfig.parse(self.randaugment) if self.randaugment else None
     object.__setattr__(self, '_randaugment_config', config)
 
   # Plain TensorFlow ops with no tensor-dependent Python control flow: autograph's source
@@ -96,8 +96,7 @@ class TrainPreprocess:
   # construction this used to run inside the traced function.
   @_no_autograph
   def __call__(self, image_bytes, seed):
-    crop_seed, flip_seed, augment_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 3))
+    crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     shape = image_ops.image_shape(image_bytes)
     window = image_ops.random_resized_crop_window(shape, crop_seed, self.scale, self.ratio)
     image = image_ops.decode_and_crop(image_bytes, window, shape)
@@ -105,8 +104,7 @@ class TrainPreprocess:
     if self.hflip > 0:
       image = image_ops.random_flip(image, flip_seed, self.hflip)
     if self._randaugment_config is not None:
-      image = randaugment_lib.rand_augment(image, augment_seed, self._randaugment_config,
-                                           self.fill)
+      image = randaugment_lib.rand_augment(image, augment_seed, self._randaugment_config, self.fill)
     return image
 
 
@@ -121,6 +119,7 @@ class EvalPreprocess:
     crop_mode: 'center' resizes the shorter side (torchvision `Resize(int)`, the aspect kept);
       'squash' resizes both sides, as the official recipe does at 384 with crop_pct 1.
   """
+
   image_size: int = 224
   crop_pct: float = DEFAULT_CROP_PCT
   crop_mode: str = 'center'
@@ -138,7 +137,8 @@ class EvalPreprocess:
       size = image_ops.shorter_side_size(shape[0], shape[1], scale_size)
     # The centre crop, decoded and resized alone (see `resize_crop_window`).
     return image_ops.resize_crop_window(
-        image_bytes, size, image_ops.center_crop_box(size, self.image_size), shape)
+        image_bytes, size, image_ops.center_crop_box(size, self.image_size), shape
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -149,6 +149,7 @@ class EvalPreprocess:
 @dataclasses.dataclass(frozen=True)
 class HostShard:
   """The records of one data shard: (file, skip, take) triples, in split order."""
+
   split: str
   files: tuple[str, ...]
   skips: tuple[int, ...]
@@ -159,8 +160,9 @@ class HostShard:
     return sum(self.takes)
 
 
-def host_shard(builder: tfds.core.DatasetBuilder, split: str, shard_index: int,
-               shard_count: int) -> HostShard:
+def host_shard(
+    builder: tfds.core.DatasetBuilder, split: str, shard_index: int, shard_count: int
+) -> HostShard:
   """Data shard `shard_index` of `shard_count`: an even share of `split` (shares differ by at
   most one example).
 
@@ -169,34 +171,46 @@ def host_shard(builder: tfds.core.DatasetBuilder, split: str, shard_index: int,
   """
   file_format = getattr(builder.info, 'file_format', None)
   if file_format is not None and 'tfrecord' not in str(file_format).lower():
-    raise ValueError(f'{builder.name}: the input pipeline reads TFRecord datasets, this one is '
-                     f'stored as {file_format}; prepare it with --file_format=tfrecord')
+    raise ValueError(
+        f'{builder.name}: the input pipeline reads TFRecord datasets, this one is '
+        f'stored as {file_format}; prepare it with --file_format=tfrecord'
+    )
   sub_split = tfds.even_splits(split, n=shard_count, drop_remainder=False)[shard_index]
   instructions = builder.info.splits[sub_split].file_instructions
-  shard = HostShard(str(sub_split), tuple(i.filename for i in instructions),
-                    tuple(int(i.skip) for i in instructions),
-                    tuple(int(i.take) for i in instructions))
+  shard = HostShard(
+      str(sub_split),
+      tuple(i.filename for i in instructions),
+      tuple(int(i.skip) for i in instructions),
+      tuple(int(i.take) for i in instructions),
+  )
   if not shard.num_examples:
-    raise ValueError(f'{builder.name} {split}: data shard {shard_index} of {shard_count} '
-                     'gets no examples; use fewer processes or a larger split')
+    raise ValueError(
+        f'{builder.name} {split}: data shard {shard_index} of {shard_count} '
+        'gets no examples; use fewer processes or a larger split'
+    )
   return shard
 
 
 def _read_records(shard: HostShard, file_seed=None, cycle_length: int = 16):
   """Serialized records of a shard; file order shuffled by `file_seed` (a tensor) if given."""
   files = tf.data.Dataset.from_tensor_slices(
-      (list(shard.files), np.asarray(shard.skips, np.int64), np.asarray(shard.takes, np.int64)))
+      (list(shard.files), np.asarray(shard.skips, np.int64), np.asarray(shard.takes, np.int64))
+  )
   if file_seed is not None:
     files = files.shuffle(len(shard.files), seed=file_seed)
   return files.interleave(
       lambda f, skip, take: tf.data.TFRecordDataset(f, buffer_size=8 << 20).skip(skip).take(take),
-      cycle_length=min(cycle_length, len(shard.files)), block_length=1,
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      cycle_length=min(cycle_length, len(shard.files)),
+      block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+  )
 
 
 def _parse(builder, record, label_key: str):
   features = builder.info.features.deserialize_example(
-      record, decoders={'image': tfds.decode.SkipDecoding()})
+      record, decoders={'image': tfds.decode.SkipDecoding()}
+  )
   return features['image'], features[label_key]
 
 
@@ -240,18 +254,20 @@ def host_seed(seed: int, shard_index: int) -> int:
   return (seed * 1_000_003 + shard_index) % (2**62)
 
 
-def train_dataset(builder: tfds.core.DatasetBuilder,
-                  split: str,
-                  *,
-                  per_host_batch: int,
-                  preprocess: TrainPreprocess,
-                  seed: int,
-                  start_position: int = 0,
-                  shuffle_buffer: int = 10_000,
-                  shard_index: int = 0,
-                  shard_count: int = 1,
-                  label_key: str = 'label',
-                  threads: int | None = None) -> tf.data.Dataset:
+def train_dataset(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    per_host_batch: int,
+    preprocess: TrainPreprocess,
+    seed: int,
+    start_position: int = 0,
+    shuffle_buffer: int = 10_000,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    label_key: str = 'label',
+    threads: int | None = None,
+) -> tf.data.Dataset:
   """The endless, deterministic training stream of one data shard, batched.
 
   Args:
@@ -273,9 +289,20 @@ def train_dataset(builder: tfds.core.DatasetBuilder,
   shard = host_shard(builder, split, shard_index, shard_count)
   epoch_size = shard.num_examples
   start_epoch, offset = divmod(int(start_position), epoch_size)
-  logging.info('%s %s: data shard %d/%d reads %s (%d examples, %d per batch) from position %d '
-               '(epoch %d + %d)', builder.name, split, shard_index, shard_count,
-               shard.split, epoch_size, per_host_batch, start_position, start_epoch, offset)
+  logging.info(
+      '%s %s: data shard %d/%d reads %s (%d examples, %d per batch) from position %d '
+      '(epoch %d + %d)',
+      builder.name,
+      split,
+      shard_index,
+      shard_count,
+      shard.split,
+      epoch_size,
+      per_host_batch,
+      start_position,
+      start_epoch,
+      offset,
+  )
   seed_host = host_seed(seed, shard_index)
 
   def epoch_records(epoch):
@@ -286,8 +313,11 @@ def train_dataset(builder: tfds.core.DatasetBuilder,
   def example(position, record):
     image_bytes, label = _parse(builder, record, label_key)
     seed_pair = tf.stack([tf.constant(seed_host, tf.int64), position])
-    return {'image': preprocess(image_bytes, seed_pair), 'label': tf.cast(label, tf.int32),
-            'position': position}
+    return {
+        'image': preprocess(image_bytes, seed_pair),
+        'label': tf.cast(label, tf.int32),
+        'position': position,
+    }
 
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records).skip(offset)
   ds = ds.enumerate(start=int(start_position))
@@ -304,21 +334,22 @@ def train_dataset(builder: tfds.core.DatasetBuilder,
 
 def eval_num_batches(builder, split: str, per_host_batch: int, shard_count: int) -> int:
   """Batches every shard yields: enough for the largest one."""
-  largest = max(host_shard(builder, split, i, shard_count).num_examples
-                for i in range(shard_count))
+  largest = max(host_shard(builder, split, i, shard_count).num_examples for i in range(shard_count))
   return math.ceil(largest / per_host_batch)
 
 
-def eval_dataset(builder: tfds.core.DatasetBuilder,
-                 split: str,
-                 *,
-                 per_host_batch: int,
-                 preprocess: EvalPreprocess,
-                 shard_index: int = 0,
-                 shard_count: int = 1,
-                 label_key: str = 'label',
-                 num_classes: int | None = None,
-                 threads: int | None = None) -> tuple[tf.data.Dataset, int]:
+def eval_dataset(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    per_host_batch: int,
+    preprocess: EvalPreprocess,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    label_key: str = 'label',
+    num_classes: int | None = None,
+    threads: int | None = None,
+) -> tuple[tf.data.Dataset, int]:
   """One pass over a data shard of `split`, padded to a common batch count.
 
   Args:
@@ -335,9 +366,17 @@ def eval_dataset(builder: tfds.core.DatasetBuilder,
   """
   shard = host_shard(builder, split, shard_index, shard_count)
   num_batches = eval_num_batches(builder, split, per_host_batch, shard_count)
-  logging.info('%s %s: data shard %d/%d evaluates %s (%d examples) in %d batches of %d',
-               builder.name, split, shard_index, shard_count, shard.split,
-               shard.num_examples, num_batches, per_host_batch)
+  logging.info(
+      '%s %s: data shard %d/%d evaluates %s (%d examples) in %d batches of %d',
+      builder.name,
+      split,
+      shard_index,
+      shard_count,
+      shard.split,
+      shard.num_examples,
+      num_batches,
+      per_host_batch,
+  )
   size = preprocess.image_size
   multi_label = isinstance(builder.info.features[label_key], tfds.features.Sequence)
   if multi_label and not num_classes:
@@ -399,4 +438,3 @@ class StreamTracker:
 
   def state(self) -> dict[str, Any]:
     return {'next_position': self.next_position, 'skipped': self.skipped}
-

@@ -42,14 +42,39 @@ _LUMA_WEIGHTS = (19595, 38470, 7471)
 # timm's `_RAND_INCREASING_TRANSFORMS` (severity grows with magnitude) and `_RAND_TRANSFORMS`,
 # in timm's order; the order is what op indices from `rand_augment_decisions` refer to.
 INCREASING_TRANSFORMS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
-    'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
-    'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel',
-    'TranslateYRel')
+    'AutoContrast',
+    'Equalize',
+    'Invert',
+    'Rotate',
+    'PosterizeIncreasing',
+    'SolarizeIncreasing',
+    'SolarizeAdd',
+    'ColorIncreasing',
+    'ContrastIncreasing',
+    'BrightnessIncreasing',
+    'SharpnessIncreasing',
+    'ShearX',
+    'ShearY',
+    'TranslateXRel',
+    'TranslateYRel',
+)
 TRANSFORMS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
-    'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
-    'TranslateYRel')
+    'AutoContrast',
+    'Equalize',
+    'Invert',
+    'Rotate',
+    'Posterize',
+    'Solarize',
+    'SolarizeAdd',
+    'Color',
+    'Contrast',
+    'Brightness',
+    'Sharpness',
+    'ShearX',
+    'ShearY',
+    'TranslateXRel',
+    'TranslateYRel',
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,8 +132,9 @@ def _apply_channel_luts(image, planar_indices, luts):
 
 def _channel_histograms(planar_indices):
   """(3, 256) int32 histograms, as Pillow's `Image.histogram()` for an RGB image."""
-  counts = tf.math.bincount(tf.reshape(planar_indices, [-1]), minlength=768, maxlength=768,
-                            dtype=tf.int32)
+  counts = tf.math.bincount(
+      tf.reshape(planar_indices, [-1]), minlength=768, maxlength=768, dtype=tf.int32
+  )
   return tf.reshape(counts, [3, 256])
 
 
@@ -171,8 +197,9 @@ def auto_contrast(image):
   scale = 255.0 / tf.cast(tf.maximum(high - low, 1), tf.float64)
   offset = tf.cast(-low, tf.float64) * scale
   levels = tf.range(256)
-  stretched = tf.cast(tf.cast(levels, tf.float64)[None, :] * scale[:, None] + offset[:, None],
-                      tf.int32)
+  stretched = tf.cast(
+      tf.cast(levels, tf.float64)[None, :] * scale[:, None] + offset[:, None], tf.int32
+  )
   luts = tf.where((high > low)[:, None], tf.clip_by_value(stretched, 0, 255), levels[None, :])
   return _apply_channel_luts(image, indices, luts)
 
@@ -359,8 +386,9 @@ def sharpness(image, factor):
     # Pillow truncates the float32 sum S / 13 + 0.5; S is an integer, so S / 13 is never
     # within 1/26 of a rounding boundary and an exactly rounded division gives the same.
     smoothed = tf.floor((2.0 * weighted + 13.0) / 26.0)
-    middle = tf.concat([image[1:-1, :1], _blend(smoothed, image[1:-1, 1:-1], factor),
-                        image[1:-1, -1:]], axis=1)
+    middle = tf.concat(
+        [image[1:-1, :1], _blend(smoothed, image[1:-1, 1:-1], factor), image[1:-1, -1:]], axis=1
+    )
     return tf.concat([image[:1], middle, image[-1:]], axis=0)
 
   shape = tf.shape(image)
@@ -430,16 +458,17 @@ def _shift_rows(image, slope, offset, fill):
   start = tf.cast(tf.clip_by_value(shift_floor, -width64 - 4.0, width64 + 4.0), tf.int32) - 1
   columns = tf.clip_by_value(tf.range(width + 3)[None, :] + start[:, None], 0, width - 1)
   window = tf.gather(tf.cast(image, tf.float32), columns, axis=1, batch_dims=1)
-  taps = [window[:, i:i + width] for i in range(4)]
+  taps = [window[:, i : i + width] for i in range(4)]
   values = _to_uint8(_interpolate(taps, _cubic_weights(fraction)))
   # Fill outside the run, via a byte mask over (H, W * 3) (a select is much slower).
   channel_column = tf.range(3 * width)[None, :]
-  keep = ((channel_column >= 3 * first_inside[:, None])
-          & (channel_column < 3 * end_inside[:, None]))
+  keep = (channel_column >= 3 * first_inside[:, None]) & (channel_column < 3 * end_inside[:, None])
   keep = tf.reshape(_byte_mask(keep), tf.shape(image))
   fill_row = tf.reshape(tf.tile(_fill_uint8(fill), [width]), [1, -1, 3])
-  out = tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(values, keep),
-                              tf.bitwise.bitwise_and(fill_row, tf.bitwise.invert(keep)))
+  out = tf.bitwise.bitwise_or(
+      tf.bitwise.bitwise_and(values, keep),
+      tf.bitwise.bitwise_and(fill_row, tf.bitwise.invert(keep)),
+  )
   return _with_shape_of(out, image)
 
 
@@ -447,7 +476,8 @@ def _shift_columns(image, slope, offset, fill):
   """Pillow's AFFINE (1, 0, 0, slope, 1, offset), BICUBIC: `_shift_rows` on the transpose."""
   transposed = tf.transpose(image, [1, 0, 2])
   return _with_shape_of(
-      tf.transpose(_shift_rows(transposed, slope, offset, fill), [1, 0, 2]), image)
+      tf.transpose(_shift_rows(transposed, slope, offset, fill), [1, 0, 2]), image
+  )
 
 
 def _to_channels(planes):
@@ -487,8 +517,9 @@ def _affine_2d(image, coeffs, fill):
   # interpolate to exactly the fill colour without a select.
   pixels = tf.cast(image, tf.float32)
   fill_block = tf.broadcast_to(_fill_colour(fill), [height, 4, 3])
-  padded = tf.concat([pixels[:, :1], pixels[:, :1], pixels, pixels[:, -1:], pixels[:, -1:],
-                      fill_block], axis=1)
+  padded = tf.concat(
+      [pixels[:, :1], pixels[:, :1], pixels, pixels[:, -1:], pixels[:, -1:], fill_block], axis=1
+  )
   padded = tf.concat([padded[:1], padded[:1], padded, padded[-1:], padded[-1:]], axis=0)
   padded_width = width + 8
   # Tap (j, i) of a point is padded pixel (y_floor + 1 + j, x_floor + 1 + i).
@@ -498,9 +529,14 @@ def _affine_2d(image, coeffs, fill):
   offsets = tf.reshape(tf.range(4)[:, None] * padded_width + tf.range(4)[None, :], [16, 1, 1])
   taps = tf.unstack(tf.gather(tf.reshape(padded, [-1, 3]), corner[None] + offsets))
 
-  weights = tf.unstack(_to_channels(tf.concat(
-      [tf.stack(_cubic_weights(fractions[0])), tf.stack(_cubic_weights(fractions[1]))], 0)))
-  rows = [_interpolate(taps[4 * j:4 * j + 4], weights[:3]) for j in range(4)]
+  weights = tf.unstack(
+      _to_channels(
+          tf.concat(
+              [tf.stack(_cubic_weights(fractions[0])), tf.stack(_cubic_weights(fractions[1]))], 0
+          )
+      )
+  )
+  rows = [_interpolate(taps[4 * j : 4 * j + 4], weights[:3]) for j in range(4)]
   return _to_uint8(_interpolate(rows, weights[3:]))
 
 
@@ -528,9 +564,13 @@ def affine_transform(image, matrix, fill):
   one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
   rows_only = tf.equal(a, one) & tf.equal(d, zero) & tf.equal(e, one) & tf.equal(f, zero)
   columns_only = tf.equal(a, one) & tf.equal(b, zero) & tf.equal(c, zero) & tf.equal(e, one)
-  out = tf.case([(rows_only, lambda: _shift_rows(image, b, c, fill)),
-                 (columns_only, lambda: _shift_columns(image, d, f, fill))],
-                default=lambda: _affine_2d(image, coeffs, fill))
+  out = tf.case(
+      [
+          (rows_only, lambda: _shift_rows(image, b, c, fill)),
+          (columns_only, lambda: _shift_columns(image, d, f, fill)),
+      ],
+      default=lambda: _affine_2d(image, coeffs, fill),
+  )
   return _with_shape_of(out, image)
 
 
@@ -646,6 +686,7 @@ class RandAugmentConfig:
     increasing: use timm's increasing-severity op set ('inc1'), else its original set.
     translate_pct: largest translation as a fraction of the image side (a timm hparam).
   """
+
   num_layers: int = 2
   magnitude: float = 9.0
   magnitude_std: float = 0.5
@@ -692,10 +733,17 @@ class RandAugmentConfig:
     """
     sections = spec.split('-')
     if sections[0] != 'rand':
-      raise ValueError(f"RandAugment spec {spec!r} must start with 'rand', "
-                       "e.g. 'rand-m9-mstd0.5-inc1'.")
-    values = dict(magnitude=_LEVEL_DENOM, num_layers=2, prob=0.5, magnitude_std=0.0,
-                  magnitude_max=_LEVEL_DENOM, increasing=False)
+      raise ValueError(
+          f"RandAugment spec {spec!r} must start with 'rand', e.g. 'rand-m9-mstd0.5-inc1'."
+      )
+    values = dict(
+        magnitude=_LEVEL_DENOM,
+        num_layers=2,
+        prob=0.5,
+        magnitude_std=0.0,
+        magnitude_max=_LEVEL_DENOM,
+        increasing=False,
+    )
     parsers = {
         'm': ('magnitude', float),
         'n': ('num_layers', int),
@@ -706,19 +754,24 @@ class RandAugmentConfig:
     }
     for section in sections[1:]:
       if section.startswith('t') and not section[1:2].isdigit():
-        raise ValueError(f'RandAugment spec {spec!r}: transform sets ({section!r}) are not '
-                         'implemented; only the default and increasing sets are.')
+        raise ValueError(
+            f'RandAugment spec {spec!r}: transform sets ({section!r}) are not '
+            'implemented; only the default and increasing sets are.'
+        )
       match = re.fullmatch(r'([a-z]+)(\d.*)', section)
       if match is None or match.group(1) not in parsers:
-        raise ValueError(f'RandAugment spec {spec!r}: cannot read section {section!r}; '
-                         f'expected one of {sorted(parsers)} followed by a number.')
+        raise ValueError(
+            f'RandAugment spec {spec!r}: cannot read section {section!r}; '
+            f'expected one of {sorted(parsers)} followed by a number.'
+        )
       key, text = match.groups()
       field, parse_value = parsers[key]
       try:
         values[field] = parse_value(text)
       except ValueError:
-        raise ValueError(f'RandAugment spec {spec!r}: {text!r} is not a valid value for '
-                         f'{key!r} ({field}).') from None
+        raise ValueError(
+            f'RandAugment spec {spec!r}: {text!r} is not a valid value for {key!r} ({field}).'
+        ) from None
     return cls(**values)
 
 
@@ -736,6 +789,7 @@ class LayerDecisions(NamedTuple):
     magnitude: float32 magnitude, already clipped to [0, magnitude_max].
     negate: bool, whether signed arguments (angles, shears, shifts, enhance deltas) flip.
   """
+
   op_index: tf.Tensor
   apply: tf.Tensor
   magnitude: tf.Tensor
@@ -756,16 +810,19 @@ def rand_augment_decisions(seed, config: RandAugmentConfig) -> LayerDecisions:
   # int64 throughout, so equal seed values give equal choices whatever their dtype.
   seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
   op_seed, apply_seed, magnitude_seed, negate_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 4))
+      tf.random.experimental.stateless_split(seed, 4)
+  )
   shape = [config.num_layers]
   op_index = tf.random.stateless_uniform(
-      shape, op_seed, minval=0, maxval=len(transform_names(config)), dtype=tf.int32)
+      shape, op_seed, minval=0, maxval=len(transform_names(config)), dtype=tf.int32
+  )
   apply = tf.random.stateless_uniform(shape, apply_seed) < config.prob
   if config.magnitude_std == math.inf:
     magnitude = tf.random.stateless_uniform(shape, magnitude_seed, maxval=config.magnitude)
   elif config.magnitude_std > 0:
-    magnitude = (config.magnitude
-                 + config.magnitude_std * tf.random.stateless_normal(shape, magnitude_seed))
+    magnitude = config.magnitude + config.magnitude_std * tf.random.stateless_normal(
+        shape, magnitude_seed
+    )
   else:
     magnitude = tf.fill(shape, tf.constant(config.magnitude, tf.float32))
   magnitude = tf.clip_by_value(magnitude, 0.0, config.magnitude_max)
@@ -792,8 +849,9 @@ def level_to_arg(name, magnitude, negate=False, translate_pct=0.45):
     ValueError: for an unknown op name.
   """
   level = _to_float64(magnitude) / _LEVEL_DENOM
-  sign = tf.where(tf.cast(negate, tf.bool), tf.constant(-1.0, tf.float64),
-                  tf.constant(1.0, tf.float64))
+  sign = tf.where(
+      tf.cast(negate, tf.bool), tf.constant(-1.0, tf.float64), tf.constant(1.0, tf.float64)
+  )
 
   def truncate(value):  # Python's int() on a non-negative float.
     return tf.cast(value, tf.int32)
@@ -818,11 +876,17 @@ def level_to_arg(name, magnitude, negate=False, translate_pct=0.45):
     return tf.minimum(128, truncate(level * 110.0))
   if name in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
     return level * 1.8 + 0.1
-  if name in ('ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
-              'SharpnessIncreasing'):
+  if name in (
+      'ColorIncreasing',
+      'ContrastIncreasing',
+      'BrightnessIncreasing',
+      'SharpnessIncreasing',
+  ):
     return tf.maximum(tf.constant(0.1, tf.float64), 1.0 + sign * (level * 0.9))
-  raise ValueError(f'Unknown RandAugment op {name!r}; expected one of {INCREASING_TRANSFORMS} '
-                   f'or {TRANSFORMS}.')
+  raise ValueError(
+      f'Unknown RandAugment op {name!r}; expected one of {INCREASING_TRANSFORMS} '
+      f'or {TRANSFORMS}.'
+  )
 
 
 _OPS = {
@@ -847,8 +911,7 @@ for _name in ('Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharp
 
 
 @_no_autograph
-def apply_transform(image, name, magnitude, negate=False, translate_pct=0.45,
-                    fill=FILL_IMAGENET):
+def apply_transform(image, name, magnitude, negate=False, translate_pct=0.45, fill=FILL_IMAGENET):
   """Applies one RandAugment op at a magnitude, as timm's `AugmentOp` does once it fires.
 
   Args:
@@ -868,8 +931,7 @@ def apply_transform(image, name, magnitude, negate=False, translate_pct=0.45,
 
 
 @_no_autograph
-def rand_augment(image, seed, config: RandAugmentConfig = RandAugmentConfig(),
-                 fill=FILL_IMAGENET):
+def rand_augment(image, seed, config: RandAugmentConfig = RandAugmentConfig(), fill=FILL_IMAGENET):
   """timm's RandAugment on one image, deterministic in `seed`.
 
   Draws `config.num_layers` ops uniformly with replacement; each runs with probability
@@ -890,21 +952,33 @@ def rand_augment(image, seed, config: RandAugmentConfig = RandAugmentConfig(),
   """
   image = tf.convert_to_tensor(image)
   if image.dtype != tf.uint8:
-    raise TypeError(f'rand_augment takes uint8 images (as decoded); got {image.dtype.name}. '
-                    'Apply it before converting to float.')
+    raise TypeError(
+        f'rand_augment takes uint8 images (as decoded); got {image.dtype.name}. '
+        'Apply it before converting to float.'
+    )
   names = transform_names(config)
   decisions = rand_augment_decisions(seed, config)
   # Index len(names) is the identity: the op was drawn but not applied.
   branch_index = tf.where(decisions.apply, decisions.op_index, len(names))
 
   def layer_body(layer, current):
-    branches = [functools.partial(apply_transform, current, name, decisions.magnitude[layer],
-                                  decisions.negate[layer], config.translate_pct, fill)
-                for name in names]
+    branches = [
+        functools.partial(
+            apply_transform,
+            current,
+            name,
+            decisions.magnitude[layer],
+            decisions.negate[layer],
+            config.translate_pct,
+            fill,
+        )
+        for name in names
+    ]
     branches.append(functools.partial(tf.identity, current))
     return layer + 1, _with_shape_of(tf.switch_case(branch_index[layer], branches), current)
 
   # A loop rather than a Python unroll traces the 15 op branches once, whatever num_layers.
-  _, image = tf.while_loop(lambda layer, _: layer < config.num_layers, layer_body,
-                           (tf.constant(0), image))
+  _, image = tf.while_loop(
+      lambda layer, _: layer < config.num_layers, layer_body, (tf.constant(0), image)
+  )
   return image

@@ -50,8 +50,14 @@ def builder(name: str, data_dir: str | None = None, **kwargs) -> tfds.core.Datas
   return tfds.builder(name, data_dir=data_dir, **kwargs)
 
 
-def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None,
-            beam_options=None, beam_runner=None, **kwargs) -> tfds.core.DatasetBuilder:
+def prepare(
+    name: str,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    beam_options=None,
+    beam_runner=None,
+    **kwargs
+) -> tfds.core.DatasetBuilder:
   """`builder(...)`, prepared first if it is not yet (a no-op when it is).
 
   Args:
@@ -70,10 +76,22 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   """
   dataset_builder = builder(name, data_dir=data_dir, **kwargs)
   if not dataset_builder.is_prepared():
-    dataset_builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, beam_options=beam_options, beam_runner=beam_runner))
+    dataset_builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, beam_options=beam_options, beam_runner=beam_runner
+        )
+    )
   return dataset_builder
 
 
-__all__ = ['ClassFolder', 'ConvnextShapes', 'DATASETS', 'Imagenet22k', 'builder',
-           'image_folder', 'imagenet22k', 'prepare', 'shapes']
+__all__ = [
+    'DATASETS',
+    'ClassFolder',
+    'ConvnextShapes',
+    'Imagenet22k',
+    'builder',
+    'image_folder',
+    'imagenet22k',
+    'prepare',
+    'shapes',
+]

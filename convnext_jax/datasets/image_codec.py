@@ -26,6 +26,7 @@ _PLAIN_JPEG_MODES = ('RGB', 'L')
 
 class Outcome(enum.Enum):
   """What `to_rgb_jpeg` did with one file."""
+
   KEPT = 'kept'  # Already an RGB or grayscale JPEG: stored unchanged.
   REENCODED = 'reencoded'  # Another format or colour space: converted to RGB JPEG.
   SKIPPED = 'skipped'  # Could not be decoded: leave it out of the dataset.
@@ -63,14 +64,16 @@ def to_rgb_jpeg(data: bytes, *, quality: int = JPEG_QUALITY) -> tuple[bytes | No
   # Pillow raises many exception types for bad files (OSError, SyntaxError, ValueError,
   # DecompressionBombError, ...); one bad file among millions must not end a build.
   except Exception as e:  # pylint: disable=broad-except
-    logging.log_every_n(logging.WARNING, 'Skipping an undecodable image (%s: %s).', 100,
-                        type(e).__name__, e)
+    logging.log_every_n(
+        logging.WARNING, 'Skipping an undecodable image (%s: %s).', 100, type(e).__name__, e
+    )
     return None, Outcome.SKIPPED
 
 
 @dataclasses.dataclass
 class OutcomeCounts:
   """How many images of one split were kept, re-encoded and skipped."""
+
   kept: int = 0
   reencoded: int = 0
   skipped: int = 0
@@ -81,5 +84,11 @@ class OutcomeCounts:
   def log(self, what: str) -> None:
     """Logs the counts, as a warning when images were skipped."""
     level = logging.WARNING if self.skipped else logging.INFO
-    logging.log(level, '%s: %d images kept as they were, %d re-encoded to RGB JPEG, '
-                '%d skipped as undecodable.', what, self.kept, self.reencoded, self.skipped)
+    logging.log(
+        level,
+        '%s: %d images kept as they were, %d re-encoded to RGB JPEG, %d skipped as undecodable.',
+        what,
+        self.kept,
+        self.reencoded,
+        self.skipped,
+    )

@@ -65,15 +65,19 @@ def find_splits(root: epath.PathLike) -> dict[str, epath.Path]:
   """
   root = epath.Path(root)
   if not (root / 'train').is_dir():
-    raise FileNotFoundError(f'No {root / "train"} directory: a class folder is laid out as '
-                            'root/train/<class>/<image> (plus optional val/ and test/)')
+    raise FileNotFoundError(
+        f'No {root / "train"} directory: a class folder is laid out as '
+        'root/train/<class>/<image> (plus optional val/ and test/)'
+    )
   splits = {}
   for dir_name, split in SPLIT_DIRS.items():
     path = root / dir_name
     if path.is_dir():
       if split in splits:
-        raise ValueError(f'Both {splits[split]} and {path} exist under {root}; both would be '
-                         f'split {split!r}: keep one')
+        raise ValueError(
+            f'Both {splits[split]} and {path} exist under {root}; both would be '
+            f'split {split!r}: keep one'
+        )
       splits[split] = path
   return splits
 
@@ -103,6 +107,7 @@ class ClassFolderConfig(tfds.core.BuilderConfig):
     root: the folder holding train/ (and val/, test/); None for a config known by name only,
       which reads a dataset prepared earlier but cannot build.
   """
+
   root: str | None = None
 
 
@@ -113,11 +118,17 @@ class ClassFolder(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release: train/val(idation)/test splits, any Pillow format stored as '
-               'RGB JPEG, undecodable files skipped.',
+      'RGB JPEG, undecodable files skipped.',
   }
 
-  def __init__(self, *, root: epath.PathLike | None = None, config_name: str | None = None,
-               config=None, **kwargs):
+  def __init__(
+      self,
+      *,
+      root: epath.PathLike | None = None,
+      config_name: str | None = None,
+      config=None,
+      **kwargs,
+  ):
     """Builder for the folder `root`.
 
     Args:
@@ -134,14 +145,20 @@ class ClassFolder(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
       if config is not None:
         raise ValueError('Pass either root or config to class_folder, not both')
       root = _root_string(root)
-      config = ClassFolderConfig(name=config_name or default_config_name(root), root=root,
-                                 description=f'Images under {root}.')
+      config = ClassFolderConfig(
+          name=config_name or default_config_name(root),
+          root=root,
+          description=f'Images under {root}.',
+      )
     elif isinstance(config, str):
-      config = ClassFolderConfig(name=config.split(':')[0],
-                                 description='Known by name only: read-only.')
+      config = ClassFolderConfig(
+          name=config.split(':')[0], description='Known by name only: read-only.'
+      )
     elif config is None:
-      raise ValueError("class_folder needs the folder of images: tfds.builder('class_folder', "
-                       "root='/path/to/images', data_dir=...) with root/train/<class>/<image>")
+      raise ValueError(
+          "class_folder needs the folder of images: tfds.builder('class_folder', "
+          "root='/path/to/images', data_dir=...) with root/train/<class>/<image>"
+      )
     super().__init__(config=config, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -152,13 +169,16 @@ class ClassFolder(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
             'directories train (required), val or validation, and test. Labels index the '
             'sorted class directory names of train. Images are stored as JPEG; other formats '
             'are re-encoded to RGB JPEG and undecodable files are left out.'
-            + (f' Folder: {self.builder_config.root}.' if self.builder_config.root else '')),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-            # Names come from the folder, in `_split_generators`.
-            'label': tfds.features.ClassLabel(),
-            'file_name': tfds.features.Text(),  # <class>/<path below it>
-        }),
+            + (f' Folder: {self.builder_config.root}.' if self.builder_config.root else '')
+        ),
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+                # Names come from the folder, in `_split_generators`.
+                'label': tfds.features.ClassLabel(),
+                'file_name': tfds.features.Text(),  # <class>/<path below it>
+            }
+        ),
         supervised_keys=('image', 'label'),
     )
 
@@ -166,24 +186,31 @@ class ClassFolder(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
     del dl_manager  # The images are already local (or on GCS).
     root = self.builder_config.root
     if root is None:
-      raise ValueError(f'class_folder/{self.builder_config.name} is not prepared under '
-                       f'{self.data_dir} and was given no folder; pass root=...')
+      raise ValueError(
+          f'class_folder/{self.builder_config.name} is not prepared under '
+          f'{self.data_dir} and was given no folder; pass root=...'
+      )
     splits = find_splits(root)
     names = class_names(splits['train'])
     if not names:
-      raise ValueError(f'{splits["train"]} has no class directories; expected '
-                       'train/<class>/<image>')
-    for split, split_dir in splits.items():
+      raise ValueError(
+          f'{splits["train"]} has no class directories; expected train/<class>/<image>'
+      )
+    for split_dir in splits.values():
       other = class_names(split_dir)
       if other != names:
         missing, extra = sorted(set(names) - set(other)), sorted(set(other) - set(names))
-        raise ValueError(f'{split_dir} must have the class directories of train: missing '
-                         f'{missing[:5]}, extra {extra[:5]} ({len(missing)} and {len(extra)} '
-                         'in all); add or remove directories so the class sets agree')
+        raise ValueError(
+            f'{split_dir} must have the class directories of train: missing '
+            f'{missing[:5]}, extra {extra[:5]} ({len(missing)} and {len(extra)} '
+            'in all); add or remove directories so the class sets agree'
+        )
     logging.info('class_folder %s: %d classes, splits %s.', root, len(names), sorted(splits))
     self.info.features['label'].names = names
-    return {split: self._generate_examples(split, split_dir, names)
-            for split, split_dir in splits.items()}
+    return {
+        split: self._generate_examples(split, split_dir, names)
+        for split, split_dir in splits.items()
+    }
 
   def _generate_examples(self, split: str, split_dir: epath.Path, names: list[str]):
     counts = image_codec.OutcomeCounts()

@@ -20,13 +20,14 @@ See docs/datasets.md for the commands.
 """
 
 import collections
+from collections.abc import Callable
+from collections.abc import Iterator
 import dataclasses
 import hashlib
 import os
 import posixpath
 import re
 import tarfile
-from typing import Callable, Iterator
 
 from absl import logging
 from etils import epath
@@ -82,14 +83,18 @@ def read_class_list(path: epath.PathLike) -> list[str]:
     if not wnid:
       continue
     if not _WNID.fullmatch(wnid):
-      raise ValueError(f'{path}:{line_number}: {wnid!r} is not a WordNet id (n + 8 digits); '
-                       'a class list has one wnid per line, e.g. timm\'s '
-                       'imagenet22k_synsets.txt')
+      raise ValueError(
+          f'{path}:{line_number}: {wnid!r} is not a WordNet id (n + 8 digits); '
+          "a class list has one wnid per line, e.g. timm's "
+          'imagenet22k_synsets.txt'
+      )
     wnids.append(wnid)
   duplicates = sorted(w for w, n in collections.Counter(wnids).items() if n > 1)
   if duplicates:
-    raise ValueError(f'{path}: wnids listed more than once: {duplicates[:5]}; each class must '
-                     'appear once, at the line of its label index')
+    raise ValueError(
+        f'{path}: wnids listed more than once: {duplicates[:5]}; each class must '
+        'appear once, at the line of its label index'
+    )
   if not wnids:
     raise ValueError(f'{path}: the class list is empty')
   return wnids
@@ -105,6 +110,7 @@ class ClassArchive:
     offset: byte offset of the class tar's data inside the outer tar.
     size: byte size of the class tar inside the outer tar; -1 when `path` is the class tar.
   """
+
   wnid: str
   path: str
   offset: int = 0
@@ -148,12 +154,17 @@ def iter_class_images(archive: ClassArchive) -> Iterator[tuple[str, bytes]]:
             yield member.name, tar.extractfile(member).read()
     except tarfile.TarError as e:
       where = f'{archive.path}@{archive.offset}' if archive.size >= 0 else archive.path
-      raise tarfile.TarError(f'Class tar of {archive.wnid} ({where}) is damaged: {e}. '
-                             'Download or extract it again.') from e
+      raise tarfile.TarError(
+          f'Class tar of {archive.wnid} ({where}) is damaged: {e}. Download or extract it again.'
+      ) from e
 
 
-def class_examples(archive: ClassArchive, split: str, validation_fraction: float,
-                   on_outcome: Callable[[image_codec.Outcome], None]):
+def class_examples(
+    archive: ClassArchive,
+    split: str,
+    validation_fraction: float,
+    on_outcome: Callable[[image_codec.Outcome], None],
+):
   """Yields the (key, example) pairs of one class that belong to `split`.
 
   Args:
@@ -173,7 +184,10 @@ def class_examples(archive: ClassArchive, split: str, validation_fraction: float
     if jpeg is None:
       continue
     yield f'{archive.wnid}/{member_name}', {
-        'image': jpeg, 'label': archive.wnid, 'file_name': file_name}
+        'image': jpeg,
+        'label': archive.wnid,
+        'file_name': file_name,
+    }
 
 
 def _count_with_beam(outcome: image_codec.Outcome) -> None:
@@ -189,15 +203,15 @@ def _search_dirs(manual_dir: epath.Path) -> list[epath.Path]:
 def _list_outer_tar(path: epath.Path) -> list[ClassArchive]:
   """The class tars inside an uncompressed outer tar, found by reading only its headers."""
   archives = []
-  with path.open('rb') as f:
-    with tarfile.open(fileobj=f, mode='r:') as tar:
-      for member in tar:
-        stem, ext = posixpath.splitext(posixpath.basename(member.name))
-        if member.isfile() and ext == '.tar' and _WNID.fullmatch(stem):
-          archives.append(ClassArchive(stem, os.fspath(path), member.offset_data, member.size))
-        elif member.isfile():
-          logging.warning('%s: ignoring %s, which is not a class tar (n########.tar).', path,
-                          member.name)
+  with path.open('rb') as f, tarfile.open(fileobj=f, mode='r:') as tar:
+    for member in tar:
+      stem, ext = posixpath.splitext(posixpath.basename(member.name))
+      if member.isfile() and ext == '.tar' and _WNID.fullmatch(stem):
+        archives.append(ClassArchive(stem, os.fspath(path), member.offset_data, member.size))
+      elif member.isfile():
+        logging.warning(
+            '%s: ignoring %s, which is not a class tar (n########.tar).', path, member.name
+        )
   return archives
 
 
@@ -220,8 +234,10 @@ def find_class_archives(manual_dir: epath.PathLike) -> list[ClassArchive]:
       stem, ext = os.path.splitext(path.name)
       if ext == '.tar' and _WNID.fullmatch(stem):
         if stem in class_tars:
-          raise ValueError(f'Two tars for class {stem}: {class_tars[stem]} and {path}; keep '
-                           'one copy of each class tar under the manual dir')
+          raise ValueError(
+              f'Two tars for class {stem}: {class_tars[stem]} and {path}; keep '
+              'one copy of each class tar under the manual dir'
+          )
         class_tars[stem] = path
       elif ext == '.tar':
         outer_tars.append(path)
@@ -229,23 +245,36 @@ def find_class_archives(manual_dir: epath.PathLike) -> list[ClassArchive]:
         compressed.append(path)
   if class_tars:
     if outer_tars:
-      logging.info('Reading the %d class tars; ignoring %s.', len(class_tars),
-                   [os.fspath(p) for p in outer_tars])
+      logging.info(
+          'Reading the %d class tars; ignoring %s.',
+          len(class_tars),
+          [os.fspath(p) for p in outer_tars],
+      )
     return [ClassArchive(w, os.fspath(class_tars[w])) for w in sorted(class_tars)]
   if len(outer_tars) > 1:
-    raise ValueError(f'Several tars in {manual_dir} and none is a class tar: '
-                     f'{[os.fspath(p) for p in outer_tars]}; keep only the outer tar '
-                     '(e.g. fall11_whole.tar) or extract it into class tars')
+    raise ValueError(
+        f'Several tars in {manual_dir} and none is a class tar: '
+        f'{[os.fspath(p) for p in outer_tars]}; keep only the outer tar '
+        '(e.g. fall11_whole.tar) or extract it into class tars'
+    )
   if outer_tars:
     logging.info('Listing the class tars inside %s.', outer_tars[0])
     archives = _list_outer_tar(outer_tars[0])
     if archives:
       return sorted(archives, key=lambda a: a.wnid)
     raise FileNotFoundError(f'{outer_tars[0]} holds no class tars (n########.tar)')
-  hint = (f' A compressed archive cannot be read in place: extract it first, e.g. '
-          f'`tar xzf {compressed[0]} -C {manual_dir}`.') if compressed else ''
-  raise FileNotFoundError(f'No ImageNet-22K class tars (n01440764.tar, ...) nor outer tar '
-                          f'(fall11_whole.tar) in {manual_dir} or its sub-directories.{hint}')
+  hint = (
+      (
+          f' A compressed archive cannot be read in place: extract it first, e.g. '
+          f'`tar xzf {compressed[0]} -C {manual_dir}`.'
+      )
+      if compressed
+      else ''
+  )
+  raise FileNotFoundError(
+      f'No ImageNet-22K class tars (n01440764.tar, ...) nor outer tar '
+      f'(fall11_whole.tar) in {manual_dir} or its sub-directories.{hint}'
+  )
 
 
 @dataclasses.dataclass(eq=False)
@@ -259,6 +288,7 @@ class Imagenet22kConfig(tfds.core.BuilderConfig):
     prepared_only: a config known only by name, for reading a dataset already prepared with a
       class list; it cannot build.
   """
+
   class_list: str | None = None
   validation_fraction: float = DEFAULT_VALIDATION_FRACTION
   prepared_only: bool = False
@@ -273,8 +303,11 @@ def config_for_class_list(class_list: epath.PathLike, **kwargs) -> Imagenet22kCo
   wnids = read_class_list(class_list)
   digest = hashlib.sha256('\n'.join(wnids).encode()).hexdigest()[:8]
   return Imagenet22kConfig(
-      name=f'classes{len(wnids)}_{digest}', class_list=os.fspath(class_list),
-      description=f'Labels: the {len(wnids)} wnids of {class_list}, in its order.', **kwargs)
+      name=f'classes{len(wnids)}_{digest}',
+      class_list=os.fspath(class_list),
+      description=f'Labels: the {len(wnids)} wnids of {class_list}, in its order.',
+      **kwargs,
+  )
 
 
 class Imagenet22k(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilder):
@@ -284,12 +317,13 @@ class Imagenet22k(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release: train and a hashed ~1% validation slice; CMYK, PNG and other '
-               'non-JPEG images re-encoded to RGB JPEG, undecodable files skipped.',
+      'non-JPEG images re-encoded to RGB JPEG, undecodable files skipped.',
   }
   BUILDER_CONFIGS = [
       Imagenet22kConfig(
           name='default',
-          description='Labels: the sorted wnids of the class tars present (21841 for fall11).'),
+          description='Labels: the sorted wnids of the class tars present (21841 for fall11).',
+      ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Register at https://image-net.org/download-images and download the full ImageNet ("fall
@@ -318,8 +352,9 @@ class Imagenet22k(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
     elif isinstance(config, str):
       name = config.split(':')[0]
       if name not in self.builder_configs:
-        config = Imagenet22kConfig(name=name, prepared_only=True,
-                                   description='Known by name only: read-only.')
+        config = Imagenet22kConfig(
+            name=name, prepared_only=True, description='Known by name only: read-only.'
+        )
     self._use_beam = False
     super().__init__(config=config, **kwargs)
 
@@ -333,13 +368,16 @@ class Imagenet22k(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
             '(or a given class list). There is no official validation set: `validation` '
             'holds about 1% of the images, chosen by a hash of the file name. Images are '
             'JPEG; the few CMYK JPEGs and non-JPEG files are re-encoded to RGB JPEG and '
-            'undecodable files are left out.'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-            # Names come from the archive or the class list, in `_split_generators`.
-            'label': tfds.features.ClassLabel(),
-            'file_name': tfds.features.Text(),  # e.g. n01440764_10026.JPEG
-        }),
+            'undecodable files are left out.'
+        ),
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+                # Names come from the archive or the class list, in `_split_generators`.
+                'label': tfds.features.ClassLabel(),
+                'file_name': tfds.features.Text(),  # e.g. n01440764_10026.JPEG
+            }
+        ),
         supervised_keys=('image', 'label'),
         homepage='https://image-net.org/',
         citation=_CITATION,
@@ -350,15 +388,17 @@ class Imagenet22k(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
     # caller asked for Beam (a runner, or --beam_pipeline_options), generators otherwise.
     self._use_beam = bool(download_config.beam_runner or download_config.beam_options)
     if self._use_beam:
-      tfds.core.lazy_imports.apache_beam  # pylint: disable=pointless-statement
+      tfds.core.lazy_imports.apache_beam  # noqa: B018 (imports Beam, or says how to install it)
       logging.info('imagenet22k: building with Apache Beam, one work item per class tar.')
     return super()._download_and_prepare(dl_manager, download_config)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
     if config.prepared_only:
-      raise ValueError(f'imagenet22k/{config.name} is not prepared under {self.data_dir} and '
-                       'cannot be built by name; pass class_list=... (or a config) to build it')
+      raise ValueError(
+          f'imagenet22k/{config.name} is not prepared under {self.data_dir} and '
+          'cannot be built by name; pass class_list=... (or a config) to build it'
+      )
     archives = find_class_archives(dl_manager.manual_dir)
     present = [a.wnid for a in archives]
     if config.class_list:
@@ -368,30 +408,45 @@ class Imagenet22k(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
         raise ValueError(
             f'{len(unknown)} class tars are not in the class list {config.class_list}: '
             f'{unknown[:5]}{"..." if len(unknown) > 5 else ""}; use a list that has them or '
-            'remove those tars from the manual dir')
-      logging.info('imagenet22k: %d class tars, labels from %s (%d classes, %d without tar).',
-                   len(present), config.class_list, len(names), len(names) - len(present))
+            'remove those tars from the manual dir'
+        )
+      logging.info(
+          'imagenet22k: %d class tars, labels from %s (%d classes, %d without tar).',
+          len(present),
+          config.class_list,
+          len(names),
+          len(names) - len(present),
+      )
     else:
       names = present
-      logging.info('imagenet22k: %d class tars (fall11 has 21841); labels are their sorted '
-                   'wnids.', len(names))
+      logging.info(
+          'imagenet22k: %d class tars (fall11 has 21841); labels are their sorted wnids.',
+          len(names),
+      )
     self.info.features['label'].names = names
     return {
         split: self._generate_examples(archives, split, config.validation_fraction)
         for split in ('train', 'validation')
     }
 
-  def _generate_examples(self, archives: list[ClassArchive], split: str,
-                         validation_fraction: float):
+  def _generate_examples(
+      self, archives: list[ClassArchive], split: str, validation_fraction: float
+  ):
     if self._use_beam:
       beam = tfds.core.lazy_imports.apache_beam
       # Reshuffle spreads the class tars over the workers instead of fusing them with the
       # (single) source; each tar is then read and checked by one worker.
-      return (beam.Create(archives)
-              | 'SpreadClassTars' >> beam.Reshuffle()
-              | 'ReadClassTars' >> beam.FlatMap(
-                  class_examples, split=split, validation_fraction=validation_fraction,
-                  on_outcome=_count_with_beam))
+      return (
+          beam.Create(archives)
+          | 'SpreadClassTars' >> beam.Reshuffle()
+          | 'ReadClassTars'
+          >> beam.FlatMap(
+              class_examples,
+              split=split,
+              validation_fraction=validation_fraction,
+              on_outcome=_count_with_beam,
+          )
+      )
     return self._iter_examples(archives, split, validation_fraction)
 
   def _iter_examples(self, archives, split, validation_fraction):
@@ -406,7 +461,8 @@ class Imagenet22k(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBuilde
       return
     beam = tfds.core.lazy_imports.apache_beam
     query = pipeline_result.metrics().query(
-        beam.metrics.MetricsFilter().with_namespace(_BEAM_COUNTER_NAMESPACE))
+        beam.metrics.MetricsFilter().with_namespace(_BEAM_COUNTER_NAMESPACE)
+    )
     # Each split's step has its own counter of a name: add them up. `result` is the committed
     # value, or the attempted one on runners that do not commit metrics.
     totals = collections.Counter()

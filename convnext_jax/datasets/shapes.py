@@ -36,8 +36,18 @@ import tensorflow_datasets as tfds
 from convnext_jax.datasets import tfds_compat
 
 IMAGE_SIZE = 64
-CLASS_NAMES = ('circle', 'square', 'triangle', 'star', 'plus', 'ring', 'crescent', 'arrow',
-               'heart', 'frame')
+CLASS_NAMES = (
+    'circle',
+    'square',
+    'triangle',
+    'star',
+    'plus',
+    'ring',
+    'crescent',
+    'arrow',
+    'heart',
+    'frame',
+)
 TRAIN_PER_CLASS = 500
 VALIDATION_PER_CLASS = 100
 JPEG_QUALITY = 90
@@ -70,13 +80,36 @@ def _star(num_points: int = 5, outer: float = 1.0, inner: float = 0.42):
 
 def _plus(arm: float = 1.0, half_width: float = 0.3):
   a, w = arm, half_width
-  return np.array([(w, w), (w, a), (-w, a), (-w, w), (-a, w), (-a, -w), (-w, -w), (-w, -a),
-                   (w, -a), (w, -w), (a, -w), (a, w)])
+  return np.array(
+      [
+          (w, w),
+          (w, a),
+          (-w, a),
+          (-w, w),
+          (-a, w),
+          (-a, -w),
+          (-w, -w),
+          (-w, -a),
+          (w, -a),
+          (w, -w),
+          (a, -w),
+          (a, w),
+      ]
+  )
 
 
 def _arrow():
-  return np.array([(-1.0, -0.2), (0.15, -0.2), (0.15, -0.55), (1.0, 0.0), (0.15, 0.55),
-                   (0.15, 0.2), (-1.0, 0.2)])
+  return np.array(
+      [
+          (-1.0, -0.2),
+          (0.15, -0.2),
+          (0.15, -0.55),
+          (1.0, 0.0),
+          (0.15, 0.55),
+          (0.15, 0.2),
+          (-1.0, 0.2),
+      ]
+  )
 
 
 def _heart(num_points: int = 64):
@@ -134,8 +167,9 @@ def _shape_mask(name: str, centre: np.ndarray, radius: float, angle: float) -> n
 def _line_mask(start: np.ndarray, end: np.ndarray, width: float) -> np.ndarray:
   scale = _SUPERSAMPLE
   mask = Image.new('L', (IMAGE_SIZE * scale, IMAGE_SIZE * scale), 0)
-  ImageDraw.Draw(mask).line([tuple(start * scale), tuple(end * scale)], fill=255,
-                            width=max(1, round(width * scale)))
+  ImageDraw.Draw(mask).line(
+      [tuple(start * scale), tuple(end * scale)], fill=255, width=max(1, round(width * scale))
+  )
   mask = mask.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
   return np.asarray(mask, np.float32) / 255.0
 
@@ -236,12 +270,15 @@ class ConvnextShapes(tfds_compat.SourceFileCodePath, tfds.core.GeneratorBasedBui
             'Hues carry no class information; only the shape does. Class-balanced: '
             f'{TRAIN_PER_CLASS} training and {VALIDATION_PER_CLASS} validation images per '
             'class. Generated deterministically (fixed seed per split and index) and stored '
-            f'as JPEG (quality {JPEG_QUALITY}).'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-            'file_name': tfds.features.Text(),
-        }),
+            f'as JPEG (quality {JPEG_QUALITY}).'
+        ),
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+                'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+                'file_name': tfds.features.Text(),
+            }
+        ),
         supervised_keys=('image', 'label'),
         homepage='https://arxiv.org/abs/2201.03545',  # The ConvNeXt paper this project follows.
     )

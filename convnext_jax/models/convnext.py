@@ -34,7 +34,8 @@ each Block is wrapped in `nn.remat` with the policy; scanned, the scan body is w
 `jax.checkpoint` with it. `remat_policy` maps a name to its policy.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 import functools
 import inspect
 from typing import Any
@@ -89,13 +90,16 @@ def remat_policy(remat: bool | str) -> Callable[..., bool] | None:
     return jax.checkpoint_policies.nothing_saveable
   if isinstance(remat, str) and remat in REMAT_POLICIES:
     return getattr(jax.checkpoint_policies, remat)
-  raise ValueError(f"remat must be '' or False (off), True, or one of "
-                   f'{", ".join(REMAT_POLICIES)}; got {remat!r}')
+  raise ValueError(
+      f"remat must be '' or False (off), True, or one of "
+      f'{", ".join(REMAT_POLICIES)}; got {remat!r}'
+  )
 
 
 class Block(nn.Module):
   """dwconv 7x7 -> LayerNorm -> Linear C->4C -> GELU (erf) [-> GRN] -> Linear 4C->C
   [-> * gamma] -> drop path -> + shortcut."""
+
   dim: int
   drop_path_rate: float | jax.Array = 0.0  # A traced scalar when scanned over.
   layer_scale_init_value: float | None = 1e-6
@@ -107,21 +111,26 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    dense = functools.partial(nn.Dense, kernel_init=layers.dense_init, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+    dense = functools.partial(
+        nn.Dense, kernel_init=layers.dense_init, dtype=self.dtype, param_dtype=self.param_dtype
+    )
     shortcut = x
-    x = layers.DepthwiseConv(7, impl=self.depthwise_impl, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name='dwconv')(x)
+    x = layers.DepthwiseConv(
+        7, impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name='dwconv'
+    )(x)
     x = _layer_norm(self.norm_eps, self.dtype, self.param_dtype, 'norm')(x)
     x = dense(4 * self.dim, name='pwconv1')(x)
     x = nn.gelu(x, approximate=False)
     if self.use_grn:
-      x = layers.GlobalResponseNorm(dtype=self.dtype, param_dtype=self.param_dtype,
-                                    name='grn')(x)
+      x = layers.GlobalResponseNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='grn')(x)
     x = dense(self.dim, name='pwconv2')(x)
     if self.layer_scale_init_value:
-      gamma = self.param('gamma', nn.initializers.constant(self.layer_scale_init_value),
-                         (self.dim,), self.param_dtype)
+      gamma = self.param(
+          'gamma',
+          nn.initializers.constant(self.layer_scale_init_value),
+          (self.dim,),
+          self.param_dtype,
+      )
       x = x * gamma.astype(x.dtype)
     # A traced rate (scan) may be anything; a zero Python rate needs no rng.
     if train and (not isinstance(self.drop_path_rate, (int, float)) or self.drop_path_rate > 0):
@@ -133,8 +142,9 @@ class Block(nn.Module):
 def _layer_norm(eps, dtype, param_dtype, name):
   # Two-pass variance (E[(x - mean)^2]) as PyTorch computes it; the fast E[x^2] - mean^2 form
   # loses precision when |mean| >> std, which ConvNeXt's stem activations do reach.
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype,
-                      param_dtype=param_dtype, name=name)
+  return nn.LayerNorm(
+      epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
+  )
 
 
 def _drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
@@ -144,9 +154,14 @@ def _drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
 
 def _block_kwargs(module) -> dict[str, Any]:
   """The Block attributes that `module` sets (all but dim and drop_path_rate)."""
-  return dict(layer_scale_init_value=module.layer_scale_init_value, use_grn=module.use_grn,
-              norm_eps=module.norm_eps, depthwise_impl=module.depthwise_impl,
-              dtype=module.dtype, param_dtype=module.param_dtype)
+  return dict(
+      layer_scale_init_value=module.layer_scale_init_value,
+      use_grn=module.use_grn,
+      norm_eps=module.norm_eps,
+      depthwise_impl=module.depthwise_impl,
+      dtype=module.dtype,
+      param_dtype=module.param_dtype,
+  )
 
 
 def _make_block(module, dim, drop_path_rate, name):
@@ -185,8 +200,9 @@ def _blocks(module, x, train: bool, dim: int, names: Sequence[str], rates: Seque
   if policy is not None:
     # Scan already keeps iterations apart, so common-subexpression guards are not needed.
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(rates, jnp.float32),
-                                jnp.arange(len(names), dtype=jnp.uint32)))
+  x, _ = jax.lax.scan(
+      body, x, (stacked, jnp.asarray(rates, jnp.float32), jnp.arange(len(names), dtype=jnp.uint32))
+  )
   return x
 
 
@@ -199,8 +215,13 @@ def _head(module, x, output):
     return x
   init = layers.scaled_init(layers.dense_init, module.head_init_scale)
   # The bias is zero-initialised, so scaling it by head_init_scale is a no-op.
-  x = nn.Dense(module.num_classes, kernel_init=init, dtype=module.dtype,
-               param_dtype=module.param_dtype, name='head')(x)
+  x = nn.Dense(
+      module.num_classes,
+      kernel_init=init,
+      dtype=module.dtype,
+      param_dtype=module.param_dtype,
+      name='head',
+  )(x)
   return x.astype(jnp.float32)
 
 
@@ -228,6 +249,7 @@ class _ConvNeXtBase(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); None follows the inputs and params.
     param_dtype: parameter dtype.
   """
+
   num_classes: int = 1000
   drop_path_rate: float = 0.0
   layer_scale_init_value: float | None = 1e-6
@@ -256,6 +278,7 @@ class ConvNeXt(_ConvNeXtBase):
     depths: blocks per stage.
     dims: channels per stage.
   """
+
   depths: Sequence[int] = (3, 3, 9, 3)
   dims: Sequence[int] = (96, 192, 384, 768)
 
@@ -265,8 +288,13 @@ class ConvNeXt(_ConvNeXtBase):
     if len(self.depths) != len(self.dims):
       raise ValueError(f'depths {tuple(self.depths)} and dims {tuple(self.dims)} differ in length')
     norm = functools.partial(_layer_norm, self.norm_eps, self.dtype, self.param_dtype)
-    conv = functools.partial(nn.Conv, padding='VALID', kernel_init=layers.dense_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(
+        nn.Conv,
+        padding='VALID',
+        kernel_init=layers.dense_init,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
     rates = _drop_path_rates(self.drop_path_rate, sum(self.depths))
 
     x = jnp.asarray(x, self.dtype)
@@ -279,8 +307,14 @@ class ConvNeXt(_ConvNeXtBase):
         x = norm(f'downsample_layers.{i}.0')(x)
         x = conv(dim, (2, 2), strides=(2, 2), name=f'downsample_layers.{i}.1')(x)
       start = sum(self.depths[:i])
-      x = _blocks(self, x, train, dim, [f'stages.{i}.{j}' for j in range(depth)],
-                  rates[start:start + depth])
+      x = _blocks(
+          self,
+          x,
+          train,
+          dim,
+          [f'stages.{i}.{j}' for j in range(depth)],
+          rates[start : start + depth],
+      )
       stage_maps.append(x)
     if output == 'stages':
       return tuple(stage_maps)
@@ -294,6 +328,7 @@ class ConvNeXtIsotropic(_ConvNeXtBase):
   width `dim` (`blocks.{k}`) -> mean -> LayerNorm -> head. Layer scale is off by default
   (the released S and B models have none).
   """
+
   depth: int = 18
   dim: int = 384
   patch_size: int = 16
@@ -304,12 +339,17 @@ class ConvNeXtIsotropic(_ConvNeXtBase):
     _check_output(output)
     rates = _drop_path_rates(self.drop_path_rate, self.depth)
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(self.dim, (self.patch_size, self.patch_size),
-                strides=(self.patch_size, self.patch_size), padding='VALID',
-                kernel_init=layers.dense_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                name='stem')(x)
+    x = nn.Conv(
+        self.dim,
+        (self.patch_size, self.patch_size),
+        strides=(self.patch_size, self.patch_size),
+        padding='VALID',
+        kernel_init=layers.dense_init,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='stem',
+    )(x)
     x = _blocks(self, x, train, self.dim, [f'blocks.{k}' for k in range(self.depth)], rates)
     if output == 'stages':
       return (x,)
     return _head(self, x, output)
-

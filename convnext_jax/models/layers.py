@@ -8,8 +8,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 Dtype = Any
 
@@ -41,8 +41,13 @@ def scaled_init(init, scale: float):
 
 def _depthwise_lax_conv(x, kernel, padding, stride=1):
   return lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
+      x,
+      kernel,
+      window_strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1],
+  )
 
 
 def _shifted_sum(x, kernel, padding):
@@ -52,9 +57,9 @@ def _shifted_sum(x, kernel, padding):
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   out = None
   for i in range(kh):
-    rows = xp[:, i:i + h]
+    rows = xp[:, i : i + h]
     for j in range(kw):
-      term = rows[:, :, j:j + w] * kernel[i, j, 0]
+      term = rows[:, :, j : j + w] * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
 
@@ -83,10 +88,13 @@ def _depthwise_backward(padding, residuals, dy):
   h, w = dy.shape[1:3]
   dx = _shifted_sum(dy, kernel[::-1, ::-1], kh - 1 - padding)
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  dkernel = jnp.stack([
-      (xp[:, i:i + h, j:j + w] * dy).reshape(-1, channels).sum(axis=0)
-      for i in range(kh) for j in range(kw)
-  ])
+  dkernel = jnp.stack(
+      [
+          (xp[:, i : i + h, j : j + w] * dy).reshape(-1, channels).sum(axis=0)
+          for i in range(kh)
+          for j in range(kw)
+      ]
+  )
   return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -115,6 +123,7 @@ def depthwise_conv2d(x, kernel, padding: int, impl: str = 'auto', stride: int = 
   Returns:
     The (N, (H + 2 * padding - kh) // stride + 1, (W + ...) // stride + 1, C) output.
   """
+
   def conv(x, k):
     return _depthwise_lax_conv(x, k, padding, stride)
 
@@ -134,6 +143,7 @@ def depthwise_conv2d(x, kernel, padding: int, impl: str = 'auto', stride: int = 
 class DepthwiseConv(nn.Module):
   """Depthwise conv (`depthwise_conv2d`), 'same' padding for odd kernels; params `kernel`
   (kh, kw, 1, C) and `bias` (C,) like `nn.Conv`."""
+
   kernel_size: int = 7
   impl: str = 'auto'
   stride: int = 1
@@ -144,8 +154,9 @@ class DepthwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
-    kernel = self.param('kernel', dense_init, (self.kernel_size, self.kernel_size, 1, channels),
-                        self.param_dtype)
+    kernel = self.param(
+        'kernel', dense_init, (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype
+    )
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = depthwise_conv2d(x, kernel, self.kernel_size // 2, self.impl, self.stride)
     if self.use_bias:
@@ -160,6 +171,7 @@ class GlobalResponseNorm(nn.Module):
   gx = L2 norm over (H, W) per channel; nx = gx / (mean_c gx + eps);
   out = gamma * (x * nx) + beta + x, with gamma and beta zero-initialised (identity at init).
   """
+
   eps: float = 1e-6
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -191,6 +203,7 @@ class BatchNorm(nn.Module):
   Variables: params `scale` (init 1, or 0 with `zero_init`), `bias`; batch_stats `mean`,
   `var` (the names flax's own BatchNorm uses; conversion maps them to running_mean/var).
   """
+
   momentum: float = 0.1
   epsilon: float = 1e-5
   group_size: int = 0
@@ -201,8 +214,12 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     channels = x.shape[-1]
-    scale = self.param('scale', nn.initializers.zeros if self.zero_init else nn.initializers.ones,
-                       (channels,), self.param_dtype)
+    scale = self.param(
+        'scale',
+        nn.initializers.zeros if self.zero_init else nn.initializers.ones,
+        (channels,),
+        self.param_dtype,
+    )
     bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
@@ -214,8 +231,10 @@ class BatchNorm(nn.Module):
       n = x.shape[0]
       group = self.group_size or n
       if n % group:
-        raise ValueError(f'BatchNorm: batch {n} is not divisible by its statistics group size '
-                         f'{group} (model.bn_group_size)')
+        raise ValueError(
+            f'BatchNorm: batch {n} is not divisible by its statistics group size '
+            f'{group} (model.bn_group_size)'
+        )
       grouped = x32.reshape((n // group, group) + x.shape[1:])
       axes = tuple(range(1, grouped.ndim - 1))
       # Two passes (E[(x - mean)^2]), as PyTorch computes it.
@@ -225,10 +244,12 @@ class BatchNorm(nn.Module):
         count = grouped.size // (grouped.shape[0] * channels)
         unbiased = var * (count / max(count - 1, 1))
         m = self.momentum
-        running_mean.value = ((1 - m) * running_mean.value +
-                              m * jnp.mean(mean, axis=tuple(range(mean.ndim - 1))))
-        running_var.value = ((1 - m) * running_var.value +
-                             m * jnp.mean(unbiased, axis=tuple(range(var.ndim - 1))))
+        running_mean.value = (1 - m) * running_mean.value + m * jnp.mean(
+            mean, axis=tuple(range(mean.ndim - 1))
+        )
+        running_var.value = (1 - m) * running_var.value + m * jnp.mean(
+            unbiased, axis=tuple(range(var.ndim - 1))
+        )
       y = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon)
       y = y.reshape(x.shape)
       return (y * scale + bias).astype(dtype)

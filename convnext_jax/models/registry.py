@@ -7,14 +7,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from convnext_jax.models import roadmap
 from convnext_jax.models.convnext import ConvNeXt
 from convnext_jax.models.convnext import ConvNeXtIsotropic
-from convnext_jax.models import roadmap
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """Architecture of one named variant (what conversion and layer decay need to know)."""
+
   name: str
   isotropic: bool
   depths: tuple[int, ...]  # Hierarchical: blocks per stage. Isotropic: (depth,).
@@ -39,8 +40,11 @@ class ModelSpec:
     """Keyword arguments of the Flax module class for this variant."""
     if self.roadmap:
       return dict(self.roadmap, layer_scale_init_value=self.layer_scale_init_value)
-    common = dict(layer_scale_init_value=self.layer_scale_init_value, use_grn=self.use_grn,
-                  norm_eps=self.norm_eps)
+    common = dict(
+        layer_scale_init_value=self.layer_scale_init_value,
+        use_grn=self.use_grn,
+        norm_eps=self.norm_eps,
+    )
     if self.isotropic:
       return dict(depth=self.depths[0], dim=self.dims[0], **common)
     return dict(depths=self.depths, dims=self.dims, **common)
@@ -59,8 +63,7 @@ _HIERARCHICAL = {
     'xxlarge': ((3, 4, 30, 3), (384, 768, 1536, 3072)),
     'huge': ((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
-_V1_SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base', 'large', 'xlarge',
-             'xxlarge')
+_V1_SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base', 'large', 'xlarge', 'xxlarge')
 _V2_SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base', 'large', 'huge')
 # Official isotropic models: layer scale off for S and B, 1e-6 for L (as released and trained).
 _ISOTROPIC = {'small': (18, 384, 0.0), 'base': (18, 768, 0.0), 'large': (36, 1024, 1e-6)}
@@ -72,8 +75,9 @@ def _build_specs() -> dict[str, ModelSpec]:
     depths, dims = _HIERARCHICAL[size]
     name = f'convnext_{size}'
     # timm builds xxlarge with LayerNorm eps 1e-5 (its released weights were trained so).
-    specs[name] = ModelSpec(name, False, depths, dims, 1e-6,
-                            norm_eps=1e-5 if size == 'xxlarge' else 1e-6)
+    specs[name] = ModelSpec(
+        name, False, depths, dims, 1e-6, norm_eps=1e-5 if size == 'xxlarge' else 1e-6
+    )
   for size in _V2_SIZES:
     depths, dims = _HIERARCHICAL[size]
     name = f'convnextv2_{size}'
@@ -86,9 +90,14 @@ def _build_specs() -> dict[str, ModelSpec]:
       arch = dict(step.arch)
       expansion = 4 if arch['block'] == 'bottleneck' else 1
       name = roadmap.model_name(track, step.name)
-      specs[name] = ModelSpec(name, False, arch['depths'],
-                              tuple(w * expansion for w in arch['widths']), 1e-6,
-                              roadmap=step.arch)
+      specs[name] = ModelSpec(
+          name,
+          False,
+          arch['depths'],
+          tuple(w * expansion for w in arch['widths']),
+          1e-6,
+          roadmap=step.arch,
+      )
   return specs
 
 
@@ -109,22 +118,23 @@ def get_spec(name: str) -> ModelSpec:
   try:
     return MODEL_SPECS[name]
   except KeyError:
-    raise ValueError(
-        f'unknown model {name!r}; known models: {", ".join(MODEL_SPECS)}') from None
+    raise ValueError(f'unknown model {name!r}; known models: {", ".join(MODEL_SPECS)}') from None
 
 
 _DEFAULT = object()
 
 
-def create_model(name: str,
-                 *,
-                 num_classes: int = 1000,
-                 drop_path_rate: float = 0.0,
-                 layer_scale_init_value: Any = _DEFAULT,
-                 head_init_scale: float = 1.0,
-                 dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32,
-                 **overrides) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    drop_path_rate: float = 0.0,
+    layer_scale_init_value: Any = _DEFAULT,
+    head_init_scale: float = 1.0,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    **overrides,
+) -> nn.Module:
   """Builds a ConvNeXt Flax module by name.
 
   Args:
@@ -153,8 +163,13 @@ def create_model(name: str,
   kwargs = spec.module_kwargs()
   if layer_scale_init_value is not _DEFAULT:
     kwargs['layer_scale_init_value'] = layer_scale_init_value
-  kwargs.update(num_classes=num_classes, drop_path_rate=drop_path_rate,
-                head_init_scale=head_init_scale, dtype=dtype, param_dtype=param_dtype)
+  kwargs.update(
+      num_classes=num_classes,
+      drop_path_rate=drop_path_rate,
+      head_init_scale=head_init_scale,
+      dtype=dtype,
+      param_dtype=param_dtype,
+  )
   kwargs.update(overrides)
   cls = spec.module_class
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}

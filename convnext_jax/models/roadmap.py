@@ -61,6 +61,7 @@ NORMS = ('batch', 'layer')
 @dataclasses.dataclass(frozen=True)
 class Step:
   """One roadmap step: the RoadmapNet attributes it sets (cumulative) and the paper's result."""
+
   name: str
   title: str
   arch: tuple[tuple[str, Any], ...]  # All RoadmapNet attributes of this step, sorted.
@@ -68,9 +69,17 @@ class Step:
   paper_gflops: float  # Multiply-adds at 224 px, as the paper counts FLOPs.
 
 
-_COMMON = dict(stem='resnet', block='bottleneck', depthwise=False, kernel_size=3,
-               activation='relu', fewer_activations=False, fewer_norms=False, norm='batch',
-               separate_downsampling=False)
+_COMMON = dict(
+    stem='resnet',
+    block='bottleneck',
+    depthwise=False,
+    kernel_size=3,
+    activation='relu',
+    fewer_activations=False,
+    fewer_norms=False,
+    norm='batch',
+    separate_downsampling=False,
+)
 
 # (name, title, changes, r50 (top-1, GFLOPs), r200 (top-1, GFLOPs)); changes apply in order,
 # except that the kernel steps all start from the depthwise-up step and 'gelu' goes on from
@@ -87,24 +96,41 @@ _STEPS = (
     ('kernel7', 'kernel size 7', {'kernel_size': 7}, (80.57, 4.15), (82.30, 14.81)),
     ('kernel9', 'kernel size 9', {'kernel_size': 9}, (80.57, 4.21), (82.27, 14.95)),
     ('kernel11', 'kernel size 11', {'kernel_size': 11}, (80.47, 4.29), (82.18, 15.13)),
-    ('gelu', 'ReLU -> GELU', {'kernel_size': 7, 'activation': 'gelu'}, (80.62, 4.15),
-     (82.19, 14.81)),
-    ('fewer_act', 'fewer activations', {'fewer_activations': True}, (81.27, 4.15),
-     (82.71, 14.81)),
+    (
+        'gelu',
+        'ReLU -> GELU',
+        {'kernel_size': 7, 'activation': 'gelu'},
+        (80.62, 4.15),
+        (82.19, 14.81),
+    ),
+    ('fewer_act', 'fewer activations', {'fewer_activations': True}, (81.27, 4.15), (82.71, 14.81)),
     ('fewer_norm', 'fewer norms', {'fewer_norms': True}, (81.41, 4.15), (83.17, 14.81)),
     # Table 10 prints 4.46 GFLOPs for this step; changing a norm adds no multiply-adds, and
     # Figure 2's bar says 4.2 (docs/roadmap.md).
     ('ln', 'BN -> LN', {'norm': 'layer'}, (81.47, 4.15), (83.35, 14.81)),
-    ('downsample', 'separate downsampling layers', {'separate_downsampling': True},
-     (81.97, 4.49), (83.60, 15.35)),
+    (
+        'downsample',
+        'separate downsampling layers',
+        {'separate_downsampling': True},
+        (81.97, 4.49),
+        (83.60, 15.35),
+    ),
 )
 
 # Per track: the baseline's depths and widths, then the values 'stage_ratio' and 'width' set.
 _TRACK_SHAPES = {
-    'r50': dict(baseline=((3, 4, 6, 3), (64, 128, 256, 512)), depths=(3, 3, 9, 3),
-                stage_ratio_widths=None, widths=(96, 192, 384, 768)),
-    'r200': dict(baseline=((3, 24, 36, 3), (64, 128, 256, 512)), depths=(3, 3, 27, 3),
-                 stage_ratio_widths=(84, 168, 336, 672), widths=(128, 256, 512, 1024)),
+    'r50': dict(
+        baseline=((3, 4, 6, 3), (64, 128, 256, 512)),
+        depths=(3, 3, 9, 3),
+        stage_ratio_widths=None,
+        widths=(96, 192, 384, 768),
+    ),
+    'r200': dict(
+        baseline=((3, 24, 36, 3), (64, 128, 256, 512)),
+        depths=(3, 3, 27, 3),
+        stage_ratio_widths=(84, 168, 336, 672),
+        widths=(128, 256, 512, 1024),
+    ),
 }
 # Paper results of the original 90-epoch recipe (the step before 'baseline').
 ORIGINAL_RECIPE = {'r50': (76.13, 4.09), 'r200': (78.20, 15.01)}
@@ -166,6 +192,7 @@ class RoadmapNet(convnext._ConvNeXtBase):
       of the call); see `layers.BatchNorm`.
     bn_eps, bn_momentum: BatchNorm's, in PyTorch's convention.
   """
+
   depths: Sequence[int] = (3, 4, 6, 3)
   widths: Sequence[int] = (64, 128, 256, 512)
   stem: str = 'resnet'
@@ -182,19 +209,24 @@ class RoadmapNet(convnext._ConvNeXtBase):
   bn_momentum: float = 0.1
 
   def _check(self):
-    for name, value, allowed in (('stem', self.stem, STEMS), ('block', self.block, BLOCKS),
-                                 ('activation', self.activation, tuple(ACTIVATIONS)),
-                                 ('norm', self.norm, NORMS)):
+    for name, value, allowed in (
+        ('stem', self.stem, STEMS),
+        ('block', self.block, BLOCKS),
+        ('activation', self.activation, tuple(ACTIVATIONS)),
+        ('norm', self.norm, NORMS),
+    ):
       if value not in allowed:
         raise ValueError(f'RoadmapNet {name} must be one of {allowed}, got {value!r}')
     if len(self.depths) != len(self.widths):
-      raise ValueError(f'depths {tuple(self.depths)} and widths {tuple(self.widths)} differ '
-                       'in length')
+      raise ValueError(
+          f'depths {tuple(self.depths)} and widths {tuple(self.widths)} differ in length'
+      )
     if self.scan or self.use_grn:
       raise ValueError('RoadmapNet supports neither scan nor use_grn')
     if self.fewer_norms and self.block != 'dw_first':
-      raise ValueError("fewer_norms needs block='dw_first' (its one norm follows the "
-                       'depthwise conv)')
+      raise ValueError(
+          "fewer_norms needs block='dw_first' (its one norm follows the depthwise conv)"
+      )
     if self.separate_downsampling and not (self.stem == 'patchify' and self.fewer_norms):
       raise ValueError("separate_downsampling needs stem='patchify' and fewer_norms")
 
@@ -208,8 +240,7 @@ class RoadmapNet(convnext._ConvNeXtBase):
     rates = convnext._drop_path_rates(self.drop_path_rate, sum(self.depths))
     block_cls = _Block
     if self.remat:
-      block_cls = nn.remat(_Block, static_argnums=(2,),
-                           policy=convnext.remat_policy(self.remat))
+      block_cls = nn.remat(_Block, static_argnums=(2,), policy=convnext.remat_policy(self.remat))
     sep = self.separate_downsampling
     # ---- Stem. ----
     if self.stem == 'resnet':
@@ -237,8 +268,15 @@ class RoadmapNet(convnext._ConvNeXtBase):
       for j in range(depth):
         stride = 2 if (i > 0 and j == 0 and not sep) else 1
         out = width * 4 if self.block == 'bottleneck' else width
-        x = block_cls(d, width, out, stride, channels != out or stride != 1, rates[start + j],
-                      name=f'stages.{i}.{j}' if sep else f'layer{i + 1}.{j}')(x, train)
+        x = block_cls(
+            d,
+            width,
+            out,
+            stride,
+            channels != out or stride != 1,
+            rates[start + j],
+            name=f'stages.{i}.{j}' if sep else f'layer{i + 1}.{j}',
+        )(x, train)
         channels = out
       stage_maps.append(x)
     if output == 'stages':
@@ -249,15 +287,20 @@ class RoadmapNet(convnext._ConvNeXtBase):
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
     if output == 'pre_logits' or not self.num_classes:
       return x
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=layers.scaled_init(layers.dense_init, self.head_init_scale),
-                 name='fc')(x)
+    x = nn.Dense(
+        self.num_classes,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=layers.scaled_init(layers.dense_init, self.head_init_scale),
+        name='fc',
+    )(x)
     return x.astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Design:
   """The RoadmapNet attributes its blocks and layers follow (hashable, for submodules)."""
+
   block: str
   depthwise: bool
   kernel_size: int
@@ -282,29 +325,59 @@ class _Design:
 def _norm(d: _Design, name: str, kind: str | None = None, zero_init: bool = False):
   """A norm layer called as f(x, train): BatchNorm, or LayerNorm over channels."""
   if (kind or d.norm) == 'batch':
-    return layers.BatchNorm(momentum=d.bn_momentum, epsilon=d.bn_eps, group_size=d.bn_group_size,
-                            zero_init=zero_init, dtype=d.dtype, param_dtype=d.param_dtype,
-                            name=name)
+    return layers.BatchNorm(
+        momentum=d.bn_momentum,
+        epsilon=d.bn_eps,
+        group_size=d.bn_group_size,
+        zero_init=zero_init,
+        dtype=d.dtype,
+        param_dtype=d.param_dtype,
+        name=name,
+    )
   ln = convnext._layer_norm(d.norm_eps, d.dtype, d.param_dtype, name)
   return lambda x, train=False: ln(x)
 
 
-def _conv(d: _Design, features: int, kernel: int, stride: int, name: str, *,
-          padding: int | None = None, depthwise: bool = False, bias: bool = False):
+def _conv(
+    d: _Design,
+    features: int,
+    kernel: int,
+    stride: int,
+    name: str,
+    *,
+    padding: int | None = None,
+    depthwise: bool = False,
+    bias: bool = False,
+):
   """A kxk conv with ConvNeXt's init ('same' padding unless given); depthwise ones (groups =
   channels = features) go through `layers.DepthwiseConv`, fast on CPU."""
   if depthwise:
-    return layers.DepthwiseConv(kernel, impl=d.depthwise_impl, stride=stride, use_bias=bias,
-                                dtype=d.dtype, param_dtype=d.param_dtype, name=name)
+    return layers.DepthwiseConv(
+        kernel,
+        impl=d.depthwise_impl,
+        stride=stride,
+        use_bias=bias,
+        dtype=d.dtype,
+        param_dtype=d.param_dtype,
+        name=name,
+    )
   padding = kernel // 2 if padding is None else padding
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), use_bias=bias,
-                 kernel_init=layers.dense_init, dtype=d.dtype, param_dtype=d.param_dtype,
-                 name=name)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      use_bias=bias,
+      kernel_init=layers.dense_init,
+      dtype=d.dtype,
+      param_dtype=d.param_dtype,
+      name=name,
+  )
 
 
 class _Block(nn.Module):
   """One residual block, designed as `design` says."""
+
   design: _Design
   width: int
   out: int
@@ -322,27 +395,35 @@ class _Block(nn.Module):
     if d.fewer_norms:  # ConvNeXt's block, with BatchNorm or LayerNorm; ConvNeXt's names.
       x = _conv(d, cin, k, self.stride, 'dwconv', depthwise=True, bias=True)(x)
       x = _norm(d, 'norm')(x, train)
-      dense = functools.partial(nn.Dense, kernel_init=layers.dense_init, dtype=d.dtype,
-                                param_dtype=d.param_dtype)
+      dense = functools.partial(
+          nn.Dense, kernel_init=layers.dense_init, dtype=d.dtype, param_dtype=d.param_dtype
+      )
       x = dense(4 * self.width, name='pwconv1')(x)
       x = act(x)
       x = dense(self.out, name='pwconv2')(x)
       if d.layer_scale_init_value:
-        gamma = self.param('gamma', nn.initializers.constant(d.layer_scale_init_value),
-                           (self.out,), d.param_dtype)
+        gamma = self.param(
+            'gamma', nn.initializers.constant(d.layer_scale_init_value), (self.out,), d.param_dtype
+        )
         x = x * gamma.astype(x.dtype)
     else:
       # Three convs, each followed by a norm; torchvision's names. (features, kernel,
       # stride, depthwise) per conv.
       if d.block == 'bottleneck':
-        convs = ((self.width, 1, 1, False), (self.width, k, self.stride, d.depthwise),
-                 (self.out, 1, 1, False))
+        convs = (
+            (self.width, 1, 1, False),
+            (self.width, k, self.stride, d.depthwise),
+            (self.out, 1, 1, False),
+        )
       elif d.block == 'inverted':
         hidden = 4 * self.width
         convs = ((hidden, 1, 1, False), (hidden, k, self.stride, True), (self.out, 1, 1, False))
       else:  # dw_first
-        convs = ((cin, k, self.stride, True), (4 * self.width, 1, 1, False),
-                 (self.out, 1, 1, False))
+        convs = (
+            (cin, k, self.stride, True),
+            (4 * self.width, 1, 1, False),
+            (self.out, 1, 1, False),
+        )
       # With fewer activations, the one left follows the layer between the two 1x1 convs.
       kept = 2 if d.block == 'dw_first' else 1
       for n, (features, kernel, stride, depthwise) in enumerate(convs, start=1):
