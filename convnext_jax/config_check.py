@@ -111,15 +111,13 @@ def check(config: ml_collections.ConfigDict) -> None:
 
   _integer(c, 'global_batch_size', 1)
   _integer(c, 'grad_accum_steps', 1)
-  _integer(c, 'num_steps', 1, sentinel='to train for num_epochs')
-  if c.num_steps == -1:
-    _number(c, 'num_epochs', '> 0', lambda v: v > 0)
+  _steps_or_epochs(c, 'num_steps', 1, 'to train for num_epochs', 'num_epochs', '> 0')
 
   _number(c, 'optim.lr', '> 0', lambda v: v > 0)
   _number(c, 'optim.min_lr', '>= 0', lambda v: v >= 0)
-  _integer(c, 'optim.warmup_steps', 0, sentinel='to use optim.warmup_epochs')
-  if c.optim.warmup_steps == -1:
-    _number(c, 'optim.warmup_epochs', '>= 0', lambda v: v >= 0)
+  _steps_or_epochs(
+      c, 'optim.warmup_steps', 0, 'to use optim.warmup_epochs', 'optim.warmup_epochs', '>= 0'
+  )
   _number(c, 'optim.weight_decay', '>= 0', lambda v: v >= 0)
   _number(c, 'optim.b1', 'in [0, 1)', lambda v: 0 <= v < 1)
   _number(c, 'optim.b2', 'in [0, 1)', lambda v: 0 <= v < 1)
@@ -135,9 +133,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   _integer(c, 'sharding_min_size', 0)
 
   _integer(c, 'log_every_steps', 1)
-  _integer(c, 'eval_every_steps', 1, sentinel='to use eval_every_epochs')
-  if c.eval_every_steps == -1:
-    _number(c, 'eval_every_epochs', '> 0', lambda v: v > 0)
+  _steps_or_epochs(c, 'eval_every_steps', 1, 'to use eval_every_epochs', 'eval_every_epochs', '> 0')
   _integer(c, 'eval_batch_size', 1, sentinel='for global_batch_size')
   _integer(c, 'checkpoint_every_steps', 1)
   _integer(c, 'keep_checkpoints', 1)
@@ -357,6 +353,15 @@ def _integer(
   if why:
     expected += f' ({why})'
   raise ConfigError(f'config.{key} must be {expected}{_sentinel_text(sentinel)}, got {v!r}')
+
+
+def _steps_or_epochs(c, steps: str, low: int, sentinel: str, epochs: str, bound: str) -> None:
+  """A duration in steps (an int >= `low`), or -1 and one in epochs (`bound` 0: '> 0' or
+  '>= 0'), which `train.schedule_steps` turns into steps."""
+  _integer(c, steps, low, sentinel=sentinel)
+  if _value(c, steps) == -1:
+    ok = (lambda v: v > 0) if bound == '> 0' else (lambda v: v >= 0)
+    _number(c, epochs, bound, ok)
 
 
 def _number(c, key: str, expected: str, ok, *, sentinel: str | None = None) -> None:

@@ -242,7 +242,7 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num
           (zero, batch_stats),
           (split(batch['image']), split(batch['label']), jax.random.split(key, accum)),
       )
-      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+      loss, grads = jax.tree.map(lambda x: x / 2, (loss, grads))
     updates, opt_state = optimizer.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     updated = dict(params=new_params, opt_state=opt_state)
@@ -252,14 +252,13 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num
       decay = optim.ema_decay_at(state['step'], config.ema.decay, config.ema.warmup)
       updated['ema_params'] = optim.update_ema(state['ema_params'], new_params, decay)
     grad_norm = optax.tree.norm(grads)
+    new_param_norm = optax.tree.norm(new_params)
     # The non-finite guard: a step whose loss, gradients or new weights are not all finite
     # changes nothing but the step count (the selects fuse into the update's elementwise
     # work), so the state never holds a NaN or inf to be saved. The optimizer's own count
     # (bias correction, its schedule) stays too: a skipped step is as if not taken. The
     # running averages count as weights: an infinite variance can leave the loss finite.
-    finite = (
-        jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
-    )
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(new_param_norm)
     if batch_stats is not None:
       finite &= jnp.isfinite(optax.tree.norm(batch_stats))
     new_state = dict(state, step=state['step'] + 1)
@@ -268,10 +267,15 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num
             lambda new, old: jnp.where(finite, new, old), updated, {k: state[k] for k in updated}
         )
     )
+    # The norm of the weights the step leaves: the guard's, so a step reads its weights once
+    # more only when it was skipped (a cond runs one branch).
+    param_norm = jax.lax.cond(
+        finite, lambda: new_param_norm, lambda: optax.tree.norm(state['params'])
+    )
     step_metrics = TrainMetrics.single_from_model_output(
         loss=loss,
         grad_norm=grad_norm,
-        param_norm=optax.tree.norm(new_state['params']),
+        param_norm=param_norm,
         lr=schedule_fn(state['step']),
         finite=finite,
     )
@@ -301,7 +305,9 @@ def create_train_state(
         'params': params,
         'opt_state': optimizer.init(params),
         'step': jnp.zeros((), jnp.int32),
-        'rng': jax.random.key_data(jax.random.key(config.seed + 1)),
+        # The training randomness (augmentation, drop path), derived from the same key: one
+        # seed decides the run. Folded, so the weights stay those `model.init(key)` gives.
+        'rng': jax.random.key_data(jax.random.fold_in(key, 1)),
     }
     if 'batch_stats' in variables:  # Only then: other models' checkpoints stay as they were.
       state['batch_stats'] = variables['batch_stats']

@@ -28,10 +28,9 @@ def _config(mesh):
   # shifted sum, tested equal to it in test_models); the sharding logic is the same.
   c.model.overrides.depthwise_impl = 'conv'
   c.model.dtype = 'float32'
-  c.model.drop_path_rate = 0.1  # Drop-path masks must not depend on the sharding either.
+  # Drop-path and Random Erasing masks (`_run`'s defaults) must not depend on the sharding.
   c.input.mixup_alpha = 0.0  # Mixup pairs within each data-parallel shard: mesh-dependent.
   c.input.cutmix_alpha = 0.0
-  c.input.random_erasing = 0.5
   c.global_batch_size = BATCH
   c.optim.lr = 1e-3
   # Adam divides by sqrt(v) + eps: with the default 1e-8, gradients at float32 noise level
@@ -45,19 +44,30 @@ def _config(mesh):
   return c
 
 
-def _batches():
+def _batches(batch=BATCH):
   rng = np.random.default_rng(0)
   return [
       {
-          'image': rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
-          'label': rng.integers(0, NUM_CLASSES, (BATCH,), dtype=np.int32),
+          'image': rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8),
+          'label': rng.integers(0, NUM_CLASSES, (batch,), dtype=np.int32),
       }
       for _ in range(STEPS)
   ]
 
 
-def _run(mesh_shape, devices):
+def _run(
+    mesh_shape,
+    devices,
+    drop_path_rate=0.1,
+    random_erasing=0.5,
+    grad_accum_steps=1,
+    global_batch_size=BATCH,
+):
   config = _config(mesh_shape)
+  config.global_batch_size = global_batch_size
+  config.model.drop_path_rate = drop_path_rate
+  config.input.random_erasing = random_erasing
+  config.grad_accum_steps = grad_accum_steps
   mesh = sharding.make_mesh(config.mesh, devices)
   train.validate(config, mesh)
   model = train_step.create_model(config, NUM_CLASSES)
@@ -81,7 +91,7 @@ def _run(mesh_shape, devices):
   )
   initial = jax.device_get(state['params'])
   losses = []
-  for batch in _batches():
+  for batch in _batches(global_batch_size):
     state, metrics, _ = step(state, jax.device_put(batch, batch_sharding))
     losses.append(float(metrics.compute()['loss']))
   return losses, jax.device_get(state), state, initial
@@ -200,3 +210,37 @@ def test_a_single_process_feeds_the_whole_batch():
   batch = feed.global_arrays({'x': np.arange(16)})
   assert batch['x'].shape == (16,) and batch['x'].sharding.spec == P(('data', 'fsdp'))
   np.testing.assert_array_equal(batch['x'], np.arange(16))
+
+
+@pytest.fixture(scope='module')
+def single_device_no_randomness():
+  """One device, the whole batch in one step, nothing random in the step: the reference for
+  gradient accumulation, whose micro-batches would draw other drop-path and erasing masks."""
+  return _run(
+      (1, 1, 1), jax.devices()[:1], drop_path_rate=0.0, random_erasing=0.0, global_batch_size=32
+  )
+
+
+@pytest.mark.parametrize('accum', [2, 4])
+def test_gradient_accumulation_on_a_sharded_mesh_matches_one_full_batch(
+    single_device_no_randomness, accum
+):
+  """grad_accum_steps micro-batches under 4-way data x 2-way FSDP sum to the gradient of the
+  full batch on one device: the same losses, weights, EMA and optimizer state. Batch 32, so
+  that 4 micro-batches still give each of the 8 data-parallel devices one example."""
+  ref_losses, ref_state, _, initial = single_device_no_randomness
+  losses, state, _, _ = _run(
+      (4, 2, 1),
+      jax.devices(),
+      drop_path_rate=0.0,
+      random_erasing=0.0,
+      grad_accum_steps=accum,
+      global_batch_size=32,
+  )
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  assert np.abs(flat(ref_state['params']) - flat(initial)).max() > 1e-3
+  for key in ('params', 'ema_params', 'opt_state'):
+    np.testing.assert_allclose(
+        flat(state[key]), flat(ref_state[key]), rtol=1e-4, atol=2e-5, err_msg=key
+    )

@@ -19,14 +19,18 @@ import threading
 import jax
 import mp_config
 import numpy as np
+import optax
 import pytest
 from safetensors.numpy import save_file
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from convnext_jax import checkpoints
+from convnext_jax import config_lib
+from convnext_jax import console
 from convnext_jax import convert
 from convnext_jax import optim
+from convnext_jax import sharding
 from convnext_jax import train
 from convnext_jax import train_step
 from convnext_jax.convert import cli
@@ -349,3 +353,55 @@ def test_resume_gives_the_uninterrupted_parameters(shapes_dir, tmp_path, monkeyp
       other,
       _params(straight, 6),
   )
+
+
+def test_throughput_and_eta_leave_out_evaluation(monkeypatch):
+  """img/s and steps/s count training time only; the ETA adds the evaluations still to come
+  at their measured length. A fake clock: 10 steps of 0.5 s with a 20 s evaluation inside
+  the window, batch 32, 100 steps with an evaluation every 50."""
+  now = [1000.0]
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: now[0])
+  progress = train._Progress(train.Schedule(10, 100, 0, 50), 32)
+  for step in range(1, 11):
+    now[0] += 0.5
+    progress.steps += 1
+    if step == 5:
+      with progress.paused(evaluating=True):
+        now[0] += 20.0
+  scalars = progress.report(10, 1.0)
+  assert scalars['steps_per_sec'] == pytest.approx(10 / 5.0)
+  assert scalars['train/images_per_sec'] == pytest.approx(32 * 10 / 5.0)
+  assert scalars['train/epoch'] == pytest.approx(1.0)
+  # A checkpoint wait is left out of the rate too, but is not an evaluation for the ETA.
+  for _ in range(10):
+    now[0] += 0.25
+    progress.steps += 1
+  with progress.paused():
+    now[0] += 7.0
+  logged = []
+  monkeypatch.setattr(train.logging, 'info', lambda msg, *args: logged.append(msg % args))
+  scalars = progress.report(20, 1.0)
+  assert scalars['steps_per_sec'] == pytest.approx(10 / 2.5)
+  # 80 steps left at the run's 7.5 s per 20 steps, and evaluations at 50 and 100 at 20 s each.
+  assert logged[-1].endswith(f'ETA {console.duration(80 * 7.5 / 20 + 2 * 20.0)}'), logged
+
+
+def test_the_training_randomness_comes_from_the_seed_it_is_given():
+  """The state's rng and weights derive from config.seed's key alone: the weights are
+  `model.init(key(seed))`, and the rng is none of the keys other seeds initialise from."""
+  config = config_lib.base()
+  config.model.name = 'convnext_atto'
+  config.model.overrides.depths = (1, 1, 1, 1)
+  config.model.overrides.dims = (8, 16, 32, 64)
+  config.seed = 3
+  model = train_step.create_model(config, 10)
+  optimizer = optax.sgd(0.1)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  state, _, _ = train_step.create_train_state(config, model, optimizer, mesh, 32, False)
+  # Jitted, as the state's init is: eager and compiled truncated normals differ in the last bit.
+  init = jax.jit(model.init)
+  expected = init(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))['params']
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['params']), expected)
+  rng = np.asarray(state['rng'])
+  for seed in range(8):
+    assert not np.array_equal(rng, jax.random.key_data(jax.random.key(seed))), seed
