@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from convnext_jax import data as data_lib
 from convnext_jax import evaluate
 from convnext_jax import sharding
 from convnext_jax.data import image_ops
@@ -170,9 +171,9 @@ def test_eval_crop_modes_match_timm():
   """The official default from 384 is 'squash' at crop_pct 1 (a straight resize to size x
   size); 'center' at crop_pct 1 keeps the aspect (shorter side to size, then the crop); and
   'squash' below 1 resizes both sides to int(size / crop_pct) before the crop, as timm."""
-  assert pipeline.default_crop_pct(224) == 0.875 and pipeline.default_crop_pct(384) == 1.0
-  assert pipeline.default_crop_mode(224) == 'center'
-  assert pipeline.default_crop_mode(384) == 'squash'
+  assert data_lib.default_crop_pct(224) == 0.875 and data_lib.default_crop_pct(384) == 1.0
+  assert data_lib.default_crop_mode(224) == 'center'
+  assert data_lib.default_crop_mode(384) == 'squash'
   data = fake_tfds.jpeg_bytes(_photo())
   image = Image.open(io.BytesIO(data)).convert('RGB')
   square = pipeline.EvalPreprocess(384, 1.0, 'squash')(tf.constant(data)).numpy()
