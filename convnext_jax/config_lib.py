@@ -10,8 +10,7 @@ an argument string after the file name, e.g. `--config configs/convnext_t_in1k.p
 
 import ml_collections
 
-# RandAugment's fill colour: the ImageNet mean in 0..255, as timm passes it.
-IMAGENET_MEAN_FILL = (124, 116, 104)
+from convnext_jax.data import IMAGENET_MEAN_FILL
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:

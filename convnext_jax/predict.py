@@ -8,7 +8,7 @@
 PATH is a params checkpoint (`convnext-convert import`) or a training workdir (its EMA or
 raw weights, at the latest or a given step). Each image goes through the evaluation
 transform of training (shorter side, or with 'squash' both sides, to int(size / crop_pct),
-bicubic, centre crop; ImageNet mean and std), on Pillow (`data.pil_reference`), so nothing
+bicubic, centre crop; ImageNet mean and std), on Pillow (`data.pil_preprocess`), so nothing
 here imports TensorFlow.
 
 Output: per image its path, then one `  probability  label` line per class, best first; or,
@@ -48,7 +48,7 @@ from convnext_jax.convert import layouts
 from convnext_jax.data import CROP_MODES
 from convnext_jax.data import batch_ops
 from convnext_jax.data import eval_crop
-from convnext_jax.data import pil_reference
+from convnext_jax.data import pil_preprocess
 from convnext_jax.sharding import path_name
 
 PROG = 'convnext-predict'
@@ -195,7 +195,7 @@ def load_image(path: str, size: int, crop_pct: float, crop_mode: str = 'center')
   except OSError as e:
     raise _unreadable(path, e, 'check the path') from None
   try:
-    return pil_reference.eval_transform(data, size, crop_pct, crop_mode)
+    return pil_preprocess.eval_transform(data, size, crop_pct, crop_mode)
   except Exception as e:  # pylint: disable=broad-except
     # Decoders report corrupt files with many exception types (OSError, SyntaxError,
     # struct.error, DecompressionBombError, ...); past the header, the data is cut short

@@ -11,11 +11,11 @@ import fake_tfds
 import jax
 import jax.numpy as jnp
 import numpy as np
-import PIL
 from PIL import Image
 import pytest
 import tensorflow as tf
 
+from convnext_jax import data as data_lib
 from convnext_jax import evaluate
 from convnext_jax import sharding
 from convnext_jax.data import image_ops
@@ -36,10 +36,6 @@ def _pil_center_crop(image: Image.Image, size: int) -> Image.Image:
   left = int(round((image.width - size) / 2.0))
   top = int(round((image.height - size) / 2.0))
   return image.crop((left, top, left + size, top + size))
-
-
-def _pil_version_at_least(major: int) -> bool:
-  return int(PIL.__version__.split('.')[0]) >= major
 
 
 def _assert_pillow_equal(ours, reference, label=''):
@@ -71,8 +67,6 @@ def _pil_resize_then_center_crop(image: Image.Image, short: int, size: int) -> n
 )
 @pytest.mark.parametrize('codec', ['jpeg', 'png'])
 def test_eval_transform_matches_pillow(height, width, codec):
-  if height > 2 * width and not _pil_version_at_least(13):
-    pytest.skip('Pillow < 13 resizes horizontally first whatever the shape')
   pixels = _photo(height, width)
   data = fake_tfds.jpeg_bytes(pixels) if codec == 'jpeg' else _encode_png(pixels)
   out = pipeline.EvalPreprocess(224, 0.875)(tf.constant(data)).numpy()
@@ -96,9 +90,6 @@ def test_eval_transform_matches_pillow(height, width, codec):
 )
 def test_resize_matches_pillow(height, width, size):
   """The two 8-bit passes in Pillow's order give Pillow's values, on uint8 pixels directly."""
-  vertical_first = bool(image_ops.pillow_vertical_first((height, width), size))
-  if vertical_first and not _pil_version_at_least(13):
-    pytest.skip('Pillow < 13 resizes horizontally first whatever the shape')
   pixels = _photo(height, width, seed=3)
   ours = image_ops.resize(tf.constant(pixels), size).numpy()
   reference = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BICUBIC))
@@ -180,9 +171,9 @@ def test_eval_crop_modes_match_timm():
   """The official default from 384 is 'squash' at crop_pct 1 (a straight resize to size x
   size); 'center' at crop_pct 1 keeps the aspect (shorter side to size, then the crop); and
   'squash' below 1 resizes both sides to int(size / crop_pct) before the crop, as timm."""
-  assert pipeline.default_crop_pct(224) == 0.875 and pipeline.default_crop_pct(384) == 1.0
-  assert pipeline.default_crop_mode(224) == 'center'
-  assert pipeline.default_crop_mode(384) == 'squash'
+  assert data_lib.default_crop_pct(224) == 0.875 and data_lib.default_crop_pct(384) == 1.0
+  assert data_lib.default_crop_mode(224) == 'center'
+  assert data_lib.default_crop_mode(384) == 'squash'
   data = fake_tfds.jpeg_bytes(_photo())
   image = Image.open(io.BytesIO(data)).convert('RGB')
   square = pipeline.EvalPreprocess(384, 1.0, 'squash')(tf.constant(data)).numpy()
@@ -267,8 +258,6 @@ def test_train_crop_and_resize_match_pillow():
 def test_decode_and_crop_then_resize_match_pillow(window):
   """The fused JPEG window decode gives the whole decode's pixels, up to the image's edges."""
   top, left, h, w = window
-  if image_ops.pillow_vertical_first((h, w), (224, 224)) and not _pil_version_at_least(13):
-    pytest.skip('Pillow < 13 resizes horizontally first whatever the shape')
   data = fake_tfds.jpeg_bytes(_photo())
   crop = image_ops.decode_and_crop(tf.constant(data), tf.constant(window))
   image = Image.open(io.BytesIO(data)).convert('RGB').crop((left, top, left + w, top + h))

@@ -17,8 +17,6 @@ import pytest
 from convnext_jax import checkpoints
 from convnext_jax import models
 from convnext_jax import predict
-from convnext_jax.data import batch_ops
-from convnext_jax.data import pil_reference
 
 SIZE = 64
 NAMES = ['cat', 'dog', 'bird']
@@ -61,15 +59,43 @@ def files(tmp_path_factory):
   return dict(root=root, model=model, params=params, checkpoint=checkpoint, images=images)
 
 
-def _direct_probabilities(model, params, paths, crop_pct=0.875):
-  """softmax(logits) of the model on the evaluation crops, without the predict module."""
-  images = np.stack(
-      [pil_reference.eval_transform(pathlib.Path(p).read_bytes(), SIZE, crop_pct) for p in paths]
-  )
-  logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
-      params, batch_ops.normalize(images)
-  )
+# The evaluation resize of the fixture images at SIZE 64, crop_pct 0.875, worked out by hand:
+# the shorter side goes to int(64 / 0.875) = 73 and the longer one to int(73 * long / short),
+# truncated as torchvision's Resize(int) does. Pillow sizes are (width, height).
+RESIZED = {
+    'wide.png': (109, 73),  # 90x60: int(73 * 90 / 60) = int(109.5).
+    'tall.jpg': (73, 116),  # 50x80: int(73 * 80 / 50) = int(116.8).
+    'square.jpg': (73, 73),
+}
+
+
+def _eval_crop(path):
+  """timm's evaluation crop written out with Pillow: bicubic resize, centre crop (offsets
+  rounded)."""
+  image = Image.open(path).convert('RGB').resize(RESIZED[os.path.basename(path)], Image.BICUBIC)
+  left = round((image.width - SIZE) / 2)
+  top = round((image.height - SIZE) / 2)
+  return np.asarray(image.crop((left, top, left + SIZE, top + SIZE)))
+
+
+def _direct_probabilities(model, params, paths):
+  """softmax(logits) of the model on the evaluation crops, normalised with ImageNet's mean and
+  std, without the predict module."""
+  crops = np.stack([_eval_crop(p) for p in paths]) / 255.0
+  images = ((crops - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).astype(np.float32)
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(params, images)
   return np.asarray(jax.nn.softmax(np.asarray(logits, np.float64), axis=-1))
+
+
+def test_load_image_is_the_eval_crop(files):
+  # The model's outputs above barely depend on the pixels; the crops themselves must be exact.
+  for path in files['images']:
+    np.testing.assert_array_equal(predict.load_image(path, SIZE, 0.875), _eval_crop(path))
+    # 'squash' at crop_pct 1 (the recipe from 384 up): both sides straight to SIZE.
+    squashed = Image.open(path).convert('RGB').resize((SIZE, SIZE), Image.BICUBIC)
+    np.testing.assert_array_equal(
+        predict.load_image(path, SIZE, 1.0, 'squash'), np.asarray(squashed)
+    )
 
 
 def _run(argv, capsys):

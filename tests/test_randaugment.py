@@ -15,6 +15,7 @@ gives every pixel the same cubic weights, multiples of 0.001, so many exact valu
 numbers that either side's rounding can put just below.
 """
 
+import inspect
 import io
 import math
 
@@ -25,9 +26,14 @@ from PIL import ImageOps
 import pytest
 import tensorflow as tf
 
+from convnext_jax import config_lib
+from convnext_jax.data import IMAGENET_MEAN_FILL
+from convnext_jax.data import augment_ops
+from convnext_jax.data import pipeline
 from convnext_jax.data import randaugment as ra
 
-FILL = ra.FILL_IMAGENET
+# timm's fill colour: the ImageNet mean in 0..255, rounded (`img_mean`).
+FILL = tuple(round(255 * mean) for mean in (0.485, 0.456, 0.406))
 
 
 def _synthetic(height, width, seed=0):
@@ -121,7 +127,10 @@ def _posterize_reference(image, bits):
 
 def test_auto_contrast_equalize_invert_match_pillow():
   _compare(
-      lambda x, _: ra.auto_contrast(x), lambda im, _: ImageOps.autocontrast(im), [0], exact=True
+      lambda x, _: augment_ops.auto_contrast(x),
+      lambda im, _: ImageOps.autocontrast(im),
+      [0],
+      exact=True,
   )
   # The shared images span (nearly) 0..255 per channel, where autocontrast does little: here
   # every channel has its own narrow range to stretch.
@@ -129,12 +138,14 @@ def test_auto_contrast_equalize_invert_match_pillow():
   narrow = narrow.astype(np.uint8)
   expected = np.asarray(ImageOps.autocontrast(Image.fromarray(narrow)))
   assert not np.array_equal(expected, narrow)
-  np.testing.assert_array_equal(ra.auto_contrast(narrow).numpy(), expected)
+  np.testing.assert_array_equal(augment_ops.auto_contrast(narrow).numpy(), expected)
   np.testing.assert_array_equal(
-      ra.equalize(narrow).numpy(), np.asarray(ImageOps.equalize(Image.fromarray(narrow)))
+      augment_ops.equalize(narrow).numpy(), np.asarray(ImageOps.equalize(Image.fromarray(narrow)))
   )
-  _compare(lambda x, _: ra.equalize(x), lambda im, _: ImageOps.equalize(im), [0], exact=True)
-  _compare(lambda x, _: ra.invert(x), lambda im, _: ImageOps.invert(im), [0], exact=True)
+  _compare(
+      lambda x, _: augment_ops.equalize(x), lambda im, _: ImageOps.equalize(im), [0], exact=True
+  )
+  _compare(lambda x, _: augment_ops.invert(x), lambda im, _: ImageOps.invert(im), [0], exact=True)
 
 
 @pytest.mark.parametrize(
@@ -148,25 +159,26 @@ def test_auto_contrast_equalize_invert_match_pillow():
 )
 def test_auto_contrast_and_equalize_degenerate_histograms(pixels):
   np.testing.assert_array_equal(
-      ra.auto_contrast(pixels).numpy(), np.asarray(ImageOps.autocontrast(Image.fromarray(pixels)))
+      augment_ops.auto_contrast(pixels).numpy(),
+      np.asarray(ImageOps.autocontrast(Image.fromarray(pixels))),
   )
   np.testing.assert_array_equal(
-      ra.equalize(pixels).numpy(), np.asarray(ImageOps.equalize(Image.fromarray(pixels)))
+      augment_ops.equalize(pixels).numpy(), np.asarray(ImageOps.equalize(Image.fromarray(pixels)))
   )
 
 
 def test_posterize_matches_timm():
-  _compare(ra.posterize, _posterize_reference, [0, 1, 2, 3, 4, 7, 8, 9], exact=True)
+  _compare(augment_ops.posterize, _posterize_reference, [0, 1, 2, 3, 4, 7, 8, 9], exact=True)
 
 
 def test_solarize_matches_pillow():
-  _compare(ra.solarize, ImageOps.solarize, [0, 26, 127.5, 128, 230, 255, 256], exact=True)
+  _compare(augment_ops.solarize, ImageOps.solarize, [0, 26, 127.5, 128, 230, 255, 256], exact=True)
 
 
 def test_solarize_add_matches_timm():
-  _compare(ra.solarize_add, _solarize_add_reference, [0, 11, 99, 110, 128], exact=True)
+  _compare(augment_ops.solarize_add, _solarize_add_reference, [0, 11, 99, 110, 128], exact=True)
   _compare(
-      lambda x, t: ra.solarize_add(x, 60, threshold=t),
+      lambda x, t: augment_ops.solarize_add(x, 60, threshold=t),
       lambda im, t: _solarize_add_reference(im, 60, threshold=t),
       [0, 200, 256],
       exact=True,
@@ -182,10 +194,10 @@ FACTORS = [0.0, 0.1, 0.55, 1.0, 1.45, 1.9, 2.6]
 @pytest.mark.parametrize(
     'op,enhancer',
     [
-        (ra.color, ImageEnhance.Color),
-        (ra.contrast, ImageEnhance.Contrast),
-        (ra.brightness, ImageEnhance.Brightness),
-        (ra.sharpness, ImageEnhance.Sharpness),
+        (augment_ops.color, ImageEnhance.Color),
+        (augment_ops.contrast, ImageEnhance.Contrast),
+        (augment_ops.brightness, ImageEnhance.Brightness),
+        (augment_ops.sharpness, ImageEnhance.Sharpness),
     ],
     ids=['color', 'contrast', 'brightness', 'sharpness'],
 )
@@ -195,13 +207,20 @@ def test_enhance_ops_match_pillow(op, enhancer):
 
 def test_enhance_ops_are_exact_at_factor_one_and_degenerate_at_zero():
   image = IMAGES['synthetic_37x53']
-  for op in (ra.color, ra.contrast, ra.brightness, ra.sharpness):
+  for op in (
+      augment_ops.color,
+      augment_ops.contrast,
+      augment_ops.brightness,
+      augment_ops.sharpness,
+  ):
     np.testing.assert_array_equal(op(image, 1.0).numpy(), image)
-  np.testing.assert_array_equal(ra.brightness(image, 0.0).numpy(), np.zeros_like(image))
+  np.testing.assert_array_equal(augment_ops.brightness(image, 0.0).numpy(), np.zeros_like(image))
   grey = np.asarray(Image.fromarray(image).convert('L'))
-  np.testing.assert_array_equal(ra.color(image, 0.0).numpy(), np.repeat(grey[..., None], 3, -1))
+  np.testing.assert_array_equal(
+      augment_ops.color(image, 0.0).numpy(), np.repeat(grey[..., None], 3, -1)
+  )
   mean = int(np.mean(grey) + 0.5)
-  np.testing.assert_array_equal(ra.contrast(image, 0.0).numpy(), np.full_like(image, mean))
+  np.testing.assert_array_equal(augment_ops.contrast(image, 0.0).numpy(), np.full_like(image, mean))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +233,7 @@ def _pil_affine(image, matrix):
 
 def test_rotate_matches_pillow():
   _compare(
-      lambda x, deg: ra.rotate(x, deg, FILL),
+      lambda x, deg: augment_ops.rotate(x, deg, FILL),
       lambda im, deg: im.rotate(deg, Image.BICUBIC, fillcolor=FILL),
       [-27.0, -13.3, 0.0, 27.0, 90.0, 180.0, -400.0],
       exact=False,
@@ -224,13 +243,13 @@ def test_rotate_matches_pillow():
 def test_shears_match_pillow():
   factors = [-0.27, -0.05, 0.0, 0.12, 0.27]
   _compare(
-      lambda x, factor: ra.shear_x(x, factor, FILL),
+      lambda x, factor: augment_ops.shear_x(x, factor, FILL),
       lambda im, factor: _pil_affine(im, (1, factor, 0, 0, 1, 0)),
       factors,
       exact=False,
   )
   _compare(
-      lambda x, factor: ra.shear_y(x, factor, FILL),
+      lambda x, factor: augment_ops.shear_y(x, factor, FILL),
       lambda im, factor: _pil_affine(im, (1, 0, 0, factor, 1, 0)),
       factors,
       exact=False,
@@ -240,13 +259,13 @@ def test_shears_match_pillow():
 def test_translations_match_pillow():
   pcts = [-0.4, -0.1, 0.0, 0.2, 0.4, 1.5]
   _compare(
-      lambda x, pct: ra.translate_x_rel(x, pct, FILL),
+      lambda x, pct: augment_ops.translate_x_rel(x, pct, FILL),
       lambda im, pct: _pil_affine(im, (1, 0, pct * im.size[0], 0, 1, 0)),
       pcts,
       exact=False,
   )
   _compare(
-      lambda x, pct: ra.translate_y_rel(x, pct, FILL),
+      lambda x, pct: augment_ops.translate_y_rel(x, pct, FILL),
       lambda im, pct: _pil_affine(im, (1, 0, 0, 0, 1, pct * im.size[1])),
       pcts,
       exact=False,
@@ -261,10 +280,14 @@ def test_general_affine_transform_matches_pillow():
       (0.7, 0, 2.2, 0, 1.3, -1.7),  # Axis-aligned scaling.
       (1, 0, 0, 0.3, 1, 2.5),  # Shear plus a fractional vertical shift: 2D, not columns.
   ]
-  _compare(lambda x, m: ra.affine_transform(x, m, FILL), _pil_affine, matrices, exact=False)
+  _compare(
+      lambda x, m: augment_ops.affine_transform(x, m, FILL), _pil_affine, matrices, exact=False
+  )
   image = IMAGES['synthetic_37x53']
-  np.testing.assert_array_equal(ra.affine_transform(image, matrices[0], FILL).numpy(), image)
-  shifted = ra.affine_transform(image, matrices[1], FILL).numpy()
+  np.testing.assert_array_equal(
+      augment_ops.affine_transform(image, matrices[0], FILL).numpy(), image
+  )
+  shifted = augment_ops.affine_transform(image, matrices[1], FILL).numpy()
   np.testing.assert_array_equal(shifted[:, :-3], image[:, 3:])
   np.testing.assert_array_equal(shifted[:, -3:], np.broadcast_to(FILL, shifted[:, -3:].shape))
 
@@ -272,20 +295,26 @@ def test_general_affine_transform_matches_pillow():
 def test_ops_take_scalar_tensor_arguments():
   image = IMAGES['synthetic_37x53']
   pairs = [
-      (ra.rotate(image, tf.constant(27.0, tf.float64), FILL), ra.rotate(image, 27.0, FILL)),
       (
-          ra.shear_x(image, tf.constant(-0.27, tf.float64), tf.constant(FILL)),
-          ra.shear_x(image, -0.27, FILL),
+          augment_ops.rotate(image, tf.constant(27.0, tf.float64), FILL),
+          augment_ops.rotate(image, 27.0, FILL),
       ),
       (
-          ra.translate_y_rel(image, tf.constant(0.4, tf.float64), FILL),
-          ra.translate_y_rel(image, 0.4, FILL),
+          augment_ops.shear_x(image, tf.constant(-0.27, tf.float64), tf.constant(FILL)),
+          augment_ops.shear_x(image, -0.27, FILL),
       ),
-      (ra.posterize(image, tf.constant(3)), ra.posterize(image, 3)),
-      (ra.solarize(image, tf.constant(128)), ra.solarize(image, 128)),
-      (ra.solarize_add(image, tf.constant(99)), ra.solarize_add(image, 99)),
-      (ra.color(image, tf.constant(0.55)), ra.color(image, 0.55)),
-      (ra.sharpness(image, tf.constant(1.9, tf.float64)), ra.sharpness(image, 1.9)),
+      (
+          augment_ops.translate_y_rel(image, tf.constant(0.4, tf.float64), FILL),
+          augment_ops.translate_y_rel(image, 0.4, FILL),
+      ),
+      (augment_ops.posterize(image, tf.constant(3)), augment_ops.posterize(image, 3)),
+      (augment_ops.solarize(image, tf.constant(128)), augment_ops.solarize(image, 128)),
+      (augment_ops.solarize_add(image, tf.constant(99)), augment_ops.solarize_add(image, 99)),
+      (augment_ops.color(image, tf.constant(0.55)), augment_ops.color(image, 0.55)),
+      (
+          augment_ops.sharpness(image, tf.constant(1.9, tf.float64)),
+          augment_ops.sharpness(image, 1.9),
+      ),
   ]
   for from_tensor, from_number in pairs:
     np.testing.assert_array_equal(from_tensor.numpy(), from_number.numpy())
@@ -295,12 +324,20 @@ def test_ops_take_scalar_tensor_arguments():
 def test_tiny_images(shape):
   image = _synthetic(8, 8)[: shape[0], : shape[1]].copy()
   pil = Image.fromarray(image)
-  np.testing.assert_array_equal(ra.sharpness(image, 1.9).numpy(), image)  # All border.
-  _check(ra.equalize(image).numpy(), np.asarray(ImageOps.equalize(pil)), exact=True, label='eq')
+  np.testing.assert_array_equal(augment_ops.sharpness(image, 1.9).numpy(), image)  # All border.
+  _check(
+      augment_ops.equalize(image).numpy(),
+      np.asarray(ImageOps.equalize(pil)),
+      exact=True,
+      label='eq',
+  )
   geometric = [
-      (ra.rotate(image, 27.0, FILL), pil.rotate(27.0, Image.BICUBIC, fillcolor=FILL)),
-      (ra.shear_y(image, 0.27, FILL), _pil_affine(pil, (1, 0, 0, 0.27, 1, 0))),
-      (ra.translate_x_rel(image, -0.4, FILL), _pil_affine(pil, (1, 0, -0.4 * shape[1], 0, 1, 0))),
+      (augment_ops.rotate(image, 27.0, FILL), pil.rotate(27.0, Image.BICUBIC, fillcolor=FILL)),
+      (augment_ops.shear_y(image, 0.27, FILL), _pil_affine(pil, (1, 0, 0, 0.27, 1, 0))),
+      (
+          augment_ops.translate_x_rel(image, -0.4, FILL),
+          _pil_affine(pil, (1, 0, -0.4 * shape[1], 0, 1, 0)),
+      ),
   ]
   for ours, expected in geometric:
     assert ours.shape == image.shape
@@ -624,3 +661,12 @@ def test_rand_augment_shapes_and_types(augmented):
   np.testing.assert_array_equal(untouched.numpy(), image)
   with pytest.raises(TypeError, match='uint8'):
     ra.rand_augment(image.astype(np.float32), tf.constant([1, 2]))
+
+
+def test_fill_defaults_are_timms_imagenet_mean():
+  assert FILL == (124, 116, 104)
+  assert IMAGENET_MEAN_FILL == FILL
+  assert config_lib.base().input.fill == FILL
+  assert pipeline.TrainPreprocess().fill == FILL
+  for fn in (ra.rand_augment, ra.apply_transform):
+    assert inspect.signature(fn).parameters['fill'].default == FILL, fn.__name__

@@ -1,8 +1,13 @@
 """Input pipelines: tf.data preprocessing on the host, batch augmentation on device.
 
-This package module itself is TensorFlow-free (prediction uses it); `pipeline`,
-`image_ops` and `randaugment` import TensorFlow.
+This package module itself is TensorFlow-free and imports nothing (configs and prediction
+use it), and so are `pil_preprocess` and `pil_reference`; `pipeline`, `image_ops`,
+`augment_ops` and `randaugment` import TensorFlow.
 """
+
+# RandAugment's fill colour for geometric ops: the ImageNet mean in 0..255, rounded, as timm
+# passes it (`img_mean`).
+IMAGENET_MEAN_FILL = (124, 116, 104)
 
 # The official evaluation crop below 384 px: resize the shorter side to size / 0.875.
 DEFAULT_CROP_PCT = 0.875

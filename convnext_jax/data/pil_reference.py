@@ -1,13 +1,12 @@
-"""The same preprocessing on Pillow, as timm/torchvision run it: the benchmark's comparison.
+"""A reference for tests and the benchmark: timm's training pipeline on Pillow.
 
-Not used for training. `train_transform` is RandomResizedCrop (bicubic) -> horizontal flip
--> RandAugment (timm's op definitions and level mappings); `eval_transform` is Resize of
-the shorter side (or of both, 'squash') -> CenterCrop. Both return uint8 arrays,
-the form the tf.data pipeline hands to the device.
-
-`to_rgb` is the one conversion of a decoded image to 8-bit RGB that the dataset builders
-(`datasets.image_codec`) and `convnext-predict` share, so that a 16-bit PNG gives the same
-pixels in training and in prediction. This module does not import TensorFlow.
+Not used by training, evaluation or prediction. `train_transform` is what timm/torchvision
+run: RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment (timm's op definitions
+and level mappings, with its increasing op set), returning the uint8 array the tf.data
+pipeline hands to the device. The benchmark times it, and the evaluation transform
+(`pil_preprocess.eval_transform`, which `convnext-predict` runs), on every core as
+DataLoader workers would (`init_worker`, `worker_transform`), beside the tf.data pipelines.
+This module does not import TensorFlow.
 """
 
 import io
@@ -20,36 +19,11 @@ from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
 
+from convnext_jax.data import IMAGENET_MEAN_FILL
+from convnext_jax.data.pil_preprocess import eval_transform
+from convnext_jax.data.pil_preprocess import to_rgb
+
 _BICUBIC = Image.Resampling.BICUBIC
-_FILL = (124, 116, 104)
-
-# Single-channel modes of 16-bit samples.
-_UINT16_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
-# Formats whose 32-bit mode 'I' can only hold 16-bit samples: Pillow opens 16-bit PGMs, and
-# before version 10 16-bit grayscale PNGs, as 'I'.
-_UINT16_AS_I_FORMATS = ('PNG', 'PPM')
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-  """`image.convert('RGB')`, with 16-bit grayscale reduced to 8 bits by keeping the high byte.
-
-  Pillow's own conversion clips 16-bit samples at 255, which turns a 16-bit grayscale PNG
-  white almost everywhere. Keeping the high byte (v >> 8) is what Pillow already does to
-  16-bit RGB and RGBA PNGs, so an image gives the same pixels whether it was saved as 16-bit
-  grayscale or 16-bit colour. 32-bit integer ('I' from TIFF) and float ('F') images still go
-  through Pillow's conversion (values clipped to 0..255): their files do not say which value
-  is white.
-
-  Args:
-    image: a freshly opened Pillow image (its `format` tells a 16-bit 'I' image apart).
-
-  Returns:
-    An 8-bit 'RGB' image.
-  """
-  if image.mode in _UINT16_MODES or (image.mode == 'I' and image.format in _UINT16_AS_I_FORMATS):
-    high_bytes = np.asarray(image).astype(np.uint32) >> 8
-    image = Image.fromarray(high_bytes.astype(np.uint8))
-  return image.convert('RGB')
 
 
 def _rrc_window(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -71,7 +45,9 @@ def _rrc_window(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def _affine(image, matrix):
-  return image.transform(image.size, Image.Transform.AFFINE, matrix, _BICUBIC, fillcolor=_FILL)
+  return image.transform(
+      image.size, Image.Transform.AFFINE, matrix, _BICUBIC, fillcolor=IMAGENET_MEAN_FILL
+  )
 
 
 def _signed(value, rng):
@@ -99,7 +75,9 @@ _OPS = [
     lambda im, m, rng, _: ImageOps.autocontrast(im),
     lambda im, m, rng, _: ImageOps.equalize(im),
     lambda im, m, rng, _: ImageOps.invert(im),
-    lambda im, m, rng, _: im.rotate(_signed(m / 10 * 30, rng), _BICUBIC, fillcolor=_FILL),
+    lambda im, m, rng, _: im.rotate(
+        _signed(m / 10 * 30, rng), _BICUBIC, fillcolor=IMAGENET_MEAN_FILL
+    ),
     lambda im, m, rng, _: _posterize(im, 4 - int(m / 10 * 4)),
     lambda im, m, rng, _: ImageOps.solarize(im, 256 - min(256, int(m / 10 * 256))),
     lambda im, m, rng, _: _solarize_add(im, min(128, int(m / 10 * 110))),
@@ -149,25 +127,6 @@ def train_transform(jpeg: bytes, rng, size: int = 224, randaugment: dict | None 
   if randaugment is not None:
     image = rand_augment(image, rng, **randaugment)
   return np.asarray(image)
-
-
-def eval_transform(
-    jpeg: bytes, size: int = 224, crop_pct: float = 0.875, crop_mode: str = 'center'
-):
-  """timm's evaluation transform: Resize(int(size / crop_pct)) of the shorter side
-  ('center') or of both ('squash'), bicubic, then CenterCrop(size)."""
-  image = to_rgb(Image.open(io.BytesIO(jpeg)))
-  short = int(size / crop_pct)
-  if crop_mode == 'squash':
-    new = (short, short)
-  elif image.width <= image.height:
-    new = (short, int(short * image.height / image.width))
-  else:
-    new = (int(short * image.width / image.height), short)
-  image = image.resize(new, _BICUBIC)
-  left = int(round((image.width - size) / 2.0))
-  top = int(round((image.height - size) / 2.0))
-  return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
 # A process pool's worker (the benchmark's Pillow pipeline on every core, as DataLoader

@@ -31,14 +31,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from convnext_jax.data import DEFAULT_CROP_PCT
+from convnext_jax.data import IMAGENET_MEAN_FILL
 from convnext_jax.data import check_eval_crop
-
-# pylint: disable=unused-import (re-exports)
-# pylint: enable=unused-import
 from convnext_jax.data import image_ops
 from convnext_jax.data import randaugment as randaugment_lib
-
-_no_autograph = tf.autograph.experimental.do_not_convert
+from convnext_jax.data.image_ops import no_autograph
 
 
 def configure_tensorflow() -> None:
@@ -46,8 +43,8 @@ def configure_tensorflow() -> None:
 
   Accelerators are hidden from it (JAX owns them), and each TensorFlow op runs on one thread:
   the pipelines' parallel maps already spread the examples over the cores, and TensorFlow's
-  default intra-op pool under them cost 15-37% of their throughput on a 2-core host, which
-  tf.data's `max_intra_op_parallelism` option did not win back (docs/benchmarks.md). Call
+  default intra-op pool under them keeps fewer cores busy, which tf.data's
+  `max_intra_op_parallelism` option does not undo (docs/benchmarks.md has the numbers). Call
   it before TensorFlow runs anything; once it has, the thread setting cannot change and
   this logs a warning instead.
 
@@ -84,17 +81,14 @@ class TrainPreprocess:
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
   hflip: float = 0.5
   randaugment: str | None = 'rand-m9-mstd0.5-inc1'
-  fill: tuple[int, int, int] = randaugment_lib.FILL_IMAGENET
+  fill: tuple[int, int, int] = IMAGENET_MEAN_FILL
 
   def __post_init__(self):
     # Parsed once, here, so that a bad spec fails when the pipeline is built.
     config = randaugment_lib.RandAugmentConfig.parse(self.randaugment) if self.randaugment else None
     object.__setattr__(self, '_randaugment_config', config)
 
-  # Plain TensorFlow ops with no tensor-dependent Python control flow: autograph's source
-  # conversion would only slow tracing, and it once failed intermittently on the dataclass
-  # construction this used to run inside the traced function.
-  @_no_autograph
+  @no_autograph
   def __call__(self, image_bytes, seed):
     crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     shape = image_ops.image_shape(image_bytes)
@@ -127,7 +121,7 @@ class EvalPreprocess:
   def __post_init__(self):
     check_eval_crop(self.crop_pct, self.crop_mode)
 
-  @_no_autograph  # As TrainPreprocess.__call__.
+  @no_autograph
   def __call__(self, image_bytes):
     shape = image_ops.image_shape(image_bytes)
     scale_size = int(self.image_size / self.crop_pct)
@@ -232,9 +226,9 @@ def release(iterator) -> None:
   """Drops a tf.data iterator without waiting for it.
 
   Deleting one in the calling thread waits until tf.data's autotuning thread ends its
-  current sleep (up to 60 s once a pipeline has run a minute or two: 52 s measured after a
-  150 s run, TensorFlow 2.21), which held the trainer's exit by about a minute. The last
-  reference is dropped on a daemon thread instead; the process does not wait for it.
+  current sleep, which grows to a minute once a pipeline has run a minute or two, and would
+  hold the trainer's exit as long (docs/benchmarks.md). The last reference is dropped on a
+  daemon thread instead; the process does not wait for it.
   """
   holder = [iterator]
   del iterator
@@ -435,6 +429,3 @@ class StreamTracker:
     """Counts records skipped after the last kept one (a finite pass ending at `end`)."""
     self.skipped += max(0, int(end_position) - self.next_position)
     self.next_position = max(self.next_position, int(end_position))
-
-  def state(self) -> dict[str, Any]:
-    return {'next_position': self.next_position, 'skipped': self.skipped}

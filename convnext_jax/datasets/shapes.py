@@ -7,13 +7,11 @@ from another by its hue. Every class is distinct under any rotation (there is no
 rotated square, and no X, a rotated plus), so rotation is drawn from the full circle.
 
 The shape is always lighter than its background (a light colour on a dark one, hues at
-random). Version 1.0.0 drew both from the full colour cube, so a shape was as often darker
-as lighter than its background; then no pixel, and no linear filter of pixels, correlates
-with the label on average, and every network tried (ConvNeXt-atto and a plain CNN, at
-several learning rates) sat at chance for hundreds of steps before it found features that
-ignore the polarity. Taking the polarity out by hand (each image's distance from its median
-colour) let the same plain CNN reach 96% in 600 steps; on this version the demo's
-ConvNeXt-atto learns from its first epoch (docs/benchmarks.md).
+random). Were both drawn from the whole colour cube, a shape would be as often darker as
+lighter than its background: then no pixel, and no linear filter of pixels, correlates with
+the label on average, and a small network sits at chance for hundreds of steps before it
+finds features that ignore the polarity. With the polarity fixed, the demo's ConvNeXt-atto
+learns from its first epoch (docs/benchmarks.md has the runs).
 
 Images are drawn four times larger with Pillow, area-averaged down (anti-aliased edges) and
 stored as JPEG, so the input pipeline reads them exactly as it reads ImageNet. Each image is
