@@ -242,7 +242,7 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num
           (zero, batch_stats),
           (split(batch['image']), split(batch['label']), jax.random.split(key, accum)),
       )
-      loss, grads = jax.tree.map(lambda x: x / 2, (loss, grads))
+      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
     updates, opt_state = optimizer.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     updated = dict(params=new_params, opt_state=opt_state)
