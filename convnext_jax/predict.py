@@ -44,12 +44,12 @@ from PIL import Image
 
 from convnext_jax import checkpoints
 from convnext_jax import models
+from convnext_jax import trees
 from convnext_jax.convert import layouts
 from convnext_jax.data import CROP_MODES
 from convnext_jax.data import batch_ops
 from convnext_jax.data import eval_crop
 from convnext_jax.data import pil_reference
-from convnext_jax.sharding import path_name
 
 PROG = 'convnext-predict'
 EXIT_ERROR = 2
@@ -236,19 +236,11 @@ def load_model(checkpoint: str, which: str = 'ema', step: int | None = None):
     model = models.create_model(model_name, num_classes=num_classes)
   except ValueError as e:
     raise PredictError(f'checkpoint {checkpoint}: {e}') from None
-  expected = {
-      path_name(p): tuple(v.shape)
-      for p, v in jax.tree_util.tree_flatten_with_path(models.weight_shapes(model))[0]
-  }
-  found = {
-      path_name(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
-  if expected != found:
-    wrong = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
+  difference = trees.compare(trees.shapes(models.weight_shapes(model)), trees.shapes(params))
+  if difference:
     raise PredictError(
-        f'checkpoint {checkpoint} does not fit {model_name} with {num_classes} '
-        f'classes ({len(wrong)} names differ: {", ".join(wrong[:5])}); '
-        'was it written by convnext_jax?'
+        f'checkpoint {checkpoint} does not fit {model_name} with {num_classes} classes: '
+        f'{difference.describe()}; was it written by convnext_jax?'
     )
   return model, jax.device_put(params), metadata
 
