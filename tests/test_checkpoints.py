@@ -15,6 +15,7 @@ import shutil
 import jax
 import numpy as np
 from orbax.checkpoint._src.path import gcs_utils
+from PIL import Image
 import pytest
 
 from convnext_jax import checkpoints
@@ -283,7 +284,7 @@ def test_init_from_names_every_difference_but_a_new_head():
   assert report['taken'] == ['stem/kernel', 'stem/bias', 'gamma']
 
 
-def test_predict_names_what_does_not_fit(tmp_path):
+def test_predict_names_what_does_not_fit_and_exits_1(tmp_path, capsys):
   shapes = models.weight_shapes(models.create_model('convnext_atto', num_classes=3))
   weights = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
   del weights['stages.3.1']['gamma']
@@ -299,3 +300,18 @@ def test_predict_names_what_does_not_fit(tmp_path):
   with pytest.raises(predict.PredictError) as info:
     predict.load_model(path)
   assert str(info.value) == message
+  image = str(tmp_path / 'grey.png')
+  Image.new('RGB', (40, 40), (128, 128, 128)).save(image)
+  code = predict.main(['--checkpoint', path, '--size', '32', image])
+  out, err = capsys.readouterr()
+  assert code == 1 and not out  # A runtime failure: argparse keeps 2 for usage errors.
+  assert err == f'convnext-predict: error: {message}\n'
+
+
+def test_predict_flag_out_of_range_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit) as info:
+    predict.main(['--checkpoint', 'unused', '--top_k', '0', 'unused.png'])
+  assert info.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      'convnext-predict: error: --top_k must be at least 1, got 0'
+  )
