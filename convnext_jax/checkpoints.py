@@ -42,10 +42,10 @@ import orbax.checkpoint as ocp
 from convnext_jax import fileio
 from convnext_jax import models
 from convnext_jax import multihost
+from convnext_jax import trees
 from convnext_jax.convert.layouts import HEAD_NAMES
 from convnext_jax.fileio import atomic_output
 from convnext_jax.models.utils import BATCH_STATS_LEAVES
-from convnext_jax.sharding import path_name
 
 PARAMS_ITEM = 'params'
 METADATA_ITEM = 'metadata'
@@ -548,10 +548,6 @@ class TrainingCheckpoints:
       self.manager.close()
 
 
-def is_training_workdir(path: str) -> bool:
-  return bool(workdir_steps(path))
-
-
 def _params_location(path: str, which: str, step: int | None):
   """Where the weights asked for are: (orbax PyTree item directory, the top-level key in it
   that holds the params or None for the whole item, the top-level key that holds their
@@ -668,17 +664,12 @@ def load_params_into(
   tree = _tree_metadata(item_dir)
   if key is not None:
     tree = models.merge_batch_stats(tree[key], tree.get(stats_key))
-  stored = {n: tuple(v.shape) for n, v in _flat_by_name(tree).items()}
+  stored = trees.shapes(tree)
   flat_initial = _flat_by_name(initial)
   if not any(_is_batch_stat(n) for n in flat_initial):
     # Params only: the checkpoint's statistics are not asked for.
     stored = {n: v for n, v in stored.items() if not _is_batch_stat(n)}
-  report = compare_params(
-      {n: tuple(v.shape) for n, v in flat_initial.items()},
-      stored,
-      strict=strict,
-      reinit_head=reinit_head,
-  )
+  report = compare_params(trees.shapes(initial), stored, strict=strict, reinit_head=reinit_head)
   taken = {stored_name(n): flat_initial[n] for n in report['taken']}
   item = traverse_util.unflatten_dict(
       {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in taken.items()}, sep='/'
@@ -695,11 +686,10 @@ def load_params_into(
       args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
   )
   restored = _flat_by_name(restored)
-  leaves = [
-      restored.get(stored_name(path_name(p)), leaf)
-      for p, leaf in jax.tree_util.tree_flatten_with_path(initial)[0]
-  ]
-  return jax.tree.unflatten(jax.tree.structure(initial), leaves), report, metadata
+  merged = jax.tree_util.tree_map_with_path(
+      lambda p, leaf: restored.get(stored_name(trees.name(p)), leaf), initial
+  )
+  return merged, report, metadata
 
 
 def _is_batch_stat(name: str) -> bool:
@@ -721,9 +711,8 @@ def compare_params(
 
   A head (`head/...`, or a ResNet's `fc/...`) whose shape differs (another class count), or
   that the checkpoint lacks (a model saved without one), keeps its fresh initialisation (made
-  with head_init_scale). Any other
-  missing, unexpected or mis-shaped name is an error when `strict`, otherwise it keeps its
-  initial value and is logged.
+  with head_init_scale). Any other missing, unexpected or mis-shaped name is an error when
+  `strict`, otherwise it keeps its initial value and is logged.
 
   Args:
     initial: '/'-joined name -> shape of the model's parameters.
@@ -738,31 +727,28 @@ def compare_params(
   Raises:
     CheckpointError: `strict` and the trees differ beyond the head.
   """
-  report = {'taken': [], 'missing': [], 'unexpected': [], 'misshaped': [], 'reinitialized': []}
+  difference = trees.compare(initial, loaded)
   heads = tuple(f'{name}/' for name in HEAD_NAMES)
-  for name, shape in initial.items():
-    if name not in loaded:
-      report['missing'].append(name)
-    elif tuple(loaded[name]) != tuple(shape):
-      kind = 'reinitialized' if reinit_head and name.startswith(heads) else 'misshaped'
-      report[kind].append(f'{name} {tuple(loaded[name])} -> {tuple(shape)}')
-    else:
-      report['taken'].append(name)
-  report['unexpected'] = [n for n in loaded if n not in initial]
-  # A checkpoint without a head (num_classes 0) feeding a classifier: a new head.
-  if reinit_head and all(n.startswith(heads) for n in report['missing']):
-    report['reinitialized'] += report['missing']
-    report['missing'] = []
-  problems = {k: v for k, v in report.items() if v and k not in ('taken', 'reinitialized')}
+  new_heads = set()
+  if reinit_head:
+    new_heads = {n for n, _, _ in difference.misshaped if n.startswith(heads)}
+    # A checkpoint without a head (num_classes 0) feeding a classifier: a new head.
+    if all(n.startswith(heads) for n in difference.missing):
+      new_heads.update(difference.missing)
+  problems = difference.without(new_heads)
   if problems and strict:
-    listing = '; '.join(
-        f'{k} {len(v)}: {", ".join(v[:5])}{" ..." if len(v) > 5 else ""}'
-        for k, v in problems.items()
-    )
     raise CheckpointError(
-        f'init_from does not match the model: {listing}; set '
+        f'init_from does not match the model: {problems.describe()}; set '
         'config.init_from.strict=False to keep initial values for these'
     )
+  arrows = {n: f'{n} {found} -> {want}' for n, found, want in difference.misshaped}
+  report = {
+      'taken': [n for n in initial if n not in arrows and n not in difference.missing],
+      'missing': list(problems.missing),
+      'unexpected': list(problems.unexpected),
+      'misshaped': [arrows[n] for n, _, _ in problems.misshaped],
+      'reinitialized': [arrows.get(n, n) for n in (*arrows, *difference.missing) if n in new_heads],
+  }
   for kind, names in report.items():
     if names and kind != 'taken':
       logging.warning('init_from %s: %s', kind, ', '.join(names))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from convnext_jax import models
-from convnext_jax.sharding import path_name
+from convnext_jax import trees
 
 LAYER_DECAY_SCHEMES = ('group', 'single')
 
@@ -79,16 +79,6 @@ def layer_id(name: str, spec: models.ModelSpec, scheme: str) -> tuple[int, int]:
   return 13, 12
 
 
-def layer_decay_scales(params, spec: models.ModelSpec, decay: float, scheme: str = 'group'):
-  """Tree of lr multipliers `decay ** (num_layers + 1 - layer_id)` matching `params`."""
-
-  def scale(path, _):
-    lid, num_layers = layer_id(path_name(path), spec, scheme)
-    return decay ** (num_layers + 1 - lid)
-
-  return jax.tree_util.tree_map_with_path(scale, params)
-
-
 def weight_decay_mask(params):
   """True for >= 2-D tensors (conv and dense kernels): no decay on biases, norms, gamma, GRN."""
   return jax.tree.map(lambda p: len(jnp.shape(p)) >= 2, params)
@@ -130,7 +120,7 @@ def make_optimizer(
     core = adamw()
   else:
     ids = jax.tree_util.tree_map_with_path(
-        lambda path, _: layer_id(path_name(path), spec, layer_decay_scheme), params
+        lambda path, _: layer_id(trees.name(path), spec, layer_decay_scheme), params
     )
     is_id = lambda x: isinstance(x, tuple)
     labels = jax.tree.map(lambda i: f'layer_{i[0]:03d}', ids, is_leaf=is_id)

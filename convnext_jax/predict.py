@@ -16,11 +16,13 @@ with --json, a JSON list of {"image", "predictions": [{"class", "label", "probab
 Class names come from --labels (one per line), else the checkpoint's metadata, else, for
 1000 classes, the ImageNet-1K names that tensorflow_datasets ships, else `class N`.
 
-Errors are one line on stderr each and make the exit status 2. An image that is missing,
-not an image, or cannot be decoded in full (a truncated file) is reported and skipped; the
-other images are still predicted and printed (and, with --json, only they are listed). When
-no image can be read the model is not loaded. A missing checkpoint or a label file of the
-wrong length stops the run.
+Exit status: 0 when every image was predicted; 2 for a usage error (a bad flag, or a flag
+value out of range), as argparse has it; 1 for any other error, each reported as one line on
+stderr. An image that is missing, not an image, or cannot be decoded in full (a truncated
+file) is reported and skipped; the other images are still predicted and printed (and, with
+--json, only they are listed), and the status is 1. When no image can be read the model is
+not loaded. A checkpoint that is missing, damaged or does not fit its model, or a label file
+of the wrong length, stops the run.
 """
 
 import argparse
@@ -44,15 +46,15 @@ from PIL import Image
 
 from convnext_jax import checkpoints
 from convnext_jax import models
+from convnext_jax import trees
 from convnext_jax.convert import layouts
 from convnext_jax.data import CROP_MODES
 from convnext_jax.data import batch_ops
 from convnext_jax.data import eval_crop
 from convnext_jax.data import pil_preprocess
-from convnext_jax.sharding import path_name
 
 PROG = 'convnext-predict'
-EXIT_ERROR = 2
+EXIT_ERROR = 1  # A runtime failure; argparse exits 2 for usage errors.
 # The ImageNet-1K class names in class-index order ('tench, Tinca tinca' first), as a list
 # literal in a module of the tensorflow_datasets package.
 _IMAGENET_NAMES_MODULE = ('datasets', 'siscore', 'labels.py')
@@ -236,19 +238,11 @@ def load_model(checkpoint: str, which: str = 'ema', step: int | None = None):
     model = models.create_model(model_name, num_classes=num_classes)
   except ValueError as e:
     raise PredictError(f'checkpoint {checkpoint}: {e}') from None
-  expected = {
-      path_name(p): tuple(v.shape)
-      for p, v in jax.tree_util.tree_flatten_with_path(models.weight_shapes(model))[0]
-  }
-  found = {
-      path_name(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
-  if expected != found:
-    wrong = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
+  difference = trees.compare(trees.shapes(models.weight_shapes(model)), trees.shapes(params))
+  if difference:
     raise PredictError(
-        f'checkpoint {checkpoint} does not fit {model_name} with {num_classes} '
-        f'classes ({len(wrong)} names differ: {", ".join(wrong[:5])}); '
-        'was it written by convnext_jax?'
+        f'checkpoint {checkpoint} does not fit {model_name} with {num_classes} classes: '
+        f'{difference.describe()}; was it written by convnext_jax?'
     )
   return model, jax.device_put(params), metadata
 
@@ -427,7 +421,12 @@ def format_text(result: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    _check_args(args)
+  except PredictError as e:
+    parser.error(str(e))  # Exits with argparse's usage status, 2.
   image_errors = []
 
   def report(error: PredictError) -> None:

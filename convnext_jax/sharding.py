@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from convnext_jax import trees
+
 P = jax.sharding.PartitionSpec
 DATA_AXES = ('data', 'fsdp')
 AXES = ('data', 'fsdp', 'model')
@@ -156,19 +158,6 @@ def batch_feed(
   return BatchFeed(batch, index, len(shards), process_shards)
 
 
-def path_name(path) -> str:
-  """'/'-joined name of a pytree key path (dict keys, attributes or indices)."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
-
-
 def partition_spec(
     name: str,
     shape: Sequence[int],
@@ -200,7 +189,7 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, min_fsdp_
   """NamedShardings for every array leaf of `tree` (arrays or ShapeDtypeStructs)."""
 
   def sharding(path, leaf):
-    spec = partition_spec(path_name(path), np.shape(leaf), mesh, rules, min_fsdp_size)
+    spec = partition_spec(trees.name(path), np.shape(leaf), mesh, rules, min_fsdp_size)
     return jax.sharding.NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(sharding, tree)
@@ -224,11 +213,11 @@ def like_params_shardings(tree, params, param_shardings, mesh: jax.sharding.Mesh
       jax.tree_util.tree_flatten_with_path(params)[0],
       jax.tree_util.tree_flatten_with_path(param_shardings)[0],
   ):
-    by_path[path_name(path)] = (np.shape(leaf), leaf_sharding)
+    by_path[trees.name(path)] = (np.shape(leaf), leaf_sharding)
   longest = max(len(name.split('/')) for name in by_path)
 
   def sharding(path, leaf):
-    names = path_name(path).split('/')
+    names = trees.name(path).split('/')
     for start in range(max(0, len(names) - longest), len(names)):
       match = by_path.get('/'.join(names[start:]))
       if match is not None and match[0] == np.shape(leaf):
@@ -242,6 +231,6 @@ def describe(tree_of_shardings, max_lines: int = 12) -> str:
   """A few lines 'name: spec' for the log (the distinct specs, with a count each)."""
   specs: dict[str, list[str]] = {}
   for path, s in jax.tree_util.tree_flatten_with_path(tree_of_shardings)[0]:
-    specs.setdefault(str(s.spec), []).append(path_name(path))
+    specs.setdefault(str(s.spec), []).append(trees.name(path))
   lines = [f'{spec}: {len(names)} tensors, e.g. {names[0]}' for spec, names in specs.items()]
   return '\n'.join(lines[:max_lines])

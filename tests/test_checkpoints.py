@@ -1,5 +1,6 @@
 """Which checkpoint steps count: every reader (training's resume, `load_params` for export and
-predict, `init_from`) takes only the steps orbax has finished, by orbax's own test.
+predict, `init_from`) takes only the steps orbax has finished, by orbax's own test. And what
+`init_from` and predict say of weights that do not fit the model.
 
 Locally orbax writes a step under a temporary name and renames it when done (the multi-process
 crash test in test_multihost covers that). On GCS it writes the step in place and marks it
@@ -14,9 +15,12 @@ import shutil
 import jax
 import numpy as np
 from orbax.checkpoint._src.path import gcs_utils
+from PIL import Image
 import pytest
 
 from convnext_jax import checkpoints
+from convnext_jax import models
+from convnext_jax import predict
 
 
 @pytest.fixture
@@ -242,3 +246,72 @@ def test_non_finite_weights_are_refused(tmp_path):
       match=r'step 3 of .* holds non-finite weights \(1 arrays, e.g. w\)',
   ):
     checkpoints.load_params(workdir, which='raw')
+
+
+def test_init_from_names_every_difference_but_a_new_head():
+  initial = {
+      'stem/kernel': (4, 4, 3, 8),
+      'stem/bias': (8,),
+      'gamma': (8,),
+      'head/kernel': (8, 5),
+      'head/bias': (5,),
+  }
+  loaded = {
+      'stem/kernel': (4, 4, 3, 8),
+      'stem/bias': (16,),
+      'extra': (2,),
+      'head/kernel': (8, 10),
+      'head/bias': (10,),
+  }
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    checkpoints.compare_params(initial, loaded)
+  assert str(info.value) == (
+      'init_from does not match the model: missing 1: gamma; unexpected 1: extra; '
+      'mis-shaped 1: stem/bias (16,) != expected (8,); set config.init_from.strict=False to '
+      'keep initial values for these'
+  )
+  assert checkpoints.compare_params(initial, loaded, strict=False) == {
+      'taken': ['stem/kernel'],
+      'missing': ['gamma'],
+      'unexpected': ['extra'],
+      'misshaped': ['stem/bias (16,) -> (8,)'],
+      'reinitialized': ['head/kernel (8, 10) -> (8, 5)', 'head/bias (10,) -> (5,)'],
+  }
+  # A checkpoint saved without a head: the model's head starts fresh, nothing else differs.
+  headless = {n: s for n, s in initial.items() if not n.startswith('head/')}
+  report = checkpoints.compare_params(initial, headless)
+  assert report['reinitialized'] == ['head/kernel', 'head/bias'] and not report['missing']
+  assert report['taken'] == ['stem/kernel', 'stem/bias', 'gamma']
+
+
+def test_predict_names_what_does_not_fit_and_exits_1(tmp_path, capsys):
+  shapes = models.weight_shapes(models.create_model('convnext_atto', num_classes=3))
+  weights = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+  del weights['stages.3.1']['gamma']
+  weights['downsample_layers.0.0']['bias'] = np.zeros(41, np.float32)  # convnext_atto: 40.
+  weights['extra'] = {'kernel': np.zeros(2, np.float32)}
+  path = str(tmp_path / 'misfit')
+  checkpoints.save_params(path, weights, {'model_name': 'convnext_atto', 'num_classes': 3})
+  message = (
+      f'checkpoint {path} does not fit convnext_atto with 3 classes: missing 1: '
+      'stages.3.1/gamma; unexpected 1: extra/kernel; mis-shaped 1: downsample_layers.0.0/bias '
+      '(41,) != expected (40,); was it written by convnext_jax?'
+  )
+  with pytest.raises(predict.PredictError) as info:
+    predict.load_model(path)
+  assert str(info.value) == message
+  image = str(tmp_path / 'grey.png')
+  Image.new('RGB', (40, 40), (128, 128, 128)).save(image)
+  code = predict.main(['--checkpoint', path, '--size', '32', image])
+  out, err = capsys.readouterr()
+  assert code == 1 and not out  # A runtime failure: argparse keeps 2 for usage errors.
+  assert err == f'convnext-predict: error: {message}\n'
+
+
+def test_predict_flag_out_of_range_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit) as info:
+    predict.main(['--checkpoint', 'unused', '--top_k', '0', 'unused.png'])
+  assert info.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      'convnext-predict: error: --top_k must be at least 1, got 0'
+  )

@@ -210,7 +210,7 @@ def test_error_wrong_shape(tmp_path, capsys, weights):
       capsys,
       tmp_path,
       ['import', src, tmp_path / 'out'],
-      'mis-shaped 1: stages.1.0.pwconv1.weight (160, 80) != expected (320, 80)',
+      'mis-shaped 1 key(s): stages.1.0.pwconv1.weight (160, 80) != expected (320, 80)',
       str(tmp_path / 'out'),
   )
 

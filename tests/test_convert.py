@@ -185,7 +185,21 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_keys():
   assert message == (
       'official state dict does not match convnext_atto: '
       'missing 1 key(s): stages.1.0.gamma; unexpected 1 key(s): extra.weight; '
-      'mis-shaped 1: stages.0.0.dwconv.weight (40, 1, 5, 5) != expected (40, 1, 7, 7)'
+      'mis-shaped 1 key(s): stages.0.0.dwconv.weight (40, 1, 5, 5) != expected (40, 1, 7, 7)'
+  )
+
+
+def test_export_of_params_that_do_not_fit_names_each_difference():
+  params = helpers.random_params(models.create_model('convnext_atto', num_classes=3))
+  del params['stages.3.1']['gamma']
+  params['head']['bias'] = np.zeros(4, np.float32)
+  params['extra'] = {'kernel': np.zeros(2, np.float32)}
+  with pytest.raises(convert.ConversionError) as info:
+    convert.flax_to_torch(params, 'convnext_atto')
+  # Three classes by the head's kernel; a model without BatchNorm gets no statistics hint.
+  assert str(info.value) == (
+      'params do not match convnext_atto: missing 1 key(s): stages.3.1/gamma; '
+      'unexpected 1 key(s): extra/kernel; mis-shaped 1 key(s): head/bias (4,) != expected (3,)'
   )
 
 

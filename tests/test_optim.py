@@ -14,73 +14,103 @@ from convnext_jax import config_lib
 from convnext_jax import models
 from convnext_jax import optim
 from convnext_jax import train
-from convnext_jax.sharding import path_name
+from convnext_jax import trees
 
 
-def _official_layer_id(torch_name: str) -> int:
-  """The official ConvNeXt 12-group layer id (restated here from its definition: stem 0,
-  stage s blocks s + 1 for s < 2, stage 2 block j 3 + j // 3, stage 3 and downsample 3
-  12, downsample 1 and 2 their index + 1, everything else 13)."""
+def _group_layer_id(torch_name: str, stage2_depth: int = 27) -> int:
+  """The 12-group layer id, restated from the official ConvNeXt definition: stem 0, stage s
+  blocks s + 1 for s < 2, stage 2 block j 3 + j // 3, stage 3 and downsample 3 12,
+  downsample 1 and 2 their index + 1, everything else 13. Stage 2 of another depth d spreads
+  over the same groups 3..11 as 3 + (9 * j) // d (j // 3 for the official d = 27)."""
   parts = torch_name.split('.')
   if parts[0] == 'downsample_layers':
     return {0: 0, 1: 2, 2: 3, 3: 12}[int(parts[1])]
   if parts[0] == 'stages':
     stage, block = int(parts[1]), int(parts[2])
-    return {0: 1, 1: 2, 2: 3 + block // 3, 3: 12}[stage]
+    return {0: 1, 1: 2, 2: 3 + (9 * block) // stage2_depth, 3: 12}[stage]
   return 13
 
 
-def _named_scales(name, decay, scheme):
+def _lr_scales(name, decay, scheme, **sizes):
+  """{parameter name: lr multiplier} as the optimizer applies it, read off its first step.
+
+  With unit gradients and no weight decay, AdamW's first update is -lr * m / (sqrt(v) + eps)
+  with bias-corrected m = v = 1: -lr / (1 + 1e-8) per element, times the multiplier. Small
+  widths (`sizes`) keep the step cheap; the multipliers depend on the names alone.
+  """
   spec = models.get_spec(name)
-  shapes = models.param_shapes(models.create_model(name), 64)
-  scales = optim.layer_decay_scales(shapes, spec, decay, scheme)
-  return {path_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(scales)[0]}
+  shapes = models.param_shapes(models.create_model(name, **sizes), 32)
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes)
+  tx = optim.make_optimizer(
+      lambda _: 1.0, shapes, spec, weight_decay=0.0, layer_decay=decay, layer_decay_scheme=scheme
+  )
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  return {
+      trees.name(p): -float(u.ravel()[0]) for p, u in jax.tree_util.tree_leaves_with_path(updates)
+  }
+
+
+def _approx(scale):
+  # Float32 Adam arithmetic (m's bias correction, sqrt(v)) leaves a few ulp.
+  return pytest.approx(scale, rel=1e-5)
+
+
+SMALL = dict(dims=(8, 8, 8, 8))  # Hierarchical models at 8 channels per stage.
+SMALL_ISOTROPIC = dict(dim=8)
 
 
 def test_layer_decay_base_equals_the_official_table():
   decay = 0.8
   table = [decay ** (12 + 1 - i) for i in range(12 + 2)]  # The official list of scales.
-  scales = _named_scales('convnext_base', decay, 'group')
+  scales = _lr_scales('convnext_base', decay, 'group', **SMALL)
   assert len(scales) == 344  # Every parameter tensor of convnext_base has a scale.
   for name, scale in scales.items():
     # Flax 'stages.2.7/dwconv/kernel' is PyTorch 'stages.2.7.dwconv.weight'.
-    assert scale == pytest.approx(table[_official_layer_id(name.split('/')[0])]), name
-  assert scales['downsample_layers.0.0/kernel'] == pytest.approx(decay**13)
-  assert scales['stages.2.26/pwconv2/kernel'] == pytest.approx(decay**2)  # Layer 11.
-  assert scales['head/kernel'] == 1.0
+    assert scale == _approx(table[_group_layer_id(name.split('/')[0])]), name
+  assert scales['downsample_layers.0.0/kernel'] == _approx(decay**13)
+  assert scales['stages.2.26/pwconv2/kernel'] == _approx(decay**2)  # Layer 11.
+  assert scales['head/kernel'] == _approx(1.0)
 
 
 def test_layer_decay_tiny_spreads_its_nine_stage2_blocks_over_groups_3_to_11():
-  scales = _named_scales('convnext_tiny', 0.7, 'group')
+  scales = _lr_scales('convnext_tiny', 0.7, 'group', **SMALL)
   ids = [13 - round(math.log(scales[f'stages.2.{j}/gamma'], 0.7)) for j in range(9)]
   assert ids == list(range(3, 12))  # 3 + (9 * j) // 9: one group per block.
   assert 13 - round(math.log(scales['stages.3.2/gamma'], 0.7)) == 12
   assert 13 - round(math.log(scales['stages.0.0/gamma'], 0.7)) == 1
+  # decay ** (12 + 1 - layer id), by hand from the ids above.
+  assert scales['downsample_layers.0.0/kernel'] == _approx(0.7**13)  # Stem: id 0.
+  assert scales['downsample_layers.1.1/kernel'] == _approx(0.7**11)  # Id 2.
+  assert scales['stages.1.2/pwconv1/kernel'] == _approx(0.7**11)  # Id 2.
+  assert scales['downsample_layers.2.0/bias'] == _approx(0.7**10)  # Id 3.
+  assert scales['stages.2.4/dwconv/kernel'] == _approx(0.7**6)  # Id 3 + 4 = 7.
+  assert scales['downsample_layers.3.1/kernel'] == _approx(0.7)  # Id 12.
+  assert scales['norm/scale'] == scales['head/bias'] == _approx(1.0)  # Id 13.
 
 
 def test_layer_decay_isotropic_and_single_schemes():
   decay = 0.9
-  iso = _named_scales('convnext_isotropic_small', decay, 'group')  # 18 blocks.
-  assert iso['stem/kernel'] == pytest.approx(decay**13)
+  iso = _lr_scales('convnext_isotropic_small', decay, 'group', **SMALL_ISOTROPIC)  # 18 blocks.
+  assert iso['stem/kernel'] == _approx(decay**13)
   for k in range(18):
-    assert iso[f'blocks.{k}/pwconv1/kernel'] == pytest.approx(decay ** (12 - (12 * k) // 18))
-  assert iso['head/kernel'] == iso['norm/scale'] == 1.0
-  single = _named_scales('convnext_isotropic_small', decay, 'single')
-  assert single['stem/kernel'] == pytest.approx(decay**19)
-  assert single['blocks.17/pwconv2/kernel'] == pytest.approx(decay)
-  tiny = _named_scales('convnext_tiny', decay, 'single')  # depths (3, 3, 9, 3): 18 layers.
-  assert tiny['downsample_layers.0.0/kernel'] == pytest.approx(decay**18)  # Id 1.
-  assert tiny['stages.0.0/dwconv/kernel'] == pytest.approx(decay**18)
-  assert tiny['downsample_layers.2.1/kernel'] == pytest.approx(decay ** (19 - 7))
-  assert tiny['stages.2.8/gamma'] == pytest.approx(decay ** (19 - 15))
-  assert tiny['stages.3.2/gamma'] == pytest.approx(decay)
-  assert tiny['head/kernel'] == 1.0
+    assert iso[f'blocks.{k}/pwconv1/kernel'] == _approx(decay ** (12 - (12 * k) // 18))
+  assert iso['head/kernel'] == iso['norm/scale'] == _approx(1.0)
+  single = _lr_scales('convnext_isotropic_small', decay, 'single', **SMALL_ISOTROPIC)
+  assert single['stem/kernel'] == _approx(decay**19)
+  assert single['blocks.17/pwconv2/kernel'] == _approx(decay)
+  tiny = _lr_scales('convnext_tiny', decay, 'single', **SMALL)  # Depths (3, 3, 9, 3): 18 layers.
+  assert tiny['downsample_layers.0.0/kernel'] == _approx(decay**18)  # Id 1.
+  assert tiny['stages.0.0/dwconv/kernel'] == _approx(decay**18)
+  assert tiny['downsample_layers.2.1/kernel'] == _approx(decay ** (19 - 7))
+  assert tiny['stages.2.8/gamma'] == _approx(decay ** (19 - 15))
+  assert tiny['stages.3.2/gamma'] == _approx(decay)
+  assert tiny['head/kernel'] == _approx(1.0)
 
 
 def test_weight_decay_mask_is_kernels_only():
   shapes = models.param_shapes(models.create_model('convnextv2_atto'), 64)
   mask = {
-      path_name(p): m
+      trees.name(p): m
       for p, m in jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(shapes))[0]
   }
   decayed = sorted({n.split('/')[-1] for n, m in mask.items() if m})
@@ -139,13 +169,13 @@ def test_adamw_with_layer_decay_equals_pytorch_param_groups():
     updates, state = tx.update(g, state, ours)
     ours = optax.apply_updates(ours, updates)
 
-  scales = optim.layer_decay_scales(shapes, spec, decay)
-  mask = optim.weight_decay_mask(shapes)
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   tensors = [torch.tensor(np.array(v), requires_grad=True) for _, v in leaves]
   groups = []
-  for t, s, m in zip(tensors, jax.tree.leaves(scales), jax.tree.leaves(mask)):
-    groups.append({'params': [t], 'lr_scale': s, 'weight_decay': wd if m else 0.0})
+  for (path, v), t in zip(leaves, tensors):
+    # convnext_atto: depths (2, 2, 6, 2). The official code decays all but 1-D tensors.
+    scale = decay ** (13 - _group_layer_id(trees.name(path).split('/')[0], stage2_depth=6))
+    groups.append({'params': [t], 'lr_scale': scale, 'weight_decay': wd if v.ndim >= 2 else 0.0})
   opt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.999), eps=1e-8)
   for lr, g in zip(lr_values, grads):
     for group in opt.param_groups:  # The official code sets lr * lr_scale every step.
@@ -155,7 +185,7 @@ def test_adamw_with_layer_decay_equals_pytorch_param_groups():
     opt.step()
   for (path, _), t, o in zip(leaves, tensors, jax.tree.leaves(ours)):
     np.testing.assert_allclose(
-        np.asarray(o), t.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=path_name(path)
+        np.asarray(o), t.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=trees.name(path)
     )
 
 

@@ -268,7 +268,7 @@ def test_command_line_imagenet_names_without_tensorflow(files):
 def test_missing_image(files, capsys):
   missing = str(files['root'] / 'nope.jpg')
   code, out, err = _run(['--checkpoint', files['checkpoint'], missing], capsys)
-  assert code == 2 and not out
+  assert code == 1 and not out
   assert err.strip() == (
       f'convnext-predict: error: image {missing} does not exist or is not a file; check the path'
   )
@@ -335,7 +335,7 @@ def test_bad_images_are_reported_and_the_others_predicted(files, capsys, as_json
       ],
       capsys,
   )
-  assert code == 2
+  assert code == 1
   _assert_one_line_each(err, expected)
   probs = _direct_probabilities(files['model'], files['params'], good)
   if as_json:
@@ -361,7 +361,7 @@ def test_no_readable_image_loads_no_model(files, capsys):
   bad, expected = _bad_files(files['root'])
   # A checkpoint that does not exist: loading it would add its own error line.
   code, out, err = _run(['--checkpoint', str(files['root'] / 'no_such_checkpoint'), *bad], capsys)
-  assert code == 2 and not out
+  assert code == 1 and not out
   _assert_one_line_each(err, expected)
 
 
@@ -389,7 +389,7 @@ def test_unreadable_image(files, capsys):
   bad = files['root'] / 'notes.jpg'
   bad.write_bytes(b'this is not a picture')
   code, out, err = _run(['--checkpoint', files['checkpoint'], str(bad)], capsys)
-  assert code == 2 and not out and len(err.splitlines()) == 1
+  assert code == 1 and not out and len(err.splitlines()) == 1
   assert err.strip() == (
       f'convnext-predict: error: cannot read image {bad} (not an image '
       'format Pillow knows); pass JPEG, PNG, GIF, BMP or WebP files'
@@ -399,7 +399,7 @@ def test_unreadable_image(files, capsys):
 def test_missing_checkpoint(files, capsys):
   missing = str(files['root'] / 'no_checkpoint')
   code, out, err = _run(['--checkpoint', missing, files['images'][0]], capsys)
-  assert code == 2 and not out and len(err.splitlines()) == 1
+  assert code == 1 and not out and len(err.splitlines()) == 1
   assert f'checkpoint {missing} does not exist' in err and 'convnext-convert import' in err
 
 
@@ -409,7 +409,7 @@ def test_label_file_with_wrong_count(files, capsys):
   code, out, err = _run(
       ['--checkpoint', files['checkpoint'], '--labels', str(labels), files['images'][0]], capsys
   )
-  assert code == 2 and not out
+  assert code == 1 and not out
   assert err.strip() == (
       f'convnext-predict: error: labels file {labels} has 4 names but the '
       'model has 3 classes; give one name per line, one per class'

@@ -93,7 +93,12 @@ def _run(
   losses = []
   for batch in _batches(global_batch_size):
     state, metrics, _ = step(state, jax.device_put(batch, batch_sharding))
-    losses.append(float(metrics.compute()['loss']))
+    logged = metrics.compute()
+    losses.append(float(logged['loss']))
+    # The logged norm is the one of the weights the step left (in float64 here).
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state['params']))]
+    norm = np.sqrt(sum(np.sum(x * x) for x in leaves))
+    np.testing.assert_allclose(float(logged['param_norm']), norm, rtol=1e-5)
   return losses, jax.device_get(state), state, initial
 
 

@@ -16,8 +16,9 @@ checkpoints.
       Prints what SRC holds: layout, model, classes, parameter count (BatchNorm statistics
       not counted).
 
-Errors are one line on stderr with exit status 1, a full disk included; nothing is written
-unless conversion succeeded (outputs go to a temporary path and are renamed into place).
+Errors are one line on stderr with exit status 1, a full disk included (bad flags are
+argparse's usage errors, status 2); nothing is written unless conversion succeeded (outputs
+go to a temporary path and are renamed into place).
 """
 
 import argparse

@@ -28,11 +28,13 @@ import functools
 import re
 from typing import Any
 
-import jax
+from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 
 from convnext_jax import models
+from convnext_jax import trees
+from convnext_jax.models import roadmap
 
 LAYOUTS = ('official', 'timm', 'hf')
 
@@ -52,18 +54,13 @@ HF_NORM_EPS = 1e-6
 # momentum averages, and 0 is what PyTorch itself fills in for a state dict saved without it.
 NUM_BATCHES_TRACKED = 0
 
-# The RoadmapNet design of torchvision's ResNet (v1.5); the steps with it are the ResNet family.
-_RESNET_DESIGN = dict(
-    stem='resnet',
-    block='bottleneck',
-    depthwise=False,
-    kernel_size=3,
-    activation='relu',
-    fewer_activations=False,
-    fewer_norms=False,
-    norm='batch',
-    separate_downsampling=False,
-)
+# The RoadmapNet design of torchvision's ResNet (v1.5): the roadmap's baseline, whatever its
+# depths and widths. The steps with it are the ResNet family.
+_RESNET_DESIGN = {
+    k: v
+    for k, v in next(s for s in roadmap.TRACKS['r50'] if s.name == 'baseline').arch
+    if k not in ('depths', 'widths')
+}
 
 
 class ConversionError(ValueError):
@@ -253,7 +250,8 @@ def torch_key(path: tuple[str, ...], layout: str, spec: models.ModelSpec) -> str
 @functools.cache
 def _flax_shapes(model_name: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
   model = models.create_model(model_name, num_classes=num_classes)
-  return {path: tuple(leaf.shape) for path, leaf in flatten(models.weight_shapes(model)).items()}
+  weights = traverse_util.flatten_dict(models.weight_shapes(model))
+  return {path: tuple(leaf.shape) for path, leaf in weights.items()}
 
 
 def tensor_maps(model_name: str, num_classes: int, layout: str) -> list[TensorMap]:
@@ -284,14 +282,6 @@ def maps_from_shapes(
   return maps
 
 
-def flatten(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
-  """{path tuple: leaf} of a nested params dict."""
-  return {
-      tuple(k.key for k in path): leaf
-      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
-
-
 def contiguous(array) -> np.ndarray:
   """A C-contiguous numpy array; unlike np.ascontiguousarray, a scalar stays 0-d (PyTorch's
   num_batches_tracked has shape ())."""
@@ -300,7 +290,7 @@ def contiguous(array) -> np.ndarray:
 
 def params_to_state_dict(params: Mapping[str, Any], maps: list[TensorMap]) -> dict[str, np.ndarray]:
   """Applies `maps` to Flax weights (no checks): PyTorch key -> contiguous numpy array."""
-  flat = flatten(params)
+  flat = traverse_util.flatten_dict(params)
   return {
       m.torch_key: contiguous(
           _TRANSFORMS[m.kind].to_torch(None if m.torch_only else to_numpy(flat[m.flax_path]))
@@ -318,21 +308,16 @@ def state_dict_to_params(
   file) alive. With `consume`, each tensor is removed from `state_dict` once converted, which
   keeps the peak near one copy of the weights.
   """
-  params: dict[str, Any] = {}
+  flat = {}
   for m in maps:
     if m.torch_only:
       if consume:
         state_dict.pop(m.torch_key, None)
       continue
-    node = params
-    for part in m.flax_path[:-1]:
-      node = node.setdefault(part, {})
     value = state_dict.pop(m.torch_key) if consume else state_dict[m.torch_key]
-    node[m.flax_path[-1]] = np.array(
-        _TRANSFORMS[m.kind].to_flax(to_numpy(value)), order='C', copy=True
-    )
+    flat[m.flax_path] = np.array(_TRANSFORMS[m.kind].to_flax(to_numpy(value)), order='C', copy=True)
     del value
-  return params
+  return traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------------------------------------
@@ -509,34 +494,18 @@ def to_numpy(value) -> np.ndarray:
   return value
 
 
-def _listing(items, limit=6) -> str:
-  items = list(items)
-  shown = ', '.join(items[:limit])
-  return shown + (f' ... and {len(items) - limit} more' if len(items) > limit else '')
-
-
 def check_state_dict(
     state_dict: Mapping[str, Any], maps: list[TensorMap], what: str, hint: str = ''
 ):
   """Raises one ConversionError naming missing, unexpected and mis-shaped keys, if any
   (PyTorch-only buffers may be missing), followed by `hint`."""
-  expected = {m.torch_key: m for m in maps}
-  missing = [k for k, m in expected.items() if k not in state_dict and not m.torch_only]
-  unexpected = [k for k in state_dict if k not in expected]
-  misshaped = [
-      f'{k} {_shape(state_dict[k])} != expected {expected[k].torch_shape}'
-      for k in expected
-      if k in state_dict and _shape(state_dict[k]) != expected[k].torch_shape
-  ]
-  problems = []
-  if missing:
-    problems.append(f'missing {len(missing)} key(s): {_listing(missing)}')
-  if unexpected:
-    problems.append(f'unexpected {len(unexpected)} key(s): {_listing(unexpected)}')
-  if misshaped:
-    problems.append(f'mis-shaped {len(misshaped)}: {_listing(misshaped)}')
-  if problems:
-    raise ConversionError(f'{what}: ' + '; '.join(problems) + hint)
+  difference = trees.compare(
+      {m.torch_key: m.torch_shape for m in maps}, {k: _shape(v) for k, v in state_dict.items()}
+  )
+  absent_buffers = [m.torch_key for m in maps if m.torch_only and m.torch_key not in state_dict]
+  difference = difference.without(absent_buffers)
+  if difference:
+    raise ConversionError(f'{what}: {difference.describe(unit="key(s)")}{hint}')
 
 
 def strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -642,22 +611,16 @@ def flax_to_torch(
         f'downsample LayerNorm eps at {HF_NORM_EPS}; export it as official or timm instead'
     )
   maps = tensor_maps(model_name, num_classes_of(params), layout)
-  as_flax_keys = [
-      dataclasses.replace(m, torch_key='/'.join(m.flax_path), kind='vector')
-      for m in maps
-      if not m.torch_only
-  ]
-  flat = {'/'.join(p): v for p, v in flatten(params).items()}
-  no_stats = any(
-      m.flax_path[-1] in ('mean', 'var') and m.torch_key not in flat for m in as_flax_keys
-  )
-  check_state_dict(
-      flat,
-      as_flax_keys,
-      f'params do not match {model_name}',
-      hint='; merge the BatchNorm statistics in with models.merge_batch_stats('
-      'params, batch_stats)'
-      if no_stats
-      else '',
-  )
+  expected = {'/'.join(m.flax_path): m.flax_shape for m in maps if not m.torch_only}
+  difference = trees.compare(expected, trees.shapes(params))
+  if difference:
+    no_stats = any(n.endswith(('/mean', '/var')) for n in difference.missing)
+    hint = (
+        '; merge the BatchNorm statistics in with models.merge_batch_stats(params, batch_stats)'
+        if no_stats
+        else ''
+    )
+    raise ConversionError(
+        f'params do not match {model_name}: {difference.describe(unit="key(s)")}{hint}'
+    )
   return params_to_state_dict(params, maps)
