@@ -481,6 +481,8 @@ class _InMemoryBeam:
   and protobuf < 7), so this stands in for it: `Create`, `Reshuffle` (which reverses, so the
   build cannot depend on order), `FlatMap`, `label >> transform`, `pcollection | transform`,
   and counters kept per split, as a runner keeps them per pipeline step (`run`).
+  `test_imagenet22k_real_beam_build` runs a real Beam runner where Beam is installed
+  (`.ci/beam`).
   """
 
   class _Transform:
@@ -574,6 +576,69 @@ def test_imagenet22k_beam_build_matches(
       (logging.INFO, 'imagenet22k (all splits): images_reencoded = 2'),
       (logging.WARNING, 'imagenet22k (all splits): images_skipped = 1'),
   }
+
+
+def test_imagenet22k_real_beam_build(fake_imagenet22k, imagenet22k_records, tmp_path, caplog):
+  """Prepared end to end by Apache Beam's local runner: the generator build's records.
+
+  Runs where apache-beam is installed (`.ci/beam` makes such an environment; the main one
+  cannot have it). The runner is the FnApiRunner, which Beam's DirectRunner runs batch
+  pipelines on: DirectRunner itself first tries PrismRunner, whose binary it downloads.
+  """
+  beam = pytest.importorskip('apache_beam')
+  from apache_beam.runners.portability import fn_api_runner  # pylint: disable=g-import-not-at-top
+
+  manual_dir, expected = fake_imagenet22k
+  _, generator_records = imagenet22k_records
+  # What the builder must store, from the files the test wrote: labels index the sorted wnids,
+  # RGB and gray JPEGs are kept byte for byte, CMYK and PNG are converted to RGB and saved as
+  # JPEG at the codec's quality, and the truncated file is left out.
+  wnids = sorted(_WNIDS)
+  held_out = {_held_out_name(wnid) for wnid in _WNIDS} | {'n02000000_2.JPEG'}
+  want = {'train': {}, 'validation': {}}
+  for name, (wnid, data, kind, _) in expected.items():
+    if kind == 'corrupt':
+      continue
+    if kind in ('cmyk', 'png'):
+      with Image.open(io.BytesIO(data)) as image:
+        data = _encode(image.convert('RGB'), quality=image_codec.JPEG_QUALITY)
+    want['validation' if name in held_out else 'train'][name] = (wnids.index(wnid), data)
+  assert (len(want['train']), len(want['validation'])) == (8, 4)
+
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='absl'):
+    builder = datasets.prepare(
+        'imagenet22k',
+        data_dir=os.fspath(tmp_path),
+        manual_dir=os.fspath(manual_dir),
+        beam_runner=fn_api_runner.FnApiRunner(),
+        # Empty flags: by default Beam would parse pytest's command line as pipeline options.
+        beam_options=beam.options.pipeline_options.PipelineOptions(flags=[]),
+    )
+  assert builder.is_prepared()
+  assert builder.info.features['label'].names == wnids
+  for split in ('train', 'validation'):
+    assert builder.info.splits[split].num_examples == len(want[split]), split
+    records = _records(builder, split)
+    assert records == want[split], split
+    assert records == generator_records[split], split
+  # The builder's own lines: Beam chosen, the classes found, then the pipeline's counters summed
+  # over both splits (and no per-split lines of the generator build).
+  logged = [
+      (record.levelno, record.getMessage())
+      for record in caplog.records
+      if record.getMessage().startswith('imagenet22k')
+  ]
+  assert logged == [
+      (logging.INFO, 'imagenet22k: building with Apache Beam, one work item per class tar.'),
+      (
+          logging.INFO,
+          'imagenet22k: 3 class tars (fall11 has 21841); labels are their sorted wnids.',
+      ),
+      (logging.INFO, 'imagenet22k (all splits): images_kept = 10'),
+      (logging.INFO, 'imagenet22k (all splits): images_reencoded = 2'),
+      (logging.WARNING, 'imagenet22k (all splits): images_skipped = 1'),
+  ]
 
 
 def test_imagenet2012_prepares_from_default_manual_dir(tmp_path):
