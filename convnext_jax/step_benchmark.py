@@ -144,7 +144,7 @@ def _flops(lowered) -> float | None:
   fuses. Pass the unscanned program for a scanned model: XLA counts a loop's body once (and
   unrolls short loops when it compiles, so even the compiled count would be neither)."""
   analysis = lowered.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # Older jax: one dict per partition.
+  if isinstance(analysis, (list, tuple)):  # Some jax versions: one dict per partition.
     analysis = analysis[0] if analysis else None
   return float(analysis['flops']) if analysis and 'flops' in analysis else None
 
