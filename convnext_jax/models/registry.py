@@ -199,16 +199,16 @@ def create_model(
   if layer_scale_init_value is not _DEFAULT:
     overrides['layer_scale_init_value'] = layer_scale_init_value
   spec = get_spec(name).with_overrides(**overrides)
-  kwargs = spec.module_kwargs()
-  # What the spec does not hold passes through as is (and is checked below).
-  kwargs.update((k, v) for k, v in overrides.items() if k not in kwargs)
-  kwargs.update(
+  kwargs = dict(
+      spec.module_kwargs(),
       num_classes=num_classes,
       drop_path_rate=drop_path_rate,
       head_init_scale=head_init_scale,
       dtype=dtype,
       param_dtype=param_dtype,
   )
+  # What the spec does not hold passes through as is (and is checked below).
+  kwargs.update((k, v) for k, v in overrides.items() if k not in kwargs)
   cls = spec.module_class
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
   unknown = sorted(set(kwargs) - fields)

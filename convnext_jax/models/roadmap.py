@@ -69,7 +69,9 @@ class Step:
   paper_gflops: float  # Multiply-adds at 224 px, as the paper counts FLOPs.
 
 
-_COMMON = dict(
+# The design of torchvision's ResNet (v1.5), where both tracks start; the steps with it are the
+# ResNet family (conversion keys on it).
+RESNET_DESIGN = dict(
     stem='resnet',
     block='bottleneck',
     depthwise=False,
@@ -140,7 +142,7 @@ def _build_tracks() -> dict[str, tuple[Step, ...]]:
   tracks = {}
   for track, shapes in _TRACK_SHAPES.items():
     depths, widths = shapes['baseline']
-    arch = dict(_COMMON, depths=depths, widths=widths)
+    arch = dict(RESNET_DESIGN, depths=depths, widths=widths)
     steps = []
     for name, title, changes, r50, r200 in _STEPS:
       changes = dict(changes)
