@@ -281,7 +281,7 @@ def bench_input(args):
   from convnext_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from convnext_jax.data import randaugment  # pylint: disable=g-import-not-at-top
 
-  if args.tf_default_threads:  # For comparison: how the pipelines ran before 2026-11-25.
+  if args.tf_default_threads:  # For comparison with TensorFlow's own thread pool sizing.
     tf.config.set_visible_devices([], 'GPU')
   else:  # As the training process does.
     pipeline.configure_tensorflow()

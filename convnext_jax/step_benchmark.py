@@ -144,7 +144,7 @@ def _flops(lowered) -> float | None:
   fuses. Pass the unscanned program for a scanned model: XLA counts a loop's body once (and
   unrolls short loops when it compiles, so even the compiled count would be neither)."""
   analysis = lowered.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # Older jax: one dict per partition.
+  if isinstance(analysis, (list, tuple)):  # Some jax versions: one dict per partition.
     analysis = analysis[0] if analysis else None
   return float(analysis['flops']) if analysis and 'flops' in analysis else None
 
@@ -179,6 +179,20 @@ def _variant(args) -> str:
   if args.scan:
     parts.append('scan')
   return ', '.join(parts)
+
+
+def _jax_result(kind, args, mesh, peak, seconds, compile_s, flops, compiled) -> Result:
+  """The Result of a timed jax program (`kind` 'train' or 'infer'); `flops` is one device's."""
+  return Result(
+      f'jax {kind} ({_variant(args)})',
+      args.batch,
+      seconds,
+      compile_s,
+      None if flops is None else flops * mesh.size,
+      mesh.size,
+      peak,
+      _memory(compiled),
+  )
 
 
 def _jax_train(args, mesh, peak) -> Result:
@@ -235,16 +249,7 @@ def _jax_train(args, mesh, peak) -> Result:
     jax.block_until_ready(state)
 
   seconds = time_calls(step, args.warmup, args.iters)
-  return Result(
-      f'jax train ({_variant(args)})',
-      args.batch,
-      seconds,
-      compile_s,
-      None if flops is None else flops * mesh.size,
-      mesh.size,
-      peak,
-      _memory(compiled),
-  )
+  return _jax_result('train', args, mesh, peak, seconds, compile_s, flops, compiled)
 
 
 def _jax_infer(args, mesh, peak) -> Result:
@@ -283,16 +288,7 @@ def _jax_infer(args, mesh, peak) -> Result:
   seconds = time_calls(
       lambda: jax.block_until_ready(compiled(variables, images)), args.warmup, args.iters
   )
-  return Result(
-      f'jax infer ({_variant(args)})',
-      args.batch,
-      seconds,
-      compile_s,
-      None if flops is None else flops * mesh.size,
-      mesh.size,
-      peak,
-      _memory(compiled),
-  )
+  return _jax_result('infer', args, mesh, peak, seconds, compile_s, flops, compiled)
 
 
 def _torch_results(args, training: bool) -> list[Result]:
@@ -392,22 +388,28 @@ def run(args, training: bool, versions: str) -> list[Result]:
   for result in results:
     print(result.line(torch_seconds, device.platform), flush=True)
   if args.json:
-    with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(
-          {
-              'command': 'train' if training else 'infer',
-              'model': args.model,
-              'batch': args.batch,
-              'size': args.size,
-              'dtype': args.dtype,
-              'device_kind': device.device_kind,
-              'versions': versions,
-              'results': [r.record() for r in results],
-          },
-          f,
-          indent=2,
-      )
+    header = {
+        'command': 'train' if training else 'infer',
+        'model': args.model,
+        'batch': args.batch,
+        'size': args.size,
+        'dtype': args.dtype,
+    }
+    _write_json(args.json, header, device, versions, results)
   return results
+
+
+def _write_json(path: str, header: dict, device, versions: str, results) -> None:
+  """Writes a run's `--json` record: `header` (the settings), the device kind, the versions
+  and each result's record."""
+  record = dict(
+      header,
+      device_kind=device.device_kind,
+      versions=versions,
+      results=[r.record() for r in results],
+  )
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(record, f, indent=2)
 
 
 def add_arguments(parser) -> None:
@@ -575,23 +577,16 @@ def run_compile(args, versions: str) -> list[CompileResult]:
   finally:
     jax.config.update('jax_enable_compilation_cache', cache_was_on)
   if args.json:
-    with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(
-          {
-              'command': 'compile',
-              'batch': args.batch,
-              'size': args.size,
-              'dtype': args.dtype,
-              'remat': args.remat,
-              'depthwise_impl': args.depthwise_impl,
-              'drop_path_rate': COMPILE_DROP_PATH_RATE,
-              'device_kind': device.device_kind,
-              'versions': versions,
-              'results': [r.record() for r in results],
-          },
-          f,
-          indent=2,
-      )
+    header = {
+        'command': 'compile',
+        'batch': args.batch,
+        'size': args.size,
+        'dtype': args.dtype,
+        'remat': args.remat,
+        'depthwise_impl': args.depthwise_impl,
+        'drop_path_rate': COMPILE_DROP_PATH_RATE,
+    }
+    _write_json(args.json, header, device, versions, results)
   return results
 
 

@@ -14,7 +14,6 @@ micro-batches one after the other, as PyTorch updates them on every forward pass
 holds params only: EMA weights are evaluated with the current running averages.
 """
 
-import dataclasses
 from typing import Any
 
 from clu import metrics
@@ -129,31 +128,13 @@ def _overrides(config) -> dict[str, Any]:
 
 def _roadmap_design(spec: models.ModelSpec, config) -> dict[str, Any]:
   """A roadmap model's design attributes with the config's overrides of them."""
-  design = dict(spec.roadmap)
-  design.update((k, v) for k, v in _overrides(config).items() if k in design)
-  return design
+  return dict(spec.with_overrides(**_overrides(config)).roadmap)
 
 
 def model_spec(config) -> models.ModelSpec:
-  """The ModelSpec of the configured model, with depths/dims overrides (for layer decay);
-  for a roadmap model, with its design overridden (depths, widths, block, ...)."""
-  spec = models.get_spec(config.model.name)
-  overrides = _overrides(config)
-  if spec.roadmap:
-    design = _roadmap_design(spec, config)
-    expansion = 4 if design['block'] == 'bottleneck' else 1  # As the registry's dims.
-    return dataclasses.replace(
-        spec,
-        depths=tuple(design['depths']),
-        dims=tuple(w * expansion for w in design['widths']),
-        roadmap=tuple(sorted(design.items())),
-    )
-  if spec.isotropic:
-    depths = (overrides['depth'],) if 'depth' in overrides else spec.depths
-    dims = (overrides['dim'],) if 'dim' in overrides else spec.dims
-  else:
-    depths, dims = overrides.get('depths', spec.depths), overrides.get('dims', spec.dims)
-  return dataclasses.replace(spec, depths=tuple(depths), dims=tuple(dims))
+  """The ModelSpec of the configured model with `config.model.overrides` applied
+  (`ModelSpec.with_overrides`): the depths and dims layer decay sees."""
+  return models.get_spec(config.model.name).with_overrides(**_overrides(config))
 
 
 def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num_shards: int):

@@ -2,7 +2,6 @@
 
 Scan over blocks and remat policies: tests/test_scan.py."""
 
-import flax.linen as nn
 from helpers import random_params
 import jax
 import jax.numpy as jnp
@@ -33,8 +32,22 @@ PUBLISHED_PARAMS = {
     'convnext_isotropic_base': 87_083_752,
     'convnext_isotropic_large': 305_942_504,
 }
-# Published GMACs at 224 (paper / official README).
-PUBLISHED_GMACS = {'convnext_tiny': 4.47, 'convnext_base': 15.38}
+# Published GMACs at 224 (paper, official README, timm for atto..nano): multiply-adds of
+# every convolution and matrix product, the paper's "FLOPs".
+PUBLISHED_GMACS = {
+    'convnext_atto': 0.55,
+    'convnext_femto': 0.79,
+    'convnext_pico': 1.37,
+    'convnext_nano': 2.46,
+    'convnext_tiny': 4.47,
+    'convnext_small': 8.71,
+    'convnext_base': 15.38,
+    'convnext_large': 34.40,
+    'convnext_xlarge': 60.98,
+    'convnext_isotropic_small': 4.3,
+    'convnext_isotropic_base': 16.9,
+    'convnext_isotropic_large': 59.7,
+}
 
 ALL_NAMES = [
     *(
@@ -113,6 +126,40 @@ def test_create_model_rejects_unknown_names_and_arguments():
     models.create_model('convnext_medium')
   with pytest.raises(ValueError, match=r"unknown model argument\(s\) \['widths'\]"):
     models.create_model('convnext_tiny', widths=(1, 2))
+
+
+def test_spec_overrides_change_the_architecture_as_create_model_builds_it():
+  overrides = dict(depths=[1, 1, 2, 1], dims=[8, 16, 24, 32], norm_eps=1e-5, remat='full')
+  spec = models.get_spec('convnext_tiny').with_overrides(**overrides)
+  assert (spec.name, spec.depths, spec.dims, spec.norm_eps) == (
+      'convnext_tiny',
+      (1, 1, 2, 1),
+      (8, 16, 24, 32),
+      1e-5,
+  )
+  model = models.create_model('convnext_tiny', **overrides)
+  assert (model.depths, model.dims, model.norm_eps, model.remat) == (
+      (1, 1, 2, 1),
+      (8, 16, 24, 32),
+      1e-5,
+      'full',
+  )
+  shapes = models.param_shapes(model, 32)
+  assert sorted(k for k in shapes if k.startswith('stages.')) == [
+      'stages.0.0',
+      'stages.1.0',
+      'stages.2.0',
+      'stages.2.1',
+      'stages.3.0',
+  ]
+  assert shapes['stages.2.1']['dwconv']['kernel'].shape == (7, 7, 1, 24)
+  iso = models.get_spec('convnext_isotropic_large').with_overrides(depth=4, dim=64)
+  assert (iso.depths, iso.dims, iso.layer_scale_init_value) == ((4,), (64,), 1e-6)
+  v2 = models.get_spec('convnext_atto').with_overrides(use_grn=True, layer_scale_init_value=0)
+  assert (v2.version, v2.layer_scale_init_value) == (2, 0)
+  assert models.get_spec('convnext_tiny').with_overrides(scan=True, dim=8) == models.get_spec(
+      'convnext_tiny'
+  )
 
 
 def _small(name='convnext_atto', **kwargs):
@@ -194,7 +241,7 @@ def test_isotropic_outputs():
 
 
 def test_drop_path_rates_are_linear_over_blocks():
-  rates = models.convnext._drop_path_rates(0.1, 18)
+  rates = layers.drop_path_rates(0.1, 18)
   assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
   np.testing.assert_allclose(np.diff(rates), 0.1 / 17, rtol=1e-9)
 
@@ -322,19 +369,11 @@ def test_auto_depthwise_lowers_to_shifted_sum_on_cpu():
 
 
 @pytest.mark.parametrize('name', sorted(PUBLISHED_GMACS))
-def test_compiled_flops_match_published_gmacs(name):
-  # The grouped-conv depthwise path is the arithmetic GPUs and TPUs compile. (At batch 1,
-  # XLA:CPU recomputes the cheap shifted-sum form inside the following LayerNorm's
-  # reductions, which inflates the count of the CPU path by about 5%.)
+def test_multiply_adds_match_published_gmacs(name):
+  # Traced, not compiled. 2% is below any one block's share (at least about 2.7%, a block of
+  # a 27-block stage or of isotropic large's 36), so a missing block fails. The counter sees
+  # only the grouped-conv depthwise form as a convolution; the CPU's shifted sum is
+  # elementwise arithmetic.
   model = models.create_model(name, depthwise_impl='conv')
-  params = models.param_shapes(model)
-  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  compiled = jax.jit(lambda p, x: model.apply({'params': p}, x)).lower(params, images).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  expected = 2e9 * PUBLISHED_GMACS[name]
-  assert abs(cost['flops'] - expected) / expected < 0.10, cost['flops'] / 1e9
-
-
-def test_module_is_a_flax_linen_module():
-  assert isinstance(models.create_model('convnext_tiny'), nn.Module)
+  gmacs = models.count_macs(model, 224) / 1e9
+  assert gmacs == pytest.approx(PUBLISHED_GMACS[name], rel=0.02)

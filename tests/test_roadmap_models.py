@@ -218,6 +218,28 @@ def test_baseline_has_torchvision_names_and_batch_statistics():
   assert sorted(stats['layer3.5']['bn3']) == ['mean', 'var']
 
 
+def test_spec_overrides_of_the_design_follow_into_dims_and_the_module():
+  base = models.get_spec('roadmap_r50_baseline')
+  assert base.dims == (256, 512, 1024, 2048)  # torchvision ResNet-50's stage outputs.
+  assert base.with_overrides(block='inverted').dims == (64, 128, 256, 512)
+  overrides = dict(depths=[1, 1, 1, 1], widths=[8, 16, 24, 32], norm='layer', bn_group_size=4)
+  spec = base.with_overrides(**overrides)
+  design = dict(spec.roadmap)
+  assert (spec.depths, spec.dims) == ((1, 1, 1, 1), (32, 64, 96, 128))
+  assert (design['widths'], design['norm'], design['block']) == (
+      (8, 16, 24, 32),
+      'layer',
+      'bottleneck',
+  )
+  assert 'bn_group_size' not in design  # How BatchNorm runs, not part of the design.
+  model = models.create_model('roadmap_r50_baseline', **overrides)
+  assert model.bn_group_size == 4
+  stages, _ = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), output='stages')
+  )
+  assert [s.shape[-1] for s in stages] == [32, 64, 96, 128]
+
+
 @pytest.mark.parametrize('track,convnext', [('r50', 'convnext_tiny'), ('r200', 'convnext_base')])
 def test_last_step_is_convnext(track, convnext):
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))

@@ -41,13 +41,13 @@ import inspect
 from typing import Any
 
 import flax.linen as nn
+from flax.typing import Dtype
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from convnext_jax.models import layers
 
-Dtype = Any
+# What `__call__(..., output=...)` can return; see the module docstring.
 OUTPUTS = ('logits', 'pre_logits', 'stages')
 
 
@@ -118,7 +118,7 @@ class Block(nn.Module):
     x = layers.DepthwiseConv(
         7, impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name='dwconv'
     )(x)
-    x = _layer_norm(self.norm_eps, self.dtype, self.param_dtype, 'norm')(x)
+    x = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, 'norm')(x)
     x = dense(4 * self.dim, name='pwconv1')(x)
     x = nn.gelu(x, approximate=False)
     if self.use_grn:
@@ -137,19 +137,6 @@ class Block(nn.Module):
       # make_rng folds in this block's path, so every block draws its own mask.
       x = layers.drop_path(x, self.drop_path_rate, self.make_rng('drop_path'))
     return shortcut + x
-
-
-def _layer_norm(eps, dtype, param_dtype, name):
-  # Two-pass variance (E[(x - mean)^2]) as PyTorch computes it; the fast E[x^2] - mean^2 form
-  # loses precision when |mean| >> std, which ConvNeXt's stem activations do reach.
-  return nn.LayerNorm(
-      epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
-  )
-
-
-def _drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
-  """Linearly increasing stochastic-depth rates, one per block in order (first is 0)."""
-  return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
 
 
 def _block_kwargs(module) -> dict[str, Any]:
@@ -206,11 +193,29 @@ def _blocks(module, x, train: bool, dim: int, names: Sequence[str], rates: Seque
   return x
 
 
-def _head(module, x, output):
-  """Global average pool -> LayerNorm `norm` -> Linear `head`, in `module`'s scope."""
+def check_output(output: str) -> None:
+  """Raises ValueError unless `output` is one of `OUTPUTS`."""
+  if output not in OUTPUTS:
+    raise ValueError(f'output must be one of {OUTPUTS}, got {output!r}')
+
+
+def classifier_head(module: 'ConvNeXtBase', x, output: str):
+  """ConvNeXt's head, created in `module`'s (compact) scope: global average pool ->
+  LayerNorm `norm` -> Dense `head` (none when `module.num_classes` is 0).
+
+  Args:
+    module: the calling model; its `num_classes`, `norm_eps`, `head_init_scale`, `dtype`
+      and `param_dtype` configure the head.
+    x: the last stage's (N, H, W, C) feature map.
+    output: 'logits', or 'pre_logits' for the pooled, normalised features.
+
+  Returns:
+    (N, num_classes) float32 logits, or the (N, C) features for 'pre_logits' or a headless
+    model.
+  """
   # The mean over H*W positions runs in float32.
   x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
-  x = _layer_norm(module.norm_eps, module.dtype, module.param_dtype, 'norm')(x)
+  x = layers.layer_norm(module.norm_eps, module.dtype, module.param_dtype, 'norm')(x)
   if output == 'pre_logits' or not module.num_classes:
     return x
   init = layers.scaled_init(layers.dense_init, module.head_init_scale)
@@ -225,13 +230,9 @@ def _head(module, x, output):
   return x.astype(jnp.float32)
 
 
-def _check_output(output):
-  if output not in OUTPUTS:
-    raise ValueError(f'output must be one of {OUTPUTS}, got {output!r}')
-
-
-class _ConvNeXtBase(nn.Module):
-  """Attributes and output shortcuts shared by the hierarchical and isotropic models.
+class ConvNeXtBase(nn.Module):
+  """Attributes and output shortcuts shared by the hierarchical, isotropic and roadmap
+  (`roadmap.RoadmapNet`) models.
 
   Attributes:
     num_classes: head outputs; 0 drops the head (pooled features are returned).
@@ -271,10 +272,10 @@ class _ConvNeXtBase(nn.Module):
     return self(x, train, output='stages')
 
 
-class ConvNeXt(_ConvNeXtBase):
+class ConvNeXt(ConvNeXtBase):
   """Hierarchical ConvNeXt (V1 with layer scale, V2 with GRN).
 
-  Attributes (besides those of `_ConvNeXtBase`):
+  Attributes (besides those of `ConvNeXtBase`):
     depths: blocks per stage.
     dims: channels per stage.
   """
@@ -284,10 +285,10 @@ class ConvNeXt(_ConvNeXtBase):
 
   @nn.compact
   def __call__(self, x, train: bool = False, output: str = 'logits'):
-    _check_output(output)
+    check_output(output)
     if len(self.depths) != len(self.dims):
       raise ValueError(f'depths {tuple(self.depths)} and dims {tuple(self.dims)} differ in length')
-    norm = functools.partial(_layer_norm, self.norm_eps, self.dtype, self.param_dtype)
+    norm = functools.partial(layers.layer_norm, self.norm_eps, self.dtype, self.param_dtype)
     conv = functools.partial(
         nn.Conv,
         padding='VALID',
@@ -295,7 +296,7 @@ class ConvNeXt(_ConvNeXtBase):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
     )
-    rates = _drop_path_rates(self.drop_path_rate, sum(self.depths))
+    rates = layers.drop_path_rates(self.drop_path_rate, sum(self.depths))
 
     x = jnp.asarray(x, self.dtype)
     stage_maps = []
@@ -318,10 +319,10 @@ class ConvNeXt(_ConvNeXtBase):
       stage_maps.append(x)
     if output == 'stages':
       return tuple(stage_maps)
-    return _head(self, x, output)
+    return classifier_head(self, x, output)
 
 
-class ConvNeXtIsotropic(_ConvNeXtBase):
+class ConvNeXtIsotropic(ConvNeXtBase):
   """Isotropic ConvNeXt (paper section 3.3): a ViT-like stack of ConvNeXt blocks.
 
   Stem conv `patch_size` x `patch_size` stride `patch_size` (no norm) -> `depth` blocks of
@@ -336,8 +337,8 @@ class ConvNeXtIsotropic(_ConvNeXtBase):
 
   @nn.compact
   def __call__(self, x, train: bool = False, output: str = 'logits'):
-    _check_output(output)
-    rates = _drop_path_rates(self.drop_path_rate, self.depth)
+    check_output(output)
+    rates = layers.drop_path_rates(self.drop_path_rate, self.depth)
     x = jnp.asarray(x, self.dtype)
     x = nn.Conv(
         self.dim,
@@ -352,4 +353,4 @@ class ConvNeXtIsotropic(_ConvNeXtBase):
     x = _blocks(self, x, train, self.dim, [f'blocks.{k}' for k in range(self.depth)], rates)
     if output == 'stages':
       return (x,)
-    return _head(self, x, output)
+    return classifier_head(self, x, output)

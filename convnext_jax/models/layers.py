@@ -1,17 +1,17 @@
-"""Building blocks shared by the ConvNeXt models: depthwise conv, GRN, drop path, inits.
+"""Building blocks shared by the ConvNeXt and roadmap models: depthwise conv, LayerNorm,
+BatchNorm, GRN, drop path and its rates, inits.
 
 Everything here is written NHWC (channels last), the layout XLA prefers on TPU and GPU.
 """
 
 import functools
-from typing import Any
 
 import flax.linen as nn
+from flax.typing import Dtype
 import jax
 from jax import lax
 import jax.numpy as jnp
-
-Dtype = Any
+import numpy as np
 
 # The official code initialises weights with timm's `trunc_normal_(w, std=.02)`, whose bounds
 # a=-2, b=2 are absolute values, not multiples of std: N(0, 0.02^2) cut at +-100 std, in effect
@@ -71,9 +71,8 @@ def _depthwise_shifted_sum(x, kernel, padding):
   The arithmetic is that of the grouped convolution (up to the order of the additions). The
   hand-written backward pass keeps the gradient in the same shifted form (dx is a shifted
   sum of dy with the flipped kernel; dkernel[i, j] a channel-wise sum of x shifted by (i, j)
-  times dy); differentiating the 49 slices instead made the backward pass slower to run
-  and to compile (measured on convnext_atto at 64 px, batch 64: 2.1 s and 67 s compile vs
-  1.2 s and 33 s per training step).
+  times dy). Autodiff of the kh*kw slices instead builds a much larger backward program,
+  slower both to compile and to run.
   """
   return _shifted_sum(x, kernel, padding)
 
@@ -105,9 +104,9 @@ def depthwise_conv2d(x, kernel, padding: int, impl: str = 'auto', stride: int = 
   """Depthwise 2-D convolution of NHWC `x` with an HWIO kernel of shape (kh, kw, 1, C).
 
   Why two implementations: XLA:CPU lowers a grouped convolution (`feature_group_count=C`)
-  to a slow generic loop. Measured on a 2-core x86 host with jax 0.10.2, the 7x7 depthwise conv
-  on an 8x56x56x96 input took 364 ms as a grouped conv and 12 ms as 49 fused shifted
-  multiply-adds. On GPU (cuDNN) and TPU the grouped convolution is the fast, native path.
+  to a slow generic loop, many times slower than the kh*kw fused shifted multiply-adds
+  (docs/benchmarks.md has the figures). On GPU (cuDNN) and TPU the grouped convolution is the
+  fast, native path.
   `impl='auto'` picks per backend at lowering time (`lax.platform_dependent`), so one jitted
   function is right wherever it is compiled. Both are exact to float32 rounding. A strided
   'shift' conv is the stride-1 one subsampled (equal where the kernel is odd and the padding
@@ -255,6 +254,29 @@ class BatchNorm(nn.Module):
       return (y * scale + bias).astype(dtype)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
     return (y * scale + bias).astype(dtype)
+
+
+def layer_norm(eps: float, dtype: Dtype | None, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+  """ConvNeXt's LayerNorm over the channels (last axis), with a two-pass variance.
+
+  The variance is E[(x - mean)^2], as PyTorch computes it: the fast E[x^2] - mean^2 form
+  loses precision when |mean| >> std, which ConvNeXt's stem activations do reach.
+
+  Args:
+    eps: added to the variance.
+    dtype: compute dtype; None follows the inputs and params.
+    param_dtype: dtype of `scale` and `bias`.
+    name: the submodule's name (e.g. 'norm', 'downsample_layers.1.0').
+  """
+  return nn.LayerNorm(
+      epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
+  )
+
+
+def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
+  """Stochastic-depth rates of `num_blocks` blocks in order: linear from 0 (first block) to
+  `drop_path_rate` (last block), as the official ConvNeXt code spaces them."""
+  return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
 
 
 def drop_path(x, rate, rng) -> jax.Array:

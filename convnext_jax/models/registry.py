@@ -36,6 +36,30 @@ class ModelSpec:
       return roadmap.RoadmapNet
     return ConvNeXtIsotropic if self.isotropic else ConvNeXt
 
+  def with_overrides(self, **overrides: Any) -> 'ModelSpec':
+    """This variant with its architecture changed by module attributes, as `create_model`
+    builds it with the same `overrides`.
+
+    The attributes that change a spec: `depths` and `dims` (hierarchical), `depth` and `dim`
+    (isotropic), `layer_scale_init_value`, `use_grn`, `norm_eps`, and for a roadmap model
+    any of its design attributes (`depths`, `widths`, `block`, `norm`, ...; `dims` follow).
+    The others (`remat`, `scan`, `depthwise_impl`, ...) change how the module runs, not what
+    it is, and are ignored here; `create_model` checks that they exist. The name is kept.
+    """
+    changes = {k: overrides[k] for k in _SPEC_ATTRIBUTES if k in overrides}
+    if self.roadmap:
+      design = dict(self.roadmap)
+      design.update((k, _frozen(v)) for k, v in overrides.items() if k in design)
+      changes.update(_roadmap_shape(design))
+    elif self.isotropic:
+      if 'depth' in overrides:
+        changes['depths'] = (overrides['depth'],)
+      if 'dim' in overrides:
+        changes['dims'] = (overrides['dim'],)
+    else:
+      changes.update((k, tuple(overrides[k])) for k in ('depths', 'dims') if k in overrides)
+    return dataclasses.replace(self, **changes)
+
   def module_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of the Flax module class for this variant."""
     if self.roadmap:
@@ -48,6 +72,26 @@ class ModelSpec:
     if self.isotropic:
       return dict(depth=self.depths[0], dim=self.dims[0], **common)
     return dict(depths=self.depths, dims=self.dims, **common)
+
+
+# Spec fields that are module attributes of the same name, in every family.
+_SPEC_ATTRIBUTES = ('layer_scale_init_value', 'use_grn', 'norm_eps')
+
+
+def _frozen(value: Any) -> Any:
+  """`value` with lists made tuples: specs are hashable and compare equal across configs."""
+  return tuple(value) if isinstance(value, list) else value
+
+
+def _roadmap_shape(design: dict[str, Any]) -> dict[str, Any]:
+  """The ModelSpec fields of a roadmap design: its depths, its stage output channels as
+  `dims` (4x the width in ResNet bottleneck blocks), and the design itself."""
+  expansion = 4 if design['block'] == 'bottleneck' else 1
+  return dict(
+      depths=tuple(design['depths']),
+      dims=tuple(w * expansion for w in design['widths']),
+      roadmap=tuple(sorted(design.items())),
+  )
 
 
 _HIERARCHICAL = {
@@ -87,16 +131,9 @@ def _build_specs() -> dict[str, ModelSpec]:
     specs[name] = ModelSpec(name, True, (depth,), (dim,), ls)
   for track, steps in roadmap.TRACKS.items():
     for step in steps:
-      arch = dict(step.arch)
-      expansion = 4 if arch['block'] == 'bottleneck' else 1
       name = roadmap.model_name(track, step.name)
       specs[name] = ModelSpec(
-          name,
-          False,
-          arch['depths'],
-          tuple(w * expansion for w in arch['widths']),
-          1e-6,
-          roadmap=step.arch,
+          name, isotropic=False, layer_scale_init_value=1e-6, **_roadmap_shape(dict(step.arch))
       )
   return specs
 
@@ -149,7 +186,7 @@ def create_model(
     param_dtype: parameter dtype.
     **overrides: any other module attribute (`remat='full'` or a policy name such as
       'dots_saveable', `scan=True`, `depthwise_impl='conv'`, `norm_eps`, or `depths`/`dims`
-      for custom sizes).
+      for custom sizes; `ModelSpec.with_overrides` says which change the architecture).
 
   Returns:
     An unbound `ConvNeXt` or `ConvNeXtIsotropic` module. Call it on NHWC images with
@@ -159,18 +196,19 @@ def create_model(
   Raises:
     ValueError: unknown name or attribute.
   """
-  spec = get_spec(name)
-  kwargs = spec.module_kwargs()
   if layer_scale_init_value is not _DEFAULT:
-    kwargs['layer_scale_init_value'] = layer_scale_init_value
-  kwargs.update(
+    overrides['layer_scale_init_value'] = layer_scale_init_value
+  spec = get_spec(name).with_overrides(**overrides)
+  kwargs = dict(
+      spec.module_kwargs(),
       num_classes=num_classes,
       drop_path_rate=drop_path_rate,
       head_init_scale=head_init_scale,
       dtype=dtype,
       param_dtype=param_dtype,
   )
-  kwargs.update(overrides)
+  # What the spec does not hold passes through as is (and is checked below).
+  kwargs.update((k, v) for k, v in overrides.items() if k not in kwargs)
   cls = spec.module_class
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
   unknown = sorted(set(kwargs) - fields)

@@ -46,12 +46,12 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+from flax.typing import Dtype
 import jax.numpy as jnp
 
 from convnext_jax.models import convnext
 from convnext_jax.models import layers
 
-Dtype = Any
 STEMS = ('resnet', 'patchify')
 BLOCKS = ('bottleneck', 'inverted', 'dw_first')
 ACTIVATIONS = {'relu': nn.relu, 'gelu': functools.partial(nn.gelu, approximate=False)}
@@ -69,7 +69,9 @@ class Step:
   paper_gflops: float  # Multiply-adds at 224 px, as the paper counts FLOPs.
 
 
-_COMMON = dict(
+# The design of torchvision's ResNet (v1.5), where both tracks start; the steps with it are the
+# ResNet family (conversion keys on it).
+RESNET_DESIGN = dict(
     stem='resnet',
     block='bottleneck',
     depthwise=False,
@@ -140,7 +142,7 @@ def _build_tracks() -> dict[str, tuple[Step, ...]]:
   tracks = {}
   for track, shapes in _TRACK_SHAPES.items():
     depths, widths = shapes['baseline']
-    arch = dict(_COMMON, depths=depths, widths=widths)
+    arch = dict(RESNET_DESIGN, depths=depths, widths=widths)
     steps = []
     for name, title, changes, r50, r200 in _STEPS:
       changes = dict(changes)
@@ -166,12 +168,12 @@ def model_name(track: str, step: str) -> str:
   return f'roadmap_{track}_{step}'
 
 
-# RoadmapNet shares ConvNeXt's attributes, LayerNorm, drop-path rates and head (its last step
-# is ConvNeXt), hence the use of convnext's module-private helpers.
-class RoadmapNet(convnext._ConvNeXtBase):
+# RoadmapNet shares ConvNeXt's attributes, LayerNorm, drop-path rates and head: its last step
+# is ConvNeXt.
+class RoadmapNet(convnext.ConvNeXtBase):
   """A ResNet-to-ConvNeXt network; attributes are the roadmap's design choices.
 
-  Attributes (besides those of `convnext._ConvNeXtBase`; `use_grn` and `scan` are not
+  Attributes (besides those of `convnext.ConvNeXtBase`; `use_grn` and `scan` are not
   supported):
     depths: blocks per stage.
     widths: per stage, the bottleneck width (ResNet blocks) or block width (the others).
@@ -232,12 +234,12 @@ class RoadmapNet(convnext._ConvNeXtBase):
 
   @nn.compact
   def __call__(self, x, train: bool = False, output: str = 'logits'):
-    convnext._check_output(output)
+    convnext.check_output(output)
     self._check()
     d = _Design.of(self)
     act = ACTIVATIONS[self.activation]
     x = jnp.asarray(x, self.dtype)
-    rates = convnext._drop_path_rates(self.drop_path_rate, sum(self.depths))
+    rates = layers.drop_path_rates(self.drop_path_rate, sum(self.depths))
     block_cls = _Block
     if self.remat:
       block_cls = nn.remat(_Block, static_argnums=(2,), policy=convnext.remat_policy(self.remat))
@@ -283,7 +285,7 @@ class RoadmapNet(convnext._ConvNeXtBase):
       return tuple(stage_maps)
     # ---- Head. ----
     if sep:
-      return convnext._head(self, x, output)
+      return convnext.classifier_head(self, x, output)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
     if output == 'pre_logits' or not self.num_classes:
       return x
@@ -314,8 +316,8 @@ class _Design:
   bn_eps: float
   bn_momentum: float
   depthwise_impl: str
-  dtype: Any
-  param_dtype: Any
+  dtype: Dtype | None
+  param_dtype: Dtype
 
   @classmethod
   def of(cls, net: RoadmapNet) -> '_Design':
@@ -334,7 +336,7 @@ def _norm(d: _Design, name: str, kind: str | None = None, zero_init: bool = Fals
         param_dtype=d.param_dtype,
         name=name,
     )
-  ln = convnext._layer_norm(d.norm_eps, d.dtype, d.param_dtype, name)
+  ln = layers.layer_norm(d.norm_eps, d.dtype, d.param_dtype, name)
   return lambda x, train=False: ln(x)
 
 

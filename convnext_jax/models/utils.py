@@ -29,13 +29,11 @@ def count_params(tree) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-# XLA:CPU (jax 0.10) hands reductions to YNNPACK fusions by default. For ConvNeXt's
-# depthwise-conv -> LayerNorm pattern this materialises shifted copies of the activations and
-# made the convnext_tiny forward about 1.7x slower on a 2-core x86 host (1060-1400 ms vs
-# 650-750 ms at batch 8, 224px). An empty list turns these library fusions off. For the
-# training step the picture is mixed (convnext_atto, batch 64, 2 cores: 0.40 s per step with
-# them vs 0.86 s without at 48 px, but 2.0 s vs 1.1 s at 64 px; docs/benchmarks.md), so
-# training keeps XLA's defaults.
+# XLA:CPU can hand reductions to YNNPACK library fusions. For ConvNeXt's depthwise-conv ->
+# LayerNorm pattern such a fusion materialises shifted copies of the activations, which makes
+# the forward pass markedly slower; an empty list turns these fusions off. Training steps keep
+# XLA's defaults: there the fusions help at some image sizes and hurt at others
+# (docs/benchmarks.md).
 _CPU_INFERENCE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
