@@ -5,6 +5,7 @@ PyTorch statements of the official and timm definitions (tests/torch_reference.p
 isotropic models, timm's key layout and 1x1-conv MLP, and xxlarge's LayerNorm eps.
 """
 
+from flax import traverse_util
 import helpers
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_isotropic_small_matches_official_definition():
 def _custom_size_to_torch(model, model_name, layout, params=None):
   """(Random) params of a custom-size variant and their PyTorch state dict in `layout`."""
   params = helpers.random_params(model, seed=3) if params is None else params
-  shapes = {p: v.shape for p, v in layouts.flatten(params).items()}
+  shapes = {p: v.shape for p, v in traverse_util.flatten_dict(params).items()}
   maps = layouts.maps_from_shapes(shapes, model_name, layout)
   return params, {
       k: torch.from_numpy(v) for k, v in layouts.params_to_state_dict(params, maps).items()

@@ -54,14 +54,6 @@ HF_NORM_EPS = 1e-6
 # momentum averages, and 0 is what PyTorch itself fills in for a state dict saved without it.
 NUM_BATCHES_TRACKED = 0
 
-# The RoadmapNet design of torchvision's ResNet (v1.5): the roadmap's baseline, whatever its
-# depths and widths. The steps with it are the ResNet family.
-_RESNET_DESIGN = {
-    k: v
-    for k, v in next(s for s in roadmap.TRACKS['r50'] if s.name == 'baseline').arch
-    if k not in ('depths', 'widths')
-}
-
 
 class ConversionError(ValueError):
   """A checkpoint that does not fit the model or layout; the message is one readable line."""
@@ -111,7 +103,8 @@ def family(spec: models.ModelSpec) -> str:
   design = dict(spec.roadmap)
   if design['separate_downsampling']:
     return 'convnext'  # The roadmap's last step: ConvNeXt's tree.
-  if all(design[k] == v for k, v in _RESNET_DESIGN.items()):
+  # torchvision's ResNet (v1.5) design, whatever its depths and widths.
+  if all(design[k] == v for k, v in roadmap.RESNET_DESIGN.items()):
     return 'resnet'
   return 'roadmap'
 
