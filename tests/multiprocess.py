@@ -74,19 +74,27 @@ class Launch:
       return self._results
     killed = set()
     failed_at = None
-    while any(p.poll() is None for p in self.procs):
-      now = time.monotonic()
-      if failed_at is None and any(p.poll() not in (None, 0) for p in self.procs):
-        failed_at = now
-      if now > self.deadline or (failed_at is not None and now > failed_at + self.grace):
-        for i, p in enumerate(self.procs):
-          if p.poll() is None:
-            p.kill()
-            killed.add(i)
-        for p in self.procs:
-          p.wait()
-        break
-      time.sleep(0.2)
+    try:
+      while any(p.poll() is None for p in self.procs):
+        now = time.monotonic()
+        if failed_at is None and any(p.poll() not in (None, 0) for p in self.procs):
+          failed_at = now
+        if now > self.deadline or (failed_at is not None and now > failed_at + self.grace):
+          for i, p in enumerate(self.procs):
+            if p.poll() is None:
+              p.kill()
+              killed.add(i)
+          for p in self.procs:
+            p.wait()
+          break
+        time.sleep(0.2)
+    except BaseException:
+      # An interrupted test run (Ctrl-C, pytest's timeout) must not leave its workers
+      # training on: they ignore SIGTERM (jax.distributed's preemption notice owns it).
+      for p in self.procs:
+        p.kill()
+        p.wait()
+      raise
     self._results = [
         Result(
             i,
