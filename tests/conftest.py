@@ -8,21 +8,28 @@ import tempfile
 
 import pytest
 
-# Must precede any jax import: jax reads these once, when its backend starts.
-os.environ['XLA_FLAGS'] = ' '.join(
-    [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8']
-).strip()
+sys.path.insert(0, os.path.dirname(__file__))  # torch_reference, helpers, multiprocess
+
+from multiprocess import FAST_COMPILE
+
+# Must precede any jax import: jax reads these once, when its backend starts. Every test
+# compiles as the multi-process workers do (FAST_COMPILE): the suite is mostly compilation
+# of small programs, which LLVM's optimisations slow down more than they speed up. With
+# pytest-xdist the workers inherit the flags from the controller: add each once.
+_flags = os.environ.get('XLA_FLAGS', '').split()
+for _flag in ('--xla_force_host_platform_device_count=8', FAST_COMPILE):
+  if _flag not in _flags:
+    _flags.append(_flag)
+os.environ['XLA_FLAGS'] = ' '.join(_flags)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# One persistent XLA compilation cache for the session, shared with the tests' subprocesses:
-# the training tests compile the same train and eval steps in several runs (the resume test
-# took 126 s with it, 172 s without).
+# One persistent XLA compilation cache for the session, shared with the xdist workers and the
+# tests' subprocesses: the training tests compile the same train and eval steps in several
+# runs.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix='jax_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
   atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-
-sys.path.insert(0, os.path.dirname(__file__))  # torch_reference and helpers
 
 
 @pytest.fixture(scope='session')
