@@ -197,6 +197,13 @@ def test_dry_run_prints_what_the_real_run_does(step, accelerator, fake_gcloud):
     ]
 
 
+def _bash(script: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+  """Runs a launch script's remote command as the worker's shell would, output captured."""
+  return subprocess.run(
+      ['bash', '-c', script], env=env, check=False, capture_output=True, text=True, timeout=timeout
+  )
+
+
 def test_the_workers_start_the_trainer_detached_and_stop_it(fake_gcloud, tmp_path):
   """The train and --stop scripts the workers receive, run in a scratch home whose venv
   Python records its arguments and waits for SIGTERM."""
@@ -215,14 +222,7 @@ def test_the_workers_start_the_trainer_detached_and_stop_it(fake_gcloud, tmp_pat
   )
   python.chmod(0o755)
   env = dict(os.environ, HOME=str(home))
-  started = subprocess.run(
-      ['bash', '-c', train_call['script']],
-      env=env,
-      check=False,
-      capture_output=True,
-      text=True,
-      timeout=30,
-  )
+  started = _bash(train_call['script'], env, timeout=30)
   assert started.returncode == 0, started.stderr
   pgid = int((home / 'convnext_logs' / 'train.pid').read_text())
   try:
@@ -243,23 +243,9 @@ def test_the_workers_start_the_trainer_detached_and_stop_it(fake_gcloud, tmp_pat
         '--config.grad_accum_steps=2',
     ]
     # A second start on the same worker is refused while this one runs.
-    again = subprocess.run(
-        ['bash', '-c', train_call['script']],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    again = _bash(train_call['script'], env, timeout=30)
     assert again.returncode == 1 and 'already going' in again.stdout
-    stopped = subprocess.run(
-        ['bash', '-c', stop_call['script']],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    stopped = _bash(stop_call['script'], env, timeout=60)
     assert stopped.returncode == 0 and 'stopped' in stopped.stdout, stopped.stdout
     assert (home / 'signal').read_text() == 'SIGTERM\n'
     log = (home / 'convnext_logs' / 'train_latest.log').read_text()
