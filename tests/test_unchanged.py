@@ -1,0 +1,181 @@
+"""Training behaviour pinned across refactors: the demo config and a BatchNorm roadmap step,
+trained for 4 steps through `train.train_and_evaluate`, give the parameters, optimizer state,
+EMA, running averages and logged metrics recorded in `tests/data/unchanged.json`.
+
+How the values were recorded: at commit 99a0313 (main before issue 25's redesign of the run,
+2026-12-06), on the suite's 8 CPU devices and compile flags (`tests/conftest.py`), with
+
+    CONVNEXT_RECORD_UNCHANGED=tests/data/unchanged.json python -m pytest -n 0 \\
+        tests/test_unchanged.py
+
+which runs these same tests but writes what they measure instead of comparing it. The state
+is read back from the run's last checkpoint with orbax and the metrics from its TensorBoard
+events: neither goes through the project's own checkpoint or metrics code.
+
+On the machine kind the values were recorded on (the same jax and jaxlib, the same CPU
+instruction-set flags, the same XLA flags) every array must be bit-identical (SHA-256 of its
+bytes) and every metric equal. On another CPU XLA:CPU vectorises reductions differently, so
+there the arrays' norms, sums and leading values and the metrics are compared to float
+rounding instead (rtol 1e-4 after 4 steps).
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from convnext_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RECORD = REPO / 'tests' / 'data' / 'unchanged.json'
+RECORD_ENV = 'CONVNEXT_RECORD_UNCHANGED'
+STEPS = 4
+FIRST_VALUES = 8
+# Metrics that are timings, not results.
+TIMINGS = ('train/images_per_sec', 'steps_per_sec')
+
+
+def _config_file(name: str, arg: str | None):
+  spec = importlib.util.spec_from_file_location(f'unchanged_{name}', REPO / 'configs' / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _short(c, data_dir: str):
+  """`c` trained for STEPS steps (2 logs, an evaluation and a checkpoint at the end)."""
+  c.dataset.data_dir = data_dir
+  c.num_steps = STEPS
+  c.log_every_steps = 2
+  c.eval_every_steps = STEPS
+  c.checkpoint_every_steps = STEPS
+  return c
+
+
+CASES = {
+    # configs/demo.py: convnext_atto at 40 px, EMA with warmup, 8-way data parallel here.
+    'demo': lambda data_dir: _short(_config_file('demo.py', None), data_dir),
+    # The roadmap's ResNet-50 baseline (BatchNorm, statistics per device), the mini preset.
+    'roadmap_r50_baseline_mini': lambda data_dir: _short(
+        _config_file('roadmap.py', 'track=r50,step=baseline,mini'), data_dir
+    ),
+}
+
+
+def platform() -> dict[str, str]:
+  """What decides XLA:CPU's exact results: versions, the CPU's instruction sets, XLA flags."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+
+  flags = ''
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('flags'):
+          flags = line.split(':', 1)[1]
+          break
+  except OSError:
+    pass
+  isa = sorted(f for f in flags.split() if f.startswith(('avx', 'fma', 'amx', 'sse', 'f16c')))
+  return {
+      'jax': jax.__version__,
+      'jaxlib': jaxlib.__version__,
+      'isa': ' '.join(isa),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+
+
+def _state(workdir: str) -> dict[str, np.ndarray]:
+  """The last checkpoint's train state, by leaf name, as orbax restores it onto the host."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  step = max(ocp.utils.checkpoint_steps(directory))
+  item = directory / str(step) / 'state'
+  tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  restored = ocp.PyTreeCheckpointer().restore(
+      item, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args)
+  )
+  flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(v) for p, v in flat}
+
+
+def _fingerprint(value: np.ndarray) -> dict:
+  as64 = value.astype(np.float64).ravel()
+  return {
+      'dtype': str(value.dtype),
+      'shape': list(value.shape),
+      'sha256': hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest(),
+      'norm': float(np.sqrt(np.sum(as64 * as64))),
+      'sum': float(np.sum(as64)),
+      'first': as64[:FIRST_VALUES].tolist(),
+  }
+
+
+def _metrics(workdir: str) -> dict[str, float]:
+  """Every scalar the run wrote to TensorBoard but timings, as 'step:tag'."""
+  events = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+  events.Reload()
+  out = {}
+  for tag in events.Tags()['tensors']:
+    if tag in TIMINGS:
+      continue
+    for event in events.Tensors(tag):
+      out[f'{event.step}:{tag}'] = float(tensor_util.make_ndarray(event.tensor_proto))
+  return out
+
+
+def _measure(case: str, data_dir: str, workdir: str) -> dict:
+  train.train_and_evaluate(CASES[case](data_dir), workdir)
+  return {
+      'state': {name: _fingerprint(v) for name, v in sorted(_state(workdir).items())},
+      'metrics': dict(sorted(_metrics(workdir).items())),
+  }
+
+
+def _record(case: str, measured: dict) -> None:
+  path = pathlib.Path(os.environ[RECORD_ENV])
+  record = json.loads(path.read_text()) if path.exists() else {}
+  record['platform'] = platform()
+  record.setdefault('cases', {})[case] = measured
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(record, indent=1, sort_keys=True) + '\n')
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_training_gives_the_recorded_state_and_metrics(case, shapes_dir, tmp_path):
+  measured = _measure(case, shapes_dir, str(tmp_path / case))
+  if os.environ.get(RECORD_ENV):
+    _record(case, measured)
+    pytest.skip(f'recorded {case} into {os.environ[RECORD_ENV]}')
+  record = json.loads(RECORD.read_text())
+  expected = record['cases'][case]
+  assert sorted(measured['state']) == sorted(expected['state'])
+  assert sorted(measured['metrics']) == sorted(expected['metrics'])
+  # The run really trained: the loss was logged at both log steps and the weights moved.
+  assert {f'{s}:train/loss' for s in (2, STEPS)} <= set(measured['metrics'])
+  exact = record['platform'] == platform()
+  for name, want in expected['state'].items():
+    got = measured['state'][name]
+    assert (got['dtype'], got['shape']) == (want['dtype'], want['shape']), name
+    if exact:
+      assert got['sha256'] == want['sha256'], f'{case}: {name} differs from the recorded bits'
+    else:
+      np.testing.assert_allclose(got['norm'], want['norm'], rtol=1e-4, err_msg=name)
+      scale = max(want['norm'], 1e-12)
+      np.testing.assert_allclose(got['sum'], want['sum'], atol=1e-4 * scale, err_msg=name)
+      np.testing.assert_allclose(got['first'], want['first'], atol=1e-4 * scale, err_msg=name)
+  for key, want in expected['metrics'].items():
+    if exact:
+      assert measured['metrics'][key] == want, key
+    else:
+      np.testing.assert_allclose(measured['metrics'][key], want, rtol=1e-4, err_msg=key)
+  print(f'{case}: {"bit-identical" if exact else "within float rounding"}', file=sys.stderr)
