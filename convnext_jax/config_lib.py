@@ -1,7 +1,7 @@
 """The base training config and the recipe builders the files in `configs/` call.
 
 Durations are given in epochs here and turned into steps in one place
-(`train.schedule_steps`), from the dataset size and the global batch. Every config accepts
+(`run.schedule`), from the dataset size and the global batch. Every config accepts
 an argument string after the file name, e.g. `--config configs/convnext_t_in1k.py:runlocal`:
   runlocal   shrink anything to a CPU smoke run (tiny batch, few steps, small images, the
              built-in dataset unless the config already uses a local one);
@@ -11,6 +11,9 @@ an argument string after the file name, e.g. `--config configs/convnext_t_in1k.p
 import ml_collections
 
 from convnext_jax.data import IMAGENET_MEAN_FILL
+
+# `model.dtype`: the compute dtypes (parameters and optimizer state stay float32).
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:

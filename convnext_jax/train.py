@@ -1,27 +1,25 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Reads top to bottom: logging and process facts; mesh; the workdir's lock (one trainer per
-workdir); input; model and optimizer (abstract shapes first); shard and materialise the
-state directly on the mesh; resume from the newest intact checkpoint, or initialise from
-converted weights; evaluators; the loop (log, evaluate, checkpoint, stop on preemption or
-divergence).
+Reads top to bottom: logging and process facts; mesh and the config's checks (every rule,
+`validation.check`, before anything heavy); the workdir's lock (one trainer per workdir);
+input; the run (`run.Run`: model, optimizer, shardings, abstract state, jitted steps, built
+once); the state: resumed from the newest intact checkpoint straight into its shardings, or
+created around converted weights (`init_from`), or fresh, decided before any state exists;
+evaluators; the loop (log, evaluate, checkpoint, stop on preemption or divergence).
 
-The train state is a plain pytree {'params', 'opt_state', 'ema_params', 'step', 'rng'}
-('ema_params' only with an EMA; 'batch_stats', BatchNorm's running averages, only for a model
-with BatchNorm) donated into one jitted step per optimizer update, both built in `train_step`
-(which imports no TensorFlow). Inside the step: uint8 images are normalised, Random Erasing,
-Mixup/CutMix (one lambda per per-device batch) and label smoothing are applied, the loss is
-averaged over `grad_accum_steps` micro-batches (the running averages updated by each), AdamW
-updates the params, and the EMA follows once. A step whose loss, gradients or new params are
-not finite leaves the state as it was (`config.nonfinite`), so no checkpoint ever holds
-non-finite weights.
+The train state is `train_step`'s plain pytree {'params', 'opt_state', 'ema_params', 'step',
+'rng'} ('ema_params' only with an EMA; 'batch_stats', BatchNorm's running averages, only for
+a model with BatchNorm), donated into the run's jitted step once per optimizer update. A step
+whose loss, gradients or new params are not finite leaves the state as it was
+(`config.nonfinite`), so no checkpoint ever holds non-finite weights.
 
 Errors a user can act on (divergence, a workdir in use, a checkpoint that cannot be written
-or read) are raised as `RUN_ERRORS`, whose messages are one line.
+or read, a dataset that cannot be read) are raised as `RUN_ERRORS`, whose messages are one
+line; a config that fails its checks raises `validation.ConfigError` before the workdir is
+created.
 """
 
 import contextlib
-import dataclasses
 import signal
 import time
 from typing import Any
@@ -30,23 +28,24 @@ from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
+from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from convnext_jax import checkpoints
 from convnext_jax import console
 from convnext_jax import evaluate
-from convnext_jax import input_pipeline
 from convnext_jax import models
 from convnext_jax import multihost
-from convnext_jax import optim
+from convnext_jax import run as run_lib
 from convnext_jax import sharding
 from convnext_jax import train_step
+from convnext_jax import validation
 from convnext_jax import workdir_lock
-from convnext_jax.data import eval_crop
+from convnext_jax.data import DatasetError
+from convnext_jax.data import inputs as inputs_lib
 
 
 class TrainingError(RuntimeError):
@@ -55,85 +54,7 @@ class TrainingError(RuntimeError):
 
 
 # What `main` reports as one line (exit status 1) instead of a traceback.
-RUN_ERRORS = (TrainingError, checkpoints.CheckpointError)
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-  """Every duration of a run in optimizer steps, derived in one place."""
-
-  steps_per_epoch: int
-  total_steps: int
-  warmup_steps: int
-  eval_every: int
-
-
-def schedule_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> Schedule:
-  """Epoch-based durations -> steps: an epoch is num_train_examples // global_batch steps."""
-  steps_per_epoch = max(1, num_train_examples // config.global_batch_size)
-  total = (
-      config.num_steps
-      if config.num_steps > 0
-      else max(1, round(config.num_epochs * steps_per_epoch))
-  )
-  warmup = (
-      config.optim.warmup_steps
-      if config.optim.warmup_steps >= 0
-      else round(config.optim.warmup_epochs * steps_per_epoch)
-  )
-  eval_every = (
-      config.eval_every_steps
-      if config.eval_every_steps > 0
-      else max(1, round(config.eval_every_epochs * steps_per_epoch))
-  )
-  return Schedule(steps_per_epoch, total, min(warmup, total - 1), eval_every)
-
-
-def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> sharding.BatchFeed:
-  """Fails early, with one line each, on batch sizes the mesh cannot split (or Mixup cannot
-  pair, or BatchNorm statistics groups cannot divide), on meshes the processes cannot feed
-  and on evaluation crop settings outside their range.
-
-  Returns:
-    This process's `sharding.BatchFeed`: which rows of each batch it feeds.
-  """
-  dp = sharding.data_parallel_size(mesh)
-  micro = config.global_batch_size // max(1, config.grad_accum_steps)
-  if config.global_batch_size % config.grad_accum_steps:
-    raise ValueError(
-        f'global_batch_size {config.global_batch_size} is not divisible by '
-        f'grad_accum_steps {config.grad_accum_steps}'
-    )
-  if micro % dp:
-    raise ValueError(
-        f'micro-batch {micro} (global_batch_size / grad_accum_steps) is not '
-        f'divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)}); '
-        'change global_batch_size or config.mesh'
-    )
-  feed = sharding.batch_feed(mesh)  # Raises for a mesh the processes cannot feed.
-  cin = config.input
-  if (cin.mixup_alpha > 0 or cin.cutmix_alpha > 0) and (micro // dp) % 2:
-    # As timm's Mixup, which asserts it: image i is mixed with image B - 1 - i of its batch,
-    # so in an odd batch the middle one is mixed with itself.
-    raise ValueError(
-        f'Mixup/CutMix needs an even per-device batch, got {micro // dp} '
-        f'(micro-batch {micro} over data-parallel size {dp}); change '
-        'global_batch_size or grad_accum_steps, or set input.mixup_alpha and '
-        'input.cutmix_alpha to 0'
-    )
-  group = config.model.bn_group_size
-  if group > 0 and micro % group and train_step.uses_batchnorm(config):
-    raise ValueError(
-        f'config.model.bn_group_size {group} does not divide the micro-batch '
-        f'{micro} (global_batch_size / grad_accum_steps); set a divisor, 0 for '
-        f'the per-device batch ({micro // dp}) or -1 for the whole micro-batch'
-    )
-  eval_crop(
-      cin.eval_image_size if cin.eval_image_size > 0 else cin.image_size,
-      cin.crop_pct,
-      cin.get('crop_mode'),
-  )
-  return feed
+RUN_ERRORS = (TrainingError, checkpoints.CheckpointError, DatasetError)
 
 
 class _Preemption:
@@ -213,42 +134,39 @@ class _NonfiniteGuard:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`, evaluating and checkpointing; returns the last eval."""
+  """Trains (or resumes) in `workdir`, evaluating and checkpointing; returns the last eval.
+
+  Raises:
+    validation.ConfigError: the config fails a check (before the workdir is created).
+    RUN_ERRORS: the run cannot go on (the message is one line).
+  """
   # ---- Logging and process facts. ----
-  input_pipeline.configure_tensorflow()  # Before the metric writer starts TensorFlow.
-  process = jax.process_index()
+  inputs_lib.configure_tensorflow()  # Before the metric writer starts TensorFlow.
   logging.info(
       'process %d of %d; %d local / %d global devices (%s)',
-      process,
+      jax.process_index(),
       jax.process_count(),
       jax.local_device_count(),
       jax.device_count(),
       jax.devices()[0].platform,
   )
 
-  # ---- Mesh, and the rows of each batch this process feeds. ----
-  mesh = sharding.make_mesh(config.mesh)
-  feed = validate(config, mesh)
-  num_shards = sharding.data_parallel_size(mesh)
-  per_host_batch = feed.local_batch(config.global_batch_size)
+  # ---- Mesh and checks: every rule, before anything heavy. ----
+  mesh = validation.make_mesh(config)
+  feed = validation.check(config, mesh)
+  logging.info('config: %s', _summary(config))
+  logging.info('config:\n%s', config, extra=console.DETAIL)
   logging.info(
       'mesh %s; global batch %d = %d per process (data shard %d of %d) = %d per '
       'data-parallel device, %d micro-batch(es)',
       dict(mesh.shape),
       config.global_batch_size,
-      per_host_batch,
+      feed.local_batch(config.global_batch_size),
       feed.shard_index,
       feed.shard_count,
-      config.global_batch_size // num_shards,
+      config.global_batch_size // sharding.data_parallel_size(mesh),
       config.grad_accum_steps,
   )
-  if train_step.uses_batchnorm(config):
-    group = train_step.bn_group_size(config, num_shards)
-    logging.info(
-        'BatchNorm statistics over groups of %d examples (config.model.bn_group_size=%d)',
-        group or config.global_batch_size // config.grad_accum_steps,
-        config.model.bn_group_size,
-    )
 
   # ---- The workdir, one trainer at a time. ----
   # Only now is the workdir created, which a config refused above must not leave.
@@ -290,108 +208,74 @@ def _train_holding(
 ):
   """The rest of `train_and_evaluate`, once the workdir's lock is held."""
   process = jax.process_index()
-  num_shards = sharding.data_parallel_size(mesh)
-  per_host_batch = feed.local_batch(config.global_batch_size)
   writer = metric_writers.create_default_writer(workdir, just_logging=process > 0)
 
   # ---- Input. ----
-  inputs = input_pipeline.Inputs(config)
-  num_classes = config.model.num_classes if config.model.num_classes >= 0 else (inputs.num_classes)
-  sched = schedule_steps(config, inputs.num_train_examples)
+  inputs = inputs_lib.Inputs(config)
+
+  # ---- The run: model, optimizer, shardings, abstract state and jitted steps. ----
+  r = run_lib.Run.build(config, inputs.facts, mesh, feed=feed)
+  sched = r.schedule
   logging.info(
       '%d training examples, %d classes: %d steps per epoch, %d steps, %d warmup',
-      inputs.num_train_examples,
-      num_classes,
+      r.data.num_train_examples,
+      r.num_classes,
       sched.steps_per_epoch,
       sched.total_steps,
       sched.warmup_steps,
   )
-
-  # ---- Model and optimizer, as abstract shapes first. ----
-  model = train_step.create_model(config, num_classes, num_shards)
-  spec = train_step.model_spec(config)
-  lr_fn = optim.lr_schedule(
-      config.optim.lr, config.optim.min_lr, sched.warmup_steps, sched.total_steps
-  )
-  image_size = config.input.image_size
-  params_shape = models.param_shapes(model, image_size)
-  optimizer = optim.make_optimizer(
-      lr_fn,
-      params_shape,
-      spec,
-      weight_decay=config.optim.weight_decay,
-      b1=config.optim.b1,
-      b2=config.optim.b2,
-      eps=config.optim.eps,
-      layer_decay=config.optim.layer_decay,
-      layer_decay_scheme=config.optim.layer_decay_scheme,
-      grad_clip_norm=config.optim.grad_clip_norm,
-  )
-  use_ema = config.ema.decay > 0
-
-  # ---- Shard and materialise directly on the mesh. ----
-  state, state_shardings, abstract = train_step.create_train_state(
-      config, model, optimizer, mesh, image_size, use_ema
-  )
-  num_params = models.count_params(abstract['params'])
+  if r.uses_batchnorm:
+    logging.info(
+        'BatchNorm statistics over groups of %d examples (config.model.bn_group_size=%d)',
+        r.batches.bn_group or r.batches.micro,
+        config.model.bn_group_size,
+    )
+  abstract_params = r.abstract_state[train_step.PARAMS]
   logging.info(
       '%s: %s parameters (%.1f MB), %s compute',
       config.model.name,
-      f'{num_params:,}',
-      _nbytes(abstract['params']) / 1e6,
+      f'{models.count_params(abstract_params):,}',
+      _nbytes(abstract_params) / 1e6,
       config.model.dtype,
   )
   logging.info(
-      'parameter sharding:\n%s', sharding.describe(state_shardings['params']), extra=console.DETAIL
+      'parameter sharding:\n%s',
+      sharding.describe(r.state_shardings[train_step.PARAMS]),
+      extra=console.DETAIL,
   )
-  options = models.compiler_options()
   parameter_overview.log_parameter_overview(
-      state['params'], include_stats=False, jax_logging_process=0
+      abstract_params, include_stats=False, jax_logging_process=0
   )  # Shown with --verbose.
 
-  # ---- Resume, or initialise from other weights. ----
+  # ---- The state: resumed, or around init_from's weights, or fresh. ----
   ckpts = checkpoints.TrainingCheckpoints(
       workdir,
       save_interval_steps=config.checkpoint_every_steps,
       keep=config.keep_checkpoints,
       best_metric='top1' if config.keep_best_checkpoint else None,
   )
-  start_position = 0
-  abstract_with_shardings = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
-  )
-  resumed = ckpts.restore_latest(abstract_with_shardings)  # The newest intact step.
-  if resumed is not None:
-    latest, state, metadata = resumed
-    start_position = _start_position(metadata, latest, feed, per_host_batch)
-    logging.info('resumed from step %d (data position %d)', latest, start_position)
-  elif config.init_from.path:
-    state = _init_from(config, state, use_ema)
+  state, start_position = _initial_state(r, ckpts)
   start_step = int(state['step'])
 
   # ---- Evaluators. ----
-  eval_step = jax.jit(
-      evaluate.make_eval_step(model, train_step.DTYPES[config.model.dtype]),
-      compiler_options=options,
-  )
-  evaluators = inputs.evaluators(feed, _eval_batch(config, num_shards))
+  evaluators = inputs.evaluators(feed, r.batches.eval_global, r.eval_input)
 
   def run_evals(step):
-    params_by_name = {'raw': state['params']}
-    if use_ema:
-      params_by_name['ema'] = state['ema_params']
+    params_by_name = {'raw': state[train_step.PARAMS]}
+    if r.use_ema:
+      params_by_name['ema'] = state[train_step.EMA_PARAMS]
     results = {}
     for ev in evaluators:
       start = time.perf_counter()
-      # BatchNorm's running averages serve the raw and the EMA params alike (evaluate).
+      # BatchNorm's running averages serve the raw and the EMA params alike.
       values, skipped = evaluate.evaluate(
-          eval_step,
+          r.eval_step,
           params_by_name,
           ev.dataset,
           ev.num_batches,
           feed,
           ev.num_examples,
-          state.get('batch_stats'),
+          state.get(train_step.BATCH_STATS),
       )
       results.update({f'{ev.name}/{k}': v for k, v in values.items()})
       if skipped:
@@ -408,13 +292,7 @@ def _train_holding(
     return results
 
   # ---- The loop. ----
-  update = jax.jit(
-      train_step.make_train_step(model, optimizer, lr_fn, config, num_classes, num_shards),
-      in_shardings=(state_shardings, feed.sharding),
-      out_shardings=(state_shardings, None, None),
-      donate_argnums=(0,),
-      compiler_options=models.compiler_options(training=True),
-  )
+  update = r.train_step
   train_iter = inputs.train_iterator(feed, start_position)
   hooks = []
   if config.profile_start_step >= 0 and process == 0:
@@ -459,7 +337,7 @@ def _train_holding(
       if done % sched.eval_every == 0 or final:
         with progress.paused(evaluating=True):
           last_eval = run_evals(done)
-        main_eval = f'{evaluators[0].name}/{"ema" if use_ema else "raw"}/top1'
+        main_eval = f'{evaluators[0].name}/{"ema" if r.use_ema else "raw"}/top1'
         ckpt_metrics = {'top1': last_eval.get(main_eval, 0.0)}
       # A SIGTERM flag is per process; with several processes, orbax's preemption notice
       # (synchronised through jax.distributed) decides, so that all of them stop together.
@@ -472,9 +350,7 @@ def _train_holding(
         _check_lock_held(lock, workdir, done)
         # The data positions are gathered from every process: only when a save is due.
         with progress.paused():  # Waits for the previous save, if it is still writing.
-          metadata = _metadata(
-              config, inputs, num_classes, feed, train_iter.next_position, done, last_eval
-          )
+          metadata = _metadata(r, train_iter.next_position, done, last_eval)
           ckpts.save(done, state, metadata, metrics=ckpt_metrics, force=force)
       if preempted:
         logging.warning('preempted at step %d: checkpoint written, exiting', done)
@@ -492,6 +368,39 @@ def _train_holding(
       'done: step %d%s', int(state['step']), f', {_accuracies(last_eval)}' if last_eval else ''
   )
   return last_eval
+
+
+def _summary(config: ml_collections.ConfigDict) -> str:
+  """One line of what a config trains: model, data, schedule, optimizer, mesh."""
+  c = config
+  duration = f'{c.num_steps} steps' if c.num_steps > 0 else f'{c.num_epochs:g} epochs'
+  accum = f' in {c.grad_accum_steps} micro-batches' if c.grad_accum_steps > 1 else ''
+  ema = f'EMA {c.ema.decay:g}' if c.ema.decay > 0 else 'no EMA'
+  init = f', init from {c.init_from.path}' if c.init_from.path else ''
+  return (
+      f'{c.model.name} ({c.model.dtype}) on {c.dataset.name} at {c.input.image_size} px, '
+      f'batch {c.global_batch_size}{accum}, {duration}, AdamW lr {c.optim.lr:g} '
+      f'wd {c.optim.weight_decay:g}, {ema}, mesh {tuple(c.mesh)}{init} '
+      '(--verbose prints all of it)'
+  )
+
+
+def _initial_state(r: run_lib.Run, ckpts: checkpoints.TrainingCheckpoints):
+  """(train state, data position to resume the input at).
+
+  Decided before any state exists, so that no state is ever held twice: the newest intact
+  checkpoint, restored straight into the run's shardings; else, with `config.init_from`, a
+  state made around the weights read from it; else a fresh state.
+  """
+  resumed = ckpts.restore_latest(r.abstract_state)  # The newest intact step, or None.
+  if resumed is not None:
+    step, state, metadata = resumed
+    position = _start_position(metadata, step, r.feed, r.batches.per_process)
+    logging.info('resumed from step %d (data position %d)', step, position)
+    return state, position
+  if r.config.init_from.path:
+    return r.init_state(_init_from(r)), 0
+  return r.init_state(), 0
 
 
 def _nbytes(tree) -> int:
@@ -532,7 +441,7 @@ class _Progress:
   """Throughput and ETA of the training steps, not counting evaluation and checkpoint waits;
   one progress line per log step."""
 
-  def __init__(self, sched: Schedule, global_batch: int):
+  def __init__(self, sched: run_lib.Schedule, global_batch: int):
     self.steps = 0  # Steps since the last report.
     self._sched = sched
     self._batch = global_batch
@@ -595,30 +504,25 @@ def _check_lock_held(lock: workdir_lock.WorkdirLock, workdir: str, step: int) ->
     )
 
 
-def _eval_batch(config, num_shards: int) -> int:
-  size = config.eval_batch_size if config.eval_batch_size > 0 else config.global_batch_size
-  return max(num_shards, size // num_shards * num_shards)
-
-
-def _metadata(
-    config, inputs, num_classes, feed: sharding.BatchFeed, next_position, step, last_eval
-) -> dict[str, Any]:
+def _metadata(r: run_lib.Run, next_position, step, last_eval) -> dict[str, Any]:
+  feed = r.feed
   by_process = np.atleast_1d(
       multihost_utils.process_allgather(np.asarray(next_position, np.int64))
   ).tolist()
   # One stream per data shard; the processes that share a shard are at the same position.
   positions = [by_process[feed.process_shards.index(k)] for k in range(feed.shard_count)]
+  class_names = list(r.data.class_names)
   return {
-      'model_name': config.model.name,
-      'num_classes': num_classes,
-      'class_names': inputs.class_names if len(inputs.class_names) == num_classes else None,
-      'dataset': config.dataset.name,
+      'model_name': r.config.model.name,
+      'num_classes': r.num_classes,
+      'class_names': class_names if len(class_names) == r.num_classes else None,
+      'dataset': r.config.dataset.name,
       'step': step,
       'data_positions': positions,
       'data_shard_count': feed.shard_count,
       'process_count': jax.process_count(),
       'metrics': last_eval,
-      'config': config.to_json_best_effort(),
+      'config': r.config.to_json_best_effort(),
   }
 
 
@@ -637,16 +541,17 @@ def _start_position(metadata, step: int, feed: sharding.BatchFeed, per_host_batc
   return step * per_host_batch
 
 
-def _init_from(config, state, use_ema: bool):
-  """`state` with its params (and EMA, and BatchNorm's running averages) from
-  `config.init_from`, read straight into their shardings on every process (see
-  `checkpoints.load_params_into`)."""
-  init = config.init_from
+def _init_from(r: run_lib.Run) -> dict[str, jax.Array]:
+  """The weights of `config.init_from` that fit the run's model, by '/'-joined name, each
+  read by every process straight into its sharding (`checkpoints.load_params_into`): what
+  `Run.init_state` builds the state around (a new head, and whatever a non-strict load
+  leaves out, keep their initialisation)."""
+  init = r.config.init_from
   # Checkpoints hold BatchNorm's running averages beside its params (one weights tree, as
-  # PyTorch's state_dict): load into that tree and split it again.
+  # PyTorch's state_dict): loaded into that tree, split again by `init_state`.
   weights, _, metadata = checkpoints.load_params_into(
       init.path,
-      models.merge_batch_stats(state['params'], state.get('batch_stats')),
+      r.abstract_weights(),
       which=init.params,
       step=init.step if init.step >= 0 else None,
       strict=init.strict,
@@ -657,12 +562,8 @@ def _init_from(config, state, use_ema: bool):
       metadata.get('model_name'),
       metadata.get('weights', 'params'),
   )
-  if 'batch_stats' in state:
-    params, batch_stats = models.split_batch_stats(weights)
-    state = dict(state, params=params, batch_stats=batch_stats)
-  else:
-    params = weights
-    state = dict(state, params=params)
-  if use_ema:
-    state['ema_params'] = jax.tree.map(jnp.copy, params)
-  return state
+  return {
+      name: value
+      for name, value in traverse_util.flatten_dict(weights, sep='/').items()
+      if isinstance(value, jax.Array)
+  }

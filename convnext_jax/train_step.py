@@ -1,19 +1,19 @@
-"""The train state and the jitted update, without TensorFlow: what the trainer
-(`train.train_and_evaluate`) runs, and what `benchmark` can time on a machine without it.
+"""One optimizer update of any objective, and the train state it updates. No TensorFlow.
 
-`create_model` builds the configured model; `create_train_state` materialises the state
-{'params', 'opt_state', 'ema_params', 'step', 'rng'} directly sharded on a mesh, plus
-'batch_stats' (BatchNorm's running averages) for a model with BatchNorm; `make_train_step` is
-one optimizer update (normalisation, Random Erasing, Mixup/CutMix, label smoothing, gradient
-accumulation, AdamW, EMA, the running averages) with the non-finite guard: a step whose
-loss, gradients, new params or new running averages are not finite leaves the state as it was.
+The train state is a plain pytree {'params', 'opt_state', 'step', 'rng'}, plus 'ema_params'
+(an EMA of the params) when the run keeps one and 'batch_stats' (BatchNorm's running
+averages) for a model with BatchNorm. `init_state` creates it; `make_train_step` returns the
+jit-able (state, batch) -> (state, TrainMetrics, health) of one update: the objective's loss
+averaged over `grad_accum_steps` micro-batches (the running averages carried through them in
+turn, as PyTorch's forward passes update them), AdamW, the EMA, and the non-finite guard: a
+step whose loss, gradients, new params or new running averages are not finite leaves the state
+as it was. `run.Run` jits both with the run's shardings.
 
-BatchNorm statistics are computed over groups of `config.model.bn_group_size` examples
-(`bn_group_size`); with gradient accumulation the running averages are carried through the
-micro-batches one after the other, as PyTorch updates them on every forward pass. The EMA
-holds params only: EMA weights are evaluated with the current running averages.
+An objective is anything with `loss(params, batch_stats, batch, key) -> (loss, batch_stats)`
+(`classification.Classification`); the batch is a dict of arrays with the batch leading.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 from clu import metrics
@@ -24,10 +24,11 @@ import optax
 
 from convnext_jax import models
 from convnext_jax import optim
-from convnext_jax import sharding
-from convnext_jax.data import batch_ops
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# The state's keys for the raw and the EMA weights (checkpoint readers share them).
+PARAMS = 'params'
+EMA_PARAMS = 'ema_params'
+BATCH_STATS = 'batch_stats'
 
 
 @flax.struct.dataclass
@@ -64,145 +65,79 @@ class TrainMetrics(metrics.Collection):
   skipped_steps: _Sum.from_fun(lambda finite, **_: 1 - finite.astype(jnp.int32))
 
 
-def create_model(config, num_classes: int, data_parallel_size: int = 1):
-  """The configured model.
+def init_state(
+    model, optimizer: optax.GradientTransformation, key, image_size: int, use_ema: bool, loaded=None
+):
+  """The initial train state (jit it with the state's out_shardings).
 
   Args:
-    config: the run's config.
-    num_classes: classifier outputs.
-    data_parallel_size: devices the batch is split over (`sharding.data_parallel_size`);
-      what a BatchNorm model's default statistics group (`bn_group_size`) depends on.
-
-  Raises:
-    ValueError: `config.model.scan` for a roadmap model (RoadmapNet has no scanned form).
+    model: the Flax module.
+    optimizer: the run's optimizer.
+    key: the run's seed key: the weights are `model.init(key)`'s, and the training randomness
+      (augmentation, drop path) comes from the same key, folded.
+    image_size: the side of the example image the model is initialised on.
+    use_ema: keep an EMA of the params (starting at the params).
+    loaded: weights that replace the initialised ones, by '/'-joined name in the weights
+      tree (params with BatchNorm's running averages merged in, `models.merge_batch_stats`):
+      what `init_from` read from a checkpoint. The initialisation of every replaced leaf is
+      dead code that XLA drops, so no leaf exists twice.
   """
-  kwargs = dict(
-      num_classes=num_classes,
-      drop_path_rate=config.model.drop_path_rate,
-      head_init_scale=config.model.head_init_scale,
-      dtype=DTYPES[config.model.dtype],
-      remat=config.model.remat,
-  )
-  if models.get_spec(config.model.name).roadmap:
-    if config.model.scan:
-      raise ValueError(
-          f'config.model.scan must be False for {config.model.name} (roadmap '
-          'models have no scanned form)'
-      )
-    kwargs['bn_group_size'] = bn_group_size(config, data_parallel_size)
-  else:
-    kwargs['scan'] = config.model.scan
-  if config.model.layer_scale_init_value >= 0:
-    kwargs['layer_scale_init_value'] = config.model.layer_scale_init_value
-  kwargs.update(_overrides(config))
-  return models.create_model(config.model.name, **kwargs)
-
-
-def uses_batchnorm(config) -> bool:
-  """Whether the configured model has BatchNorm (and so a 'batch_stats' state)."""
-  spec = models.get_spec(config.model.name)
-  return bool(spec.roadmap) and _roadmap_design(spec, config).get('norm') == 'batch'
-
-
-def bn_group_size(config, data_parallel_size: int) -> int:
-  """The model's `bn_group_size` for `config.model.bn_group_size`: examples per BatchNorm
-  statistics group in one call of the training step (0: the whole micro-batch).
-
-  Config 0 is the per-device micro-batch, so that each device normalises its own examples,
-  as PyTorch DDP without SyncBN; -1 is the whole micro-batch; N > 0 is N.
-  """
-  size = config.model.bn_group_size
-  if size == -1:
-    return 0
-  if size == 0:
-    micro = config.global_batch_size // max(1, config.grad_accum_steps)
-    return micro // max(1, data_parallel_size)
-  return size
-
-
-def _overrides(config) -> dict[str, Any]:
-  return {
-      k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.model.overrides.items()
+  variables = model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  params = variables['params']
+  batch_stats = variables.get('batch_stats')
+  if loaded:
+    weights = models.merge_batch_stats(params, batch_stats)
+    weights = flax.traverse_util.flatten_dict(weights, sep='/')
+    weights.update(loaded)
+    weights = flax.traverse_util.unflatten_dict(weights, sep='/')
+    params, batch_stats = models.split_batch_stats(weights)
+    batch_stats = batch_stats or None
+  state = {
+      PARAMS: params,
+      'opt_state': optimizer.init(params),
+      'step': jnp.zeros((), jnp.int32),
+      # The training randomness (augmentation, drop path), derived from the same key: one
+      # seed decides the run. Folded, so the weights stay those `model.init(key)` gives.
+      'rng': jax.random.key_data(jax.random.fold_in(key, 1)),
   }
+  if batch_stats is not None:  # Only then: other models' checkpoints stay as they were.
+    state[BATCH_STATS] = batch_stats
+  if use_ema:
+    state[EMA_PARAMS] = params
+  return state
 
 
-def _roadmap_design(spec: models.ModelSpec, config) -> dict[str, Any]:
-  """A roadmap model's design attributes with the config's overrides of them."""
-  return dict(spec.with_overrides(**_overrides(config)).roadmap)
+def make_train_step(
+    loss_fn: Callable[..., tuple[Any, Any]],
+    optimizer: optax.GradientTransformation,
+    schedule_fn: optax.Schedule,
+    *,
+    grad_accum_steps: int = 1,
+    ema_decay: float = 0.0,
+    ema_warmup: bool = False,
+):
+  """The jit-able (state, batch) -> (state, TrainMetrics, health) of one optimizer update.
 
+  Args:
+    loss_fn: the objective's (params, batch_stats, batch, key) -> (loss, new batch_stats).
+    optimizer: updates the params from the gradients.
+    schedule_fn: the learning rate by step (logged).
+    grad_accum_steps: micro-batches per update; example i goes to micro-batch i % accum.
+    ema_decay, ema_warmup: the EMA's decay and whether it warms up (`optim.ema_decay_at`);
+      used when the state has 'ema_params'.
 
-def model_spec(config) -> models.ModelSpec:
-  """The ModelSpec of the configured model with `config.model.overrides` applied
-  (`ModelSpec.with_overrides`): the depths and dims layer decay sees."""
-  return models.get_spec(config.model.name).with_overrides(**_overrides(config))
-
-
-def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num_shards: int):
-  """The jit-able (state, batch) -> (state, TrainMetrics) of one optimizer update."""
-  cin = config.input
-  accum = config.grad_accum_steps
-  compute_dtype = DTYPES[config.model.dtype]
-  mix = cin.mixup_alpha > 0 or cin.cutmix_alpha > 0
-
-  def mixup_one(key, images, labels):
-    out, targets, _ = batch_ops.mixup_cutmix(
-        key,
-        images,
-        labels,
-        num_classes,
-        mixup_alpha=cin.mixup_alpha,
-        cutmix_alpha=cin.cutmix_alpha,
-        prob=cin.mixup_prob,
-        switch_prob=cin.mixup_switch_prob,
-        label_smoothing=cin.label_smoothing,
-    )
-    return out, targets
-
-  def augment(key, images, labels):
-    k_erase, k_mix = jax.random.split(key)
-    images = batch_ops.normalize(images)
-    if cin.random_erasing > 0:
-      images = batch_ops.random_erasing(k_erase, images, prob=cin.random_erasing)
-    if mix:
-      images, targets = batch_ops.per_device(mixup_one, num_shards)(k_mix, images, labels)
-    else:
-      targets = batch_ops.smooth_one_hot(labels, num_classes, cin.label_smoothing)
-    return images.astype(compute_dtype), targets
-
-  def loss_fn(params, batch_stats, images, targets, key):
-    """(loss, the new running averages); batch_stats is None for a model without them."""
-    rngs = {'drop_path': key}
-    if batch_stats is None:
-      logits = model.apply({'params': params}, images, train=True, rngs=rngs)
-      new_stats = None
-    else:
-      logits, mutated = model.apply(
-          {'params': params, 'batch_stats': batch_stats},
-          images,
-          train=True,
-          rngs=rngs,
-          mutable=['batch_stats'],
-      )
-      new_stats = mutated['batch_stats']
-    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-    return loss, new_stats
-
+  Returns:
+    The step. `health` holds the guard's verdict and the loss and gradient norm it judged.
+  """
+  accum = grad_accum_steps
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def micro_step(params, batch_stats, images, labels, key):
-    """((loss, new batch_stats), grads) of one micro-batch."""
-    k_aug, k_drop = jax.random.split(key)
-    images, targets = augment(k_aug, images, labels)
-    return grad_fn(params, batch_stats, images, targets, k_drop)
-
   def step(state, batch):
-    params = state['params']
-    batch_stats = state.get('batch_stats')
+    params = state[PARAMS]
+    batch_stats = state.get(BATCH_STATS)
     key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     if accum == 1:
-      (loss, batch_stats), grads = micro_step(
-          params, batch_stats, batch['image'], batch['label'], key
-      )
+      (loss, batch_stats), grads = grad_fn(params, batch_stats, batch, key)
     else:
       # Strided micro-batches (example i goes to micro-batch i % accum), so each device
       # holds its share of every micro-batch under the batch sharding.
@@ -213,25 +148,25 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num
       # passes update them: accum updates per optimizer step.
       def body(carry, xs):
         total, stats = carry
-        images, labels, k = xs
-        (loss, stats), grads = micro_step(params, stats, images, labels, k)
+        micro, k = xs
+        (loss, stats), grads = grad_fn(params, stats, micro, k)
         return (jax.tree.map(jnp.add, total, (loss, grads)), stats), None
 
       zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
       ((loss, grads), batch_stats), _ = jax.lax.scan(
           body,
           (zero, batch_stats),
-          (split(batch['image']), split(batch['label']), jax.random.split(key, accum)),
+          (jax.tree.map(split, batch), jax.random.split(key, accum)),
       )
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
     updates, opt_state = optimizer.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
-    updated = dict(params=new_params, opt_state=opt_state)
+    updated = {PARAMS: new_params, 'opt_state': opt_state}
     if batch_stats is not None:
-      updated['batch_stats'] = batch_stats
-    if 'ema_params' in state:
-      decay = optim.ema_decay_at(state['step'], config.ema.decay, config.ema.warmup)
-      updated['ema_params'] = optim.update_ema(state['ema_params'], new_params, decay)
+      updated[BATCH_STATS] = batch_stats
+    if EMA_PARAMS in state:
+      decay = optim.ema_decay_at(state['step'], ema_decay, ema_warmup)
+      updated[EMA_PARAMS] = optim.update_ema(state[EMA_PARAMS], new_params, decay)
     grad_norm = optax.tree.norm(grads)
     new_param_norm = optax.tree.norm(new_params)
     # The non-finite guard: a step whose loss, gradients or new weights are not all finite
@@ -251,7 +186,7 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num
     # The norm of the weights the step leaves: the guard's, so a step reads its weights once
     # more only when it was skipped (a cond runs one branch).
     param_norm = jax.lax.cond(
-        finite, lambda: new_param_norm, lambda: optax.tree.norm(state['params'])
+        finite, lambda: new_param_norm, lambda: optax.tree.norm(state[PARAMS])
     )
     step_metrics = TrainMetrics.single_from_model_output(
         loss=loss,
@@ -263,58 +198,3 @@ def make_train_step(model, optimizer, schedule_fn, config, num_classes: int, num
     return new_state, step_metrics, {'finite': finite, 'loss': loss, 'grad_norm': grad_norm}
 
   return step
-
-
-def create_train_state(
-    config, model, optimizer, mesh: jax.sharding.Mesh, image_size: int, use_ema: bool
-):
-  """The initial train state, created directly sharded on `mesh`.
-
-  The state's shapes come from `jax.eval_shape`; the sharding rules turn them into
-  shardings; `jax.jit(init, out_shardings=...)` then materialises every array in place, so
-  no host or device ever holds an unsharded copy of a large model. A model with BatchNorm
-  adds 'batch_stats', sharded by the same rules as params (so replicated unless large).
-
-  Returns:
-    (state, state_shardings, abstract_state).
-  """
-
-  def init_state(key):
-    variables = model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-    params = variables['params']
-    state = {
-        'params': params,
-        'opt_state': optimizer.init(params),
-        'step': jnp.zeros((), jnp.int32),
-        # The training randomness (augmentation, drop path), derived from the same key: one
-        # seed decides the run. Folded, so the weights stay those `model.init(key)` gives.
-        'rng': jax.random.key_data(jax.random.fold_in(key, 1)),
-    }
-    if 'batch_stats' in variables:  # Only then: other models' checkpoints stay as they were.
-      state['batch_stats'] = variables['batch_stats']
-    if use_ema:
-      state['ema_params'] = params
-    return state
-
-  abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
-  param_shardings = sharding.tree_shardings(
-      abstract['params'], mesh, min_fsdp_size=config.sharding_min_size
-  )
-  state_shardings = {
-      'params': param_shardings,
-      'opt_state': sharding.like_params_shardings(
-          abstract['opt_state'], abstract['params'], param_shardings, mesh
-      ),
-      'step': sharding.replicated(mesh),
-      'rng': sharding.replicated(mesh),
-  }
-  if 'batch_stats' in abstract:
-    state_shardings['batch_stats'] = sharding.tree_shardings(
-        abstract['batch_stats'], mesh, min_fsdp_size=config.sharding_min_size
-    )
-  if use_ema:
-    state_shardings['ema_params'] = param_shardings
-  state = jax.jit(
-      init_state, out_shardings=state_shardings, compiler_options=models.compiler_options()
-  )(jax.random.key(config.seed))
-  return state, state_shardings, abstract

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 
 from convnext_jax import config_lib
-from convnext_jax import models
-from convnext_jax import optim
+from convnext_jax import run
 from convnext_jax import sharding
-from convnext_jax import train
-from convnext_jax import train_step
+from convnext_jax import validation
+from convnext_jax.data import DatasetFacts
 
 P = jax.sharding.PartitionSpec
 
@@ -32,7 +31,11 @@ def _config(mesh):
   c.input.mixup_alpha = 0.0  # Mixup pairs within each data-parallel shard: mesh-dependent.
   c.input.cutmix_alpha = 0.0
   c.global_batch_size = BATCH
+  c.input.image_size = SIZE
+  c.num_steps = 10
   c.optim.lr = 1e-3
+  c.optim.min_lr = 0.0
+  c.optim.warmup_steps = 1
   # Adam divides by sqrt(v) + eps: with the default 1e-8, gradients at float32 noise level
   # (different reduction orders under different meshes) become O(lr) updates. A large eps
   # keeps the update proportional to the gradient, so the comparison tests the sharding.
@@ -69,26 +72,10 @@ def _run(
   config.input.random_erasing = random_erasing
   config.grad_accum_steps = grad_accum_steps
   mesh = sharding.make_mesh(config.mesh, devices)
-  train.validate(config, mesh)
-  model = train_step.create_model(config, NUM_CLASSES)
-  lr_fn = optim.lr_schedule(config.optim.lr, 0.0, 1, 10)
-  optimizer = optim.make_optimizer(
-      lr_fn,
-      models.param_shapes(model, SIZE),
-      train_step.model_spec(config),
-      layer_decay=config.optim.layer_decay,
-      eps=config.optim.eps,
-  )
-  state, shardings, _ = train_step.create_train_state(config, model, optimizer, mesh, SIZE, True)
-  batch_sharding = sharding.batch_sharding(mesh)
-  step = jax.jit(
-      train_step.make_train_step(
-          model, optimizer, lr_fn, config, NUM_CLASSES, sharding.data_parallel_size(mesh)
-      ),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, None, None),
-      donate_argnums=(0,),
-  )
+  r = run.Run.build(config, DatasetFacts(1000, NUM_CLASSES), mesh)
+  state = r.init_state()
+  step = r.train_step
+  batch_sharding = r.batch_sharding
   initial = jax.device_get(state['params'])
   losses = []
   for batch in _batches(global_batch_size):
@@ -138,39 +125,35 @@ def test_meshes_match_a_single_device(single_device, mesh_shape):
     assert pw1.sharding.is_fully_replicated
 
 
-def test_validate_rejects_batches_the_mesh_cannot_split():
+def test_validation_rejects_batches_the_mesh_cannot_split():
   config = _config((8, 1, 1))
   config.global_batch_size = 12
   mesh = sharding.make_mesh(config.mesh)
   with pytest.raises(
-      ValueError, match=r'micro-batch 12 .* not divisible by the data-parallel size 8'
+      validation.ConfigError, match=r'micro-batch 12 .* not divisible by the data-parallel size 8'
   ):
-    train.validate(config, mesh)
+    validation.check(config, mesh)
   config.global_batch_size = 32
   config.grad_accum_steps = 3
-  with pytest.raises(ValueError, match='not divisible by grad_accum_steps 3'):
-    train.validate(config, mesh)
+  with pytest.raises(validation.ConfigError, match='not divisible by config.grad_accum_steps 3'):
+    validation.check(config, mesh)
   # Mixup pairs image i with image B - 1 - i of each device's batch: B must be even.
   config.global_batch_size, config.grad_accum_steps = 48, 2  # 3 per device and micro-batch.
-  train.validate(config, mesh)  # Without Mixup/CutMix (as _config sets them), 3 is fine.
+  validation.check(config, mesh)  # Without Mixup/CutMix (as _config sets them), 3 is fine.
   config.input.cutmix_alpha = 1.0
   with pytest.raises(
-      ValueError,
+      validation.ConfigError,
       match=r'even per-device batch, got 3 \(micro-batch 24 over data-parallel size 8\)',
   ):
-    train.validate(config, mesh)
+    validation.check(config, mesh)
   config.grad_accum_steps = 1
-  train.validate(config, mesh)
-  config.input.crop_pct = 1.25
-  with pytest.raises(ValueError, match=r'eval crop_pct must be in \(0, 1\], got 1.25'):
-    train.validate(config, mesh)
-  config.input.crop_pct, config.input.crop_mode = -1.0, 'border'
-  with pytest.raises(ValueError, match='eval crop_mode must be one of'):
-    train.validate(config, mesh)
-  with pytest.raises(ValueError, match='has 6 devices but 8 are available'):
-    sharding.make_mesh((3, 2, 1))
-  with pytest.raises(ValueError, match='does not divide 8 devices'):
-    sharding.make_mesh((-1, 3, 1))
+  validation.check(config, mesh)
+  config.mesh = (3, 2, 1)
+  with pytest.raises(validation.ConfigError, match='has 6 devices but 8 are available'):
+    validation.make_mesh(config)
+  config.mesh = (-1, 3, 1)
+  with pytest.raises(validation.ConfigError, match='does not divide 8 devices'):
+    validation.make_mesh(config)
 
 
 # Process layouts simulated on the 8 devices here: device d belongs to process d // k.

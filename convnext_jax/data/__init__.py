@@ -1,9 +1,17 @@
-"""Input pipelines: tf.data preprocessing on the host, batch augmentation on device.
+"""Input code: tf.data preprocessing on the host, batch augmentation on device.
 
-This package module itself is TensorFlow-free and imports nothing (configs and prediction
-use it), and so are `pil_preprocess` and `pil_reference`; `pipeline`, `image_ops`,
-`augment_ops` and `randaugment` import TensorFlow.
+`inputs` turns a config into prepared tfds datasets, the training iterator of global arrays
+and the evaluation sets; `pipeline` builds the tf.data pipelines from the ops of `image_ops`,
+`augment_ops` and `randaugment`; `batch_ops` augments batches on device. The tfds builders of
+the project's own datasets are in `convnext_jax.datasets`.
+
+This package module itself is TensorFlow-free and imports nothing (configs, the run and
+prediction use it), and so are `batch_ops`, `randaugment_spec`, `pil_preprocess` and
+`pil_reference`; `inputs`, `pipeline`, `image_ops`, `augment_ops` and `randaugment` import
+TensorFlow.
 """
+
+import dataclasses
 
 # RandAugment's fill colour for geometric ops: the ImageNet mean in 0..255, rounded, as timm
 # passes it (`img_mean`).
@@ -16,6 +24,31 @@ DEFAULT_CROP_PCT = 0.875
 # int(size / crop_pct), keeping the aspect ratio; 'squash' resizes both sides to it. Either
 # then takes the centre size x size crop.
 CROP_MODES = ('center', 'squash')
+
+
+class DatasetError(ValueError):
+  """A dataset that cannot be read as configured (not prepared, no such split, prepared where
+  another process cannot see it); the message is one line saying what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFacts:
+  """What a run needs to know of its training data: from the prepared dataset's info
+  (`inputs.Inputs`), or stated by a benchmark or a test."""
+
+  num_train_examples: int
+  num_classes: int
+  class_names: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalInput:
+  """Evaluation preprocessing: resize to int(image_size / crop_pct) (`crop_mode` 'center':
+  the shorter side; 'squash': both), then the centre crop."""
+
+  image_size: int
+  crop_pct: float
+  crop_mode: str
 
 
 def default_crop_pct(image_size: int) -> float:

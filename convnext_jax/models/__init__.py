@@ -11,6 +11,7 @@ from convnext_jax.models.registry import ModelSpec
 from convnext_jax.models.registry import create_model
 from convnext_jax.models.registry import get_spec
 from convnext_jax.models.registry import list_models
+from convnext_jax.models.registry import module_arguments
 from convnext_jax.models.roadmap import TRACKS as ROADMAP_TRACKS
 from convnext_jax.models.roadmap import RoadmapNet
 from convnext_jax.models.utils import compiler_options
@@ -37,6 +38,7 @@ __all__ = [
     'get_spec',
     'list_models',
     'merge_batch_stats',
+    'module_arguments',
     'param_shapes',
     'remat_policy',
     'split_batch_stats',

@@ -193,7 +193,7 @@ class BatchNorm(nn.Module):
 
   Training normalises each group of `group_size` consecutive examples with its own mean and
   biased variance (over the group's examples and positions), as every replica of PyTorch
-  DDP without SyncBN does with its per-GPU batch; 0 takes the whole batch as one group. The
+  DDP without SyncBN does with its per-GPU batch; None takes the whole batch as one group. The
   running averages follow PyTorch's convention: running = (1 - momentum) * running +
   momentum * batch statistic, with the *unbiased* variance (n / (n - 1)), each group's
   statistics averaged over the groups (DDP keeps rank 0's; the average is what every
@@ -205,7 +205,7 @@ class BatchNorm(nn.Module):
 
   momentum: float = 0.1
   epsilon: float = 1e-5
-  group_size: int = 0
+  group_size: int | None = None
   zero_init: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -228,11 +228,11 @@ class BatchNorm(nn.Module):
       mean, var = running_mean.value, running_var.value
     else:
       n = x.shape[0]
-      group = self.group_size or n
-      if n % group:
+      group = n if self.group_size is None else self.group_size
+      if group < 1 or n % group:
         raise ValueError(
-            f'BatchNorm: batch {n} is not divisible by its statistics group size '
-            f'{group} (model.bn_group_size)'
+            f'BatchNorm: statistics groups of {group} examples do not divide the batch of '
+            f'{n}; give a positive divisor, or None for the whole batch'
         )
       grouped = x32.reshape((n // group, group) + x.shape[1:])
       axes = tuple(range(1, grouped.ndim - 1))

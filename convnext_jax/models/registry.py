@@ -31,6 +31,11 @@ class ModelSpec:
     return 2 if self.use_grn else 1
 
   @property
+  def uses_batchnorm(self) -> bool:
+    """Whether the model has BatchNorm (and so running averages, 'batch_stats')."""
+    return dict(self.roadmap).get('norm') == 'batch'
+
+  @property
   def module_class(self) -> type[nn.Module]:
     if self.roadmap:
       return roadmap.RoadmapNet
@@ -158,6 +163,16 @@ def get_spec(name: str) -> ModelSpec:
     raise ValueError(f'unknown model {name!r}; known models: {", ".join(MODEL_SPECS)}') from None
 
 
+def module_arguments(name: str) -> tuple[str, ...]:
+  """The arguments `create_model(name, ...)` passes to the model's Flax module, sorted.
+
+  Raises:
+    ValueError: unknown name.
+  """
+  cls = get_spec(name).module_class
+  return tuple(sorted({f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}))
+
+
 _DEFAULT = object()
 
 
@@ -209,9 +224,8 @@ def create_model(
   )
   # What the spec does not hold passes through as is (and is checked below).
   kwargs.update((k, v) for k, v in overrides.items() if k not in kwargs)
-  cls = spec.module_class
-  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
-  unknown = sorted(set(kwargs) - fields)
+  fields = module_arguments(name)
+  unknown = sorted(set(kwargs) - set(fields))
   if unknown:
-    raise ValueError(f'{name}: unknown model argument(s) {unknown}; valid: {sorted(fields)}')
-  return cls(**kwargs)
+    raise ValueError(f'{name}: unknown model argument(s) {unknown}; valid: {list(fields)}')
+  return spec.module_class(**kwargs)

@@ -29,7 +29,7 @@ function.
 
 Choices the paper leaves open, made here (docs/roadmap.md says why):
   - BatchNorm: PyTorch's momentum 0.1 and eps 1e-5 (`layers.BatchNorm`); statistics over
-    groups of `bn_group_size` examples (0: the batch given to the call).
+    groups of `bn_group_size` examples (None: the batch given to the call).
   - A block whose residual branch ends in BatchNorm zero-initialises that norm's scale
     (timm's `zero_init_last`, what the modern recipe trains ResNets with; torchvision's
     default is 1): the branch starts as the identity, the job layer scale does in ConvNeXt.
@@ -190,8 +190,9 @@ class RoadmapNet(convnext.ConvNeXtBase):
     norm: 'batch' or 'layer' (LayerNorm over channels, eps `norm_eps`).
     separate_downsampling: ConvNeXt's macro design: LayerNorm + 2x2 stride-2 conv between
       stages, LayerNorm after the stem and after global pooling.
-    bn_group_size: examples per BatchNorm statistics group in training (0: the whole batch
-      of the call); see `layers.BatchNorm`.
+    bn_group_size: examples per BatchNorm statistics group in training (None: the whole
+      batch of the call); see `layers.BatchNorm`. A run sets it from
+      `config.model.bn_group_size` (`run.Run`).
     bn_eps, bn_momentum: BatchNorm's, in PyTorch's convention.
   """
 
@@ -206,7 +207,7 @@ class RoadmapNet(convnext.ConvNeXtBase):
   fewer_norms: bool = False
   norm: str = 'batch'
   separate_downsampling: bool = False
-  bn_group_size: int = 0
+  bn_group_size: int | None = None
   bn_eps: float = 1e-5
   bn_momentum: float = 0.1
 
@@ -312,7 +313,7 @@ class _Design:
   norm: str
   layer_scale_init_value: float | None
   norm_eps: float
-  bn_group_size: int
+  bn_group_size: int | None
   bn_eps: float
   bn_momentum: float
   depthwise_impl: str

@@ -1,31 +1,40 @@
-"""Config validation before anything heavy: `check(config)` raises `ConfigError`, one line.
+"""Config validation, every rule in one place: `check(config, mesh)` raises `ConfigError`, one
+line, before anything heavy runs.
 
-`main` calls `check` before it touches a device, compiles, prepares a dataset or creates the
-workdir, and `check_mesh` once the devices are known (the mesh-dependent checks of
-`train.validate`). Every message names the key, the value and what would be accepted, e.g.
-`config.global_batch_size must be a positive integer, got 0`.
+`run.Run.build` calls it (the trainer calls it first, before it prepares the dataset or
+creates the workdir, and hands its result on). Without a mesh it checks what needs no device:
+names, types, ranges and combinations of keys; with the mesh, also that the batch splits over
+it (micro-batches, per-device batches for Mixup and BatchNorm statistics) and that the
+processes can feed it. Every message names the key, the value and what would be accepted,
+e.g. `config.global_batch_size must be a positive integer, got 0`.
 
-Keys are those of `config_lib.base()`; `model.overrides` and `dataset.builder_kwargs` hold
-free-form arguments (of `models.create_model` and of the dataset builder) and are not checked
-here.
+Keys are those of `config_lib.base()`. `model.overrides` holds arguments of
+`models.create_model`: checked against the model's attributes. `dataset.builder_kwargs` holds
+the dataset builder's arguments: passed on unchecked. Nothing here imports TensorFlow.
+
+The command line's mistakes are this module's too (`command_line`): a config file that
+cannot be found or loaded, an override of a key the config lacks (checked here, before absl
+parses the flags) and the few absl flag errors that remain, translated by one table.
 """
 
 import difflib
 import math
+import re
 
+from absl import flags
 from etils import epath
+import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
 from convnext_jax import config_lib
+from convnext_jax import configs
 from convnext_jax import datasets  # Registers the project's builders with tfds.
 from convnext_jax import models
 from convnext_jax import optim
 from convnext_jax import sharding
-from convnext_jax import train
-from convnext_jax import train_step
 from convnext_jax.data import CROP_MODES
-from convnext_jax.data import randaugment
+from convnext_jax.data import randaugment_spec
 
 # Sub-dicts whose keys are arguments passed on, not config keys.
 FREE_FORM = ('model.overrides', 'dataset.builder_kwargs')
@@ -86,8 +95,19 @@ def unknown_key_error(key: str, config: ml_collections.ConfigDict) -> ConfigErro
   return ConfigError(f'config.{key} is not a config key{hint}')
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-  """Checks every key of `config` that needs no device: names, types and ranges.
+def check(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> sharding.BatchFeed | None:
+  """Checks `config`; with `mesh`, also that its batches split over the mesh and that the
+  processes can feed it.
+
+  Args:
+    config: a training config (built on `config_lib.base()`).
+    mesh: the run's device mesh (`make_mesh`), once every device is visible (after
+      `jax.distributed.initialize`, if any).
+
+  Returns:
+    With a mesh, this process's `sharding.BatchFeed`: which rows of each batch it feeds.
 
   Raises:
     ConfigError: the first mistake, as one line.
@@ -111,6 +131,11 @@ def check(config: ml_collections.ConfigDict) -> None:
 
   _integer(c, 'global_batch_size', 1)
   _integer(c, 'grad_accum_steps', 1)
+  if c.global_batch_size % c.grad_accum_steps:
+    raise ConfigError(
+        f'config.global_batch_size {c.global_batch_size} is not divisible by '
+        f'config.grad_accum_steps {c.grad_accum_steps}'
+    )
   _steps_or_epochs(c, 'num_steps', 1, 'to train for num_epochs', 'num_epochs', '> 0')
 
   _number(c, 'optim.lr', '> 0', lambda v: v > 0)
@@ -144,20 +169,97 @@ def check(config: ml_collections.ConfigDict) -> None:
   _integer(c, 'profile_num_steps', 1)
 
   _init_from(c)
+  if mesh is None:
+    return None
+  return _batch_splits(c, mesh)
 
 
-def check_mesh(config: ml_collections.ConfigDict) -> None:
-  """The checks that need the devices: the mesh and the batch splits of `train.validate`.
-
-  Call after `jax.distributed.initialize` (if any), when every device is visible.
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """`sharding.make_mesh(config.mesh, devices)`, a mesh the devices cannot form refused as
+  one line.
 
   Raises:
-    ConfigError: the mesh does not fit the devices or the batch does not split over it.
+    ConfigError: the mesh's sizes do not fit the device count.
   """
   try:
-    train.validate(config, sharding.make_mesh(config.mesh))
-  except ValueError as e:  # validate and make_mesh raise one-line ValueErrors.
-    raise ConfigError(str(e)) from e
+    return sharding.make_mesh(config.mesh, devices)
+  except ValueError as e:  # make_mesh's messages are one line and name config.mesh.
+    raise ConfigError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------
+# The command line.
+
+
+def config_argument(argv: list[str]) -> tuple[int, str] | None:
+  """(index in `argv`, value) of the --config flag's value ('name_or_file[:args]'), or None."""
+  for i, arg in enumerate(argv):
+    match = re.fullmatch(r'--?config(=(.*))?', arg)
+    if match:
+      if match.group(1):
+        return i, match.group(2)
+      return (i + 1, argv[i + 1]) if i + 1 < len(argv) else None
+  return None
+
+
+def command_line(argv: list[str], usage: str) -> list[str]:
+  """Checks what absl would report badly, before it parses `argv`: the config argument
+  names a config that loads (`configs.load`), and every `--config.<key>` override is a key
+  of it. Returns `argv` with the config argument as the file absl's config flag reads (a
+  shipped config's name resolved to its file).
+
+  Raises:
+    ConfigError: the first mistake, as one line.
+  """
+  del usage  # A missing --config is absl's to report (`flag_error`).
+  found = config_argument(argv)
+  if found is None:
+    return argv
+  index, argument = found
+  try:
+    config = configs.load(argument)
+  except configs.ConfigFileError as e:  # One line naming the config.
+    raise ConfigError(str(e)) from None
+  except (TypeError, ValueError, OSError) as e:  # What a get_config raises for its user.
+    raise ConfigError(f'config {argument}: {" ".join(str(e).split())}') from None
+  known = flat_keys(config)
+  for arg in argv:
+    match = re.match(r'--?(?:no)?config\.([^=]+)', arg)
+    if match and match.group(1) not in known:
+      raise unknown_key_error(match.group(1), config)
+  argv = list(argv)
+  argv[index] = argv[index].replace(argument, configs.resolve(argument))
+  return argv
+
+
+_FLAG_TYPES = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false'}
+
+# absl's flag errors that can remain once `command_line` has passed, by the wording absl gives
+# them (tests/test_validation.py checks it against absl): (pattern, message template).
+_ABSL_ERRORS = (
+    (r'flag --(config\.[^=]+)=(.*?): .*', '{0} must be {type}, got {1!r}'),
+    (r'Flag --(\w+) must have a value other than None\.?', '--{0} is required: {usage}'),
+)
+
+
+def flag_error(error, usage: str) -> str:
+  """One line for an absl flag error (`flags.Error`): an override value of the wrong type, a
+  required flag left out; others as absl words them, on one line.
+
+  Args:
+    error: what absl raised.
+    usage: the command's usage line.
+  """
+  text = ' '.join(str(error).split())
+  for pattern, template in _ABSL_ERRORS:
+    match = re.fullmatch(pattern, text)
+    if match:
+      name = match.group(1)
+      flag_type = flags.FLAGS[name].flag_type() if name in flags.FLAGS else ''
+      return template.format(
+          *match.groups(), type=_FLAG_TYPES.get(flag_type, f'a valid {flag_type}'), usage=usage
+      )
+  return text
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,7 +283,7 @@ def _model(c) -> None:
       sentinel="for the variant's default",
   )
   _number(c, 'model.head_init_scale', '>= 0', lambda v: v >= 0)
-  _choice(c, 'model.dtype', tuple(train_step.DTYPES))
+  _choice(c, 'model.dtype', config_lib.COMPUTE_DTYPES)
   _remat(c, 'model.remat')
   _boolean(c, 'model.scan')
   if c.model.scan and models.get_spec(c.model.name).roadmap:
@@ -196,6 +298,44 @@ def _model(c) -> None:
       sentinel='for the whole micro-batch',
       why='examples per BatchNorm statistics group; 0: the per-device micro-batch',
   )
+  _overrides(c)
+
+
+# Model arguments the config sets with keys of its own: an override would shadow them.
+_OVERRIDES_OF_KEYS = {
+    'num_classes': 'model.num_classes',
+    'drop_path_rate': 'model.drop_path_rate',
+    'layer_scale_init_value': 'model.layer_scale_init_value',
+    'head_init_scale': 'model.head_init_scale',
+    'dtype': 'model.dtype',
+    'remat': 'model.remat',
+    'scan': 'model.scan',
+    'bn_group_size': 'model.bn_group_size',
+}
+
+
+def _overrides(c) -> None:
+  """`model.overrides`: arguments of the model's Flax module that no config key sets."""
+  overrides = c.model.overrides
+  if not isinstance(overrides, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(
+        f'config.model.overrides must be a dict of model arguments, got {overrides!r}'
+    )
+  fields = models.module_arguments(c.model.name)
+  for key in overrides:
+    if key in _OVERRIDES_OF_KEYS:
+      raise ConfigError(
+          f'config.model.overrides.{key}: set config.{_OVERRIDES_OF_KEYS[key]} instead'
+      )
+    if key not in fields:
+      raise ConfigError(
+          f'config.model.overrides.{key} is not an argument of {c.model.name}'
+          f'{_did_you_mean(key, fields)}; its arguments are {", ".join(sorted(fields))}'
+      )
+
+
+def _has_batchnorm(c) -> bool:
+  return models.get_spec(c.model.name).with_overrides(**c.model.overrides).uses_batchnorm
 
 
 def _dataset(c) -> None:
@@ -203,6 +343,8 @@ def _dataset(c) -> None:
   _string(c, 'dataset.data_dir', empty_ok=True)
   for key in ('train_split', 'eval_split', 'label_key'):
     _string(c, f'dataset.{key}')
+  for key in ('train_split', 'eval_split'):
+    _split(f'config.dataset.{key}', c.dataset[key])
   extra = c.dataset.extra_eval
   if not isinstance(extra, (tuple, list)):
     raise ConfigError(
@@ -217,6 +359,19 @@ def _dataset(c) -> None:
           f"e.g. 'imagenet_v2:test:label', got {entry!r}"
       )
     _dataset_name('config.dataset.extra_eval', parts[0])
+    _split('config.dataset.extra_eval', parts[1])
+
+
+def _split(key: str, split: str) -> None:
+  """A tfds split: a name, a slice of one or a sum of them ('train', 'validation[:64]',
+  'train[:10%]+validation'). Whether the dataset has it is known once it is prepared."""
+  try:
+    tfds.core.ReadInstruction.from_spec(split)
+  except ValueError:
+    raise ConfigError(
+        f"{key} {split!r} is not a tfds split: a name, a slice such as 'validation[:64]' or "
+        "'train[:10%]', or a sum of them joined by '+'"
+    ) from None
 
 
 def _dataset_name(key: str, name) -> None:
@@ -269,7 +424,7 @@ def _input(c) -> None:
   _number(c, 'input.hflip', 'a probability in [0, 1]', lambda v: 0 <= v <= 1)
   if c.input.randaugment:
     try:
-      randaugment.RandAugmentConfig.parse(c.input.randaugment)
+      randaugment_spec.RandAugmentConfig.parse(c.input.randaugment)
     except ValueError as e:
       raise ConfigError(f"config.input.randaugment: {str(e).rstrip('.')}; or '' for none") from None
   fill = c.input.fill
@@ -318,6 +473,41 @@ def _init_from(c) -> None:
   _boolean(c, 'init_from.strict')
 
 
+def _batch_splits(c, mesh: jax.sharding.Mesh) -> sharding.BatchFeed:
+  """The mesh-dependent rules: the batch splits over the data-parallel devices (and into
+  pairs for Mixup, into groups for BatchNorm), and the processes can feed the mesh."""
+  dp = sharding.data_parallel_size(mesh)
+  micro = c.global_batch_size // c.grad_accum_steps
+  if micro % dp:
+    raise ConfigError(
+        f'micro-batch {micro} (global_batch_size / grad_accum_steps) is not '
+        f'divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)}); '
+        'change global_batch_size or config.mesh'
+    )
+  try:
+    feed = sharding.batch_feed(mesh)
+  except ValueError as e:  # One line naming config.mesh and every process's rows.
+    raise ConfigError(str(e)) from None
+  cin = c.input
+  if (cin.mixup_alpha > 0 or cin.cutmix_alpha > 0) and (micro // dp) % 2:
+    # As timm's Mixup, which asserts it: image i is mixed with image B - 1 - i of its batch,
+    # so in an odd batch the middle one is mixed with itself.
+    raise ConfigError(
+        f'Mixup/CutMix needs an even per-device batch, got {micro // dp} '
+        f'(micro-batch {micro} over data-parallel size {dp}); change '
+        'global_batch_size or grad_accum_steps, or set input.mixup_alpha and '
+        'input.cutmix_alpha to 0'
+    )
+  group = c.model.bn_group_size
+  if group > 0 and micro % group and _has_batchnorm(c):
+    raise ConfigError(
+        f'config.model.bn_group_size {group} does not divide the micro-batch '
+        f'{micro} (global_batch_size / grad_accum_steps); set a divisor, 0 for '
+        f'the per-device batch ({micro // dp}) or -1 for the whole micro-batch'
+    )
+  return feed
+
+
 # ---------------------------------------------------------------------------------------
 # One key each.
 
@@ -357,7 +547,7 @@ def _integer(
 
 def _steps_or_epochs(c, steps: str, low: int, sentinel: str, epochs: str, bound: str) -> None:
   """A duration in steps (an int >= `low`), or -1 and one in epochs (`bound` 0: '> 0' or
-  '>= 0'), which `train.schedule_steps` turns into steps."""
+  '>= 0'), which `run.schedule` turns into steps."""
   _integer(c, steps, low, sentinel=sentinel)
   if _value(c, steps) == -1:
     ok = (lambda v: v > 0) if bound == '> 0' else (lambda v: v >= 0)

@@ -1,5 +1,5 @@
 """From a config to prepared tfds datasets, the training iterator of global arrays, and the
-evaluation sets. The only training-side module that touches TensorFlow."""
+evaluation sets: the trainer's input side (TensorFlow)."""
 
 import dataclasses
 import time
@@ -14,7 +14,9 @@ from convnext_jax import console
 from convnext_jax import datasets
 from convnext_jax import multihost
 from convnext_jax import sharding
-from convnext_jax.data import eval_crop
+from convnext_jax.data import DatasetError
+from convnext_jax.data import DatasetFacts
+from convnext_jax.data import EvalInput
 from convnext_jax.data import pipeline
 
 # Datasets built locally from nothing (or from the user's folder): prepared on first use.
@@ -29,8 +31,8 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
   device collective), so that all take the same path through preparation and its barrier.
 
   Raises:
-    ValueError: the dataset is not prepared and is not one built locally, or it was prepared
-      by process 0 where this process cannot see it (a data_dir that is not shared).
+    DatasetError: the dataset is not prepared and is not one built locally, or it was
+      prepared by process 0 where this process cannot see it (a data_dir that is not shared).
   """
   builder = datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
   prepared = (
@@ -39,7 +41,7 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
   )
   if not prepared:
     if name.split('/')[0] not in _AUTO_PREPARE:
-      raise ValueError(
+      raise DatasetError(
           f'dataset {name} is not prepared in {builder.data_dir_root}; prepare it first (see '
           "README 'Datasets'), or set config.dataset.data_dir to where it was prepared"
       )
@@ -52,7 +54,7 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
     multihost.barrier(f'{name} prepared by process 0')
     builder = datasets.builder(name, data_dir=data_dir or None, **builder_kwargs)
   if not builder.is_prepared():
-    raise ValueError(
+    raise DatasetError(
         f'dataset {name} is prepared for process 0 but not visible to process '
         f'{jax.process_index()} in {builder.data_dir_root}; every process must read the '
         'same config.dataset.data_dir (e.g. on gs://)'
@@ -62,6 +64,21 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict[str, Any]):
 
 # For `train`, which calls it before anything (clu's metric writer included) runs TensorFlow.
 configure_tensorflow = pipeline.configure_tensorflow
+
+
+def _split_size(builder, name: str, split: str) -> int:
+  """The examples of `split` of a prepared dataset.
+
+  Raises:
+    DatasetError: the dataset has no such split (the message lists the ones it has).
+  """
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError):
+    raise DatasetError(
+        f'dataset {name} has no split {split!r}; it has {", ".join(sorted(builder.info.splits))}'
+        ' (config.dataset.train_split / eval_split / extra_eval)'
+    ) from None
 
 
 class TrainIterator:
@@ -114,9 +131,11 @@ class Inputs:
     self._kwargs = dict(cd.builder_kwargs)
     self.builder = _builder(cd.name, cd.data_dir, self._kwargs)
     label = self.builder.info.features[cd.label_key]
-    self.num_classes = label.num_classes
-    self.class_names = list(label.names)
-    self.num_train_examples = self.builder.info.splits[cd.train_split].num_examples
+    self.facts = DatasetFacts(
+        num_train_examples=_split_size(self.builder, cd.name, cd.train_split),
+        num_classes=label.num_classes,
+        class_names=tuple(label.names),
+    )
 
   def train_iterator(self, feed: sharding.BatchFeed, start_position: int) -> TrainIterator:
     """The training stream of this process's data shard, from `start_position`, as global
@@ -145,31 +164,32 @@ class Inputs:
     )
     return TrainIterator(dataset, feed, start_position)
 
-  def eval_preprocess(self) -> pipeline.EvalPreprocess:
-    c = self._config.input
-    size = c.eval_image_size if c.eval_image_size > 0 else c.image_size
-    return pipeline.EvalPreprocess(size, *eval_crop(size, c.crop_pct, c.get('crop_mode')))
-
-  def evaluators(self, feed: sharding.BatchFeed, global_batch: int) -> list[Evaluator]:
+  def evaluators(
+      self, feed: sharding.BatchFeed, global_batch: int, eval_input: EvalInput
+  ) -> list[Evaluator]:
     """The main evaluation split, then `dataset.extra_eval` ('name:split[:label_key]'), read
-    in global batches of `global_batch`."""
+    in global batches of `global_batch`, preprocessed as `eval_input` says."""
     cd = self._config.dataset
     sets = [(cd.name.split('/')[0], self.builder, cd.eval_split, cd.label_key)]
     for entry in cd.extra_eval:
       name, split, *label_key = entry.split(':')
       builder = _builder(name, cd.data_dir, {})
       sets.append((name.split('/')[0], builder, split, label_key[0] if label_key else 'label'))
+    preprocess = pipeline.EvalPreprocess(
+        eval_input.image_size, eval_input.crop_pct, eval_input.crop_mode
+    )
     out = []
     for name, builder, split, label_key in sets:
+      _split_size(builder, name, split)  # A split the dataset lacks: one line, before reading.
       dataset, num_batches = pipeline.eval_dataset(
           builder,
           split,
           per_host_batch=feed.local_batch(global_batch),
-          preprocess=self.eval_preprocess(),
+          preprocess=preprocess,
           shard_index=feed.shard_index,
           shard_count=feed.shard_count,
           label_key=label_key,
-          num_classes=self.num_classes,
+          num_classes=self.facts.num_classes,
           threads=self._config.input.threads or None,
       )
       shard = pipeline.host_shard(builder, split, feed.shard_index, feed.shard_count)
