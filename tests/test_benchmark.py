@@ -13,9 +13,10 @@ import re
 import jax
 import pytest
 
-from convnext_jax import benchmark
 from convnext_jax import models
-from convnext_jax import step_benchmark
+from convnext_jax.benchmark import cli
+from convnext_jax.benchmark import common
+from convnext_jax.benchmark import step
 
 SIZE, BATCH = 64, 16
 ATTO_GMACS_224 = 0.55
@@ -31,7 +32,7 @@ def runs(tmp_path_factory):
     path = root / f'{command}.json'
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-      benchmark.main(
+      cli.main(
           [
               command,
               '--model',
@@ -118,7 +119,7 @@ def test_scanned_steps_count_every_block(runs, tmp_path):
   unscanned program, so TFLOP/s and MFU do not drop to a fraction."""
   path = tmp_path / 'scan.json'
   with contextlib.redirect_stdout(io.StringIO()):
-    benchmark.main(
+    cli.main(
         [
             'infer',
             '--model',
@@ -145,23 +146,23 @@ def test_scanned_steps_count_every_block(runs, tmp_path):
 
 
 def test_peak_table_and_mfu():
-  assert step_benchmark.peak_tflops('NVIDIA H200', 'bfloat16') == 989.0
-  assert step_benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 67.0
-  assert step_benchmark.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
-  assert step_benchmark.peak_tflops('TPU v5p', 'bfloat16') == 459.0
-  assert step_benchmark.peak_tflops('cpu', 'float32') is None
+  assert common.peak_tflops('NVIDIA H200', 'bfloat16') == 989.0
+  assert common.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 67.0
+  assert common.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
+  assert common.peak_tflops('TPU v5p', 'bfloat16') == 459.0
+  assert common.peak_tflops('cpu', 'float32') is None
   # 2e15 FLOP in 2 s on 4 chips of 989 TFLOP/s: 1e15 / 3.956e15.
-  result = step_benchmark.Result('x', 8, 2.0, flops=2e15, devices=4, peak_tflops=989.0)
+  result = common.Result('x', 8, 2.0, flops=2e15, devices=4, peak_tflops=989.0)
   assert result.mfu == pytest.approx(1e15 / (4 * 989e12))
   assert 'MFU  25.3%' in result.line(None, 'gpu')
 
 
 def test_remat_and_scan_flags_show_in_the_result_name():
   parser = argparse.ArgumentParser()
-  step_benchmark.add_arguments(parser)
+  step.add_arguments(parser)
 
   def variant(*argv):
-    return step_benchmark._variant(parser.parse_args(argv))  # pylint: disable=protected-access
+    return step._variant(parser.parse_args(argv))  # pylint: disable=protected-access
 
   assert variant() == 'float32'
   assert variant('--remat') == 'float32, remat=full'
@@ -181,7 +182,7 @@ def test_compile_prints_and_records_every_field(tmp_path, monkeypatch):
   cache_on = jax.config.jax_enable_compilation_cache
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    benchmark.main(
+    cli.main(
         [
             'compile',
             '--model',
@@ -238,4 +239,4 @@ def test_compile_prints_and_records_every_field(tmp_path, monkeypatch):
 
 def test_compile_refuses_unknown_models():
   with pytest.raises(SystemExit, match="unknown model.*'convnext_atom'"):
-    benchmark.main(['compile', '--model', 'convnext_atto,convnext_atom'])
+    cli.main(['compile', '--model', 'convnext_atto,convnext_atom'])

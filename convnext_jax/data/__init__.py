@@ -1,8 +1,9 @@
 """Input pipelines: tf.data preprocessing on the host, batch augmentation on device.
 
 This package module itself is TensorFlow-free and imports nothing (configs and prediction
-use it), and so are `pil_preprocess` and `pil_reference`; `pipeline`, `image_ops`,
-`augment_ops` and `randaugment` import TensorFlow.
+use it), and so is `pil_preprocess`; `pipeline`, `image_ops`, `augment_ops` and
+`randaugment` import TensorFlow. The Pillow statement of timm's training pipeline that
+`benchmark input` compares against is `convnext_jax.benchmark.pil_reference`.
 """
 
 # RandAugment's fill colour for geometric ops: the ImageNet mean in 0..255, rounded, as timm
