@@ -1,10 +1,11 @@
 """What the benchmark commands share: the versions line, the peak FLOP/s table, one timed
 result and its printed line, the timer, XLA's memory plan, the `--json` record and the
-`--remat` flag.
+`--model` and `--remat` flags.
 
 No TensorFlow and no PyTorch are imported here.
 """
 
+import argparse
 import dataclasses
 import json
 import os
@@ -162,6 +163,36 @@ def write_json(path: str, header: dict, device, versions: str, results) -> None:
     json.dump(record, f, indent=2)
 
 
+def add_model_argument(parser, default: str, pattern: str = '*', several: bool = False) -> None:
+  """Adds `--model NAME`: a registered model matching the shell-style `pattern`, or with
+  `several` a comma-separated list of them (parsed into a list).
+
+  The names are checked by argparse rather than listed as `choices`: there are dozens, and
+  argparse would print them all inline in the usage and again in the help.
+  """
+  known = models.list_models(pattern)
+  source = 'convnext_jax.models.list_models(' + ('' if pattern == '*' else repr(pattern)) + ')'
+
+  def parse(value: str) -> str | list[str]:
+    names = [n.strip() for n in value.split(',') if n.strip()] if several else [value]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+      raise argparse.ArgumentTypeError(
+          f'not a model this command takes: {", ".join(map(repr, unknown)) or repr(value)}; '
+          f'choose from: {", ".join(known)}'
+      )
+    return names if several else value
+
+  what = 'one or more models, comma-separated,' if several else 'a model'
+  parser.add_argument(
+      '--model',
+      default=default,
+      type=parse,
+      metavar='NAME[,NAME...]' if several else 'NAME',
+      help=f'{what} from {source}, e.g. convnext_tiny or convnextv2_base (default: {default})',
+  )
+
+
 def add_remat_argument(parser) -> None:
   """Adds `--remat [POLICY]`: '' (off), 'full', or a `jax.checkpoint_policies` name."""
   parser.add_argument(
@@ -171,6 +202,6 @@ def add_remat_argument(parser) -> None:
       default='',
       metavar='POLICY',
       choices=('',) + models.REMAT_POLICIES,
-      help="rematerialise each block: 'full' (the default of --remat alone) or "
-      f'a jax.checkpoint_policies name: {", ".join(models.REMAT_POLICIES[1:])}',
+      help="rematerialise each block: 'full' (--remat alone) or a jax.checkpoint_policies "
+      'name such as dots_saveable (all: convnext_jax.models.REMAT_POLICIES)',
   )

@@ -102,15 +102,8 @@ def compile_seconds(
 
 
 def run(args, versions: str) -> list[CompileResult]:
-  """Prints `versions`, a header and one `CompileResult.line()` per model of `args.model`."""
-  names = [n.strip() for n in args.model.split(',') if n.strip()]
-  known = models.list_models('convnext*')  # Scan vs no scan: the roadmap's have no scan.
-  unknown = [n for n in names if n not in known]
-  if unknown or not names:
-    raise SystemExit(
-        f'benchmark compile: unknown model(s) {unknown or args.model!r}; known: '
-        f'{", ".join(known)}'
-    )
+  """Prints `versions`, a header and one `CompileResult.line()` per model of `args.model` (a
+  list of names, as `add_arguments` parses it)."""
   device = jax.local_devices()[0]
   print(versions)
   remat = f', remat={args.remat}' if args.remat else ''
@@ -127,7 +120,7 @@ def run(args, versions: str) -> list[CompileResult]:
   jax.config.update('jax_enable_compilation_cache', False)
   results = []
   try:
-    for name in names:
+    for name in args.model:
       timings = [
           compile_seconds(
               name, args.batch, args.size, args.dtype, scan, args.remat, args.depthwise_impl
@@ -153,9 +146,8 @@ def run(args, versions: str) -> list[CompileResult]:
 
 
 def add_arguments(parser) -> None:
-  parser.add_argument(
-      '--model', default='convnext_xlarge', help='one or more registered models, comma-separated'
-  )
+  # Scan vs no scan: the roadmap's models have no scan.
+  common.add_model_argument(parser, 'convnext_xlarge', 'convnext*', several=True)
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))

@@ -89,5 +89,5 @@ def run(args) -> None:
 
 
 def add_arguments(parser) -> None:
-  parser.add_argument('--model', default='convnext_xlarge', choices=models.list_models())
+  common.add_model_argument(parser, 'convnext_xlarge')
   parser.add_argument('--workdir', help='keep the files here (default: a temporary directory)')

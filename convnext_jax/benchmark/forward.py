@@ -82,7 +82,7 @@ def run(args) -> None:
 
 def add_arguments(parser) -> None:
   # Against transformers' ConvNeXt: the ConvNeXt zoo only.
-  parser.add_argument('--model', default='convnext_tiny', choices=models.list_models('convnext*'))
+  common.add_model_argument(parser, 'convnext_tiny', 'convnext*')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--warmup', type=int, default=2)

@@ -308,7 +308,7 @@ def run(args, training: bool, versions: str) -> list[Result]:
 
 
 def add_arguments(parser) -> None:
-  parser.add_argument('--model', default='convnext_tiny', choices=models.list_models())
+  common.add_model_argument(parser, 'convnext_tiny')
   parser.add_argument('--batch', type=int, default=32, help='global batch (all devices)')
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
