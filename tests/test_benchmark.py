@@ -1,7 +1,8 @@
 """`python -m convnext_jax.benchmark train|infer`: every field printed, and XLA's FLOP count of
 the training step about 3x the forward's, the forward's about twice the published
 multiply-adds (../shared/reference/convnext.md: convnext_atto 0.55 GMACs at 224).
-`benchmark compile`: every field printed and recorded."""
+`benchmark compile`: every field printed and recorded. The peak FLOP/s behind MFU: the vendor
+figures of ../shared/reference/performance.md. `--model`: a short help, one error line."""
 
 import argparse
 import contextlib
@@ -146,16 +147,47 @@ def test_scanned_steps_count_every_block(runs, tmp_path):
   assert scanned['flops'] == pytest.approx(unscanned, rel=0.02), (scanned['flops'], unscanned)
 
 
-def test_peak_table_and_mfu():
-  assert common.peak_tflops('NVIDIA H200', 'bfloat16') == 989.0
-  assert common.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 67.0
-  assert common.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
-  assert common.peak_tflops('TPU v5p', 'bfloat16') == 459.0
-  assert common.peak_tflops('cpu', 'float32') is None
-  # 2e15 FLOP in 2 s on 4 chips of 989 TFLOP/s: 1e15 / 3.956e15.
-  result = common.Result('x', 8, 2.0, flops=2e15, devices=4, peak_tflops=989.0)
-  assert result.mfu == pytest.approx(1e15 / (4 * 989e12))
-  assert 'MFU  25.3%' in result.line(None, 'gpu')
+# Peak dense TFLOP/s per chip (bfloat16, float32), written from the vendor figures in
+# ../shared/reference/performance.md ("Peak dense throughput per chip"), keyed by the
+# `device_kind` jax reports for each chip. The TPUs list no float32 peak there ('-').
+VENDOR_PEAKS = {
+    'TPU v4': (275.0, None),
+    'TPU v5 lite': (197.0, None),  # TPU v5e.
+    'TPU v5': (459.0, None),  # TPU v5p.
+    'TPU v6 lite': (918.0, None),  # TPU v6e (Trillium).
+    # The reference's names for them.
+    'TPU v5e': (197.0, None),
+    'TPU v5p': (459.0, None),
+    'TPU v6e': (918.0, None),
+    'NVIDIA A100-SXM4-40GB': (312.0, 19.5),
+    'NVIDIA A100-SXM4-80GB': (312.0, 19.5),
+    'NVIDIA H100 80GB HBM3': (989.0, 67.0),  # H100 SXM.
+    'NVIDIA H200': (989.0, 67.0),
+    # Not in the table: no peak, so no MFU rather than a wrong one.
+    'cpu': (None, None),
+    'NVIDIA L4': (None, None),
+}
+
+
+@pytest.mark.parametrize('device_kind', VENDOR_PEAKS)
+def test_peak_tflops_are_the_vendor_figures(device_kind):
+  bf16, fp32 = VENDOR_PEAKS[device_kind]
+  assert common.peak_tflops(device_kind, 'bfloat16') == bf16
+  assert common.peak_tflops(device_kind, 'float32') == fp32
+
+
+def test_mfu_by_hand():
+  # 3e15 FLOP per step in 1.5 s on 4 H100s in bfloat16: 2000 TFLOP/s of 4 x 989 = 3956,
+  # MFU 2000 / 3956 = 0.50556.
+  peak = common.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16')
+  result = common.Result('x', 8, 1.5, flops=3e15, devices=4, peak_tflops=peak)
+  assert result.tflops == pytest.approx(2000.0)
+  assert result.mfu == pytest.approx(0.50556, abs=1e-5)
+  assert 'MFU  50.6%' in result.line(None, 'gpu')
+  # float32 on a TPU has no listed peak: said so rather than guessed.
+  peak = common.peak_tflops('TPU v5 lite', 'float32')
+  result = common.Result('x', 8, 1.5, flops=3e15, devices=4, peak_tflops=peak)
+  assert result.mfu is None and 'MFU n/a (peak unknown)' in result.line(None, 'tpu')
 
 
 def test_remat_and_scan_flags_show_in_the_result_name():
