@@ -1,7 +1,8 @@
 """`python -m convnext_jax.benchmark train|infer`: every field printed, and XLA's FLOP count of
 the training step about 3x the forward's, the forward's about twice the published
 multiply-adds (../shared/reference/convnext.md: convnext_atto 0.55 GMACs at 224).
-`benchmark compile`: every field printed and recorded."""
+`benchmark compile`: every field printed and recorded. The peak FLOP/s behind MFU: the vendor
+figures of ../shared/reference/performance.md. `--model`: a short help, one error line."""
 
 import argparse
 import contextlib
@@ -13,9 +14,11 @@ import re
 import jax
 import pytest
 
-from convnext_jax import benchmark
 from convnext_jax import models
-from convnext_jax import step_benchmark
+from convnext_jax.benchmark import cli
+from convnext_jax.benchmark import common
+from convnext_jax.benchmark import compilation
+from convnext_jax.benchmark import step
 
 SIZE, BATCH = 64, 16
 ATTO_GMACS_224 = 0.55
@@ -31,7 +34,7 @@ def runs(tmp_path_factory):
     path = root / f'{command}.json'
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-      benchmark.main(
+      cli.main(
           [
               command,
               '--model',
@@ -118,7 +121,7 @@ def test_scanned_steps_count_every_block(runs, tmp_path):
   unscanned program, so TFLOP/s and MFU do not drop to a fraction."""
   path = tmp_path / 'scan.json'
   with contextlib.redirect_stdout(io.StringIO()):
-    benchmark.main(
+    cli.main(
         [
             'infer',
             '--model',
@@ -144,24 +147,55 @@ def test_scanned_steps_count_every_block(runs, tmp_path):
   assert scanned['flops'] == pytest.approx(unscanned, rel=0.02), (scanned['flops'], unscanned)
 
 
-def test_peak_table_and_mfu():
-  assert step_benchmark.peak_tflops('NVIDIA H200', 'bfloat16') == 989.0
-  assert step_benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 67.0
-  assert step_benchmark.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
-  assert step_benchmark.peak_tflops('TPU v5p', 'bfloat16') == 459.0
-  assert step_benchmark.peak_tflops('cpu', 'float32') is None
-  # 2e15 FLOP in 2 s on 4 chips of 989 TFLOP/s: 1e15 / 3.956e15.
-  result = step_benchmark.Result('x', 8, 2.0, flops=2e15, devices=4, peak_tflops=989.0)
-  assert result.mfu == pytest.approx(1e15 / (4 * 989e12))
-  assert 'MFU  25.3%' in result.line(None, 'gpu')
+# Peak dense TFLOP/s per chip (bfloat16, float32), written from the vendor figures in
+# ../shared/reference/performance.md ("Peak dense throughput per chip"), keyed by the
+# `device_kind` jax reports for each chip. The TPUs list no float32 peak there ('-').
+VENDOR_PEAKS = {
+    'TPU v4': (275.0, None),
+    'TPU v5 lite': (197.0, None),  # TPU v5e.
+    'TPU v5': (459.0, None),  # TPU v5p.
+    'TPU v6 lite': (918.0, None),  # TPU v6e (Trillium).
+    # The reference's names for them.
+    'TPU v5e': (197.0, None),
+    'TPU v5p': (459.0, None),
+    'TPU v6e': (918.0, None),
+    'NVIDIA A100-SXM4-40GB': (312.0, 19.5),
+    'NVIDIA A100-SXM4-80GB': (312.0, 19.5),
+    'NVIDIA H100 80GB HBM3': (989.0, 67.0),  # H100 SXM.
+    'NVIDIA H200': (989.0, 67.0),
+    # Not in the table: no peak, so no MFU rather than a wrong one.
+    'cpu': (None, None),
+    'NVIDIA L4': (None, None),
+}
+
+
+@pytest.mark.parametrize('device_kind', VENDOR_PEAKS)
+def test_peak_tflops_are_the_vendor_figures(device_kind):
+  bf16, fp32 = VENDOR_PEAKS[device_kind]
+  assert common.peak_tflops(device_kind, 'bfloat16') == bf16
+  assert common.peak_tflops(device_kind, 'float32') == fp32
+
+
+def test_mfu_by_hand():
+  # 3e15 FLOP per step in 1.5 s on 4 H100s in bfloat16: 2000 TFLOP/s of 4 x 989 = 3956,
+  # MFU 2000 / 3956 = 0.50556.
+  peak = common.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16')
+  result = common.Result('x', 8, 1.5, flops=3e15, devices=4, peak_tflops=peak)
+  assert result.tflops == pytest.approx(2000.0)
+  assert result.mfu == pytest.approx(0.50556, abs=1e-5)
+  assert 'MFU  50.6%' in result.line(None, 'gpu')
+  # float32 on a TPU has no listed peak: said so rather than guessed.
+  peak = common.peak_tflops('TPU v5 lite', 'float32')
+  result = common.Result('x', 8, 1.5, flops=3e15, devices=4, peak_tflops=peak)
+  assert result.mfu is None and 'MFU n/a (peak unknown)' in result.line(None, 'tpu')
 
 
 def test_remat_and_scan_flags_show_in_the_result_name():
   parser = argparse.ArgumentParser()
-  step_benchmark.add_arguments(parser)
+  step.add_arguments(parser)
 
   def variant(*argv):
-    return step_benchmark._variant(parser.parse_args(argv))  # pylint: disable=protected-access
+    return step._variant(parser.parse_args(argv))  # pylint: disable=protected-access
 
   assert variant() == 'float32'
   assert variant('--remat') == 'float32, remat=full'
@@ -181,7 +215,7 @@ def test_compile_prints_and_records_every_field(tmp_path, monkeypatch):
   cache_on = jax.config.jax_enable_compilation_cache
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    benchmark.main(
+    cli.main(
         [
             'compile',
             '--model',
@@ -236,6 +270,48 @@ def test_compile_prints_and_records_every_field(tmp_path, monkeypatch):
   )
 
 
-def test_compile_refuses_unknown_models():
-  with pytest.raises(SystemExit, match="unknown model.*'convnext_atom'"):
-    benchmark.main(['compile', '--model', 'convnext_atto,convnext_atom'])
+@pytest.mark.parametrize('command', ['train', 'infer', 'compile', 'forward', 'convert'])
+def test_model_help_says_where_the_names_are_without_listing_them(capsys, command):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main([command, '--help'])
+  assert exit_info.value.code == 0
+  help_text = capsys.readouterr().out
+  assert 'convnext_jax.models.list_models(' in help_text
+  # Two examples, not the registry: argparse's `choices` printed all 54 names twice.
+  assert 'convnext_tiny or convnextv2_base' in help_text
+  for name in ('convnextv2_huge', 'convnext_isotropic_large', 'roadmap_r200_downsample'):
+    assert name not in help_text
+
+
+@pytest.mark.parametrize(
+    'argv, refused',
+    [
+        (['train', '--model', 'convnext_atom'], "'convnext_atom'"),
+        (['convert', '--model', 'convnext_atom'], "'convnext_atom'"),
+        # forward compares with transformers' ConvNeXt and compile with scan=True: the
+        # ConvNeXt zoo only, so a roadmap model is refused there.
+        (['forward', '--model', 'roadmap_r50_baseline'], "'roadmap_r50_baseline'"),
+        (['compile', '--model', 'convnext_atto,convnext_atom,x'], "'convnext_atom', 'x'"),
+    ],
+)
+def test_unknown_models_are_refused_in_one_line(capsys, argv, refused):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  assert exit_info.value.code == 2
+  command = argv[0]
+  zoo = command in ('forward', 'compile')
+  known = models.list_models('convnext*' if zoo else '*')
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f'python -m convnext_jax.benchmark {command}: error: argument --model: not a model '
+      f'this command takes: {refused}; choose from: {", ".join(known)}'
+  )
+
+
+def test_compile_takes_a_comma_separated_list():
+  parser = argparse.ArgumentParser()
+  compilation.add_arguments(parser)
+  assert parser.parse_args([]).model == ['convnext_xlarge']
+  assert parser.parse_args(['--model', 'convnext_atto, convnextv2_huge,']).model == [
+      'convnext_atto',
+      'convnextv2_huge',
+  ]

@@ -6,9 +6,10 @@ and the evaluation sets; `pipeline` builds the tf.data pipelines from the ops of
 the project's own datasets are in `convnext_jax.datasets`.
 
 This package module itself is TensorFlow-free and imports nothing (configs, the run and
-prediction use it), and so are `batch_ops`, `randaugment_spec`, `pil_preprocess` and
-`pil_reference`; `inputs`, `pipeline`, `image_ops`, `augment_ops` and `randaugment` import
-TensorFlow.
+prediction use it), and so are `batch_ops`, `randaugment_spec` and `pil_preprocess`;
+`inputs`, `pipeline`, `image_ops`, `augment_ops` and `randaugment` import TensorFlow. The
+Pillow statement of timm's training pipeline that `benchmark input` compares against is
+`convnext_jax.benchmark.pil_reference`.
 """
 
 import dataclasses

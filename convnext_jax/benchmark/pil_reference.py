@@ -1,4 +1,4 @@
-"""A reference for tests and the benchmark: timm's training pipeline on Pillow.
+"""A reference for `benchmark input`: timm's training pipeline on Pillow.
 
 Not used by training, evaluation or prediction. `train_transform` is what timm/torchvision
 run: RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment (timm's op definitions

@@ -1,14 +1,10 @@
-"""`benchmark train`, `benchmark infer` and `benchmark compile`: the trainer's own jitted step,
-and the forward pass, timed on synthetic device-resident batches on whatever backend jax has;
-and the compile time of forward+backward with and without the scan over blocks.
+"""`benchmark train` and `benchmark infer`: the trainer's own jitted step, and the forward
+pass, timed on synthetic device-resident batches on whatever backend jax has.
 
   python -m convnext_jax.benchmark train [--model convnext_tiny] [--batch 32] [--size 224]
       [--dtype float32|bfloat16] [--remat POLICY] [--scan] [--mesh -1,1,1] [--devices N]
       [--compare torch] [--json FILE]
   python -m convnext_jax.benchmark infer  (the same flags)
-  python -m convnext_jax.benchmark compile [--model convnext_xlarge[,convnextv2_huge,...]]
-      [--batch 1] [--size 224] [--dtype float32|bfloat16] [--remat POLICY]
-      [--depthwise-impl auto|conv|shift] [--json FILE]
 
 `train` times `train_step.make_train_step` as training builds it from the base recipe
 (AdamW, EMA, Mixup/CutMix, Random Erasing, label smoothing, drop path, the non-finite guard)
@@ -21,121 +17,33 @@ wall time of `--iters` steps after `--warmup`, each waited for with `block_until
 ratio to PyTorch eager when compared, compile seconds, TFLOP/s from XLA's cost analysis of the
 step as jax lowers it (before XLA's optimizations; per device, times the devices; with
 `--scan`, of the same step unscanned, since XLA counts a loop's body once), MFU against the
-device's peak dense FLOP/s (`PEAK_TFLOPS`; not meaningful on a CPU, said so), and memory: the
-device's peak bytes in use where the backend reports them, else XLA's plan for one device.
+device's peak dense FLOP/s (`common.PEAK_TFLOPS`; not meaningful on a CPU, said so), and
+memory: the device's peak bytes in use where the backend reports them, else XLA's plan for one
+device.
 
 `--compare torch` adds transformers' PyTorch ConvNeXt of the same size (no Mixup, EMA or
 drop path: its plain AdamW step), at the same batch, channels_last, bfloat16 through
 autocast when `--dtype bfloat16`, eager and, on a GPU, `torch.compile`; on a CPU eager only.
 
-`compile` lowers and compiles the gradient of the mean cross-entropy with respect to the
-params (train=True, drop path 0.1) on one device from abstract params and images
-(`jax.ShapeDtypeStruct`), so it needs no memory for weights: once unscanned and once with
-`scan=True`. One line per model: lowering and compile seconds of each, the ratio of their
-sums, and XLA's memory plan of each (the scanned one includes the stacked copy of each
-stage's params and gradients). The persistent compilation cache is off while it runs.
-
 No TensorFlow is imported: this runs on GPU machines that have none.
 """
 
-import dataclasses
-import json
 import time
 
 import jax
 import numpy as np
-import optax
 
 from convnext_jax import config_lib
 from convnext_jax import models
 from convnext_jax import optim
 from convnext_jax import sharding
 from convnext_jax import train_step
+from convnext_jax.benchmark import common
+from convnext_jax.benchmark.common import Result
+from convnext_jax.benchmark.common import time_calls
 from convnext_jax.data import batch_ops
 
-# Peak dense TFLOP/s of one chip: (substring of jax's `device_kind`, bfloat16, float32), the
-# vendors' figures as ../shared/reference/performance.md lists them; more specific names
-# first. float32 on a TPU runs through bf16 passes: no separate peak.
-PEAK_TFLOPS = (
-    ('TPU v4', 275.0, None),
-    ('TPU v5 lite', 197.0, None),
-    ('TPU v5e', 197.0, None),
-    ('TPU v5p', 459.0, None),
-    ('TPU v5', 459.0, None),
-    ('TPU v6 lite', 918.0, None),
-    ('TPU v6e', 918.0, None),
-    ('A100', 312.0, 19.5),
-    ('H100', 989.0, 67.0),
-    ('H200', 989.0, 67.0),
-)
 NUM_CLASSES = 1000
-
-
-def peak_tflops(device_kind: str, dtype: str) -> float | None:
-  """The chip's peak dense TFLOP/s for `dtype`, or None where unknown (CPUs among them)."""
-  for name, bf16, fp32 in PEAK_TFLOPS:
-    if name.lower() in device_kind.lower():
-      return bf16 if dtype == 'bfloat16' else fp32
-  return None
-
-
-@dataclasses.dataclass
-class Result:
-  """One timed configuration."""
-
-  name: str
-  batch: int
-  seconds: float  # Median per step.
-  compile_s: float | None = None
-  flops: float | None = None  # Per step, all devices together.
-  devices: int = 1
-  peak_tflops: float | None = None  # Per device.
-  memory: str = 'n/a'
-
-  @property
-  def images_per_s(self) -> float:
-    return self.batch / self.seconds
-
-  @property
-  def tflops(self) -> float | None:
-    return None if self.flops is None else self.flops / self.seconds / 1e12
-
-  @property
-  def mfu(self) -> float | None:
-    if self.tflops is None or not self.peak_tflops:
-      return None
-    return self.tflops / (self.peak_tflops * self.devices)
-
-  def line(self, torch_seconds: float | None, platform: str) -> str:
-    ratio = f'x{torch_seconds / self.seconds:5.2f} vs torch' if torch_seconds else (' ' * 15)
-    compile_s = f'{self.compile_s:6.1f} s' if self.compile_s is not None else '     n/a'
-    tflops = f'{self.tflops:8.3f}' if self.tflops is not None else '     n/a'
-    if self.mfu is not None:
-      mfu = f'{100 * self.mfu:5.1f}%'
-    else:
-      mfu = 'n/a (CPU: not meaningful)' if platform == 'cpu' else 'n/a (peak unknown)'
-    return (
-        f'  {self.name:42s} {self.images_per_s:8.1f} img/s  {self.seconds * 1e3:8.1f} '
-        f'ms/step  {ratio}  compile {compile_s}  {tflops} TFLOP/s  MFU {mfu}  '
-        f'memory {self.memory}'
-    )
-
-  def record(self) -> dict:
-    return dict(
-        dataclasses.asdict(self), images_per_s=self.images_per_s, tflops=self.tflops, mfu=self.mfu
-    )
-
-
-def time_calls(step, warmup: int, iters: int) -> float:
-  """Median wall seconds of `step()` (which must wait for its result) after `warmup` calls."""
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def _flops(lowered) -> float | None:
@@ -153,7 +61,7 @@ def _memory(compiled) -> str:
   stats = jax.local_devices()[0].memory_stats()
   if stats and 'peak_bytes_in_use' in stats:
     return f'{stats["peak_bytes_in_use"] / 2**30:.2f} GiB peak/device'
-  planned = _planned_mib(compiled)
+  planned = common.planned_mib(compiled)
   return 'n/a' if planned is None else f'{planned:.0f} MiB/device (XLA plan)'
 
 
@@ -373,7 +281,7 @@ def run(args, training: bool, versions: str) -> list[Result]:
   devices = jax.local_devices()[: args.devices] if args.devices else None
   mesh = sharding.make_mesh(args.mesh, devices)
   device = jax.local_devices()[0]
-  peak = peak_tflops(device.device_kind, args.dtype)
+  peak = common.peak_tflops(device.device_kind, args.dtype)
   what = 'training step' if training else 'forward'
   print(versions)
   print(
@@ -395,29 +303,16 @@ def run(args, training: bool, versions: str) -> list[Result]:
         'size': args.size,
         'dtype': args.dtype,
     }
-    _write_json(args.json, header, device, versions, results)
+    common.write_json(args.json, header, device, versions, results)
   return results
 
 
-def _write_json(path: str, header: dict, device, versions: str, results) -> None:
-  """Writes a run's `--json` record: `header` (the settings), the device kind, the versions
-  and each result's record."""
-  record = dict(
-      header,
-      device_kind=device.device_kind,
-      versions=versions,
-      results=[r.record() for r in results],
-  )
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(record, f, indent=2)
-
-
 def add_arguments(parser) -> None:
-  parser.add_argument('--model', default='convnext_tiny', choices=models.list_models())
+  common.add_model_argument(parser, 'convnext_tiny')
   parser.add_argument('--batch', type=int, default=32, help='global batch (all devices)')
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
-  _add_remat_argument(parser)
+  common.add_remat_argument(parser)
   parser.add_argument(
       '--scan', action='store_true', help="one lax.scan over each stage's blocks (same params)"
   )
@@ -433,175 +328,4 @@ def add_arguments(parser) -> None:
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--compare', choices=('torch',), help='also time PyTorch')
-  parser.add_argument('--json', metavar='FILE', help='write the results as JSON')
-
-
-def _add_remat_argument(parser) -> None:
-  parser.add_argument(
-      '--remat',
-      nargs='?',
-      const='full',
-      default='',
-      metavar='POLICY',
-      choices=('',) + models.REMAT_POLICIES,
-      help="rematerialise each block: 'full' (the default of --remat alone) or "
-      f'a jax.checkpoint_policies name: {", ".join(models.REMAT_POLICIES[1:])}',
-  )
-
-
-# ---------------------------------------------------------------------------------------
-# benchmark compile
-
-COMPILE_DROP_PATH_RATE = 0.1
-
-
-@dataclasses.dataclass
-class CompileResult:
-  """Seconds to lower and compile one model's forward+backward, unscanned and scanned."""
-
-  model: str
-  lower_s: float
-  compile_s: float
-  memory_mib: float | None
-  scan_lower_s: float
-  scan_compile_s: float
-  scan_memory_mib: float | None
-
-  @property
-  def ratio(self) -> float:
-    """(lower + compile) unscanned over scanned: how many times faster scan compiles."""
-    return (self.lower_s + self.compile_s) / (self.scan_lower_s + self.scan_compile_s)
-
-  def line(self) -> str:
-    def memory(mib):
-      return 'n/a' if mib is None else f'{mib:.0f} MiB'
-
-    return (
-        f'  {self.model:26s} lower {self.lower_s:7.2f} s  compile {self.compile_s:7.2f} s'
-        f'  | scan: lower {self.scan_lower_s:7.2f} s  compile {self.scan_compile_s:7.2f} s'
-        f'  | unscanned/scan x{self.ratio:6.2f}  | XLA plan {memory(self.memory_mib)}, '
-        f'scan {memory(self.scan_memory_mib)}'
-    )
-
-  def record(self) -> dict:
-    return dict(dataclasses.asdict(self), ratio=self.ratio)
-
-
-def _planned_mib(compiled) -> float | None:
-  plan = compiled.memory_analysis()
-  if plan is None:
-    return None
-  return (
-      plan.argument_size_in_bytes
-      + plan.output_size_in_bytes
-      + plan.temp_size_in_bytes
-      - plan.alias_size_in_bytes
-  ) / 2**20
-
-
-def compile_seconds(
-    model_name: str,
-    batch: int,
-    size: int,
-    dtype: str,
-    scan: bool,
-    remat: str = '',
-    depthwise_impl: str = 'auto',
-) -> tuple[float, float, float | None]:
-  """(lowering s, compile s, XLA's planned MiB) of the params' gradient, from shapes only.
-
-  The loss is the mean cross-entropy of the logits, train=True with drop path
-  `COMPILE_DROP_PATH_RATE`; params, images and labels are `jax.ShapeDtypeStruct`s.
-  """
-  model = models.create_model(
-      model_name,
-      dtype=train_step.DTYPES[dtype],
-      remat=remat,
-      scan=scan,
-      drop_path_rate=COMPILE_DROP_PATH_RATE,
-      depthwise_impl=depthwise_impl,
-  )
-  params = models.param_shapes(model, size)
-  images = jax.ShapeDtypeStruct((batch, size, size, 3), np.float32)
-  labels = jax.ShapeDtypeStruct((batch,), np.int32)
-
-  # A new function per call: nothing is reused from an earlier trace.
-  def loss(params, images, labels, key):
-    logits = model.apply({'params': params}, images, train=True, rngs={'drop_path': key})
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  grad = jax.jit(jax.grad(loss), compiler_options=models.compiler_options(training=True))
-  start = time.perf_counter()
-  lowered = grad.lower(params, images, labels, jax.random.key(0))
-  lowered_at = time.perf_counter()
-  compiled = lowered.compile()
-  done = time.perf_counter()
-  return lowered_at - start, done - lowered_at, _planned_mib(compiled)
-
-
-def run_compile(args, versions: str) -> list[CompileResult]:
-  """Prints `versions`, a header and one `CompileResult.line()` per model of `args.model`."""
-  names = [n.strip() for n in args.model.split(',') if n.strip()]
-  known = models.list_models('convnext*')  # Scan vs no scan: the roadmap's have no scan.
-  unknown = [n for n in names if n not in known]
-  if unknown or not names:
-    raise SystemExit(
-        f'benchmark compile: unknown model(s) {unknown or args.model!r}; known: '
-        f'{", ".join(known)}'
-    )
-  device = jax.local_devices()[0]
-  print(versions)
-  remat = f', remat={args.remat}' if args.remat else ''
-  impl = '' if args.depthwise_impl == 'auto' else f', depthwise {args.depthwise_impl}'
-  print(
-      f'forward+backward compile from abstract params (grad of mean cross-entropy, '
-      f'train=True, drop path {COMPILE_DROP_PATH_RATE}), batch {args.batch}, '
-      f'{args.size}x{args.size}, {args.dtype}{remat}{impl}; {device.device_kind}; '
-      'unscanned, then scan=True',
-      flush=True,
-  )
-  # Compile times must not be cache hits of an earlier run.
-  cache_was_on = jax.config.jax_enable_compilation_cache
-  jax.config.update('jax_enable_compilation_cache', False)
-  results = []
-  try:
-    for name in names:
-      timings = [
-          compile_seconds(
-              name, args.batch, args.size, args.dtype, scan, args.remat, args.depthwise_impl
-          )
-          for scan in (False, True)
-      ]
-      results.append(CompileResult(name, *timings[0], *timings[1]))
-      print(results[-1].line(), flush=True)
-  finally:
-    jax.config.update('jax_enable_compilation_cache', cache_was_on)
-  if args.json:
-    header = {
-        'command': 'compile',
-        'batch': args.batch,
-        'size': args.size,
-        'dtype': args.dtype,
-        'remat': args.remat,
-        'depthwise_impl': args.depthwise_impl,
-        'drop_path_rate': COMPILE_DROP_PATH_RATE,
-    }
-    _write_json(args.json, header, device, versions, results)
-  return results
-
-
-def add_compile_arguments(parser) -> None:
-  parser.add_argument(
-      '--model', default='convnext_xlarge', help='one or more registered models, comma-separated'
-  )
-  parser.add_argument('--batch', type=int, default=1)
-  parser.add_argument('--size', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
-  _add_remat_argument(parser)
-  parser.add_argument(
-      '--depthwise-impl',
-      default='auto',
-      choices=('auto', 'conv', 'shift'),
-      help="the models' depthwise_impl ('auto': the backend's fast form)",
-  )
   parser.add_argument('--json', metavar='FILE', help='write the results as JSON')
