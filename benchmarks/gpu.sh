@@ -10,15 +10,16 @@
 #
 # Needs jax with CUDA (or on a TPU VM: jax[tpu], without the PyTorch rows' torch.compile),
 # torch and transformers, and this package's pure-Python dependencies (flax, optax,
-# ml-collections, clu, etils); TensorFlow is not needed. Writes OUT_DIR/<run>.txt (what was
+# ml-collections, clu, etils, tensorflow-datasets, which the config checks use to know dataset
+# names); TensorFlow is not needed. Writes OUT_DIR/<run>.txt (what was
 # printed) and OUT_DIR/<run>.json (every field).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmark_results}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! python -c 'import ml_collections, clu, transformers, torch' 2>/dev/null; then
-  echo "gpu.sh: error: install ml-collections, clu, transformers and torch first" >&2
+if ! python -c 'import ml_collections, clu, tensorflow_datasets, transformers, torch' 2>/dev/null; then
+  echo "gpu.sh: error: install ml-collections, clu, tensorflow-datasets, transformers and torch first" >&2
   exit 1
 fi
 

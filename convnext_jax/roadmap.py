@@ -28,7 +28,6 @@ the same command resumes it.
 
 import dataclasses
 import functools
-import importlib.util
 import io
 import json
 import os
@@ -51,10 +50,9 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from convnext_jax import checkpoints
-from convnext_jax import config_check
 from convnext_jax import config_lib
+from convnext_jax import configs
 from convnext_jax import console
-from convnext_jax import datasets
 from convnext_jax import fileio
 
 # Imported first: it sets TensorFlow's log level, loads TensorFlow without its start-up
@@ -62,15 +60,15 @@ from convnext_jax import fileio
 from convnext_jax import main as cli
 from convnext_jax import models
 from convnext_jax import multihost
+from convnext_jax import run as run_lib
 from convnext_jax import train
-from convnext_jax import train_step
+from convnext_jax import validation
+from convnext_jax.data import inputs as inputs_lib
 from convnext_jax.models import roadmap
 
 PROG = 'convnext_jax.roadmap'
 USAGE = 'python -m convnext_jax.roadmap --workdir DIR [--track r50|r200] [--steps a,b,...] [--mini]'
-DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'roadmap.py'
-)
+DEFAULT_CONFIG = 'roadmap'  # The shipped configs/roadmap.py (`configs.find`).
 RESULT_FILE = 'roadmap_result.json'
 TABLE_FILE = 'roadmap.md'
 CHART_FILE = 'roadmap.png'
@@ -140,8 +138,8 @@ def step_configs(
     track, steps, mini: what the study trains.
 
   Raises:
-    ValueError (config_check.ConfigError among them): an argument or override the study
-      cannot take, or a step's config that does not pass `config_check.check`.
+    ValueError: an argument or override the study cannot take, or a config file that does
+      not load.
   """
   path, _, arg = config_argument.partition(':')
   user_args = [part.strip() for part in arg.split(',') if part.strip()]
@@ -157,22 +155,14 @@ def step_configs(
     )
   if mini and 'mini' not in user_args:
     user_args.append('mini')
-  get_config = _config_module(path).get_config
-  configs = {}
+  out = {}
   for step in steps:
-    config = get_config(','.join([f'track={track}', f'step={step.name}', *user_args]))
+    args = ','.join([f'track={track}', f'step={step.name}', *user_args])
+    config = configs.load(f'{path}:{args}')
     for key, value in overrides.items():
       config_path.set_value(key, config, value)
-    config_check.check(config)
-    configs[step.name] = config
-  return configs
-
-
-def _config_module(path: str):
-  spec = importlib.util.spec_from_file_location('roadmap_study_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+    out[step.name] = config
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,14 +208,13 @@ def run_step(
       f'{position} {step.name} ({step.title}): '
       f'{"resuming" if before else "training"} {config.model.name} in {workdir}'
   )
-  logging.info('config: %s', cli.summary(config))
-  logging.info('config:\n%s', config, extra=console.DETAIL)
   start = time.perf_counter()
   with fileio.quiet_disk_full_echoes():
     last_eval = train.train_and_evaluate(config, workdir)
   wall_s = time.perf_counter() - start
-  num_train, num_classes = _dataset_facts(config)
-  total = train.schedule_steps(config, num_train).total_steps
+  facts = inputs_lib.Inputs(config).facts
+  num_classes = config.model.num_classes if config.model.num_classes > 0 else facts.num_classes
+  total = run_lib.schedule(config, facts.num_train_examples).total_steps
   saved = checkpoints.workdir_steps(workdir)
   if not saved or saved[-1] < total:
     _say(
@@ -277,18 +266,6 @@ def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def _dataset_facts(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(training examples, classes) of the configured dataset, from its prepared tfds info."""
-  cd = config.dataset
-  info = datasets.builder(cd.name, data_dir=cd.data_dir or None, **cd.builder_kwargs).info
-  num_classes = (
-      config.model.num_classes
-      if config.model.num_classes >= 0
-      else info.features[cd.label_key].num_classes
-  )
-  return info.splits[cd.train_split].num_examples, num_classes
-
-
 def _measure(
     study: Study,
     step: roadmap.Step,
@@ -298,7 +275,7 @@ def _measure(
     workdir: str,
 ) -> dict[str, Any]:
   """A finished step's result: accuracy, throughput, size and multiply-adds, the paper's."""
-  model = train_step.create_model(config, num_classes)
+  model = run_lib.model_from_config(config, num_classes)
   size = config.input.image_size
   evaluation = config.dataset.name.split('/')[0]
   if config.dataset.extra_eval:  # The trainer's name for the main set among several.
@@ -539,7 +516,7 @@ def main(argv):
     preset = 'mini'
   try:
     steps = select_steps(FLAGS.track, FLAGS.steps)
-    configs = step_configs(
+    configs_by_step = step_configs(
         config_argument,
         config_flags.get_override_values(FLAGS['config']),
         FLAGS.track,
@@ -550,9 +527,11 @@ def main(argv):
     return report(e, 2)
   cli.initialize_distributed()
   try:
-    for config in configs.values():
-      config_check.check_mesh(config)
-  except config_check.ConfigError as e:
+    # Every step's config, before any trains (each step's trainer checks its own again):
+    # a mistake in the last step must not wait for the others to be trained.
+    for config in configs_by_step.values():
+      validation.check(config, validation.make_mesh(config))
+  except validation.ConfigError as e:
     return report(e, 2)
   study = Study(FLAGS.track, FLAGS.workdir, preset)
   epath.Path(study.workdir).mkdir(parents=True, exist_ok=True)
@@ -562,7 +541,7 @@ def main(argv):
   )
   for i, step in enumerate(steps, start=1):
     try:
-      finished = run_step(study, step, configs[step.name], f'[{i}/{len(steps)}]')
+      finished = run_step(study, step, configs_by_step[step.name], f'[{i}/{len(steps)}]')
     except train.RUN_ERRORS as e:
       return report(f'step {step.name}: {e}', 1)
     if not finished:

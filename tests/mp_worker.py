@@ -38,10 +38,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from convnext_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from convnext_jax import evaluate
-from convnext_jax import input_pipeline
 from convnext_jax import main as main_lib
+from convnext_jax import run as run_lib
 from convnext_jax import sharding
 from convnext_jax import train
+from convnext_jax import validation
+from convnext_jax.data import inputs as inputs_lib
 from convnext_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -136,7 +138,7 @@ def _train(fed) -> None:
           config, run.get('workdir') or os.path.join(FLAGS.workdir, run['name'])
       )
       outcome = {'outcome': 'trained', 'eval': result}
-    except ValueError as e:
+    except validation.ConfigError as e:
       if 'mesh' not in str(e):
         raise
       outcome = {'outcome': 'refused', 'error': str(e)}
@@ -155,8 +157,8 @@ def _count_eval() -> None:
   config = FLAGS.config
   mesh = sharding.make_mesh(config.mesh)
   feed = sharding.batch_feed(mesh)
-  inputs = input_pipeline.Inputs(config)
-  n = inputs.num_classes
+  inputs = inputs_lib.Inputs(config)
+  n = inputs.facts.num_classes
 
   @flax.struct.dataclass
   class Count(metrics.Metric):
@@ -186,7 +188,8 @@ def _count_eval() -> None:
     return {'seen': collection.single_from_model_output(label=batch['label'], mask=batch['mask'])}
 
   eval_step = jax.jit(step, out_shardings=sharding.replicated(mesh))
-  for ev in inputs.evaluators(feed, train._eval_batch(config, sharding.data_parallel_size(mesh))):
+  sizes = run_lib.batches(config, feed, sharding.data_parallel_size(mesh))
+  for ev in inputs.evaluators(feed, sizes.eval_global, run_lib.eval_input(config)):
     values, skipped = evaluate.evaluate(
         eval_step, {}, ev.dataset, ev.num_batches, feed, ev.num_examples
     )

@@ -29,10 +29,10 @@ from PIL import Image
 import pytest
 
 from convnext_jax import checkpoints
-from convnext_jax import input_pipeline
+from convnext_jax import run
 from convnext_jax import train
-from convnext_jax import train_step
 from convnext_jax import workdir_lock
+from convnext_jax.data import inputs as inputs_lib
 
 CONFIG = 'tests/mp_config.py'
 TIMEOUT = 600  # Seconds per launch before it counts as hung: they take 20-150 s on 2 cores.
@@ -91,7 +91,7 @@ def two_processes(shapes_dir, tmp_path_factory):
   at lr 0, so that their one step keeps the parameters as loaded."""
   root = tmp_path_factory.mktemp('two_processes')
   config = mp_config.get_config()
-  converted = helpers.random_params(train_step.create_model(config, 1000))
+  converted = helpers.random_params(run.model_from_config(config, 1000))
   checkpoints.save_params(
       str(root / 'converted'), converted, {'model_name': 'convnext_atto', 'num_classes': 1000}
   )
@@ -166,7 +166,7 @@ def test_two_processes_end_as_one_does_fed_the_same_global_batches(
   config = mp_config.get_config()
   config.dataset.data_dir = shapes_dir
   monkeypatch.setattr(
-      input_pipeline.Inputs,
+      inputs_lib.Inputs,
       'train_iterator',
       lambda self, feed, start: _Replay(global_batches, feed),
   )

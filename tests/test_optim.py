@@ -13,7 +13,7 @@ import torch
 from convnext_jax import config_lib
 from convnext_jax import models
 from convnext_jax import optim
-from convnext_jax import train
+from convnext_jax import run
 from convnext_jax import trees
 
 
@@ -137,13 +137,13 @@ def test_lr_schedule_matches_hand_computation():
 
 def test_schedule_steps_from_epochs():
   c = config_lib.base()  # 300 epochs, 20 warmup, batch 4096.
-  sched = train.schedule_steps(c, 1_281_167)
+  sched = run.schedule(c, 1_281_167)
   assert sched.steps_per_epoch == 312
   assert sched.total_steps == 300 * 312
   assert sched.warmup_steps == 20 * 312
   assert sched.eval_every == 312
   c.num_steps, c.optim.warmup_steps, c.eval_every_steps = 1000, 10, 250
-  assert train.schedule_steps(c, 1_281_167) == train.Schedule(312, 1000, 10, 250)
+  assert run.schedule(c, 1_281_167) == run.Schedule(312, 1000, 10, 250)
 
 
 def test_adamw_with_layer_decay_equals_pytorch_param_groups():

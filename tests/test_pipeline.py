@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from convnext_jax import classification
 from convnext_jax import data as data_lib
 from convnext_jax import evaluate
 from convnext_jax import sharding
@@ -391,7 +392,8 @@ def test_hosts_read_disjoint_examples(numbered, shard_count):
 
 
 class _ConstantModel:
-  """Stands in for a ConvNeXt in `evaluate.make_eval_step`: the same logits for every image."""
+  """Stands in for a ConvNeXt in the classification eval step: the same logits for every
+  image."""
 
   def apply(self, variables, images, train):
     del train
@@ -407,7 +409,10 @@ def test_evaluate_averages_over_real_examples_only(numbered):
   )
   assert num_batches == 3
   feed = sharding.batch_feed(sharding.make_mesh((-1, 1, 1)))
-  step = jax.jit(evaluate.make_eval_step(_ConstantModel(), jnp.float32))
+  objective = classification.Classification(
+      _ConstantModel(), 5, jnp.float32, classification.Augmentation(), data_parallel_size=1
+  )
+  step = jax.jit(objective.eval_step)
   # Classes ranked 0 > 4 > 3 > 1 > 2: top-5 is everything; 'other' never ranks 0 first.
   params = {
       'constant': jnp.array([5.0, 2.0, 1.0, 3.0, 4.0]),

@@ -19,7 +19,6 @@ import threading
 import jax
 import mp_config
 import numpy as np
-import optax
 import pytest
 from safetensors.numpy import save_file
 from tensorboard.backend.event_processing import event_accumulator
@@ -30,10 +29,11 @@ from convnext_jax import config_lib
 from convnext_jax import console
 from convnext_jax import convert
 from convnext_jax import optim
+from convnext_jax import run
 from convnext_jax import sharding
 from convnext_jax import train
-from convnext_jax import train_step
 from convnext_jax.convert import cli
+from convnext_jax.data import DatasetFacts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_STEPS = 150
@@ -128,10 +128,7 @@ def test_console_shows_progress_and_results_not_library_chatter(demo_run):
     found = [m for m in messages if re.fullmatch(pattern, m)]
     assert len(found) == 1, (pattern, console)
 
-  one(
-      r'config \S+demo.py: convnext_atto \(float32\) on convnext_shapes at 32 px, batch 64, '
-      r'150 steps, .*'
-  )
+  one(r'config: convnext_atto \(float32\) on convnext_shapes at 32 px, batch 64, 150 steps, .*')
   one(
       r'first batch in \d+ s; compiling the train step \(convnext_atto, batch 64 at 32 px, '
       r'mesh .*\) \.\.\.'
@@ -232,7 +229,7 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   # The merge itself: backbone exact, head new and small.
   config = _demo_config()
   config.model.head_init_scale = 0.001
-  model = train_step.create_model(config, 10)
+  model = run.model_from_config(config, 10)
   fresh = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
   merged, report, _ = checkpoints.load_params_into(str(ckpt), fresh['params'])
   assert report['reinitialized'] == [
@@ -361,7 +358,7 @@ def test_throughput_and_eta_leave_out_evaluation(monkeypatch):
   the window, batch 32, 100 steps with an evaluation every 50."""
   now = [1000.0]
   monkeypatch.setattr(train.time, 'perf_counter', lambda: now[0])
-  progress = train._Progress(train.Schedule(10, 100, 0, 50), 32)
+  progress = train._Progress(run.Schedule(10, 100, 0, 50), 32)
   for step in range(1, 11):
     now[0] += 0.5
     progress.steps += 1
@@ -394,10 +391,13 @@ def test_the_training_randomness_comes_from_the_seed_it_is_given():
   config.model.overrides.depths = (1, 1, 1, 1)
   config.model.overrides.dims = (8, 16, 32, 64)
   config.seed = 3
-  model = train_step.create_model(config, 10)
-  optimizer = optax.sgd(0.1)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  state, _, _ = train_step.create_train_state(config, model, optimizer, mesh, 32, False)
+  config.input.image_size = 32
+  config.mesh = (1, 1, 1)
+  r = run.Run.build(
+      config, DatasetFacts(1000, 10), sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  )
+  state = r.init_state()
+  model = r.model
   # Jitted, as the state's init is: eager and compiled truncated normals differ in the last bit.
   init = jax.jit(model.init)
   expected = init(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))['params']

@@ -205,3 +205,13 @@ def add_remat_argument(parser) -> None:
       help="rematerialise each block: 'full' (--remat alone) or a jax.checkpoint_policies "
       'name such as dots_saveable (all: convnext_jax.models.REMAT_POLICIES)',
   )
+
+
+def add_depthwise_argument(parser) -> None:
+  """Adds `--depthwise-impl auto|conv|shift`: the models' `depthwise_impl`."""
+  parser.add_argument(
+      '--depthwise-impl',
+      default='auto',
+      choices=('auto', 'conv', 'shift'),
+      help="the depthwise convolution's form ('auto': the backend's fast one)",
+  )

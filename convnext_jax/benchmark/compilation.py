@@ -19,11 +19,12 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
+from convnext_jax import config_lib
 from convnext_jax import models
-from convnext_jax import train_step
 from convnext_jax.benchmark import common
 
 COMPILE_DROP_PATH_RATE = 0.1
@@ -77,7 +78,7 @@ def compile_seconds(
   """
   model = models.create_model(
       model_name,
-      dtype=train_step.DTYPES[dtype],
+      dtype=jnp.dtype(dtype),
       remat=remat,
       scan=scan,
       drop_path_rate=COMPILE_DROP_PATH_RATE,
@@ -150,12 +151,7 @@ def add_arguments(parser) -> None:
   common.add_model_argument(parser, 'convnext_xlarge', 'convnext*', several=True)
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--size', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
+  parser.add_argument('--dtype', default='float32', choices=config_lib.COMPUTE_DTYPES)
   common.add_remat_argument(parser)
-  parser.add_argument(
-      '--depthwise-impl',
-      default='auto',
-      choices=('auto', 'conv', 'shift'),
-      help="the models' depthwise_impl ('auto': the backend's fast form)",
-  )
+  common.add_depthwise_argument(parser)
   parser.add_argument('--json', metavar='FILE', help='write the results as JSON')

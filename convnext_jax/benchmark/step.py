@@ -6,12 +6,14 @@ pass, timed on synthetic device-resident batches on whatever backend jax has.
       [--compare torch] [--json FILE]
   python -m convnext_jax.benchmark infer  (the same flags)
 
-`train` times `train_step.make_train_step` as training builds it from the base recipe
-(AdamW, EMA, Mixup/CutMix, Random Erasing, label smoothing, drop path, the non-finite guard)
-over every local device (or the first `--devices`, laid out by `--mesh`); `infer` the
-jitted forward of evaluation. `--remat POLICY` rematerialises each block ('full', or a
+Both build the trainer's own `run.Run` from the base recipe's config (AdamW, EMA,
+Mixup/CutMix, Random Erasing, label smoothing, drop path, the non-finite guard) with the
+flags' model, batch, size, dtype and mesh, over every local device (or the first `--devices`,
+laid out by `--mesh`): `train` times its jitted train step, `infer` its jitted eval step (the
+forward pass of evaluation). `--remat POLICY` rematerialises each block ('full', or a
 `jax.checkpoint_policies` name such as 'dots_saveable'; `--remat` alone is 'full'), `--scan`
-runs each stage's blocks as one `lax.scan`; both show in the result's name. Each prints, per
+runs each stage's blocks as one `lax.scan`, `--depthwise-impl conv|shift` forces a depthwise
+convolution form (default: the backend's); each shows in the result's name. Each prints, per
 configuration, one line in the format of `benchmark forward`: img/s and ms per step (median
 wall time of `--iters` steps after `--warmup`, each waited for with `block_until_ready`), the
 ratio to PyTorch eager when compared, compile seconds, TFLOP/s from XLA's cost analysis of the
@@ -35,13 +37,14 @@ import numpy as np
 
 from convnext_jax import config_lib
 from convnext_jax import models
-from convnext_jax import optim
+from convnext_jax import run as run_lib
 from convnext_jax import sharding
 from convnext_jax import train_step
+from convnext_jax import validation
 from convnext_jax.benchmark import common
 from convnext_jax.benchmark.common import Result
 from convnext_jax.benchmark.common import time_calls
-from convnext_jax.data import batch_ops
+from convnext_jax.data import DatasetFacts
 
 NUM_CLASSES = 1000
 
@@ -65,18 +68,55 @@ def _memory(compiled) -> str:
   return 'n/a' if planned is None else f'{planned:.0f} MiB/device (XLA plan)'
 
 
+# The schedule the timed steps run in: 1000 steps of which 10 warm up (the lr varies, as in
+# training; what it is does not change the step's cost).
+NUM_STEPS = 1000
+WARMUP_STEPS = 10
+
+
 def _config(args, scan: bool | None = None):
-  """The base config with `args`' model, batch and mesh; `scan` overrides `args.scan`."""
+  """The base config with `args`' model, batch, size, dtype and mesh; `scan` overrides
+  `args.scan`."""
   config = config_lib.base()
   config.model.name = args.model
   config.model.dtype = args.dtype
   config.model.remat = args.remat
   config.model.scan = args.scan if scan is None else scan
   config.model.num_classes = NUM_CLASSES
+  if args.depthwise_impl != 'auto':
+    config.model.overrides.depthwise_impl = args.depthwise_impl
   config.global_batch_size = args.batch
   config.input.image_size = args.size
+  config.num_steps = NUM_STEPS
+  config.optim.warmup_steps = WARMUP_STEPS
   config.mesh = tuple(args.mesh)
   return config
+
+
+def _build(args, mesh, scan: bool | None = None) -> run_lib.Run:
+  """The trainer's run of `_config(args, scan)` on `mesh`.
+
+  Raises:
+    SystemExit: the config fails a check (e.g. a batch the mesh cannot split), one line.
+  """
+  try:
+    return run_lib.Run.build(
+        _config(args, scan), DatasetFacts(NUM_STEPS * args.batch, NUM_CLASSES), mesh
+    )
+  except validation.ConfigError as e:
+    raise SystemExit(f'benchmark: {e}') from None
+
+
+def _batch(r: run_lib.Run, args, training: bool):
+  """A synthetic global batch as the input pipeline delivers it, on the run's sharding."""
+  rng = np.random.default_rng(0)
+  batch = {
+      'image': rng.integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8),
+      'label': rng.integers(0, NUM_CLASSES, (args.batch,), np.int32),
+  }
+  if not training:
+    batch['mask'] = np.ones((args.batch,), np.float32)
+  return jax.device_put(batch, r.batch_sharding)
 
 
 def _variant(args) -> str:
@@ -86,6 +126,8 @@ def _variant(args) -> str:
     parts.append(f'remat={args.remat}')
   if args.scan:
     parts.append('scan')
+  if args.depthwise_impl != 'auto':
+    parts.append(f'depthwise {args.depthwise_impl}')
   return ', '.join(parts)
 
 
@@ -104,52 +146,15 @@ def _jax_result(kind, args, mesh, peak, seconds, compile_s, flops, compiled) -> 
 
 
 def _jax_train(args, mesh, peak) -> Result:
-  config = _config(args)
-  num_shards = sharding.data_parallel_size(mesh)
-  model = train_step.create_model(config, NUM_CLASSES, num_shards)
-  lr_fn = optim.lr_schedule(config.optim.lr, config.optim.min_lr, 10, 1000)
-  optimizer = optim.make_optimizer(
-      lr_fn,
-      models.param_shapes(model, args.size),
-      train_step.model_spec(config),
-      weight_decay=config.optim.weight_decay,
-      layer_decay=config.optim.layer_decay,
-      layer_decay_scheme=config.optim.layer_decay_scheme,
-  )
-  state, shardings, _ = train_step.create_train_state(
-      config, model, optimizer, mesh, args.size, use_ema=True
-  )
-  batch_sharding = sharding.batch_sharding(mesh)
-  rng = np.random.default_rng(0)
-  batch = jax.device_put(
-      {
-          'image': rng.integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8),
-          'label': rng.integers(0, NUM_CLASSES, (args.batch,), np.int32),
-      },
-      batch_sharding,
-  )
-
-  def jitted(config):
-    return jax.jit(
-        train_step.make_train_step(
-            train_step.create_model(config, NUM_CLASSES, num_shards),
-            optimizer,
-            lr_fn,
-            config,
-            NUM_CLASSES,
-            num_shards,
-        ),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, None, None),
-        donate_argnums=(0,),
-        compiler_options=models.compiler_options(training=True),
-    )
-
+  r = _build(args, mesh)
+  state = r.init_state()
+  batch = _batch(r, args, training=True)
   start = time.perf_counter()
-  lowered = jitted(config).lower(state, batch)
+  lowered = r.train_step.lower(state, batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(jitted(_config(args, scan=False)).lower(state, batch) if args.scan else lowered)
+  if args.scan:
+    lowered = _build(args, mesh, scan=False).train_step.lower(state, batch)
 
   def step():
     nonlocal state
@@ -157,46 +162,24 @@ def _jax_train(args, mesh, peak) -> Result:
     jax.block_until_ready(state)
 
   seconds = time_calls(step, args.warmup, args.iters)
-  return _jax_result('train', args, mesh, peak, seconds, compile_s, flops, compiled)
+  return _jax_result('train', args, mesh, peak, seconds, compile_s, _flops(lowered), compiled)
 
 
 def _jax_infer(args, mesh, peak) -> Result:
-  config = _config(args)
-  model = train_step.create_model(config, NUM_CLASSES)
-  dtype = train_step.DTYPES[args.dtype]
-  # All the variables: a BatchNorm model's forward reads its running averages too.
-  variables = jax.jit(
-      lambda key: model.init(key, np.zeros((1, args.size, args.size, 3), np.float32)),
-      out_shardings=sharding.replicated(mesh),
-  )(jax.random.key(0))
-  batch_sharding = sharding.batch_sharding(mesh)
-  images = jax.device_put(
-      np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8),
-      batch_sharding,
-  )
-
-  def jitted(model):
-    return jax.jit(
-        lambda v, x: model.apply(v, batch_ops.normalize(x, dtype=dtype), train=False),
-        in_shardings=(sharding.replicated(mesh), batch_sharding),
-        compiler_options=models.compiler_options(),
-    )
-
+  r = _build(args, mesh)
+  state = r.init_state()
+  params = {'raw': state[train_step.PARAMS]}
+  # A BatchNorm model's forward reads its running averages too.
+  stats = state.get(train_step.BATCH_STATS)
+  inputs = (params, _batch(r, args, training=False), stats)
   start = time.perf_counter()
-  lowered = jitted(model).lower(variables, images)
+  lowered = r.eval_step.lower(*inputs)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(
-      jitted(train_step.create_model(_config(args, scan=False), NUM_CLASSES)).lower(
-          variables, images
-      )
-      if args.scan
-      else lowered
-  )
-  seconds = time_calls(
-      lambda: jax.block_until_ready(compiled(variables, images)), args.warmup, args.iters
-  )
-  return _jax_result('infer', args, mesh, peak, seconds, compile_s, flops, compiled)
+  if args.scan:
+    lowered = _build(args, mesh, scan=False).eval_step.lower(*inputs)
+  seconds = time_calls(lambda: jax.block_until_ready(compiled(*inputs)), args.warmup, args.iters)
+  return _jax_result('infer', args, mesh, peak, seconds, compile_s, _flops(lowered), compiled)
 
 
 def _torch_results(args, training: bool) -> list[Result]:
@@ -311,11 +294,12 @@ def add_arguments(parser) -> None:
   common.add_model_argument(parser, 'convnext_tiny')
   parser.add_argument('--batch', type=int, default=32, help='global batch (all devices)')
   parser.add_argument('--size', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=tuple(train_step.DTYPES))
+  parser.add_argument('--dtype', default='float32', choices=config_lib.COMPUTE_DTYPES)
   common.add_remat_argument(parser)
   parser.add_argument(
       '--scan', action='store_true', help="one lax.scan over each stage's blocks (same params)"
   )
+  common.add_depthwise_argument(parser)
   parser.add_argument(
       '--mesh',
       type=lambda s: tuple(int(v) for v in s.split(',')),

@@ -1,11 +1,12 @@
-"""Evaluation metrics: top-1 / top-5 with hand-computed answers, down to 3-class datasets."""
+"""The classification objective's evaluation: top-1 / top-5 with hand-computed answers, down to
+3-class datasets."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convnext_jax import evaluate
+from convnext_jax import classification
 
 # Four examples of a 3-class problem. Ranking per row (best first): [1, 2, 0], [0, 1, 2],
 # [2, 0, 1], [2, 1, 0].
@@ -19,14 +20,14 @@ TOP1 = [1.0, 0.0, 0.0, 1.0]
 
 
 def test_topk_correct_with_fewer_classes_than_k():
-  np.testing.assert_array_equal(evaluate.topk_correct(LOGITS, LABELS, 1), TOP1)
-  np.testing.assert_array_equal(evaluate.topk_correct(LOGITS, LABELS, 2), [1, 0, 1, 1])
+  np.testing.assert_array_equal(classification.topk_correct(LOGITS, LABELS, 1), TOP1)
+  np.testing.assert_array_equal(classification.topk_correct(LOGITS, LABELS, 2), [1, 0, 1, 1])
   # timm's `accuracy` caps k at the class count: with 3 classes every label is in the top 5.
-  np.testing.assert_array_equal(evaluate.topk_correct(LOGITS, LABELS, 5), [1, 1, 1, 1])
+  np.testing.assert_array_equal(classification.topk_correct(LOGITS, LABELS, 5), [1, 1, 1, 1])
   # Multi-hot labels (ImageNet-ReaL style): row 1 accepts class 0 or 2, row 3 no class.
   multi_hot = np.array([[0, 1, 0], [1, 0, 1], [1, 0, 0], [0, 0, 0]], np.int32)
-  np.testing.assert_array_equal(evaluate.topk_correct(LOGITS, multi_hot, 1), [1, 1, 0, 0])
-  np.testing.assert_array_equal(evaluate.topk_correct(LOGITS, multi_hot, 5), [1, 1, 1, 0])
+  np.testing.assert_array_equal(classification.topk_correct(LOGITS, multi_hot, 1), [1, 1, 0, 0])
+  np.testing.assert_array_equal(classification.topk_correct(LOGITS, multi_hot, 5), [1, 1, 1, 0])
 
 
 class _FixedLogits(nn.Module):
@@ -38,9 +39,15 @@ class _FixedLogits(nn.Module):
     return jnp.broadcast_to(jnp.asarray(LOGITS), (images.shape[0], LOGITS.shape[1]))
 
 
+def _objective(model):
+  return classification.Classification(
+      model, 3, jnp.float32, classification.Augmentation(), data_parallel_size=1
+  )
+
+
 def test_eval_step_on_three_classes_with_a_padded_example():
   model = _FixedLogits()
-  step = jax.jit(evaluate.make_eval_step(model, jnp.float32))
+  step = jax.jit(_objective(model).eval_step)
   batch = {
       'image': np.zeros((4, 8, 8, 3), np.uint8),
       'label': LABELS,
