@@ -10,7 +10,9 @@ import pytest
 from convnext_jax import configs
 
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-DEMO = str(REPO_CONFIGS / 'demo.py')
+# The shipped files as the package sees them: the checkout's configs/ under an editable
+# install, site-packages under a wheel's.
+DEMO = str(configs.DIRECTORY / 'demo.py')
 
 
 def test_names_are_the_repository_config_files():
@@ -56,14 +58,14 @@ def test_unknown_config_is_one_line_with_the_shipped_names(argument, hint, tmp_p
   shipped = ', '.join(configs.names())
   assert str(raised.value) == (
       f'config {argument} not found: it is not a file, nor a config shipped in '
-      f'{REPO_CONFIGS}; {hint}give a config file or one of: {shipped}'
+      f'{configs.DIRECTORY}; {hint}give a config file or one of: {shipped}'
   )
 
 
 def test_args_pass_through(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   argument = 'convnext_t_in22k_ft_in1k:init=/x,res=384'
-  assert configs.resolve(argument) == str(REPO_CONFIGS / 'convnext_t_in22k_ft_in1k.py') + (
+  assert configs.resolve(argument) == str(configs.DIRECTORY / 'convnext_t_in22k_ft_in1k.py') + (
       ':init=/x,res=384'
   )
   config = configs.load(argument)
