@@ -1,5 +1,6 @@
 """Optimisation: schedule, layer-wise lr decay, weight-decay mask, AdamW and EMA, checked
-against hand computation and PyTorch's AdamW."""
+against hand computation, the official ConvNeXt and ConvNeXt-V2 layer-id tables (written out
+below) and PyTorch's AdamW."""
 
 import math
 
@@ -16,19 +17,155 @@ from convnext_jax import optim
 from convnext_jax import run
 from convnext_jax import trees
 
+# Layer ids written out by hand, {PyTorch module name prefix: layer id}; a parameter takes the
+# id of the longest prefix of its name ('stages.2.7' before 'stages.2'). Its lr multiplier is
+# decay ** (num_layers + 1 - id), the values of the official `LayerDecayValueAssigner`.
 
-def _group_layer_id(torch_name: str, stage2_depth: int = 27) -> int:
-  """The 12-group layer id, restated from the official ConvNeXt definition: stem 0, stage s
-  blocks s + 1 for s < 2, stage 2 block j 3 + j // 3, stage 3 and downsample 3 12,
-  downsample 1 and 2 their index + 1, everything else 13. Stage 2 of another depth d spreads
-  over the same groups 3..11 as 3 + (9 * j) // d (j // 3 for the official d = 27)."""
-  parts = torch_name.split('.')
-  if parts[0] == 'downsample_layers':
-    return {0: 0, 1: 2, 2: 3, 3: 12}[int(parts[1])]
-  if parts[0] == 'stages':
-    stage, block = int(parts[1]), int(parts[2])
-    return {0: 1, 1: 2, 2: 3 + (9 * block) // stage2_depth, 3: 12}[stage]
-  return 13
+# facebookresearch/ConvNeXt optim_factory.py `get_num_layer_for_convnext` (num_layers 12),
+# which the official code applies to depths (3, 3, 27, 3) only (small, base, large, xlarge):
+# downsample 0 -> 0, 1 -> 2, 2 -> 3, 3 -> 12; stage 0 -> 1, 1 -> 2, 3 -> 12; stage 2 block j ->
+# 3 + j // 3, three blocks per group; anything else (norm, head) -> 13.
+BASE_GROUP_IDS = {
+    'downsample_layers.0': 0,
+    'stages.0': 1,
+    'downsample_layers.1': 2,
+    'stages.1': 2,
+    'downsample_layers.2': 3,
+    **dict(
+        zip(
+            [f'stages.2.{j}' for j in range(27)],
+            [3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7, 8, 8, 8, 9, 9, 9, 10, 10, 10, 11, 11, 11],
+            strict=True,
+        )
+    ),
+    'downsample_layers.3': 12,
+    'stages.3': 12,
+    'norm': 13,
+    'head': 13,
+}
+
+# convnext_tiny, depths (3, 3, 9, 3), 'group': as the official table except stage 2, whose nine
+# blocks the official 3 + j // 3 would put in groups 3, 3, 3, 4, 4, 4, 5, 5, 5 (leaving 6..11
+# empty); convnext_jax/optim.py's docstring promises them spread over groups 3..11 instead.
+TINY_GROUP_IDS = {
+    'downsample_layers.0': 0,
+    'stages.0': 1,
+    'downsample_layers.1': 2,
+    'stages.1': 2,
+    'downsample_layers.2': 3,
+    'stages.2.0': 3,
+    'stages.2.1': 4,
+    'stages.2.2': 5,
+    'stages.2.3': 6,
+    'stages.2.4': 7,
+    'stages.2.5': 8,
+    'stages.2.6': 9,
+    'stages.2.7': 10,
+    'stages.2.8': 11,
+    'downsample_layers.3': 12,
+    'stages.3': 12,
+    'norm': 13,
+    'head': 13,
+}
+
+# convnext_atto, depths (2, 2, 6, 2), 'group': stage 2's six blocks where the docstring's rule
+# for depths other than 27, 3 + (9 * j) // 6, puts them (by hand: 9j = 0, 9, 18, 27, 36, 45,
+# // 6 = 0, 1, 3, 4, 6, 7).
+ATTO_GROUP_IDS = {
+    'downsample_layers.0': 0,
+    'stages.0': 1,
+    'downsample_layers.1': 2,
+    'stages.1': 2,
+    'downsample_layers.2': 3,
+    'stages.2.0': 3,
+    'stages.2.1': 4,
+    'stages.2.2': 6,
+    'stages.2.3': 7,
+    'stages.2.4': 9,
+    'stages.2.5': 10,
+    'downsample_layers.3': 12,
+    'stages.3': 12,
+    'norm': 13,
+    'head': 13,
+}
+
+# facebookresearch/ConvNeXt-V2 optim_factory.py `get_num_layer_for_convnext_single`
+# (layer_decay_type='single', num_layers = sum(depths) = 18 in main_finetune.py) on depths
+# (3, 3, 9, 3): downsample i -> sum(depths[:i]) + 1, shared with the stage's first block;
+# stage i block j -> sum(depths[:i]) + j + 1; anything else -> 19.
+TINY_SINGLE_IDS = {
+    'downsample_layers.0': 1,
+    'stages.0.0': 1,
+    'stages.0.1': 2,
+    'stages.0.2': 3,
+    'downsample_layers.1': 4,
+    'stages.1.0': 4,
+    'stages.1.1': 5,
+    'stages.1.2': 6,
+    'downsample_layers.2': 7,
+    'stages.2.0': 7,
+    'stages.2.1': 8,
+    'stages.2.2': 9,
+    'stages.2.3': 10,
+    'stages.2.4': 11,
+    'stages.2.5': 12,
+    'stages.2.6': 13,
+    'stages.2.7': 14,
+    'stages.2.8': 15,
+    'downsample_layers.3': 16,
+    'stages.3.0': 16,
+    'stages.3.1': 17,
+    'stages.3.2': 18,
+    'norm': 19,
+    'head': 19,
+}
+
+# convnext_isotropic_small, 18 blocks (no official layer decay for isotropic models; the
+# docstring's rules): 'group' (num_layers 12) stem 0, block k -> 1 + (12 * k) // 18, i.e.
+# 1 + floor(2k / 3), norm and head 13; 'single' (num_layers 18) stem 0, block k -> k + 1,
+# norm and head 19.
+ISO_SMALL_GROUP_IDS = {
+    'stem': 0,
+    **dict(
+        zip(
+            [f'blocks.{k}' for k in range(18)],
+            [1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7, 8, 9, 9, 10, 11, 11, 12],
+            strict=True,
+        )
+    ),
+    'norm': 13,
+    'head': 13,
+}
+ISO_SMALL_SINGLE_IDS = {
+    'stem': 0,
+    **dict(
+        zip(
+            [f'blocks.{k}' for k in range(18)],
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18],
+            strict=True,
+        )
+    ),
+    'norm': 19,
+    'head': 19,
+}
+
+
+def _table_id(flax_name: str, ids: dict[str, int]) -> int:
+  """The id `ids` gives a Flax parameter: 'stages.2.7/dwconv/kernel' is PyTorch
+  'stages.2.7.dwconv.weight', matched by its longest prefix in `ids`."""
+  parts = flax_name.split('/')[0].split('.')
+  for n in range(len(parts), 0, -1):
+    if (prefix := '.'.join(parts[:n])) in ids:
+      return ids[prefix]
+  raise KeyError(f'{flax_name} is in no table entry')
+
+
+def _expected_scales(names, ids: dict[str, int], decay: float, num_layers: int):
+  """{name: decay ** (num_layers + 1 - id)} with the ids of the table `ids`, every entry of
+  which must name some parameter (a mistyped entry would check nothing)."""
+  prefixes = {'.'.join(n.split('/')[0].split('.')[:k]) for n in names for k in (1, 2, 3)}
+  assert not set(ids) - prefixes, f'table entries naming no parameter: {set(ids) - prefixes}'
+  return {name: decay ** (num_layers + 1 - _table_id(name, ids)) for name in names}
 
 
 def _lr_scales(name, decay, scheme, **sizes):
@@ -61,49 +198,35 @@ SMALL_ISOTROPIC = dict(dim=8)
 
 def test_layer_decay_base_equals_the_official_table():
   decay = 0.8
-  table = [decay ** (12 + 1 - i) for i in range(12 + 2)]  # The official list of scales.
   scales = _lr_scales('convnext_base', decay, 'group', **SMALL)
   assert len(scales) == 344  # Every parameter tensor of convnext_base has a scale.
-  for name, scale in scales.items():
-    # Flax 'stages.2.7/dwconv/kernel' is PyTorch 'stages.2.7.dwconv.weight'.
-    assert scale == _approx(table[_group_layer_id(name.split('/')[0])]), name
-  assert scales['downsample_layers.0.0/kernel'] == _approx(decay**13)
-  assert scales['stages.2.26/pwconv2/kernel'] == _approx(decay**2)  # Layer 11.
-  assert scales['head/kernel'] == _approx(1.0)
+  assert scales == _approx(_expected_scales(scales, BASE_GROUP_IDS, decay, 12))
+  # Three entries of the official list of values, decay ** (12 + 1 - id), by hand.
+  assert scales['downsample_layers.0.0/kernel'] == _approx(0.8**13)  # Id 0.
+  assert scales['stages.2.26/pwconv2/kernel'] == _approx(0.8**2)  # Id 11.
+  assert scales['head/kernel'] == _approx(1.0)  # Id 13.
 
 
 def test_layer_decay_tiny_spreads_its_nine_stage2_blocks_over_groups_3_to_11():
   scales = _lr_scales('convnext_tiny', 0.7, 'group', **SMALL)
-  ids = [13 - round(math.log(scales[f'stages.2.{j}/gamma'], 0.7)) for j in range(9)]
-  assert ids == list(range(3, 12))  # 3 + (9 * j) // 9: one group per block.
-  assert 13 - round(math.log(scales['stages.3.2/gamma'], 0.7)) == 12
-  assert 13 - round(math.log(scales['stages.0.0/gamma'], 0.7)) == 1
-  # decay ** (12 + 1 - layer id), by hand from the ids above.
-  assert scales['downsample_layers.0.0/kernel'] == _approx(0.7**13)  # Stem: id 0.
-  assert scales['downsample_layers.1.1/kernel'] == _approx(0.7**11)  # Id 2.
-  assert scales['stages.1.2/pwconv1/kernel'] == _approx(0.7**11)  # Id 2.
-  assert scales['downsample_layers.2.0/bias'] == _approx(0.7**10)  # Id 3.
-  assert scales['stages.2.4/dwconv/kernel'] == _approx(0.7**6)  # Id 3 + 4 = 7.
-  assert scales['downsample_layers.3.1/kernel'] == _approx(0.7)  # Id 12.
-  assert scales['norm/scale'] == scales['head/bias'] == _approx(1.0)  # Id 13.
+  assert scales == _approx(_expected_scales(scales, TINY_GROUP_IDS, 0.7, 12))
+  assert scales['stages.2.4/dwconv/kernel'] == _approx(0.7**6)  # Id 7 (official: 4).
+  assert scales['stages.2.8/gamma'] == _approx(0.7**2)  # Id 11 (official: 5).
 
 
 def test_layer_decay_isotropic_and_single_schemes():
   decay = 0.9
-  iso = _lr_scales('convnext_isotropic_small', decay, 'group', **SMALL_ISOTROPIC)  # 18 blocks.
-  assert iso['stem/kernel'] == _approx(decay**13)
-  for k in range(18):
-    assert iso[f'blocks.{k}/pwconv1/kernel'] == _approx(decay ** (12 - (12 * k) // 18))
-  assert iso['head/kernel'] == iso['norm/scale'] == _approx(1.0)
+  iso = _lr_scales('convnext_isotropic_small', decay, 'group', **SMALL_ISOTROPIC)
+  assert iso == _approx(_expected_scales(iso, ISO_SMALL_GROUP_IDS, decay, 12))
   single = _lr_scales('convnext_isotropic_small', decay, 'single', **SMALL_ISOTROPIC)
+  assert single == _approx(_expected_scales(single, ISO_SMALL_SINGLE_IDS, decay, 18))
   assert single['stem/kernel'] == _approx(decay**19)
   assert single['blocks.17/pwconv2/kernel'] == _approx(decay)
-  tiny = _lr_scales('convnext_tiny', decay, 'single', **SMALL)  # Depths (3, 3, 9, 3): 18 layers.
-  assert tiny['downsample_layers.0.0/kernel'] == _approx(decay**18)  # Id 1.
-  assert tiny['stages.0.0/dwconv/kernel'] == _approx(decay**18)
+  tiny = _lr_scales('convnextv2_tiny', decay, 'single', **SMALL)  # ConvNeXt-V2's own scheme.
+  assert len(tiny) == 200  # Stem 4, downsamples 12, 18 blocks of 10 (GRN: 2), norm 2, head 2.
+  assert tiny == _approx(_expected_scales(tiny, TINY_SINGLE_IDS, decay, 18))
   assert tiny['downsample_layers.2.1/kernel'] == _approx(decay ** (19 - 7))
-  assert tiny['stages.2.8/gamma'] == _approx(decay ** (19 - 15))
-  assert tiny['stages.3.2/gamma'] == _approx(decay)
+  assert tiny['stages.2.8/grn/gamma'] == _approx(decay ** (19 - 15))
   assert tiny['head/kernel'] == _approx(1.0)
 
 
@@ -173,8 +296,8 @@ def test_adamw_with_layer_decay_equals_pytorch_param_groups():
   tensors = [torch.tensor(np.array(v), requires_grad=True) for _, v in leaves]
   groups = []
   for (path, v), t in zip(leaves, tensors):
-    # convnext_atto: depths (2, 2, 6, 2). The official code decays all but 1-D tensors.
-    scale = decay ** (13 - _group_layer_id(trees.name(path).split('/')[0], stage2_depth=6))
+    # The official code decays all but 1-D tensors.
+    scale = decay ** (13 - _table_id(trees.name(path), ATTO_GROUP_IDS))
     groups.append({'params': [t], 'lr_scale': scale, 'weight_decay': wd if v.ndim >= 2 else 0.0})
   opt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.999), eps=1e-8)
   for lr, g in zip(lr_values, grads):
