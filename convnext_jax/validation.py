@@ -238,7 +238,10 @@ _FLAG_TYPES = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false'
 # them (tests/test_validation.py checks it against absl): (pattern, message template).
 _ABSL_ERRORS = (
     (r'flag --(config\.[^=]+)=(.*?): .*', '{0} must be {type}, got {1!r}'),
-    (r'Flag --(\w+) must have a value other than None\.?', '--{0} is required: {usage}'),
+    (
+        r'(?:flag --\w+=None: )?Flag --(\w+) must have a value other than None\.?',
+        '--{0} is required: {usage}',
+    ),
 )
 
 

@@ -1,14 +1,14 @@
 """Config mistakes end before anything heavy: one line on stderr, exit status 2, no workdir.
 
-`config_check.check` is tested in-process over one mistake per key family; `main.main` in
-process for the order of its steps (check, mesh check, config dump, training) and for run-time
-errors (exit status 1); and `python -m convnext_jax.main` in subprocesses (two at a time) for
-what only a process shows: flag and config-file mistakes raised while absl parses the flags,
-the exit status and the last line on stderr.
+`validation.check` is tested in-process over one mistake per key family (and with a mesh,
+for the batch splits); `main.main` in process for the exit status of each outcome (a config
+the trainer's checks refuse: 2, before the workdir exists; a run-time error: 1); and
+`python -m convnext_jax.main` in subprocesses (two at a time) for what only a process shows:
+flag and config-file mistakes found before and while absl parses the flags, the exit status
+and the last line on stderr.
 """
 
 import concurrent.futures
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -17,14 +17,32 @@ import types
 
 import pytest
 
-from convnext_jax import config_check
+from convnext_jax import configs
 from convnext_jax import main
+from convnext_jax import sharding
 from convnext_jax import train
+from convnext_jax import validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ATTO_SIZE = (
     "an integer >= 32 (convnext_atto's stem and 3 downsamples divide it by 32; "
     'smaller leaves an empty feature map)'
+)
+# ConvNeXt's module attributes (models/convnext.py), as create_model takes them.
+ATTO_ARGUMENTS = (
+    'depths',
+    'depthwise_impl',
+    'dims',
+    'drop_path_rate',
+    'dtype',
+    'head_init_scale',
+    'layer_scale_init_value',
+    'norm_eps',
+    'num_classes',
+    'param_dtype',
+    'remat',
+    'scan',
+    'use_grn',
 )
 SHAPES_DATASETS = (
     'convnext_shapes, imagenet2012, imagenet22k, class_folder, imagenet_v2, '
@@ -33,10 +51,8 @@ SHAPES_DATASETS = (
 
 
 def _config_file(name: str, arg=None):
-  spec = importlib.util.spec_from_file_location(f'config_{name}', REPO / 'configs' / name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/<name> loaded by the loader `--config` uses, with `arg` after the colon."""
+  return configs.load(str(REPO / 'configs' / name) + (f':{arg}' if arg else ''))
 
 
 def _demo(**overrides):
@@ -52,10 +68,28 @@ def _demo(**overrides):
 
 
 # ---------------------------------------------------------------------------------------
-# config_check.check, in process.
+# validation.check, in process.
 
 CHECK_CASES = [
     ({'global_batch_size': 0}, 'config.global_batch_size must be a positive integer, got 0'),
+    (
+        {'global_batch_size': 32, 'grad_accum_steps': 3},
+        'config.global_batch_size 32 is not divisible by config.grad_accum_steps 3',
+    ),
+    (
+        {'model.overrides': {'dimz': (8, 16, 32, 64)}},
+        "config.model.overrides.dimz is not an argument of convnext_atto (did you mean 'dims'?); "
+        f'its arguments are {", ".join(ATTO_ARGUMENTS)}',
+    ),
+    (
+        {'model.overrides': {'dtype': 'bfloat16'}},
+        'config.model.overrides.dtype: set config.model.dtype instead',
+    ),
+    (
+        {'dataset.eval_split': 'validation[:64'},
+        "config.dataset.eval_split 'validation[:64' is not a tfds split: a name, a slice such "
+        "as 'validation[:64]' or 'train[:10%]', or a sum of them joined by '+'",
+    ),
     ({'grad_accum_steps': 0}, 'config.grad_accum_steps must be a positive integer, got 0'),
     (
         {'eval_batch_size': 0},
@@ -204,22 +238,22 @@ CHECK_CASES = [
     ids=[' '.join(f'{k}={v}' for k, v in o.items()) for o, _ in CHECK_CASES],
 )
 def test_check_refuses_with_one_line(overrides, message):
-  with pytest.raises(config_check.ConfigError) as e:
-    config_check.check(_demo(**overrides))
+  with pytest.raises(validation.ConfigError) as e:
+    validation.check(_demo(**overrides))
   assert str(e.value) == message
 
 
 def test_check_refuses_unknown_and_missing_keys_of_a_config_file():
   config = _demo()
   config.learning_rate = 1.0  # A config file may add keys: it is not locked.
-  with pytest.raises(config_check.ConfigError) as e:
-    config_check.check(config)
+  with pytest.raises(validation.ConfigError) as e:
+    validation.check(config)
   assert str(e.value) == 'config.learning_rate is not a config key; did you mean config.optim.lr?'
 
   config = _demo()
   del config.nonfinite['max_consecutive']
-  with pytest.raises(config_check.ConfigError) as e:
-    config_check.check(config)
+  with pytest.raises(validation.ConfigError) as e:
+    validation.check(config)
   assert str(e.value) == (
       'config.nonfinite.max_consecutive is missing; build configs on '
       'config_lib.base(), which sets every key'
@@ -283,7 +317,7 @@ def test_check_accepts_every_shipped_config(name, tmp_path):
   root.mkdir()
   for arg in (*SHIPPED_CONFIG_ARGS[name], 'runlocal'):
     config = _config_file(name, arg.format(init=init, root=root) or None)
-    config_check.check(config)
+    validation.check(config)
     assert config.init_from.path == (str(init) if 'init=' in arg else ''), arg
 
 
@@ -303,7 +337,7 @@ def test_finetune_folder_without_root_asks_for_it(tmp_path):
 
 
 def test_check_accepts_the_edges(tmp_path):
-  config_check.check(
+  validation.check(
       _demo(
           **{
               'input.image_size': 32,
@@ -318,29 +352,30 @@ def test_check_accepts_the_edges(tmp_path):
           }
       )
   )
-  config_check.check(_demo(**{'model.name': 'convnext_isotropic_small', 'input.image_size': 16}))
+  validation.check(_demo(**{'model.name': 'convnext_isotropic_small', 'input.image_size': 16}))
 
 
 @pytest.mark.parametrize('remat', ['', 'full', 'dots_saveable', True, False])
 def test_check_accepts_remat_policies_and_the_old_booleans(remat):
-  config_check.check(_demo(**{'model.remat': remat, 'model.scan': True}))
+  validation.check(_demo(**{'model.remat': remat, 'model.scan': True}))
 
 
 # ---------------------------------------------------------------------------------------
-# main.main, in process: the order of its steps and the exit status of each outcome.
+# main.main, in process: the exit status of each outcome.
 
 
 @pytest.fixture
 def run_main(monkeypatch, capsys, tmp_path):
-  """Runs `main.main` on a config (no flags parsed); returns (status, stderr, trained)."""
+  """Runs `main.main` on a config (no flags parsed), with the trainer's checks and lock but
+  a training that fails at once; returns (status, stderr, trained, workdir)."""
   trained = []
 
-  def fake_train(config, workdir):
+  def fail(config, workdir, *args):
+    del config, args
     trained.append(workdir)
-    os.makedirs(workdir)
     raise train.TrainingError(f'loss is not finite at step 3 in {workdir}; lower optim.lr')
 
-  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
+  monkeypatch.setattr(train, '_train_holding', fail)
   monkeypatch.setattr(main, 'initialize_distributed', lambda: None)
 
   def run(config):
@@ -382,19 +417,29 @@ def test_main_run_error_exits_1_with_one_line(run_main):
   )
 
 
-def test_train_and_evaluate_refuses_a_mesh_before_creating_the_workdir(tmp_path):
-  workdir = tmp_path / 'workdir'
-  with pytest.raises(
-      ValueError, match='micro-batch 12 .* is not divisible by the data-parallel size 8'
-  ):
-    train.train_and_evaluate(_demo(global_batch_size=12), str(workdir))
-  assert not workdir.exists()
+def test_mesh_rules_need_the_mesh():
+  """What depends on the devices is checked with the mesh: BatchNorm groups that do not
+  divide the micro-batch, and only for a model with BatchNorm."""
+  config = _demo(**{'model.bn_group_size': 3})  # Batch 16: 3 does not divide it.
+  validation.check(config)  # No mesh: nothing to say.
+  mesh = sharding.make_mesh((8, 1, 1))
+  validation.check(config, mesh)  # convnext_atto has no BatchNorm: bn_group_size is unused.
+  config.model.name = 'roadmap_r50_baseline'
+  validation.check(config)
+  with pytest.raises(validation.ConfigError) as e:
+    validation.check(config, mesh)
+  assert str(e.value) == (
+      'config.model.bn_group_size 3 does not divide the micro-batch 16 (global_batch_size / '
+      'grad_accum_steps); set a divisor, 0 for the per-device batch (2) or -1 for the whole '
+      'micro-batch'
+  )
 
 
-# ---------------------------------------------------------------------------------------
 # python -m convnext_jax.main, in subprocesses.
 
 DEMO = 'configs/demo.py:runlocal'
+# The shipped configs' names, as listed in the repository (not by the loader under test).
+SHIPPED = ', '.join(sorted(p.stem for p in (REPO / 'configs').glob('[!_]*.py')))
 CLI_CASES = {
     'unknown_key': (
         [f'--config={DEMO}', '--config.learning_rate=1'],
@@ -415,14 +460,24 @@ CLI_CASES = {
     ),
     'missing_config_file': (
         ['--config=configs/nope.py:runlocal'],
-        'config file configs/nope.py not found; --config takes a file such as '
-        'configs/convnext_t_in1k.py[:runlocal]',
+        f'config configs/nope.py not found: it is not a file, nor a config shipped in '
+        f'{REPO / "configs"}; give a config file or one of: {SHIPPED}',
+    ),
+    'misspelt_config_name': (
+        ['--config=dmeo:runlocal'],
+        f'config dmeo not found: it is not a file, nor a config shipped in {REPO / "configs"}; '
+        f'did you mean demo? give a config file or one of: {SHIPPED}',
     ),
     'get_config_raises': (
         ['--config=configs/convnext_t_in22k_ft_in1k.py', '--config.seed=1'],
-        'config file configs/convnext_t_in22k_ft_in1k.py: fine-tuning needs pre-trained '
+        'config configs/convnext_t_in22k_ft_in1k.py: fine-tuning needs pre-trained '
         'weights: append :init=PATH to the config (a training workdir or a `convnext-convert '
         'import` directory)',
+    ),
+    'no_workdir': (
+        ['--config=demo:runlocal'],
+        '--workdir is required: python -m convnext_jax.main --config NAME_OR_FILE[:args] '
+        '--workdir DIR',
     ),
     'zero_batch': (
         [f'--config={DEMO}', '--config.global_batch_size=0'],
@@ -459,13 +514,9 @@ def cli_results(tmp_path_factory):
 
   def run(case):
     workdir = root / case
-    command = [
-        sys.executable,
-        '-m',
-        'convnext_jax.main',
-        f'--workdir={workdir}',
-        *CLI_CASES[case][0],
-    ]
+    command = [sys.executable, '-m', 'convnext_jax.main', *CLI_CASES[case][0]]
+    if case != 'no_workdir':
+      command.append(f'--workdir={workdir}')
     return workdir, subprocess.run(
         command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180, check=False
     )
