@@ -43,7 +43,6 @@ from convnext_jax import fileio
 from convnext_jax import models
 from convnext_jax import multihost
 from convnext_jax import trees
-from convnext_jax.convert.layouts import HEAD_NAMES
 from convnext_jax.fileio import atomic_output
 from convnext_jax.models.utils import BATCH_STATS_LEAVES
 
@@ -728,7 +727,7 @@ def compare_params(
     CheckpointError: `strict` and the trees differ beyond the head.
   """
   difference = trees.compare(initial, loaded)
-  heads = tuple(f'{name}/' for name in HEAD_NAMES)
+  heads = tuple(f'{name}/' for name in models.HEAD_NAMES)
   new_heads = set()
   if reinit_head:
     new_heads = {n for n, _, _ in difference.misshaped if n.startswith(heads)}
