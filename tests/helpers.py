@@ -53,6 +53,29 @@ def nhwc(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
+def _largest_array_file(step_dir):
+  # Its array data: the largest file of the step's train state.
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def scramble_array_data(step_dir):
+  """Damages a checkpoint step (a pathlib.Path): 4 KiB of random bytes in the middle of the
+  largest file of its train state (its array data), the size unchanged."""
+  path = _largest_array_file(step_dir)
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2 - 2048
+  data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
+  path.write_bytes(bytes(data))
+
+
+def truncate_array_data(step_dir):
+  """Damages a checkpoint step (a pathlib.Path): the largest file of its train state (its
+  array data) cut to half its size."""
+  path = _largest_array_file(step_dir)
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 _SMALL_DISK_MARK = '--- small disk after the command ---'
 
 

@@ -12,6 +12,7 @@ for a local directory.
 import re
 import shutil
 
+import helpers
 import jax
 import numpy as np
 from orbax.checkpoint._src.path import gcs_utils
@@ -97,24 +98,6 @@ def _weights(step):
   return np.random.default_rng(step).standard_normal(4096).astype(np.float32)
 
 
-def _largest_file(directory):
-  files = [p for p in directory.rglob('*') if p.is_file()]
-  return max(files, key=lambda p: p.stat().st_size)
-
-
-def _random_bytes(step_dir):
-  path = _largest_file(step_dir / 'state')
-  data = bytearray(path.read_bytes())
-  middle = len(data) // 2 - 2048
-  data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
-  path.write_bytes(bytes(data))
-
-
-def _truncate(step_dir):
-  path = _largest_file(step_dir / 'state')
-  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
 def _broken_manifest(step_dir):
   path = step_dir / 'state' / 'manifest.ocdbt'
   path.write_bytes(b'\0' * path.stat().st_size)
@@ -122,8 +105,8 @@ def _broken_manifest(step_dir):
 
 # What each damage does to step 2, and the reason the check must give (written by hand).
 DAMAGES = {
-    'random_bytes': (_random_bytes, r'state/\S+ does not match the checksum'),
-    'truncated_file': (_truncate, r'state/\S+ has \d+ bytes, \d+ were written'),
+    'random_bytes': (helpers.scramble_array_data, r'state/\S+ does not match the checksum'),
+    'truncated_file': (helpers.truncate_array_data, r'state/\S+ has \d+ bytes, \d+ were written'),
     'no_array_metadata': (
         lambda d: (d / 'state' / '_METADATA').unlink(),
         r'state/_METADATA is missing',
@@ -203,7 +186,7 @@ def test_an_unsealed_step_that_fails_to_restore_is_set_aside(tmp_path):
 def test_every_step_damaged_is_one_error_naming_each(tmp_path):
   workdir = _trained_workdir(tmp_path)
   for step in ('1', '2'):
-    _truncate(tmp_path / 'run' / 'checkpoints' / step)
+    helpers.truncate_array_data(tmp_path / 'run' / 'checkpoints' / step)
   with pytest.raises(
       checkpoints.CheckpointError,
       match=r'every checkpoint in .* is damaged \(step 2: .*; step 1: .*\)',

@@ -16,8 +16,8 @@ import transformers
 
 from convnext_jax import checkpoints
 from convnext_jax import convert
+from convnext_jax import convert_cli
 from convnext_jax import models
-from convnext_jax.convert import cli
 
 MODEL = 'convnext_atto'
 
@@ -54,7 +54,7 @@ def _official_pth(path, weights, **extra):
 
 
 def _run(capsys, *argv):
-  code = cli.main([str(a) for a in argv])
+  code = convert_cli.main([str(a) for a in argv])
   out, err = capsys.readouterr()
   return code, out, err
 
@@ -334,7 +334,7 @@ def test_module_entry_point_exit_status(tmp_path):
       [
           sys.executable,
           '-m',
-          'convnext_jax.convert',
+          'convnext_jax.convert_cli',
           'import',
           str(tmp_path / 'x.pth'),
           str(tmp_path / 'out'),

@@ -117,23 +117,13 @@ def test_a_diverging_run_stops_without_losing_the_good_checkpoints(six_steps, sh
       assert np.isfinite(_flat(_params(workdir, step, which))).all(), (step, which)
 
 
-def _damage_array_data(step_dir):
-  """4 KiB of random bytes in the middle of the step's largest file (its array data)."""
-  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file()]
-  path = max(files, key=lambda p: p.stat().st_size)
-  data = bytearray(path.read_bytes())
-  middle = len(data) // 2 - 2048
-  data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
-  path.write_bytes(bytes(data))
-
-
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(
     six_steps, shapes_dir, tmp_path
 ):
   damaged, direct = tmp_path / 'damaged', tmp_path / 'direct'
   shutil.copytree(six_steps, damaged)
   shutil.copytree(six_steps, direct)
-  _damage_array_data(damaged / checkpoints.CHECKPOINT_DIR / '6')
+  helpers.scramble_array_data(damaged / checkpoints.CHECKPOINT_DIR / '6')
   shutil.rmtree(direct / checkpoints.CHECKPOINT_DIR / '6')  # As if step 6 was never saved.
 
   proc = train(damaged, shapes_dir, '--config.num_steps=8')

@@ -1,6 +1,6 @@
 """A full disk: one error line, exit status 1, nothing left behind.
 
-The end-to-end tests run `python -m convnext_jax.convert` with its destination on a tmpfs too
+The end-to-end tests run `python -m convnext_jax.convert_cli` with its destination on a tmpfs too
 small for the output (convnext_atto weights are 14 MB in float32), mounted in a private mount
 namespace by `helpers.run_on_small_disk`.
 """
@@ -20,7 +20,7 @@ from convnext_jax import fileio
 from convnext_jax import models
 
 MODEL = 'convnext_atto'
-CLI = [sys.executable, '-m', 'convnext_jax.convert']
+CLI = [sys.executable, '-m', 'convnext_jax.convert_cli']
 
 
 def _no_space(path):

@@ -20,9 +20,9 @@ import transformers
 
 from convnext_jax import checkpoints
 from convnext_jax import convert
+from convnext_jax import convert_cli
 from convnext_jax import models
 from convnext_jax import predict
-from convnext_jax.convert import cli
 from convnext_jax.convert import layouts
 
 R50 = 'roadmap_r50_baseline'
@@ -124,7 +124,7 @@ def _assert_trees_equal(a, b):
 
 
 def _cli(capsys, *argv):
-  code = cli.main([str(a) for a in argv])
+  code = convert_cli.main([str(a) for a in argv])
   out, err = capsys.readouterr()
   return code, out, err
 
@@ -139,7 +139,7 @@ def imported(hf_r50, tmp_path_factory):
   """`convnext-convert import` of the transformers model's save_pretrained directory."""
   root = tmp_path_factory.mktemp('resnet')
   hf_r50.save_pretrained(root / 'hf')
-  assert cli.main(['import', str(root / 'hf'), str(root / 'ckpt')]) == 0
+  assert convert_cli.main(['import', str(root / 'hf'), str(root / 'ckpt')]) == 0
   return root / 'ckpt'
 
 

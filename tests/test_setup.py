@@ -19,7 +19,7 @@ def test_models_and_convert_import_without_tensorflow():
   # box timing the train step) may have no TensorFlow.
   code = (
       'import sys; import convnext_jax.models, convnext_jax.convert, '
-      'convnext_jax.convert.cli, convnext_jax.checkpoints, convnext_jax.train_step, '
+      'convnext_jax.convert_cli, convnext_jax.checkpoints, convnext_jax.train_step, '
       'convnext_jax.predict, convnext_jax.benchmark, convnext_jax.workdir_lock; '
       "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
       "('tensorflow', 'tensorflow_datasets', 'tf_keras', 'keras')); "

@@ -28,11 +28,11 @@ from convnext_jax import checkpoints
 from convnext_jax import config_lib
 from convnext_jax import console
 from convnext_jax import convert
+from convnext_jax import convert_cli
 from convnext_jax import optim
 from convnext_jax import run
 from convnext_jax import sharding
 from convnext_jax import train
-from convnext_jax.convert import cli
 from convnext_jax.data import DatasetFacts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -193,7 +193,7 @@ def test_tensorboard_events_hold_the_logged_scalars(demo_run):
 def test_export_from_workdir(demo_run, tmp_path):
   workdir, _, _, _ = demo_run
   out = tmp_path / 'demo_raw75.safetensors'
-  assert cli.main(['export', workdir, str(out), '--params', 'raw', '--step', '75']) == 0
+  assert convert_cli.main(['export', workdir, str(out), '--params', 'raw', '--step', '75']) == 0
   from safetensors.numpy import load_file
 
   name, params = convert.torch_to_flax(load_file(out))
@@ -224,7 +224,7 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   src = tmp_path / 'atto_in1k.safetensors'
   save_file(convert.flax_to_torch(pretrained, 'convnext_atto', layout='timm'), str(src))
   ckpt = tmp_path / 'atto_in1k'
-  assert cli.main(['import', str(src), str(ckpt)]) == 0
+  assert convert_cli.main(['import', str(src), str(ckpt)]) == 0
 
   # The merge itself: backbone exact, head new and small.
   config = _demo_config()

@@ -7,7 +7,8 @@ Face) and Flax.
 `weights` are the params with BatchNorm's running statistics merged in (for models with
 BatchNorm; `models.split_batch_stats` separates them).
 
-Command line: `convnext-convert` / `python -m convnext_jax.convert` (see `cli`).
+Command line: `convnext-convert` / `python -m convnext_jax.convert_cli`, an entry point above
+this package (it also reads and writes orbax checkpoints).
 """
 
 from convnext_jax.convert.files import load_torch_checkpoint

@@ -563,13 +563,9 @@ def torch_to_flax(
   return model_name, state_dict_to_params(state_dict, maps, consume=consume)
 
 
-# The classifier's module: ConvNeXt's `head`, torchvision ResNet's `fc`.
-HEAD_NAMES = ('head', 'fc')
-
-
 def num_classes_of(params: Mapping[str, Any]) -> int:
   """Head outputs of a params (or weights) tree (0 when it has no head)."""
-  for name in HEAD_NAMES:
+  for name in models.HEAD_NAMES:
     if name in params and 'kernel' in params[name]:
       return int(params[name]['kernel'].shape[-1])
   return 0

@@ -14,6 +14,7 @@ from convnext_jax.models.registry import list_models
 from convnext_jax.models.registry import module_arguments
 from convnext_jax.models.roadmap import TRACKS as ROADMAP_TRACKS
 from convnext_jax.models.roadmap import RoadmapNet
+from convnext_jax.models.utils import HEAD_NAMES
 from convnext_jax.models.utils import compiler_options
 from convnext_jax.models.utils import count_macs
 from convnext_jax.models.utils import count_params
@@ -23,6 +24,7 @@ from convnext_jax.models.utils import split_batch_stats
 from convnext_jax.models.utils import weight_shapes
 
 __all__ = [
+    'HEAD_NAMES',
     'MODEL_SPECS',
     'REMAT_POLICIES',
     'ROADMAP_TRACKS',

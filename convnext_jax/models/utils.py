@@ -61,6 +61,8 @@ def compiler_options(training: bool = False) -> dict[str, str] | None:
 # BatchNorm's running statistics (flax's 'batch_stats' collection) are named so in every
 # BatchNorm module; no parameter has these names.
 BATCH_STATS_LEAVES = ('mean', 'var')
+# The classifier's module: ConvNeXt's `head`, the roadmap's ResNet's `fc` (torchvision's name).
+HEAD_NAMES = ('head', 'fc')
 
 
 def merge_batch_stats(params, batch_stats=None):

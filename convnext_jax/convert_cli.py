@@ -1,5 +1,6 @@
-"""`convnext-convert`: ConvNeXt and ResNet weights between PyTorch files and orbax params
-checkpoints.
+"""`convnext-convert` (or `python -m convnext_jax.convert_cli`): ConvNeXt and ResNet weights
+between PyTorch files and orbax params checkpoints; `convnext_jax.convert` converts, and
+`convnext_jax.checkpoints` reads and writes the orbax side.
 
   convnext-convert import SRC DEST [--model NAME] [--ema] [--overwrite]
       SRC: official .pth ({'model': ...} / {'model_ema': ...}), timm .safetensors/.pth/.bin,
@@ -184,3 +185,7 @@ def main(argv=None) -> int:
   else:
     print(f'{message} ({time.perf_counter() - start:.1f} s)')
   return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
