@@ -2,7 +2,7 @@
 
   python -m convnext_jax.benchmark convert [--model convnext_xlarge] [--workdir DIR]
 
-Writes a random official .pth of the model, then times `python -m convnext_jax.convert`
+Writes a random official .pth of the model, then times `python -m convnext_jax.convert_cli`
 import and export (official, timm, hf), each in a fresh process, with its peak resident
 memory. Needs torch; imports no TensorFlow.
 """
@@ -63,7 +63,7 @@ def run(args) -> None:
   size_mb = os.path.getsize(src) / 2**20
   print(
       f'{args.model}: {models.count_params(shapes):,} parameters, official .pth '
-      f'{size_mb:.0f} MB (float32); each step a fresh `python -m convnext_jax.convert` '
+      f'{size_mb:.0f} MB (float32); each step a fresh `python -m convnext_jax.convert_cli` '
       'process, time includes its imports'
   )
   ckpt = os.path.join(workdir, 'orbax')
@@ -77,7 +77,7 @@ def run(args) -> None:
       ('export orbax -> hf directory', ['export', ckpt, os.path.join(workdir, 'hf')]),
   ]
   for name, argv in steps:
-    seconds, rss = _child_peak_rss_mb(['convnext_jax.convert', *argv, '--overwrite'])
+    seconds, rss = _child_peak_rss_mb(['convnext_jax.convert_cli', *argv, '--overwrite'])
     print(
         f'  {name:36s} {seconds:6.1f} s   peak RSS {rss:7.0f} MB = '
         f'{rss / size_mb:4.2f}x the checkpoint'
