@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 from convnext_jax import checkpoints
-from convnext_jax import config_check
+from convnext_jax import classification
 from convnext_jax import config_lib
-from convnext_jax import evaluate
 from convnext_jax import models
-from convnext_jax import optim
+from convnext_jax import run as run_lib
 from convnext_jax import sharding
 from convnext_jax import train
-from convnext_jax import train_step
+from convnext_jax import validation
+from convnext_jax.data import DatasetFacts
 from convnext_jax.data import batch_ops
 
 MODEL = 'roadmap_r50_baseline'
@@ -50,8 +50,12 @@ def _config(mesh, bn_group_size=0):
   c.input.random_erasing = 0.0
   c.input.mixup_alpha = 0.0
   c.input.cutmix_alpha = 0.0
+  c.input.image_size = SIZE
   c.global_batch_size = BATCH
   c.grad_accum_steps = ACCUM
+  c.num_steps = 10
+  c.optim.warmup_steps = 1
+  c.optim.min_lr = 0.0
   c.optim.lr = 1e-2
   c.optim.eps = 1e-3  # Gradients at float32 noise level stay small updates (test_sharding).
   c.ema.decay = 0.0  # As the roadmap recipes: the EMA hurts BatchNorm models.
@@ -78,33 +82,19 @@ def _batches():
 
 
 class _Run:
-  """A train state and its jitted step for `config` on `devices`."""
+  """The run of `config` on `devices`, its initial state and its jitted step."""
 
   def __init__(self, config, devices):
     self.config = config
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    train.validate(config, self.mesh)
-    num_shards = sharding.data_parallel_size(self.mesh)
-    self.model = train_step.create_model(config, NUM_CLASSES, num_shards)
-    lr_fn = optim.lr_schedule(config.optim.lr, 0.0, 1, 10)
-    optimizer = optim.make_optimizer(
-        lr_fn,
-        models.param_shapes(self.model, SIZE),
-        train_step.model_spec(config),
-        eps=config.optim.eps,
+    self.run = run_lib.Run.build(
+        config, DatasetFacts(1000, NUM_CLASSES), sharding.make_mesh(config.mesh, devices)
     )
-    state, self.shardings, _ = train_step.create_train_state(
-        config, self.model, optimizer, self.mesh, SIZE, use_ema=False
-    )
-    self.initial = jax.device_get(state)
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.step = jax.jit(
-        train_step.make_train_step(self.model, optimizer, lr_fn, config, NUM_CLASSES, num_shards),
-        in_shardings=(self.shardings, self.batch_sharding),
-        out_shardings=(self.shardings, None, None),
-        donate_argnums=(0,),
-    )
-    self.state = state
+    self.model = self.run.model
+    self.shardings = self.run.state_shardings
+    self.batch_sharding = self.run.batch_sharding
+    self.step = self.run.train_step
+    self.state = self.run.init_state()
+    self.initial = jax.device_get(self.state)
 
   def train(self):
     """The host states after each of the `STEPS` steps from the initial state."""
@@ -178,8 +168,8 @@ def test_micro_batches_update_the_running_averages_in_turn(single_device):
   assert np.abs(_flat(stats) - _flat(initial['batch_stats'])).max() > 1e-2
   # Groups of the whole micro-batch (-1) give other averages, by far more than the meshes'
   # tolerance: the comparison with 8 devices above tells groups apart.
-  whole = train_step.create_model(_config((1, 1, 1), bn_group_size=-1), NUM_CLASSES)
-  assert whole.bn_group_size == 0  # The whole batch of each call: the micro-batch.
+  whole = _Run(_config((1, 1, 1), bn_group_size=-1), jax.devices()[:1]).model
+  assert whole.bn_group_size is None  # The whole batch of each call: the micro-batch.
   other = _running_averages(whole, initial['params'], initial['batch_stats'], images)
   assert np.abs(_flat(other) - _flat(stats)).max() > 1e-2
 
@@ -213,8 +203,8 @@ def test_init_from_loads_the_running_averages(single_device, tmp_path):
   )
   config = ref.config.copy_and_resolve_references()
   config.init_from.path = path
-  initial = jax.device_put(ref.initial, ref.shardings)
-  state = train._init_from(config, initial, use_ema=False)  # pylint: disable=protected-access
+  r = run_lib.Run.build(config, DatasetFacts(1000, NUM_CLASSES), ref.run.mesh)
+  state = r.init_state(train._init_from(r))  # pylint: disable=protected-access
   for key in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state[key]), trained[key])
     assert jax.tree.map(lambda x: x.sharding, state[key]) == ref.shardings[key]
@@ -222,43 +212,44 @@ def test_init_from_loads_the_running_averages(single_device, tmp_path):
 
 def test_bn_settings_are_refused_in_one_line():
   config = _config((-1, 1, 1))
-  config_check.check(config)
+  validation.check(config)
   config.model.bn_group_size = -2
   with pytest.raises(
-      config_check.ConfigError,
+      validation.ConfigError,
       match=re.escape(
           'config.model.bn_group_size must be an integer >= 0 (examples per BatchNorm statistics '
           'group; 0: the per-device micro-batch), or -1 for the whole micro-batch, got -2'
       ),
   ):
-    config_check.check(config)
+    validation.check(config)
   config.model.bn_group_size, config.model.scan = 0, True
   with pytest.raises(
-      config_check.ConfigError,
+      validation.ConfigError,
       match=f'config.model.scan must be False for {MODEL}: roadmap models have no scanned form',
   ):
-    config_check.check(config)
+    validation.check(config)
 
   mesh = sharding.make_mesh((8, 1, 1))
   config = _config((8, 1, 1), bn_group_size=3)
+  validation.check(config)  # Without the mesh: nothing to say.
   with pytest.raises(
-      ValueError,
+      validation.ConfigError,
       match=r'config.model.bn_group_size 3 does not divide the '
       r'micro-batch 16 .*0 for the per-device batch \(2\) or -1',
   ):
-    train.validate(config, mesh)
+    validation.check(config, mesh)
   config.model.bn_group_size = 4  # Groups of 2 devices' examples: allowed.
-  train.validate(config, mesh)
+  validation.check(config, mesh)
   config.model.name = 'roadmap_r50_ln'  # No BatchNorm: the key is not used.
   config.model.bn_group_size = 3
-  train.validate(config, mesh)
+  validation.check(config, mesh)
 
 
 def test_evaluation_uses_the_running_averages():
   """Each image's prediction is its own (no batch statistics), and it follows the running
   averages given to the eval step."""
   config = _config((1, 1, 1))
-  model = train_step.create_model(config, NUM_CLASSES)
+  model = run_lib.model_from_config(config, NUM_CLASSES)
   variables = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, SIZE, SIZE, 3)))
   rng = np.random.default_rng(1)
 
@@ -284,7 +275,10 @@ def test_evaluation_uses_the_running_averages():
   alone = np.concatenate([forward(stats, images[i : i + 1]) for i in range(len(images))])
   np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-5)
 
-  eval_step = jax.jit(evaluate.make_eval_step(model, np.float32))
+  objective = classification.Classification(
+      model, NUM_CLASSES, np.float32, classification.Augmentation(), data_parallel_size=1
+  )
+  eval_step = jax.jit(objective.eval_step)
   batch = {
       'image': images,
       'label': logits.argmax(-1).astype(np.int32),

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from PIL import Image
 import pytest
 
-from convnext_jax import config_check
 from convnext_jax import models
+from convnext_jax import validation
 from convnext_jax.models import roadmap
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ get_config = _config_module().get_config
 def test_every_step_is_the_table5_recipe_without_ema(track):
   for step in roadmap.TRACKS[track]:
     c = get_config(f'track={track},step={step.name}')
-    config_check.check(c)
+    validation.check(c)
     assert c.model.name == f'roadmap_{track}_{step.name}'
     assert c.model.name in models.list_models('roadmap*')
     assert c.ema.decay == 0.0
@@ -66,7 +66,7 @@ def test_every_step_is_the_table5_recipe_without_ema(track):
 def test_runlocal_and_mini_configure_every_step(track, arg):
   for step in roadmap.TRACKS[track]:
     c = get_config(f'track={track},step={step.name},{arg}')
-    config_check.check(c)
+    validation.check(c)
     assert c.model.name == roadmap.model_name(track, step.name)
     assert c.ema.decay == 0.0 and c.dataset.name == 'convnext_shapes'
     if 'runlocal' in arg:
@@ -148,7 +148,7 @@ def test_study_applies_arguments_and_overrides_to_every_step_and_refuses_what_it
     study.step_configs(
         study.DEFAULT_CONFIG, {'model.name': 'convnext_tiny'}, 'r50', steps, mini=False
     )
-  with pytest.raises(config_check.ConfigError, match='global_batch_size must be a positive'):
+  with pytest.raises(validation.ConfigError, match='global_batch_size must be a positive'):
     study.step_configs(study.DEFAULT_CONFIG, {'global_batch_size': 0}, 'r50', steps, mini=False)
 
 

@@ -19,7 +19,6 @@ import pytest
 
 from convnext_jax import configs
 from convnext_jax import main
-from convnext_jax import sharding
 from convnext_jax import train
 from convnext_jax import validation
 
@@ -417,24 +416,7 @@ def test_main_run_error_exits_1_with_one_line(run_main):
   )
 
 
-def test_mesh_rules_need_the_mesh():
-  """What depends on the devices is checked with the mesh: BatchNorm groups that do not
-  divide the micro-batch, and only for a model with BatchNorm."""
-  config = _demo(**{'model.bn_group_size': 3})  # Batch 16: 3 does not divide it.
-  validation.check(config)  # No mesh: nothing to say.
-  mesh = sharding.make_mesh((8, 1, 1))
-  validation.check(config, mesh)  # convnext_atto has no BatchNorm: bn_group_size is unused.
-  config.model.name = 'roadmap_r50_baseline'
-  validation.check(config)
-  with pytest.raises(validation.ConfigError) as e:
-    validation.check(config, mesh)
-  assert str(e.value) == (
-      'config.model.bn_group_size 3 does not divide the micro-batch 16 (global_batch_size / '
-      'grad_accum_steps); set a divisor, 0 for the per-device batch (2) or -1 for the whole '
-      'micro-batch'
-  )
-
-
+# ---------------------------------------------------------------------------------------
 # python -m convnext_jax.main, in subprocesses.
 
 DEMO = 'configs/demo.py:runlocal'

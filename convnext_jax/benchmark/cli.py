@@ -1,8 +1,9 @@
 """`python -m convnext_jax.benchmark COMMAND`: the command line of the benchmarks.
 
 Each command's flags and its work live in its own module (`forward`, `conversion`,
-`preprocessing` for `input`, `step` for `train` and `infer`, `compilation` for `compile`);
-this one only dispatches, and imports no TensorFlow (only `input` does, when it runs).
+`preprocessing` for `input`, `step` for `train` and `infer`, `compilation` for `compile`,
+`resume`); this one only dispatches, and imports no TensorFlow (only `input` does, when it
+runs).
 """
 
 import argparse
@@ -12,6 +13,7 @@ from convnext_jax.benchmark import compilation
 from convnext_jax.benchmark import conversion
 from convnext_jax.benchmark import forward
 from convnext_jax.benchmark import preprocessing
+from convnext_jax.benchmark import resume
 from convnext_jax.benchmark import step
 
 
@@ -40,5 +42,8 @@ def main(argv=None) -> None:
   p = sub.add_parser('input', help='preprocessing images/s per CPU core, tf.data vs Pillow')
   preprocessing.add_arguments(p)
   p.set_defaults(run=preprocessing.run)
+  p = sub.add_parser('resume', help="a resuming trainer's peak memory, in train states")
+  resume.add_arguments(p)
+  p.set_defaults(run=resume.run)
   args = parser.parse_args(argv)
   args.run(args)

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import jax
@@ -123,6 +125,36 @@ class Result:
     return dict(
         dataclasses.asdict(self), images_per_s=self.images_per_s, tflops=self.tflops, mfu=self.mfu
     )
+
+
+def child_peak_rss_mb(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+  """Runs `python -m argv[0] argv[1:]` in a fresh process; returns (seconds, its peak resident
+  memory in MiB). `argv[0]` may be '-c' with code to run instead of a module.
+
+  Raises:
+    RuntimeError: the process failed (its stderr).
+  """
+  code = (
+      'import resource, runpy, sys, time; sys.argv = sys.argv[1:]; t = time.perf_counter()\n'
+      'try:\n'
+      '  if sys.argv[0] == "-c": exec(sys.argv[1])\n'
+      '  else: runpy.run_module(sys.argv[0], run_name="__main__")\n'
+      'except SystemExit as e:\n  assert not e.code, e.code\n'
+      'print("BENCH", time.perf_counter() - t, '
+      'resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n'
+  )
+  result = subprocess.run(
+      [sys.executable, '-c', code, *argv],
+      capture_output=True,
+      text=True,
+      check=False,
+      env=dict(os.environ if env is None else env, TF_CPP_MIN_LOG_LEVEL='3'),
+  )
+  if result.returncode:
+    raise RuntimeError(result.stderr)
+  line = [l for l in result.stderr.splitlines() if l.startswith('BENCH')][-1]
+  _, seconds, rss = line.split()
+  return float(seconds), float(rss)
 
 
 def time_calls(step, warmup: int, iters: int) -> float:

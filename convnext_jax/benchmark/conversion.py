@@ -8,8 +8,6 @@ memory. Needs torch; imports no TensorFlow.
 """
 
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -17,29 +15,6 @@ import numpy as np
 from convnext_jax import convert
 from convnext_jax import models
 from convnext_jax.benchmark import common
-
-
-def _child_peak_rss_mb(argv) -> tuple[float, float]:
-  """Runs argv in a fresh process; returns (seconds, peak RSS in MB of that process)."""
-  code = (
-      'import resource, runpy, sys, time; sys.argv = sys.argv[1:]; t = time.perf_counter()\n'
-      'try:\n  runpy.run_module(sys.argv[0], run_name="__main__")\n'
-      'except SystemExit as e:\n  assert not e.code, e.code\n'
-      'print("BENCH", time.perf_counter() - t, '
-      'resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n'
-  )
-  result = subprocess.run(
-      [sys.executable, '-c', code, *argv],
-      capture_output=True,
-      text=True,
-      check=False,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'),
-  )
-  if result.returncode:
-    raise RuntimeError(result.stderr)
-  line = [l for l in result.stderr.splitlines() if l.startswith('BENCH')][-1]
-  _, seconds, rss = line.split()
-  return float(seconds), float(rss)
 
 
 def run(args) -> None:
@@ -77,7 +52,7 @@ def run(args) -> None:
       ('export orbax -> hf directory', ['export', ckpt, os.path.join(workdir, 'hf')]),
   ]
   for name, argv in steps:
-    seconds, rss = _child_peak_rss_mb(['convnext_jax.convert_cli', *argv, '--overwrite'])
+    seconds, rss = common.child_peak_rss_mb(['convnext_jax.convert_cli', *argv, '--overwrite'])
     print(
         f'  {name:36s} {seconds:6.1f} s   peak RSS {rss:7.0f} MB = '
         f'{rss / size_mb:4.2f}x the checkpoint'

@@ -88,9 +88,14 @@ class TrainingCheckpoints:
         # next start; the workdir lock makes sure no other trainer is writing it.
         cleanup_tmp_directories=True,
     )
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=(STATE_ITEM, METADATA_ITEM)
-    )
+    # A restore reads at most 1 GB at a time (orbax's default is 96): each array passes
+    # through host memory on its way into its sharding, and a resume must not hold the
+    # whole state twice (docs/benchmarks.md, "Resume memory").
+    handlers = {
+        STATE_ITEM: ocp.StandardCheckpointHandler(restore_concurrent_gb=1),
+        METADATA_ITEM: ocp.JsonCheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def _seal_saving(self) -> None:
     # Runs on process 0 only, after every process has written the step and before orbax
