@@ -13,6 +13,7 @@ import itertools
 
 from absl import logging
 import jax
+import orbax.checkpoint as ocp
 
 # Long enough for process 0 to prepare a large folder of images while the others wait.
 DEFAULT_TIMEOUT_S = 4 * 3600
@@ -20,10 +21,14 @@ _calls = itertools.count()
 
 
 def _client():
-  # jax has no public accessor for its coordination client; orbax reads it the same way.
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  """jax.distributed's coordination client, or None without `jax.distributed.initialize`.
 
-  return distributed.global_state.client
+  jax has no public accessor for it; orbax's public `multihost` API gives it (orbax
+  coordinates its own multi-process saves through the same client).
+  """
+  if not ocp.multihost.is_jax_distributed_client_initialized():
+    return None
+  return ocp.multihost.get_jax_distributed_client()
 
 
 def _key(name: str) -> str:
