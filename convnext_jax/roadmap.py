@@ -128,18 +128,22 @@ def step_configs(
     track: str,
     steps: list[roadmap.Step],
     mini: bool,
+    with_mesh: bool = False,
 ) -> dict[str, ml_collections.ConfigDict]:
   """Each step's config: the config file with its arguments, the track, the step (and
-  `mini`), then the command line's `--config.*` overrides; each checked.
+  `mini`), then the command line's `--config.*` overrides; each checked (`validation`), so
+  that a mistake in the last step does not wait for the others to be trained. Each step's
+  trainer checks its config again when it starts: the study checks every step before any.
 
   Args:
     config_argument: the --config value, 'file.py[:args]'.
     overrides: the --config.* values, by dotted key (ml_collections' override values).
     track, steps, mini: what the study trains.
+    with_mesh: also check each config against its mesh (once every device is visible).
 
   Raises:
     ValueError: an argument or override the study cannot take, or a config file that does
-      not load.
+      not load; `validation.ConfigError` (a ValueError) for a config that fails a check.
   """
   path, _, arg = config_argument.partition(':')
   user_args = [part.strip() for part in arg.split(',') if part.strip()]
@@ -161,6 +165,7 @@ def step_configs(
     config = configs.load(f'{path}:{args}')
     for key, value in overrides.items():
       config_path.set_value(key, config, value)
+    validation.check(config, validation.config_mesh(config) if with_mesh else None)
     out[step.name] = config
   return out
 
@@ -514,6 +519,7 @@ def main(argv):
   config_argument = config_flags.get_config_filename(FLAGS['config'])
   if 'mini' in config_lib.parse_arg(config_argument.partition(':')[2]):
     preset = 'mini'
+  cli.initialize_distributed()
   try:
     steps = select_steps(FLAGS.track, FLAGS.steps)
     configs_by_step = step_configs(
@@ -522,16 +528,9 @@ def main(argv):
         FLAGS.track,
         steps,
         FLAGS.mini,
+        with_mesh=True,
     )
   except ValueError as e:
-    return report(e, 2)
-  cli.initialize_distributed()
-  try:
-    # Every step's config, before any trains (each step's trainer checks its own again):
-    # a mistake in the last step must not wait for the others to be trained.
-    for config in configs_by_step.values():
-      validation.check(config, validation.make_mesh(config))
-  except validation.ConfigError as e:
     return report(e, 2)
   study = Study(FLAGS.track, FLAGS.workdir, preset)
   epath.Path(study.workdir).mkdir(parents=True, exist_ok=True)

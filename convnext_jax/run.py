@@ -234,7 +234,7 @@ class Run:
       validation.ConfigError: the config (or its mesh) fails a check; one line.
     """
     if mesh is None:
-      mesh = validation.make_mesh(config)
+      mesh = validation.config_mesh(config)
     if feed is None:
       feed = validation.check(config, mesh)
     num_classes = config.model.num_classes if config.model.num_classes > 0 else data.num_classes

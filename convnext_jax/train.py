@@ -152,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   # ---- Mesh and checks: every rule, before anything heavy. ----
-  mesh = validation.make_mesh(config)
+  mesh = validation.config_mesh(config)
   feed = validation.check(config, mesh)
   logging.info('config: %s', _summary(config))
   logging.info('config:\n%s', config, extra=console.DETAIL)

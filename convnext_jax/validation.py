@@ -103,7 +103,7 @@ def check(
 
   Args:
     config: a training config (built on `config_lib.base()`).
-    mesh: the run's device mesh (`make_mesh`), once every device is visible (after
+    mesh: the run's device mesh (`config_mesh`), once every device is visible (after
       `jax.distributed.initialize`, if any).
 
   Returns:
@@ -138,7 +138,7 @@ def check(
     )
   _steps_or_epochs(c, 'num_steps', 1, 'to train for num_epochs', 'num_epochs', '> 0')
 
-  _number(c, 'optim.lr', '> 0', lambda v: v > 0)
+  _number(c, 'optim.lr', '>= 0 (0: the weights stay as they are)', lambda v: v >= 0)
   _number(c, 'optim.min_lr', '>= 0', lambda v: v >= 0)
   _steps_or_epochs(
       c, 'optim.warmup_steps', 0, 'to use optim.warmup_epochs', 'optim.warmup_epochs', '>= 0'
@@ -174,7 +174,7 @@ def check(
   return _batch_splits(c, mesh)
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+def config_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
   """`sharding.make_mesh(config.mesh, devices)`, a mesh the devices cannot form refused as
   one line.
 

@@ -1,16 +1,24 @@
 """Training a model with BatchNorm: the running averages ('batch_stats') in the train state.
 
 A tiny roadmap ResNet (the stem and one bottleneck block, 32 px): its statistics groups follow
-`model.bn_group_size`, so 8 devices (data or FSDP) train as one device with groups of the
+`model.bn_group_size`, so 8 devices (data and FSDP) train as one device with groups of the
 per-device batch, and other groups give other statistics; gradient accumulation carries the
-running averages through the micro-batches in turn; the non-finite guard keeps them; a
-resumed run is bit-identical to an uninterrupted one, and a SIGTERM saves them; evaluation
-uses them, so each image's prediction is its own.
+running averages through the micro-batches in turn; the non-finite guard keeps them;
+evaluation uses them, so each image's prediction is its own.
+
+End to end, this file is where resuming is proven (with the state that has the most kinds of
+arrays): a run stopped by a real SIGTERM saves, and its resume is bit-identical to the
+uninterrupted run (params, running averages, EMA, optimizer state, rng, data position); the
+same checkpoint resumed on another mesh is restored into the new shardings and ends as the
+uninterrupted run does, up to float rounding; no run leaves a thread that would hold the
+process's exit.
 """
 
 import os
 import re
+import shutil
 import signal
+import threading
 
 import jax
 import mp_config
@@ -119,7 +127,7 @@ def single_device():
   return run, run.train()
 
 
-@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (4, 2, 1)], ids=['data8', 'data4_fsdp2'])
+@pytest.mark.parametrize('mesh_shape', [(4, 2, 1)], ids=['data4_fsdp2'])
 def test_meshes_match_a_single_device(single_device, mesh_shape):
   """bn_group_size 0 is the per-device batch: 8 devices train as one device with groups of 2."""
   ref, ref_states = single_device
@@ -299,10 +307,12 @@ def test_evaluation_uses_the_running_averages():
 # End to end: `train.train_and_evaluate`, stopped by SIGTERM and resumed.
 
 
-def _e2e_config(data_dir):
+def _e2e_config(data_dir, mesh=(-1, 1, 1)):
   # 16 images per step on 8 devices, no Mixup. The EMA stays on, to evaluate EMA params with
   # the running averages too.
   c = mp_config.tiny(data_dir, num_steps=6)
+  c.mesh = mesh
+  c.sharding_min_size = 256  # Under FSDP, this small model's larger kernels are split.
   c.model.name = MODEL
   c.model.overrides = dict(TINY)
   c.dataset.eval_split = 'validation[:64]'
@@ -323,19 +333,29 @@ def _sigterm_at(step):
   return push_then_signal
 
 
+def _threads_left(before):
+  """Non-daemon threads started since `before` and still alive: they would hold the
+  interpreter's exit after the run (threading joins them)."""
+  return [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+
+
 @pytest.fixture(scope='module')
 def e2e_runs(shapes_dir, tmp_path_factory):
   """An uninterrupted 6-step run; a run stopped by SIGTERM at step 3, then resumed, with the
-  state each resume restored."""
+  state each resume restored; and the checkpoint of step 3 resumed on a data x FSDP mesh."""
   config = _e2e_config(shapes_dir)
+  before = threading.enumerate()
   straight = str(tmp_path_factory.mktemp('straight'))
   train.train_and_evaluate(config, straight)
+  assert not _threads_left(before)  # The process can exit as soon as the run returns.
 
   stopped = str(tmp_path_factory.mktemp('stopped'))
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(train._NonfiniteGuard, 'push', _sigterm_at(3))  # pylint: disable=protected-access
     train.train_and_evaluate(config, stopped)
   at_sigterm = checkpoints.workdir_steps(stopped)
+  other_mesh = str(tmp_path_factory.mktemp('other_mesh'))
+  shutil.copytree(stopped, other_mesh, dirs_exist_ok=True)
   restore_latest = checkpoints.TrainingCheckpoints.restore_latest
   restored = []
 
@@ -347,7 +367,9 @@ def e2e_runs(shapes_dir, tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(checkpoints.TrainingCheckpoints, 'restore_latest', recording)
     last_eval = train.train_and_evaluate(config, stopped)
-  return straight, stopped, at_sigterm, restored, last_eval
+  assert not _threads_left(before)
+  train.train_and_evaluate(_e2e_config(shapes_dir, mesh=(4, 2, 1)), other_mesh)
+  return straight, stopped, at_sigterm, restored, last_eval, other_mesh
 
 
 def _state(workdir, step):
@@ -357,18 +379,34 @@ def _state(workdir, step):
 
 
 def test_resume_is_bit_identical(e2e_runs):
-  straight, stopped, _, _, last_eval = e2e_runs
+  straight, stopped, _, _, last_eval, _ = e2e_runs
   assert checkpoints.workdir_steps(stopped) == [3, 6]
   resumed, uninterrupted = _state(stopped, 6), _state(straight, 6)
   assert sorted(resumed) == ['batch_stats', 'ema_params', 'opt_state', 'params', 'rng', 'step']
-  for key in ('params', 'batch_stats', 'ema_params'):
-    jax.tree.map(np.testing.assert_array_equal, resumed[key], uninterrupted[key])
+  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  _, metadata = checkpoints.load_params(stopped, which='raw')
+  assert metadata['data_positions'] == [6 * 16]  # Where the input stream goes on.
   # Evaluated with the running averages, raw and EMA (a BatchNorm model without them fails).
   assert {'convnext_shapes/raw/top1', 'convnext_shapes/ema/top1'} <= set(last_eval)
 
 
+def test_resume_on_another_mesh_restores_into_its_shardings(e2e_runs):
+  """The checkpoint of step 3 (8-way data parallel) resumed 4-way data x 2-way FSDP: the same
+  batches (one process: one data shard either way) and the same statistics groups (2 examples
+  per device), so the run ends as the uninterrupted one, up to reductions in another order."""
+  straight, _, _, _, _, other_mesh = e2e_runs
+  assert checkpoints.workdir_steps(other_mesh) == [3, 6]
+  resumed, uninterrupted = _state(other_mesh, 6), _state(straight, 6)
+  for key in ('params', 'batch_stats', 'ema_params', 'opt_state'):
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        resumed[key],
+        uninterrupted[key],
+    )
+
+
 def test_sigterm_saves_the_running_averages_and_resume_restores_them(e2e_runs):
-  _, stopped, at_sigterm, restored, _ = e2e_runs
+  _, stopped, at_sigterm, restored, _, _ = e2e_runs
   assert at_sigterm == [3]  # Saved at the notice, then stopped.
   saved = _state(stopped, 3)
   assert int(saved['step']) == 3

@@ -120,11 +120,9 @@ def test_a_diverging_run_stops_without_losing_the_good_checkpoints(six_steps, sh
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(
     six_steps, shapes_dir, tmp_path
 ):
-  damaged, direct = tmp_path / 'damaged', tmp_path / 'direct'
+  damaged = tmp_path / 'damaged'
   shutil.copytree(six_steps, damaged)
-  shutil.copytree(six_steps, direct)
   helpers.scramble_array_data(damaged / checkpoints.CHECKPOINT_DIR / '6')
-  shutil.rmtree(direct / checkpoints.CHECKPOINT_DIR / '6')  # As if step 6 was never saved.
 
   proc = train(damaged, shapes_dir, '--config.num_steps=8')
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -136,13 +134,8 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(
   assert 'resumed from step 4' in proc.stderr
   assert (damaged / checkpoints.DAMAGED_DIR / '6' / 'state').is_dir()  # Kept, not deleted.
   assert not (damaged / 'LOCK').exists()
-  proc = train(direct, shapes_dir, '--config.num_steps=8')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert checkpoints.workdir_steps(str(damaged)) == checkpoints.workdir_steps(str(direct))
-  for which in ('raw', 'ema'):
-    np.testing.assert_array_equal(
-        _flat(_params(damaged, 8, which)), _flat(_params(direct, 8, which))
-    )
+  # Trained on from step 4 (that a resume continues exactly is test_batchnorm_training's).
+  assert checkpoints.workdir_steps(str(damaged))[-1] == 8
 
 
 def test_a_second_trainer_on_the_same_workdir_is_refused(six_steps, shapes_dir, tmp_path):
@@ -192,7 +185,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_checkpoints(
   size = (_disk_usage(six_steps) + step_size // 2) // 1024
   workdir = disk / 'run'
   report = (
-      'python -c "import sys; from convnext_jax import checkpoints as c; '
+      f'{sys.executable} -c "import sys; from convnext_jax import checkpoints as c; '
       'steps = c.workdir_steps(sys.argv[1]); '
       'print(steps, [c.verify_step(c.checkpoint_dir(sys.argv[1]) / str(s)) '
       'for s in steps])" "$DISK/run"; ls "$DISK/run/checkpoints"'

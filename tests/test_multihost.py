@@ -4,7 +4,7 @@ processes with 4 (or 2) CPU devices each, joined by `jax.distributed` on 127.0.0
 with the tiny config of `tests/mp_config.py`.
 
 Shown here: 2 processes train with identical losses on both and end with the parameters of
-1 process fed the same global batches; every mesh over 2 processes (data, FSDP, data x FSDP,
+1 process fed the same global batches; every kind of mesh over 2 processes (data, FSDP,
 data x FSDP x model, model only) trains identically on both, and a mesh the processes cannot
 feed is refused up front; `init_from` under FSDP spanning processes, from a converted
 checkpoint and from a training workdir; evaluation counts every example exactly once over 3
@@ -37,12 +37,12 @@ from convnext_jax.data import inputs as inputs_lib
 CONFIG = 'tests/mp_config.py'
 TIMEOUT = 600  # Seconds per launch before it counts as hung: they take 20-150 s on 2 cores.
 STEPS = 6
-# (data, fsdp, model) meshes over 2 processes x 4 devices: data parallel, FSDP, both, all
-# three, and tensor parallel only (each process then holds the whole batch).
+# (data, fsdp, model) meshes over 2 processes x 4 devices: data parallel, FSDP, all three,
+# and tensor parallel only (each process then holds the whole batch). That each trains as one
+# device does is test_sharding's; here, that both processes run it as one.
 MESHES = {
     'data8': (8, 1, 1),
     'fsdp8': (1, 8, 1),
-    'data2_fsdp4': (2, 4, 1),
     'data2_fsdp2_model2': (2, 2, 2),
     'model8': (1, 1, 8),
 }
@@ -193,11 +193,6 @@ def test_every_mesh_trains_identically_on_both_processes(two_processes, name):
   )
   for p, log in enumerate(logs):
     assert f'{line}{min(p, shards - 1)} of {shards})' in log, name
-  if shards == 2:  # The same global batches as 'data8': the same losses, up to rounding.
-    reference = losses(root, 'data8', 0)
-    np.testing.assert_allclose(
-        [per_process[0][s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)], rtol=2e-5
-    )
 
 
 def test_init_from_under_fsdp_spanning_processes(two_processes):

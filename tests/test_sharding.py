@@ -94,9 +94,7 @@ def single_device():
   return _run((1, 1, 1), jax.devices()[:1])
 
 
-@pytest.mark.parametrize(
-    'mesh_shape', [(8, 1, 1), (4, 2, 1), (4, 1, 2)], ids=['data8', 'data4_fsdp2', 'data4_model2']
-)
+@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 2, 2)], ids=['data8', 'data2_fsdp2_model2'])
 def test_meshes_match_a_single_device(single_device, mesh_shape):
   ref_losses, ref_state, _, initial = single_device
   losses, state, device_state, _ = _run(mesh_shape, jax.devices())
@@ -116,9 +114,9 @@ def test_meshes_match_a_single_device(single_device, mesh_shape):
   if mesh_shape[2] == 2:  # MLP hidden dim split over 'model'.
     assert pw1.sharding.spec[-1] == 'model'
     assert pw1.addressable_shards[0].data.shape[-1] == pw1.shape[-1] // 2
-  if mesh_shape[1] == 2:  # FSDP: this 32x128 kernel is split in two.
+  if mesh_shape[1] == 2:  # FSDP: this 32x128 kernel is split in two (and over 'model').
     assert 'fsdp' in jax.tree.leaves(tuple(pw1.sharding.spec))
-    assert pw1.addressable_shards[0].data.size == pw1.size // 2
+    assert pw1.addressable_shards[0].data.size == pw1.size // 2 // mesh_shape[2]
     mu = device_state['opt_state']
     assert any('fsdp' in str(getattr(x, 'sharding', '')) for x in jax.tree.leaves(mu))
   if mesh_shape == (8, 1, 1):
@@ -150,10 +148,10 @@ def test_validation_rejects_batches_the_mesh_cannot_split():
   validation.check(config, mesh)
   config.mesh = (3, 2, 1)
   with pytest.raises(validation.ConfigError, match='has 6 devices but 8 are available'):
-    validation.make_mesh(config)
+    validation.config_mesh(config)
   config.mesh = (-1, 3, 1)
   with pytest.raises(validation.ConfigError, match='does not divide 8 devices'):
-    validation.make_mesh(config)
+    validation.config_mesh(config)
 
 
 # Process layouts simulated on the 8 devices here: device d belongs to process d // k.
@@ -209,7 +207,7 @@ def single_device_no_randomness():
   )
 
 
-@pytest.mark.parametrize('accum', [2, 4])
+@pytest.mark.parametrize('accum', [4])
 def test_gradient_accumulation_on_a_sharded_mesh_matches_one_full_batch(
     single_device_no_randomness, accum
 ):

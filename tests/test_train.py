@@ -2,8 +2,7 @@
 `python -m convnext_jax.main` (one CPU device, as the demo runs on this machine) learns well
 above chance, evaluates and checkpoints; its TensorBoard events hold the logged scalars; the
 conversion CLI exports from its workdir; fine-tuning from a converted checkpoint with a new
-10-class head re-initialises the head and learns; a stopped run resumes to the same
-parameters (on 8 devices, and onto 2).
+10-class head re-initialises the head and learns. (Resuming is test_batchnorm_training's.)
 
 The full demo's result (top-1, wall time) is recorded in docs/benchmarks.md."""
 
@@ -11,13 +10,10 @@ import importlib.util
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
-import threading
 
 import jax
-import mp_config
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -270,86 +266,6 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   assert meta['metrics']['convnext_shapes/raw/top1'] > 2.5 * CHANCE, meta['metrics']
   stem = 'downsample_layers.0.0'  # The backbone is fine-tuned too, not frozen.
   assert np.abs(tuned[stem]['kernel'] - backbone[stem]['kernel']).max() > 0
-
-
-def resume_config(data_dir, num_steps=6):
-  """A tiny run for resume tests (`mp_config.tiny`)."""
-  return mp_config.tiny(data_dir, num_steps)
-
-
-class _StopAt:
-  """Stands in for the SIGTERM handler: a notice arrives during step `k`."""
-
-  def __init__(self, k):
-    self.k = k
-    self.calls = 0
-
-  def __call__(self):
-    outer = self
-
-    class Notice:
-
-      @property
-      def requested(self):
-        outer.calls += 1
-        return outer.calls >= outer.k
-
-      def restore(self):
-        pass
-
-    return Notice()
-
-
-def _params(workdir, step):
-  return checkpoints.load_params(workdir, which='raw', step=step)[0]
-
-
-def _threads_left(before):
-  """Non-daemon threads started since `before` and still alive: they would hold the
-  interpreter's exit after the run (threading joins them)."""
-  return [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
-
-
-def test_resume_gives_the_uninterrupted_parameters(shapes_dir, tmp_path, monkeypatch):
-  config = resume_config(shapes_dir)
-  straight = str(tmp_path / 'straight')
-  before = threading.enumerate()
-  train.train_and_evaluate(config, straight)
-  assert not _threads_left(before)  # The process can exit as soon as the run returns.
-
-  stopped = str(tmp_path / 'stopped')
-  monkeypatch.setattr(train, '_Preemption', _StopAt(3))
-  train.train_and_evaluate(config, stopped)
-  assert checkpoints.workdir_steps(stopped) == [3]  # Saved at the notice, then stopped.
-  shutil.copytree(stopped, tmp_path / 'stopped_copy')
-  monkeypatch.undo()
-
-  train.train_and_evaluate(config, stopped)  # Resumes at step 3.
-  assert not _threads_left(before)
-  assert checkpoints.workdir_steps(stopped) == [3, 6]
-  _, meta = checkpoints.load_params(stopped, which='raw')
-  assert meta['data_positions'] == [6 * config.global_batch_size]
-  jax.tree.map(np.testing.assert_array_equal, _params(stopped, 6), _params(straight, 6))
-
-  # The same checkpoint resumed by a process with 2 devices instead of 8.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
-  code = (
-      'import sys; sys.path.insert(0, sys.argv[1]); import test_train; '
-      'from convnext_jax import train; '
-      'train.train_and_evaluate(test_train.resume_config(sys.argv[2]), sys.argv[3])'
-  )
-  subprocess.run(
-      [sys.executable, '-c', code, str(REPO / 'tests'), shapes_dir, str(tmp_path / 'stopped_copy')],
-      env=env,
-      check=True,
-      capture_output=True,
-  )
-  other = _params(str(tmp_path / 'stopped_copy'), 6)
-  jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-      other,
-      _params(straight, 6),
-  )
 
 
 def test_throughput_and_eta_leave_out_evaluation(monkeypatch):

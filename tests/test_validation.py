@@ -181,7 +181,10 @@ CHECK_CASES = [
         'config.num_steps must be a positive integer, or -1 to train for num_epochs, got 0',
     ),
     ({'num_steps': -1, 'num_epochs': 0.0}, 'config.num_epochs must be a number > 0, got 0.0'),
-    ({'optim.lr': 0.0}, 'config.optim.lr must be a number > 0, got 0.0'),
+    (
+        {'optim.lr': -1e-3},
+        'config.optim.lr must be a number >= 0 (0: the weights stay as they are), got -0.001',
+    ),
     (
         {'optim.layer_decay_scheme': 'per_block'},
         "config.optim.layer_decay_scheme must be one of 'group', 'single', got 'per_block'",
