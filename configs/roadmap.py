@@ -3,10 +3,10 @@ design change per step, each trained with the same recipe.
 
   python -m convnext_jax.main --config configs/roadmap.py:track=r50,step=gelu \
       --workdir gs://BUCKET/roadmap/r50/gelu
-  python -m convnext_jax.roadmap --workdir gs://BUCKET/roadmap/r50    # every step + the table
+  python -m convnext_jax.roadmap_study --workdir gs://BUCKET/roadmap/r50    # every step + the table
 
 Arguments: track=r50|r200 (default r50), step=<name> (default baseline), mini (the CPU preset
-below), runlocal. The model is `roadmap_<track>_<step>` (`convnext_jax/models/roadmap.py`).
+below), runlocal. The model is `roadmap_<track>_<step>` (`convnext_jax/models/roadmap_net.py`).
 
 Recipe (Table 5, ImageNet-1K, 300 epochs at 224 px): AdamW lr 4e-3 at batch 4096, weight
 decay 0.05, 20 warmup epochs, RandAugment rand-m9-mstd0.5-inc1, Mixup 0.8, CutMix 1.0, Random
@@ -46,7 +46,7 @@ EMA. Trends at that scale are not the paper's (docs/roadmap.md).
 """
 
 from convnext_jax import config_lib
-from convnext_jax.models import roadmap
+from convnext_jax.models import roadmap_net
 
 DROP_PATH = {'r50': 0.1, 'r200': 0.5}  # Table 5: ConvNeXt-T's and ConvNeXt-B's rates.
 
@@ -70,11 +70,11 @@ def get_config(arg=None):
         'track=r50|r200, step=<name>, mini and runlocal'
     )
   track = args.get('track') or 'r50'
-  if track not in roadmap.TRACKS:
+  if track not in roadmap_net.TRACKS:
     raise ValueError(
-        f'roadmap config: unknown track {track!r}; the tracks are {", ".join(roadmap.TRACKS)}'
+        f'roadmap config: unknown track {track!r}; the tracks are {", ".join(roadmap_net.TRACKS)}'
     )
-  steps = {step.name: step for step in roadmap.TRACKS[track]}
+  steps = {step.name: step for step in roadmap_net.TRACKS[track]}
   name = args.get('step') or 'baseline'
   if name not in steps:
     raise ValueError(
@@ -82,7 +82,7 @@ def get_config(arg=None):
         f'{", ".join(steps)}'
     )
   c = config_lib.base()
-  c.model.name = roadmap.model_name(track, name)
+  c.model.name = roadmap_net.model_name(track, name)
   c.model.drop_path_rate = DROP_PATH[track]
   c.ema.decay = 0.0
   if 'mini' in args:

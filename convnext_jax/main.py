@@ -122,7 +122,7 @@ def parse_flags(argv: list[str], prog: str = PROG, usage: str = USAGE) -> list[s
   Args:
     argv: the command line.
     prog, usage: the command's name and usage line, for the messages (other commands built
-      on these flags, such as `convnext_jax.roadmap`, pass their own).
+      on these flags, such as `convnext_jax.roadmap_study`, pass their own).
 
   Returns:
     The arguments left after the flags, for `main`.

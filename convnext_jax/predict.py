@@ -128,7 +128,7 @@ def read_label_file(path: str, num_classes: int) -> list[str]:
   return names
 
 
-def class_names(
+def label_names(
     metadata: dict[str, Any], num_classes: int, labels_file: str | None = None
 ) -> list[str]:
   """Names for the model's classes: --labels, else metadata, else ImageNet-1K, else
@@ -378,7 +378,9 @@ def _check_args(args) -> None:
     raise PredictError(f'--crop_pct must be in (0, 1], got {args.crop_pct}')
 
 
-def run(args, on_error: Callable[[PredictError], None] = _raise) -> Iterator[dict[str, Any]]:
+def predict_files(
+    args, on_error: Callable[[PredictError], None] = _raise
+) -> Iterator[dict[str, Any]]:
   """Yields {'image', 'predictions': [{'class', 'label', 'probability'}]} per image.
 
   Args:
@@ -398,7 +400,7 @@ def run(args, on_error: Callable[[PredictError], None] = _raise) -> Iterator[dic
     return
   model, params, metadata = load_model(args.checkpoint, args.params, args.step)
   num_classes = model.num_classes
-  names = class_names(metadata, num_classes, args.labels)
+  names = label_names(metadata, num_classes, args.labels)
   predict_fn = make_predict_fn(model, min(args.top_k, num_classes))
   batch_size = min(args.batch_size, len(paths))
   for path, probs, indices in predict_images(
@@ -435,7 +437,7 @@ def main(argv=None) -> int:
 
   results = []
   try:
-    for result in run(args, on_error=report):
+    for result in predict_files(args, on_error=report):
       if args.json:
         results.append(result)
       else:

@@ -196,13 +196,13 @@ def test_class_names_fallbacks(tmp_path):
   imagenet = predict.imagenet_class_names()
   assert len(imagenet) == 1000 and imagenet[0].startswith('tench')
   assert imagenet[1].startswith('goldfish') and imagenet[999].startswith('toilet tissue')
-  assert predict.class_names({'class_names': NAMES}, 3) == NAMES
+  assert predict.label_names({'class_names': NAMES}, 3) == NAMES
   # Names of the wrong length in metadata are ignored.
-  assert predict.class_names({'class_names': NAMES}, 1000) == imagenet
-  assert predict.class_names({}, 21841)[:2] == ['class 0', 'class 1']
+  assert predict.label_names({'class_names': NAMES}, 1000) == imagenet
+  assert predict.label_names({}, 21841)[:2] == ['class 0', 'class 1']
   wnids = tmp_path / 'wnids.txt'
   wnids.write_text('\n'.join(f'n{i:08d}' for i in range(21841)) + '\n')
-  assert predict.class_names({}, 21841, str(wnids))[5] == 'n00000005'
+  assert predict.label_names({}, 21841, str(wnids))[5] == 'n00000005'
 
 
 def test_default_eval_crop():

@@ -1,6 +1,6 @@
 """The roadmap study: configs/roadmap.py configures every step of both tracks (EMA off, the
 Table 5 recipe, `:runlocal` and `:mini`), its docstring lists the paper's numbers, and
-`python -m convnext_jax.roadmap --mini` trains two steps end to end, writes the table (ours
+`python -m convnext_jax.roadmap_study --mini` trains two steps end to end, writes the table (ours
 beside the paper's) and a chart that opens, and skips both steps when run again."""
 
 import importlib.util
@@ -19,10 +19,10 @@ import pytest
 
 from convnext_jax import models
 from convnext_jax import validation
-from convnext_jax.models import roadmap
+from convnext_jax.models import roadmap_net
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TRACKS = list(roadmap.TRACKS)
+TRACKS = list(roadmap_net.TRACKS)
 
 
 def _config_module():
@@ -37,7 +37,7 @@ get_config = _config_module().get_config
 
 @pytest.mark.parametrize('track', TRACKS)
 def test_every_step_is_the_table5_recipe_without_ema(track):
-  for step in roadmap.TRACKS[track]:
+  for step in roadmap_net.TRACKS[track]:
     c = get_config(f'track={track},step={step.name}')
     validation.check(c)
     assert c.model.name == f'roadmap_{track}_{step.name}'
@@ -64,10 +64,10 @@ def test_every_step_is_the_table5_recipe_without_ema(track):
 @pytest.mark.parametrize('track', TRACKS)
 @pytest.mark.parametrize('arg', ['runlocal', 'mini', 'mini,runlocal'])
 def test_runlocal_and_mini_configure_every_step(track, arg):
-  for step in roadmap.TRACKS[track]:
+  for step in roadmap_net.TRACKS[track]:
     c = get_config(f'track={track},step={step.name},{arg}')
     validation.check(c)
-    assert c.model.name == roadmap.model_name(track, step.name)
+    assert c.model.name == roadmap_net.model_name(track, step.name)
     assert c.ema.decay == 0.0 and c.dataset.name == 'convnext_shapes'
     if 'runlocal' in arg:
       assert 0 < c.num_steps <= 10
@@ -76,7 +76,7 @@ def test_runlocal_and_mini_configure_every_step(track, arg):
 def test_defaults_and_errors_name_the_valid_choices():
   assert get_config().model.name == 'roadmap_r50_baseline'
   assert get_config('track=r200').model.name == 'roadmap_r200_baseline'
-  steps = ', '.join(step.name for step in roadmap.TRACKS['r50'])
+  steps = ', '.join(step.name for step in roadmap_net.TRACKS['r50'])
   with pytest.raises(
       ValueError, match=f'unknown step .gelu7. of track r50; the steps are {steps}$'
   ):
@@ -90,8 +90,8 @@ def test_defaults_and_errors_name_the_valid_choices():
 def test_docstring_lists_every_step_with_the_papers_numbers_and_the_commands():
   doc = _config_module().__doc__
   assert 'python -m convnext_jax.main --config configs/roadmap.py:track=r50,step=' in doc
-  assert 'python -m convnext_jax.roadmap --workdir' in doc
-  for r50, r200 in zip(roadmap.TRACKS['r50'], roadmap.TRACKS['r200']):
+  assert 'python -m convnext_jax.roadmap_study --workdir' in doc
+  for r50, r200 in zip(roadmap_net.TRACKS['r50'], roadmap_net.TRACKS['r200']):
     row = (
         rf'\n  {r50.name} +{re.escape(r50.title)} +{r50.paper_top1:.2f} +'
         rf'{r50.paper_gflops:.2f} +\| +{r200.paper_top1:.2f} +{r200.paper_gflops:.2f}\n'
@@ -109,7 +109,7 @@ MINI_R50 = {
 
 
 def test_mini_keeps_each_change_and_reaches_1x1_at_32px():
-  for step in roadmap.TRACKS['r50']:
+  for step in roadmap_net.TRACKS['r50']:
     c = get_config(f'step={step.name},mini')
     depths, widths = c.model.overrides.depths, c.model.overrides.widths
     if step.name in MINI_R50:
@@ -126,7 +126,7 @@ def test_mini_keeps_each_change_and_reaches_1x1_at_32px():
 
 
 def test_study_applies_arguments_and_overrides_to_every_step_and_refuses_what_it_sets():
-  from convnext_jax import roadmap as study  # pylint: disable=g-import-not-at-top (its flags)
+  from convnext_jax import roadmap_study as study  # pylint: disable=g-import-not-at-top (its flags)
 
   steps = study.select_steps('r50', ['downsample', 'baseline'])
   assert [step.name for step in steps] == ['baseline', 'downsample']  # Roadmap order.
@@ -169,7 +169,7 @@ def _study(workdir: str, data_dir: str) -> tuple[str, str, float]:
   command = [
       sys.executable,
       '-m',
-      'convnext_jax.roadmap',
+      'convnext_jax.roadmap_study',
       '--workdir',
       workdir,
       '--mini',
@@ -188,7 +188,7 @@ def _study(workdir: str, data_dir: str) -> tuple[str, str, float]:
 def _mini_model(name: str):
   depths, widths = MINI_R50[name]
   return models.create_model(
-      roadmap.model_name('r50', name), num_classes=10, depths=depths, widths=widths
+      roadmap_net.model_name('r50', name), num_classes=10, depths=depths, widths=widths
   )
 
 
@@ -207,12 +207,12 @@ def test_mini_study_trains_two_steps_writes_table_and_chart_then_skips(shapes_di
   text = (tmp_path / 'study' / 'roadmap.md').read_text()
   rows = [line.split('|')[1:-1] for line in text.splitlines() if re.match(r'\| \d', line)]
   assert [row[1].strip() for row in rows] == list(STEPS), text
-  for row, step in zip(rows, (roadmap.TRACKS['r50'][0], roadmap.TRACKS['r50'][-1])):
+  for row, step in zip(rows, (roadmap_net.TRACKS['r50'][0], roadmap_net.TRACKS['r50'][-1])):
     number, _, title, params, macs, paper_gflops, top1, paper_top1, img_s, _ = (
         cell.strip() for cell in row
     )
     model = _mini_model(step.name)
-    assert number == str(roadmap.TRACKS['r50'].index(step) + 1) and title == step.title
+    assert number == str(roadmap_net.TRACKS['r50'].index(step) + 1) and title == step.title
     assert params == f'{models.count_params(models.param_shapes(model, 32)):,}'
     expected_macs = models.count_macs(model.clone(depthwise_impl='conv'), 32) / 1e9
     assert macs.endswith(' (32)') and float(macs.split()[0]) == pytest.approx(

@@ -34,7 +34,7 @@ import numpy as np
 
 from convnext_jax import models
 from convnext_jax import trees
-from convnext_jax.models import roadmap
+from convnext_jax.models import roadmap_net
 
 LAYOUTS = ('official', 'timm', 'hf')
 
@@ -104,7 +104,7 @@ def family(spec: models.ModelSpec) -> str:
   if design['separate_downsampling']:
     return 'convnext'  # The roadmap's last step: ConvNeXt's tree.
   # torchvision's ResNet (v1.5) design, whatever its depths and widths.
-  if all(design[k] == v for k, v in roadmap.RESNET_DESIGN.items()):
+  if all(design[k] == v for k, v in roadmap_net.RESNET_DESIGN.items()):
     return 'resnet'
   return 'roadmap'
 

@@ -12,8 +12,8 @@ from convnext_jax.models.registry import create_model
 from convnext_jax.models.registry import get_spec
 from convnext_jax.models.registry import list_models
 from convnext_jax.models.registry import module_arguments
-from convnext_jax.models.roadmap import TRACKS as ROADMAP_TRACKS
-from convnext_jax.models.roadmap import RoadmapNet
+from convnext_jax.models.roadmap_net import TRACKS as ROADMAP_TRACKS
+from convnext_jax.models.roadmap_net import RoadmapNet
 from convnext_jax.models.utils import HEAD_NAMES
 from convnext_jax.models.utils import compiler_options
 from convnext_jax.models.utils import count_macs

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from convnext_jax.models import roadmap
+from convnext_jax.models import roadmap_net
 from convnext_jax.models.convnext import ConvNeXt
 from convnext_jax.models.convnext import ConvNeXtIsotropic
 
@@ -23,7 +23,7 @@ class ModelSpec:
   layer_scale_init_value: float | None
   use_grn: bool = False
   norm_eps: float = 1e-6
-  # Roadmap steps (`roadmap.RoadmapNet`): all its design attributes, sorted (item pairs).
+  # Roadmap steps (`roadmap_net.RoadmapNet`): all its design attributes, sorted (item pairs).
   roadmap: tuple[tuple[str, Any], ...] = ()
 
   @property
@@ -38,7 +38,7 @@ class ModelSpec:
   @property
   def module_class(self) -> type[nn.Module]:
     if self.roadmap:
-      return roadmap.RoadmapNet
+      return roadmap_net.RoadmapNet
     return ConvNeXtIsotropic if self.isotropic else ConvNeXt
 
   def with_overrides(self, **overrides: Any) -> 'ModelSpec':
@@ -134,9 +134,9 @@ def _build_specs() -> dict[str, ModelSpec]:
   for size, (depth, dim, ls) in _ISOTROPIC.items():
     name = f'convnext_isotropic_{size}'
     specs[name] = ModelSpec(name, True, (depth,), (dim,), ls)
-  for track, steps in roadmap.TRACKS.items():
+  for track, steps in roadmap_net.TRACKS.items():
     for step in steps:
-      name = roadmap.model_name(track, step.name)
+      name = roadmap_net.model_name(track, step.name)
       specs[name] = ModelSpec(
           name, isotropic=False, layer_scale_init_value=1e-6, **_roadmap_shape(dict(step.arch))
       )

@@ -1,7 +1,7 @@
 """The roadmap study: every step of the paper's ResNet -> ConvNeXt roadmap trained in turn, then
 a table and a chart of our results beside the paper's.
 
-  python -m convnext_jax.roadmap --workdir DIR [--track r50|r200] [--steps a,b,...] [--mini]
+  python -m convnext_jax.roadmap_study --workdir DIR [--track r50|r200] [--steps a,b,...] [--mini]
       [--config configs/roadmap.py[:args]] [--config.<field>=value ...]
 
 Each step trains in `DIR/<step>` with `configs/roadmap.py:track=T,step=S` (`,mini` with
@@ -64,10 +64,13 @@ from convnext_jax import run as run_lib
 from convnext_jax import train
 from convnext_jax import validation
 from convnext_jax.data import inputs as inputs_lib
-from convnext_jax.models import roadmap
+from convnext_jax.models import roadmap_net
 
-PROG = 'convnext_jax.roadmap'
-USAGE = 'python -m convnext_jax.roadmap --workdir DIR [--track r50|r200] [--steps a,b,...] [--mini]'
+PROG = 'convnext_jax.roadmap_study'
+USAGE = (
+    'python -m convnext_jax.roadmap_study --workdir DIR [--track r50|r200] [--steps a,b,...] '
+    '[--mini]'
+)
 DEFAULT_CONFIG = 'roadmap'  # The shipped configs/roadmap.py (`configs.find`).
 RESULT_FILE = 'roadmap_result.json'
 TABLE_FILE = 'roadmap.md'
@@ -90,7 +93,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum(
     'track',
     'r50',
-    list(roadmap.TRACKS),
+    list(roadmap_net.TRACKS),
     'r50: ResNet-50 -> ConvNeXt-T; r200: ResNet-200 -> ConvNeXt-B.',
 )
 flags.DEFINE_list(
@@ -103,13 +106,13 @@ flags.DEFINE_bool(
 )
 
 
-def select_steps(track: str, names: list[str] | None) -> list[roadmap.Step]:
+def select_steps(track: str, names: list[str] | None) -> list[roadmap_net.Step]:
   """The steps of `track` named in `names` (all when None), in roadmap order.
 
   Raises:
     ValueError: a name that is not a step of the track (the message lists them).
   """
-  steps = roadmap.TRACKS[track]
+  steps = roadmap_net.TRACKS[track]
   if not names:
     return list(steps)
   known = [step.name for step in steps]
@@ -126,7 +129,7 @@ def step_configs(
     config_argument: str,
     overrides: dict[str, Any],
     track: str,
-    steps: list[roadmap.Step],
+    steps: list[roadmap_net.Step],
     mini: bool,
     with_mesh: bool = False,
 ) -> dict[str, ml_collections.ConfigDict]:
@@ -183,7 +186,7 @@ class Study:
 
 
 def run_step(
-    study: Study, step: roadmap.Step, config: ml_collections.ConfigDict, position: str
+    study: Study, step: roadmap_net.Step, config: ml_collections.ConfigDict, position: str
 ) -> bool:
   """Trains (or resumes, or skips) one step; process 0 writes its result.
 
@@ -273,7 +276,7 @@ def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def _measure(
     study: Study,
-    step: roadmap.Step,
+    step: roadmap_net.Step,
     config: ml_collections.ConfigDict,
     num_classes: int,
     metrics: dict[str, float],
@@ -363,7 +366,7 @@ def _img_per_sec(result: dict[str, Any]) -> str:
 def finished_results(study: Study) -> list[dict[str, Any]]:
   """The results of every finished step of the study's track, in roadmap order."""
   results = []
-  for step in roadmap.TRACKS[study.track]:
+  for step in roadmap_net.TRACKS[study.track]:
     path = study.step_dir(step.name) / RESULT_FILE
     if path.exists():
       results.append(json.loads(path.read_text()))
@@ -372,7 +375,7 @@ def finished_results(study: Study) -> list[dict[str, Any]]:
 
 def table(track: str, results: list[dict[str, Any]]) -> str:
   """The study's results as Markdown: ours beside the paper's, one row per finished step."""
-  order = [step.name for step in roadmap.TRACKS[track]]
+  order = [step.name for step in roadmap_net.TRACKS[track]]
   total = len(order)
   sizes = sorted({r['image_size'] for r in results})
   data = sorted({r['dataset'] for r in results})
@@ -410,7 +413,7 @@ def table(track: str, results: list[dict[str, Any]]) -> str:
         f'{r["paper_gflops"]:.2f} | {100 * r["top1"]:.2f} | {r["paper_top1"]:.2f} | '
         f'{_img_per_sec(r)} | {console.duration(r["wall_s"])}{mark} |'
     )
-  top1, gflops = roadmap.ORIGINAL_RECIPE[track]
+  top1, gflops = roadmap_net.ORIGINAL_RECIPE[track]
   lines += [
       '',
       f'Paper, the ResNet with the original 90-epoch recipe: top-1 {top1:.2f}, '
@@ -557,7 +560,7 @@ def _has_config_flag(argv: list[str]) -> bool:
 
 
 def run():
-  """`python -m convnext_jax.roadmap`: the default config is configs/roadmap.py."""
+  """`python -m convnext_jax.roadmap_study`: the default config is configs/roadmap.py."""
   argv = list(sys.argv)
   if not _has_config_flag(argv):
     # Given explicitly, so that a mistake in an override is reported as for any config.
