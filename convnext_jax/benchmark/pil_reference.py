@@ -21,7 +21,7 @@ from PIL import ImageOps
 
 from convnext_jax.data import IMAGENET_MEAN_FILL
 from convnext_jax.data.pil_preprocess import eval_transform
-from convnext_jax.data.pil_preprocess import to_rgb
+from convnext_jax.image_io import to_rgb
 
 _BICUBIC = Image.Resampling.BICUBIC
 

@@ -15,7 +15,7 @@ import io
 from absl import logging
 from PIL import Image
 
-from convnext_jax.data import pil_preprocess
+from convnext_jax import image_io
 
 # High enough that re-encoding (a handful of ImageNet images, or a user's PNGs) loses little.
 JPEG_QUALITY = 95
@@ -39,7 +39,7 @@ def to_rgb_jpeg(data: bytes, *, quality: int = JPEG_QUALITY) -> tuple[bytes | No
   GIF, BMP, TIFF, WebP, ...) is converted with `Image.convert('RGB')`, as torchvision's
   `ImageFolder` loader does, so a transparent area shows its stored colour, and the first frame
   of an animation is used; except that 16-bit grayscale keeps the high byte of each sample
-  (`pil_preprocess.to_rgb`, which `convnext-predict` uses too) where Pillow would clip it to
+  (`image_io.to_rgb`, which `convnext-predict` uses too) where Pillow would clip it to
   white. EXIF orientation is ignored, as `tf.io.decode_jpeg` ignores it.
 
   Args:
@@ -57,7 +57,7 @@ def to_rgb_jpeg(data: bytes, *, quality: int = JPEG_QUALITY) -> tuple[bytes | No
         image.draft(image.mode, (1, 1))
         image.load()
         return data, Outcome.KEPT
-      rgb = pil_preprocess.to_rgb(image)
+      rgb = image_io.to_rgb(image)
     buffer = io.BytesIO()
     rgb.save(buffer, format='JPEG', quality=quality)
     return buffer.getvalue(), Outcome.REENCODED
