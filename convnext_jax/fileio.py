@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 from absl import logging
 
@@ -157,10 +158,11 @@ def quiet_disk_full_echoes():
   milliseconds after the error reached the caller, into the event loop orbax has closed:
   each prints an unraisable `RuntimeError: Event loop is closed` traceback (dozens for one
   checkpoint); asyncio logs 'Task exception was never retrieved' for the write tasks it
-  collects later. Inside this context the absl and asyncio records of a disk-full exception
-  are dropped, and the 'Event loop is closed' tracebacks are held back. If a disk-full error
-  leaves the context, the held ones are dropped and so are later echoes and records, for the
-  rest of the process (meant for entry points, which report the error and exit); otherwise
+  collects later; Python warns of the write coroutines never awaited as the process exits.
+  Inside this context the absl and asyncio records of a disk-full exception are dropped, and
+  the 'Event loop is closed' tracebacks are held back. If a disk-full error leaves the
+  context, the held ones are dropped and so are later echoes, records and those warnings, for
+  the rest of the process (meant for entry points, which report the error and exit); otherwise
   the held ones are printed as usual and the filters and hook removed. Other unraisable
   exceptions and log records pass.
   """
@@ -192,6 +194,11 @@ def quiet_disk_full_echoes():
   finally:
     if disk_full:  # The echoes go on after the error: keep them out for good.
       sys.unraisablehook = drop_closed_loop_echoes
+      # Write coroutines orbax created and abandoned when the write failed: collected, and
+      # warned about, as the process exits, after the error's one line.
+      warnings.filterwarnings(
+          'ignore', message=r"coroutine '.*' was never awaited", category=RuntimeWarning
+      )
     else:
       for logger in loggers:
         logger.removeFilter(_not_disk_full_record)

@@ -174,7 +174,8 @@ class Run:
   """Everything one training run computes with, built once by `Run.build`.
 
   Attributes:
-    config: the run's config (checked).
+    config: the run's config (checked; a frozen copy, so that it cannot drift from what was
+      built from it).
     mesh: the device mesh.
     feed: which rows of each global batch this process feeds.
     data: the training data's facts.
@@ -288,7 +289,7 @@ class Run:
     )
     eval_step = jax.jit(objective.eval_step, compiler_options=models.compiler_options())
     return cls(
-        config=config,
+        config=ml_collections.FrozenConfigDict(config),
         mesh=mesh,
         feed=feed,
         data=data,

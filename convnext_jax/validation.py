@@ -179,8 +179,9 @@ def config_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding
   one line.
 
   Raises:
-    ConfigError: the mesh's sizes do not fit the device count.
+    ConfigError: `config.mesh` is not a mesh shape, or its sizes do not fit the devices.
   """
+  _mesh(config)
   try:
     return sharding.make_mesh(config.mesh, devices)
   except ValueError as e:  # make_mesh's messages are one line and name config.mesh.

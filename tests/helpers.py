@@ -1,7 +1,9 @@
 """Shared test helpers."""
 
+from etils import epath
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from convnext_jax import models
 
@@ -161,3 +163,19 @@ exit $status
     )
   out, listing = out.split(_SMALL_DISK_MARK + '\n', 1)
   return proc.returncode, out, err, listing
+
+
+def saved_state(workdir, step: int | None = None) -> dict[str, np.ndarray]:
+  """A training workdir's train state at `step` (default: the newest), by '/'-joined leaf
+  name, as orbax itself restores it onto the host (not through `convnext_jax.checkpoints`)."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  if step is None:
+    step = max(ocp.utils.checkpoint_steps(directory))
+  item = directory / str(step) / 'state'
+  tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  restored = ocp.PyTreeCheckpointer().restore(
+      item, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args)
+  )
+  flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(v) for p, v in flat}

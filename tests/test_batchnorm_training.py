@@ -20,6 +20,8 @@ import shutil
 import signal
 import threading
 
+from flax import traverse_util
+import helpers
 import jax
 import mp_config
 import numpy as np
@@ -372,18 +374,26 @@ def e2e_runs(shapes_dir, tmp_path_factory):
   return straight, stopped, at_sigterm, restored, last_eval, other_mesh
 
 
-def _state(workdir, step):
-  return checkpoints.restore_numpy_tree(
-      checkpoints.checkpoint_dir(workdir) / str(step) / checkpoints.STATE_ITEM
-  )
+def _part(state: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
+  """The leaves of a flat state (`helpers.saved_state`) under its top-level `key`."""
+  return {name: value for name, value in state.items() if name.split('/')[0] == key}
 
 
 def test_resume_is_bit_identical(e2e_runs):
   straight, stopped, _, _, last_eval, _ = e2e_runs
   assert checkpoints.workdir_steps(stopped) == [3, 6]
-  resumed, uninterrupted = _state(stopped, 6), _state(straight, 6)
-  assert sorted(resumed) == ['batch_stats', 'ema_params', 'opt_state', 'params', 'rng', 'step']
-  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  resumed, uninterrupted = helpers.saved_state(stopped, 6), helpers.saved_state(straight, 6)
+  assert sorted({name.split('/')[0] for name in resumed}) == [
+      'batch_stats',
+      'ema_params',
+      'opt_state',
+      'params',
+      'rng',
+      'step',
+  ]
+  assert resumed.keys() == uninterrupted.keys()
+  for name in resumed:  # Every array, the optimizer's moments and count and the rng included.
+    np.testing.assert_array_equal(resumed[name], uninterrupted[name], name)
   _, metadata = checkpoints.load_params(stopped, which='raw')
   assert metadata['data_positions'] == [6 * 16]  # Where the input stream goes on.
   # Evaluated with the running averages, raw and EMA (a BatchNorm model without them fails).
@@ -396,22 +406,25 @@ def test_resume_on_another_mesh_restores_into_its_shardings(e2e_runs):
   per device), so the run ends as the uninterrupted one, up to reductions in another order."""
   straight, _, _, _, _, other_mesh = e2e_runs
   assert checkpoints.workdir_steps(other_mesh) == [3, 6]
-  resumed, uninterrupted = _state(other_mesh, 6), _state(straight, 6)
+  resumed, uninterrupted = helpers.saved_state(other_mesh, 6), helpers.saved_state(straight, 6)
+  assert resumed.keys() == uninterrupted.keys()
   for key in ('params', 'batch_stats', 'ema_params', 'opt_state'):
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        resumed[key],
-        uninterrupted[key],
-    )
+    for name in _part(uninterrupted, key):
+      np.testing.assert_allclose(
+          resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6, err_msg=name
+      )
 
 
 def test_sigterm_saves_the_running_averages_and_resume_restores_them(e2e_runs):
   _, stopped, at_sigterm, restored, _, _ = e2e_runs
   assert at_sigterm == [3]  # Saved at the notice, then stopped.
-  saved = _state(stopped, 3)
+  saved = helpers.saved_state(stopped, 3)
   assert int(saved['step']) == 3
   # Trained running averages, not the initial zeros and ones.
-  assert np.abs(saved['batch_stats']['bn1']['mean']).max() > 1e-3
-  assert np.abs(saved['batch_stats']['bn1']['var'] - 1).max() > 1e-3
+  assert np.abs(saved['batch_stats/bn1/mean']).max() > 1e-3
+  assert np.abs(saved['batch_stats/bn1/var'] - 1).max() > 1e-3
   assert len(restored) == 1 and restored[0] is not None
-  jax.tree.map(np.testing.assert_array_equal, restored[0]['batch_stats'], saved['batch_stats'])
+  stats = traverse_util.flatten_dict(restored[0]['batch_stats'], sep='/')
+  assert {f'batch_stats/{name}' for name in stats} == set(_part(saved, 'batch_stats'))
+  for name, value in stats.items():
+    np.testing.assert_array_equal(value, saved[f'batch_stats/{name}'], name)

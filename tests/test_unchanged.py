@@ -2,15 +2,17 @@
 trained for 4 steps through `train.train_and_evaluate`, give the parameters, optimizer state,
 EMA, running averages and logged metrics recorded in `tests/data/unchanged.json`.
 
-How the values were recorded: at commit 99a0313 (main before issue 25's redesign of the run,
-2026-12-06), on the suite's 8 CPU devices and compile flags (`tests/conftest.py`), with
+How the values were recorded: by this file as first committed (b4cde66), run on the code of
+commit 99a0313 (main before issue 25's redesign of the run, 2026-12-06), on the suite's 8 CPU
+devices and compile flags (`tests/conftest.py`), with
 
     CONVNEXT_RECORD_UNCHANGED=tests/data/unchanged.json python -m pytest -n 0 \\
         tests/test_unchanged.py
 
 which runs these same tests but writes what they measure instead of comparing it. The state
-is read back from the run's last checkpoint with orbax and the metrics from its TensorBoard
-events: neither goes through the project's own checkpoint or metrics code.
+is read back from the run's last checkpoint with orbax (`helpers.saved_state`) and the
+metrics from its TensorBoard events: neither goes through the project's own checkpoint or
+metrics code.
 
 On the machine kind the values were recorded on (the same jax and jaxlib, the same CPU
 instruction-set flags, the same XLA flags) every array must be bit-identical (SHA-256 of its
@@ -26,10 +28,9 @@ import os
 import pathlib
 import sys
 
-from etils import epath
+import helpers
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
@@ -94,20 +95,6 @@ def platform() -> dict[str, str]:
   }
 
 
-def _state(workdir: str) -> dict[str, np.ndarray]:
-  """The last checkpoint's train state, by leaf name, as orbax restores it onto the host."""
-  directory = epath.Path(workdir) / 'checkpoints'
-  step = max(ocp.utils.checkpoint_steps(directory))
-  item = directory / str(step) / 'state'
-  tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = ocp.PyTreeCheckpointer().restore(
-      item, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args)
-  )
-  flat = jax.tree_util.tree_flatten_with_path(restored)[0]
-  return {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(v) for p, v in flat}
-
-
 def _fingerprint(value: np.ndarray) -> dict:
   as64 = value.astype(np.float64).ravel()
   return {
@@ -136,7 +123,7 @@ def _metrics(workdir: str) -> dict[str, float]:
 def _measure(case: str, data_dir: str, workdir: str) -> dict:
   train.train_and_evaluate(CASES[case](data_dir), workdir)
   return {
-      'state': {name: _fingerprint(v) for name, v in sorted(_state(workdir).items())},
+      'state': {n: _fingerprint(v) for n, v in sorted(helpers.saved_state(workdir).items())},
       'metrics': dict(sorted(_metrics(workdir).items())),
   }
 
