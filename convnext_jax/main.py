@@ -34,11 +34,8 @@ import jax
 from ml_collections import config_flags
 
 from convnext_jax import console
-
-with console.native_notices_dropped():  # What TensorFlow prints while it loads (oneDNN).
-  from convnext_jax import fileio
-  from convnext_jax import train
-  from convnext_jax import validation
+from convnext_jax import fileio
+from convnext_jax import validation  # No TensorFlow: flag mistakes are reported without it.
 
 PROG = 'convnext-train'
 USAGE = 'python -m convnext_jax.main --config NAME_OR_FILE[:args] --workdir DIR'
@@ -139,6 +136,9 @@ def parse_flags(argv: list[str], prog: str = PROG, usage: str = USAGE) -> list[s
 def main(argv):
   if len(argv) > 1:
     return report(f'unexpected arguments {argv[1:]}; flags take the form --name=value', 2)
+  with console.native_notices_dropped():  # What TensorFlow prints while it loads (oneDNN).
+    from convnext_jax import train  # TensorFlow, for the input pipeline: once flags are right.
+
   console.configure(FLAGS.verbose)
   initialize_distributed()
   logging.info(

@@ -31,6 +31,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 
 
+def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
+  """This process's environment for a subprocess of jax on `devices` CPU devices, compiling
+  as every test does (`FAST_COMPILE`), with `extra` variables set."""
+  return dict(
+      os.environ,
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}',
+      JAX_PLATFORMS='cpu',
+      **extra,
+  )
+
+
 def free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(('127.0.0.1', 0))
@@ -148,12 +159,8 @@ def launch(
   log_dir = pathlib.Path(log_dir)
   log_dir.mkdir(parents=True, exist_ok=True)
   port = free_port()
-  base_env = dict(
-      os.environ,
-      JAX_PLATFORMS='cpu',
-      TF_CPP_MIN_LOG_LEVEL='2',
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process} {FAST_COMPILE}',
-      JAX_ENABLE_COMPILATION_CACHE='false',
+  base_env = cpu_env(
+      devices_per_process, TF_CPP_MIN_LOG_LEVEL='2', JAX_ENABLE_COMPILATION_CACHE='false'
   )
   base_env.pop('JAX_COMPILATION_CACHE_DIR', None)
   base_env.update(env or {})

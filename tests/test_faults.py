@@ -6,7 +6,6 @@ The runs train `tests/mp_config.py` (a 1-1-2-1 ConvNeXt at 32 px) on one CPU dev
 """
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import time
 
 import helpers
 import jax
+import multiprocess
 import numpy as np
 import pytest
 
@@ -47,7 +47,7 @@ def _command(workdir, data_dir, *flags):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  return multiprocess.cpu_env()
 
 
 def train(workdir, data_dir, *flags) -> subprocess.CompletedProcess:

@@ -5,10 +5,10 @@ with the tiny config of `tests/mp_config.py`.
 
 Shown here: 2 processes train with identical losses on both and end with the parameters of
 1 process fed the same global batches; every kind of mesh over 2 processes (data, FSDP,
-data x FSDP x model, model only) trains identically on both, and a mesh the processes cannot
-feed is refused up front; `init_from` under FSDP spanning processes, from a converted
-checkpoint and from a training workdir; evaluation counts every example exactly once over 3
-processes; a dataset prepared on first use while one process arrives 30 s late; SIGTERM to
+data x FSDP x model, model only) trains identically on both (FSDP: the init_from runs), and
+a mesh the processes cannot feed is refused up front; `init_from` under FSDP spanning
+processes, from a converted checkpoint and from a training workdir; evaluation counts every
+example exactly once over 3 processes; a dataset prepared on first use while one process arrives 30 s late; SIGTERM to
 one process, then an exact resume (and a resume on 1 process); SIGKILL during an async save,
 after which every reader uses the previous step.
 """
@@ -37,12 +37,12 @@ from convnext_jax.data import inputs as inputs_lib
 CONFIG = 'tests/mp_config.py'
 TIMEOUT = 600  # Seconds per launch before it counts as hung: they take 20-150 s on 2 cores.
 STEPS = 6
-# (data, fsdp, model) meshes over 2 processes x 4 devices: data parallel, FSDP, all three,
-# and tensor parallel only (each process then holds the whole batch). That each trains as one
-# device does is test_sharding's; here, that both processes run it as one.
+# (data, fsdp, model) meshes over 2 processes x 4 devices: data parallel, all three, and
+# tensor parallel only (each process then holds the whole batch); FSDP alone is the init_from
+# runs' mesh. That each trains as one device does is test_sharding's; here, that both
+# processes run it as one.
 MESHES = {
     'data8': (8, 1, 1),
-    'fsdp8': (1, 8, 1),
     'data2_fsdp2_model2': (2, 2, 2),
     'model8': (1, 1, 8),
 }
@@ -201,6 +201,12 @@ def test_init_from_under_fsdp_spanning_processes(two_processes):
   root, logs, converted = two_processes
   for log in logs:  # Parameters really were split over both processes' devices.
     assert "mesh {'data': 1, 'fsdp': 8, 'model': 1}" in log and "P(None, 'fsdp')" in log
+  for name in ('from_converted', 'from_workdir'):  # Both processes ran it as one.
+    outcomes = [records(root, f'{name}_outcome', p)[0] for p in (0, 1)]
+    assert [o['outcome'] for o in outcomes] == ['trained', 'trained'], outcomes
+    assert outcomes[0]['eval'] == outcomes[1]['eval'] and losses(root, name, 0) == losses(
+        root, name, 1
+    )
   raw, _ = raw_and_ema(root / 'from_converted')
   head = raw.pop('head')
   assert head['kernel'].shape == (128, 10)  # A new 10-class head, at its initialisation.

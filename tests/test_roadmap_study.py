@@ -5,7 +5,6 @@ beside the paper's) and a chart that opens, and skips both steps when run again.
 
 import importlib.util
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -14,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import multiprocess
 from PIL import Image
 import pytest
 
@@ -165,7 +165,7 @@ STEPS = ('baseline', 'downsample')  # A BatchNorm ResNet and ConvNeXt-T, in mini
 
 
 def _study(workdir: str, data_dir: str) -> tuple[str, str, float]:
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  env = multiprocess.cpu_env()
   command = [
       sys.executable,
       '-m',

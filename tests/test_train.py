@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import jax
+import multiprocess
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -57,7 +58,7 @@ SHORT_DEMO_FLAGS = (
 def run_main(workdir: str, data_dir: str, *flags: str) -> str:
   """`python -m convnext_jax.main --config configs/demo.py` on one CPU device; returns what
   it printed (stdout and stderr)."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  env = multiprocess.cpu_env()
   env.pop('TF_CPP_MIN_LOG_LEVEL')  # The suite's (conftest.py): the console a user sees.
   command = [
       sys.executable,

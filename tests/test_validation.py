@@ -15,6 +15,7 @@ import subprocess
 import sys
 import types
 
+import multiprocess
 import pytest
 
 from convnext_jax import configs
@@ -490,12 +491,7 @@ CLI_CASES = {
 def cli_results(tmp_path_factory):
   """Every CLI case run once, two processes at a time: {case: (workdir, CompletedProcess)}."""
   root = tmp_path_factory.mktemp('cli')
-  env = dict(
-      os.environ,
-      XLA_FLAGS='--xla_force_host_platform_device_count=1',
-      JAX_PLATFORMS='cpu',
-      TF_CPP_MIN_LOG_LEVEL='3',
-  )
+  env = multiprocess.cpu_env(TF_CPP_MIN_LOG_LEVEL='3')
 
   def run(case):
     workdir = root / case
