@@ -31,12 +31,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 
 
-def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
-  """This process's environment for a subprocess of jax on `devices` CPU devices, compiling
-  as every test does (`FAST_COMPILE`), with `extra` variables set."""
+def cpu_env(devices: int = 1, fast_compile: bool = True, **extra: str) -> dict[str, str]:
+  """This process's environment for a subprocess of jax on `devices` CPU devices, with
+  `extra` variables set. It compiles as every test does (`FAST_COMPILE`) unless
+  `fast_compile` is False: for a run of many steps, which optimised code finishes sooner."""
+  flags = f'--xla_force_host_platform_device_count={devices}'
   return dict(
       os.environ,
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}',
+      XLA_FLAGS=f'{flags} {FAST_COMPILE}' if fast_compile else flags,
       JAX_PLATFORMS='cpu',
       **extra,
   )

@@ -8,9 +8,9 @@ Shown here: 2 processes train with identical losses on both and end with the par
 data x FSDP x model, model only) trains identically on both (FSDP: the init_from runs), and
 a mesh the processes cannot feed is refused up front; `init_from` under FSDP spanning
 processes, from a converted checkpoint and from a training workdir; evaluation counts every
-example exactly once over 3 processes; a dataset prepared on first use while one process arrives 30 s late; SIGTERM to
-one process, then an exact resume (and a resume on 1 process); SIGKILL during an async save,
-after which every reader uses the previous step.
+example exactly once over 3 processes; a dataset prepared on first use while one process
+arrives 30 s late; SIGTERM to one process, then an exact resume (and a resume on 1 process);
+SIGKILL during an async save, after which every reader uses the previous step.
 """
 
 import json

@@ -58,7 +58,7 @@ SHORT_DEMO_FLAGS = (
 def run_main(workdir: str, data_dir: str, *flags: str) -> str:
   """`python -m convnext_jax.main --config configs/demo.py` on one CPU device; returns what
   it printed (stdout and stderr)."""
-  env = multiprocess.cpu_env()
+  env = multiprocess.cpu_env(fast_compile=False)  # 150 steps: optimised code pays.
   env.pop('TF_CPP_MIN_LOG_LEVEL')  # The suite's (conftest.py): the console a user sees.
   command = [
       sys.executable,

@@ -1,16 +1,17 @@
 """Training behaviour pinned across refactors: the demo config and a BatchNorm roadmap step,
-trained for 4 steps through `train.train_and_evaluate`, give the parameters, optimizer state,
-EMA, running averages and logged metrics recorded in `tests/data/unchanged.json`.
+trained for 4 steps by `python -m convnext_jax.main` on one CPU device (as the demo runs on
+a laptop), give the parameters, optimizer state, EMA, running averages and logged metrics
+recorded in `tests/data/unchanged.json`.
 
-How the values were recorded: by this file as first committed (b4cde66), run on the code of
-commit 99a0313 (main before issue 25's redesign of the run, 2026-12-06), on the suite's 8 CPU
-devices and compile flags (`tests/conftest.py`), with
+How the values were recorded: by this file, run on the code of commit 99a0313 (main before
+issue 25's redesign of the run, 2026-12-06), with
 
     CONVNEXT_RECORD_UNCHANGED=tests/data/unchanged.json python -m pytest -n 0 \\
         tests/test_unchanged.py
 
-which runs these same tests but writes what they measure instead of comparing it. The state
-is read back from the run's last checkpoint with orbax (`helpers.saved_state`) and the
+which runs these same tests but writes what they measure instead of comparing it. The
+command line is one both versions take (a config file path and `--config.*` overrides). The
+state is read back from the run's last checkpoint with orbax (`helpers.saved_state`) and the
 metrics from its TensorBoard events: neither goes through the project's own checkpoint or
 metrics code.
 
@@ -22,20 +23,19 @@ rounding instead (rtol 1e-4 after 4 steps).
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import helpers
 import jax
+import multiprocess
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
-
-from convnext_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECORD = REPO / 'tests' / 'data' / 'unchanged.json'
@@ -46,30 +46,18 @@ FIRST_VALUES = 8
 TIMINGS = ('train/images_per_sec', 'steps_per_sec')
 
 
-def _config_file(name: str, arg: str | None):
-  spec = importlib.util.spec_from_file_location(f'unchanged_{name}', REPO / 'configs' / name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def _short(c, data_dir: str):
-  """`c` trained for STEPS steps (2 logs, an evaluation and a checkpoint at the end)."""
-  c.dataset.data_dir = data_dir
-  c.num_steps = STEPS
-  c.log_every_steps = 2
-  c.eval_every_steps = STEPS
-  c.checkpoint_every_steps = STEPS
-  return c
-
-
+# 4 steps: 2 logs, an evaluation and a checkpoint at the end.
+SHORT = (
+    f'--config.num_steps={STEPS}',
+    '--config.log_every_steps=2',
+    f'--config.eval_every_steps={STEPS}',
+    f'--config.checkpoint_every_steps={STEPS}',
+)
 CASES = {
-    # configs/demo.py: convnext_atto at 40 px, EMA with warmup, 8-way data parallel here.
-    'demo': lambda data_dir: _short(_config_file('demo.py', None), data_dir),
+    # configs/demo.py: convnext_atto at 40 px, EMA with warmup.
+    'demo': 'configs/demo.py',
     # The roadmap's ResNet-50 baseline (BatchNorm, statistics per device), the mini preset.
-    'roadmap_r50_baseline_mini': lambda data_dir: _short(
-        _config_file('roadmap.py', 'track=r50,step=baseline,mini'), data_dir
-    ),
+    'roadmap_r50_baseline_mini': 'configs/roadmap.py:track=r50,step=baseline,mini',
 }
 
 
@@ -91,7 +79,7 @@ def platform() -> dict[str, str]:
       'jax': jax.__version__,
       'jaxlib': jaxlib.__version__,
       'isa': ' '.join(isa),
-      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'xla_flags': multiprocess.cpu_env()['XLA_FLAGS'],
   }
 
 
@@ -121,7 +109,25 @@ def _metrics(workdir: str) -> dict[str, float]:
 
 
 def _measure(case: str, data_dir: str, workdir: str) -> dict:
-  train.train_and_evaluate(CASES[case](data_dir), workdir)
+  command = [
+      sys.executable,
+      '-m',
+      'convnext_jax.main',
+      f'--config={CASES[case]}',
+      f'--workdir={workdir}',
+      f'--config.dataset.data_dir={data_dir}',
+      *SHORT,
+  ]
+  proc = subprocess.run(
+      command,
+      env=multiprocess.cpu_env(),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
   return {
       'state': {n: _fingerprint(v) for n, v in sorted(helpers.saved_state(workdir).items())},
       'metrics': dict(sorted(_metrics(workdir).items())),
