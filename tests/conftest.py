@@ -1,6 +1,7 @@
 """Test setup: 8 host CPU devices (for sharding tests) before jax initialises, and fixtures."""
 
 import atexit
+import fcntl
 import os
 import shutil
 import sys
@@ -34,9 +35,16 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 
 @pytest.fixture(scope='session')
 def shapes_dir(tmp_path_factory):
-  """A data_dir with the built-in `convnext_shapes` dataset prepared (about 10 s, once)."""
+  """A data_dir with the built-in `convnext_shapes` dataset prepared (about 10 s), once per
+  session: the xdist workers share it (the first prepares it, under a lock; the others find
+  it prepared). Tests only read it."""
   from convnext_jax import datasets  # pylint: disable=g-import-not-at-top (TensorFlow)
 
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  datasets.prepare('convnext_shapes', data_dir=data_dir)
-  return data_dir
+  base = tmp_path_factory.getbasetemp()
+  # Under xdist each worker's base is in the session's own directory (never an older one's).
+  session = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+  data_dir = session / 'shapes_tfds'
+  with open(session / 'shapes_tfds.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    datasets.prepare('convnext_shapes', data_dir=str(data_dir))
+  return str(data_dir)

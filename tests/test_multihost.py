@@ -4,8 +4,8 @@ processes with 4 (or 2) CPU devices each, joined by `jax.distributed` on 127.0.0
 with the tiny config of `tests/mp_config.py`.
 
 Shown here: 2 processes train with identical losses on both and end with the parameters of
-1 process fed the same global batches; every kind of mesh over 2 processes (data, FSDP,
-data x FSDP x model, model only) trains identically on both (FSDP: the init_from runs), and
+1 process fed the same global batches; every axis of the mesh spanning the 2 processes (data,
+FSDP, model) trains identically on both (FSDP: the init_from runs), and
 a mesh the processes cannot feed is refused up front; `init_from` under FSDP spanning
 processes, from a converted checkpoint and from a training workdir; evaluation counts every
 example exactly once over 3 processes; a dataset prepared on first use while one process
@@ -37,13 +37,12 @@ from convnext_jax.data import inputs as inputs_lib
 CONFIG = 'tests/mp_config.py'
 TIMEOUT = 600  # Seconds per launch before it counts as hung: they take 20-150 s on 2 cores.
 STEPS = 6
-# (data, fsdp, model) meshes over 2 processes x 4 devices: data parallel, all three, and
-# tensor parallel only (each process then holds the whole batch); FSDP alone is the init_from
-# runs' mesh. That each trains as one device does is test_sharding's; here, that both
-# processes run it as one.
+# (data, fsdp, model) meshes over 2 processes x 4 devices, each axis spanning the processes:
+# data parallel (each process feeds its half of the batch) and tensor parallel (each process
+# feeds the whole batch); FSDP is the init_from runs' mesh. That each mesh, and their mixes,
+# train as one device does is test_sharding's; here, that both processes run it as one.
 MESHES = {
     'data8': (8, 1, 1),
-    'data2_fsdp2_model2': (2, 2, 2),
     'model8': (1, 1, 8),
 }
 

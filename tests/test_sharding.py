@@ -94,7 +94,8 @@ def single_device():
   return _run((1, 1, 1), jax.devices()[:1])
 
 
-@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 2, 2)], ids=['data8', 'data2_fsdp2_model2'])
+# Every axis at once; data x FSDP alone is the gradient accumulation test's mesh below.
+@pytest.mark.parametrize('mesh_shape', [(2, 2, 2)], ids=['data2_fsdp2_model2'])
 def test_meshes_match_a_single_device(single_device, mesh_shape):
   ref_losses, ref_state, _, initial = single_device
   losses, state, device_state, _ = _run(mesh_shape, jax.devices())
@@ -119,8 +120,6 @@ def test_meshes_match_a_single_device(single_device, mesh_shape):
     assert pw1.addressable_shards[0].data.size == pw1.size // 2 // mesh_shape[2]
     mu = device_state['opt_state']
     assert any('fsdp' in str(getattr(x, 'sharding', '')) for x in jax.tree.leaves(mu))
-  if mesh_shape == (8, 1, 1):
-    assert pw1.sharding.is_fully_replicated
 
 
 def test_validation_rejects_batches_the_mesh_cannot_split():

@@ -2,10 +2,11 @@
 
 `validation.check` is tested in-process over one mistake per key family (and with a mesh,
 for the batch splits); `main.main` in process for the exit status of each outcome (a config
-the trainer's checks refuse: 2, before the workdir exists; a run-time error: 1); and
+the trainer's checks refuse: 2, before the workdir exists; a run-time error: 1);
+`validation.command_line` in process for mistakes in the config argument and its keys; and
 `python -m convnext_jax.main` in subprocesses (two at a time) for what only a process shows:
-flag and config-file mistakes found before and while absl parses the flags, the exit status
-and the last line on stderr.
+one mistake found at each stage (before absl parses the flags, by absl, by the config
+loader, by the trainer's checks), the exit status and the last line on stderr.
 """
 
 import concurrent.futures
@@ -421,16 +422,14 @@ def test_main_run_error_exits_1_with_one_line(run_main):
 
 
 # ---------------------------------------------------------------------------------------
-# python -m convnext_jax.main, in subprocesses.
+# The command line: what `validation.command_line` finds before absl parses the flags, in
+# process; then `python -m convnext_jax.main` in subprocesses, one case per stage that can
+# refuse a command (before absl, absl itself, the config loader, the trainer's checks).
 
 DEMO = 'configs/demo.py:runlocal'
 # The shipped configs' names, as listed in the repository (not by the loader under test).
 SHIPPED = ', '.join(sorted(p.stem for p in (REPO / 'configs').glob('[!_]*.py')))
-CLI_CASES = {
-    'unknown_key': (
-        [f'--config={DEMO}', '--config.learning_rate=1'],
-        'config.learning_rate is not a config key; did you mean config.optim.lr?',
-    ),
+COMMAND_LINE_CASES = {
     'unknown_nested_key': (
         [f'--config={DEMO}', '--config.optim.lrr=1'],
         'config.optim.lrr is not a config key; did you mean config.optim.lr?',
@@ -440,19 +439,10 @@ CLI_CASES = {
         'config.model.overrides.depths cannot be added on its own; set the whole dict, e.g. '
         '--config.model.overrides="{\'depths\': ...}"',
     ),
-    'wrong_type': (
-        [f'--config={DEMO}', '--config.global_batch_size=abc'],
-        "config.global_batch_size must be an integer, got 'abc'",
-    ),
     'missing_config_file': (
         ['--config=configs/nope.py:runlocal'],
         f'config configs/nope.py not found: it is not a file, nor a config shipped in '
         f'{REPO / "configs"}; give a config file or one of: {SHIPPED}',
-    ),
-    'misspelt_config_name': (
-        ['--config=dmeo:runlocal'],
-        f'config dmeo not found: it is not a file, nor a config shipped in {REPO / "configs"}; '
-        f'did you mean demo? give a config file or one of: {SHIPPED}',
     ),
     'get_config_raises': (
         ['--config=configs/convnext_t_in22k_ft_in1k.py', '--config.seed=1'],
@@ -460,24 +450,38 @@ CLI_CASES = {
         'weights: append :init=PATH to the config (a training workdir or a `convnext-convert '
         'import` directory)',
     ),
+}
+
+
+@pytest.mark.parametrize('case', list(COMMAND_LINE_CASES))
+def test_command_line_mistake_is_one_line(case, monkeypatch):
+  args, message = COMMAND_LINE_CASES[case]
+  monkeypatch.chdir(REPO)  # Config paths as a user in the checkout gives them.
+  with pytest.raises(validation.ConfigError) as e:
+    validation.command_line(['convnext-train', *args, '--workdir=/tmp/unused'], main.USAGE)
+  assert str(e.value) == message
+
+
+# The rules behind the trainer's checks are test_check_refuses_with_one_line's, and main's
+# exit status for them test_main_config_mistake_exits_2_before_training's.
+CLI_CASES = {
+    'unknown_key': (
+        [f'--config={DEMO}', '--config.learning_rate=1'],
+        'config.learning_rate is not a config key; did you mean config.optim.lr?',
+    ),
+    'wrong_type': (
+        [f'--config={DEMO}', '--config.global_batch_size=abc'],
+        "config.global_batch_size must be an integer, got 'abc'",
+    ),
+    'misspelt_config_name': (
+        ['--config=dmeo:runlocal'],
+        f'config dmeo not found: it is not a file, nor a config shipped in {REPO / "configs"}; '
+        f'did you mean demo? give a config file or one of: {SHIPPED}',
+    ),
     'no_workdir': (
         ['--config=demo:runlocal'],
         '--workdir is required: python -m convnext_jax.main --config NAME_OR_FILE[:args] '
         '--workdir DIR',
-    ),
-    'zero_batch': (
-        [f'--config={DEMO}', '--config.global_batch_size=0'],
-        'config.global_batch_size must be a positive integer, got 0',
-    ),
-    'unknown_dataset': (
-        [f'--config={DEMO}', '--config.dataset.name=nosuch'],
-        "config.dataset.name 'nosuch' is not a tfds dataset; this project builds "
-        f'{SHAPES_DATASETS}',
-    ),
-    'missing_init_from': (
-        [f'--config={DEMO}', '--config.init_from.path=/nonexistent/convnext_ckpt'],
-        'config.init_from.path /nonexistent/convnext_ckpt does not exist; give a training '
-        "workdir or a `convnext-convert import` directory, or '' to start from scratch",
     ),
     'mesh_larger_than_devices': (
         [f'--config={DEMO}', '--config.mesh=3,1,1'],
