@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The accelerator figures of docs/benchmarks.md: convnext_tiny and convnext_base, bfloat16, at
 # 224 px, training (batch 256 and 128) and inference, each beside PyTorch eager and
-# torch.compile (transformers' ConvNeXt) in the same process; then convnext_base training
-# with the depthwise 7x7 conv as 49 shifted multiply-adds instead of XLA's grouped
-# convolution (is the backend's grouped-conv kernel the faster one?), with scan, and with
-# remat='dots_saveable' (the memory/speed trade-off), JAX only.
+# torch.compile (transformers' ConvNeXt) in the same process (`train` adds our step
+# work-matched: Mixup/CutMix, erasing and EMA off); then convnext_tiny and convnext_base
+# training with the depthwise 7x7 conv in its shifted form (49 fused multiply-adds forward,
+# the row-blocked fused gradients of issue 26 backward) instead of XLA's grouped convolution:
+# the rows that decide the GPU's `depthwise_impl` default; then convnext_base with scan and
+# with remat='dots_saveable' (the memory/speed trade-off), JAX only.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]        (default OUT_DIR: benchmark_results)
 #
@@ -35,6 +37,7 @@ run tiny_train train --model convnext_tiny --batch 256 --compare torch
 run base_train train --model convnext_base --batch 128 --compare torch
 run tiny_infer infer --model convnext_tiny --batch 256 --compare torch
 run base_infer infer --model convnext_base --batch 128 --compare torch
+run tiny_train_shift train --model convnext_tiny --batch 256 --depthwise-impl shift
 run base_train_shift train --model convnext_base --batch 128 --depthwise-impl shift
 run base_train_scan train --model convnext_base --batch 128 --scan
 run base_train_dots train --model convnext_base --batch 128 --remat dots_saveable

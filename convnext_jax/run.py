@@ -191,6 +191,8 @@ class Run:
     state_shardings: the train state's shardings.
     abstract_state: the train state's shapes, dtypes and shardings (no memory).
     train_step: jitted (state, batch) -> (state, TrainMetrics, health); donates the state.
+    update: what the train step does after its backward pass, (state, loss, grads,
+      batch_stats) -> (state, TrainMetrics, health), unjitted (`benchmark profile` times it).
     eval_step: jitted (params_by_name, batch[, batch_stats]) -> {name: metrics}.
   """
 
@@ -210,6 +212,7 @@ class Run:
   state_shardings: Any
   abstract_state: Any
   train_step: Any
+  update: Any
   eval_step: Any
 
   @classmethod
@@ -273,14 +276,12 @@ class Run:
 
     abstract = jax.eval_shape(init, jax.random.key(config.seed))
     state_shardings = _state_shardings(abstract, mesh, config.sharding_min_size)
-    update = jax.jit(
+    update = train_step.make_update(
+        optimizer, lr_fn, ema_decay=config.ema.decay, ema_warmup=config.ema.warmup
+    )
+    step = jax.jit(
         train_step.make_train_step(
-            objective.loss,
-            optimizer,
-            lr_fn,
-            grad_accum_steps=config.grad_accum_steps,
-            ema_decay=config.ema.decay,
-            ema_warmup=config.ema.warmup,
+            objective.loss, update, grad_accum_steps=config.grad_accum_steps
         ),
         in_shardings=(state_shardings, feed.sharding),
         out_shardings=(state_shardings, None, None),
@@ -304,7 +305,8 @@ class Run:
         use_ema=use_ema,
         state_shardings=state_shardings,
         abstract_state=_with_shardings(abstract, state_shardings),
-        train_step=update,
+        train_step=step,
+        update=update,
         eval_step=eval_step,
     )
 

@@ -3,11 +3,11 @@
 The train state is a plain pytree {'params', 'opt_state', 'step', 'rng'}, plus 'ema_params'
 (an EMA of the params) when the run keeps one and 'batch_stats' (BatchNorm's running
 averages) for a model with BatchNorm. `init_state` creates it; `make_train_step` returns the
-jit-able (state, batch) -> (state, TrainMetrics, health) of one update: the objective's loss
-averaged over `grad_accum_steps` micro-batches (the running averages carried through them in
-turn, as PyTorch's forward passes update them), AdamW, the EMA, and the non-finite guard: a
-step whose loss, gradients, new params or new running averages are not finite leaves the state
-as it was. `run.Run` jits both with the run's shardings.
+jit-able (state, batch) -> (state, TrainMetrics, health) of one update: the gradient of the
+objective's loss averaged over `grad_accum_steps` micro-batches (the running averages carried
+through them in turn, as PyTorch's forward passes update them), then `make_update`'s AdamW,
+EMA and non-finite guard: a step whose loss, gradients, new params or new running averages
+are not finite leaves the state as it was. `run.Run` jits both with the run's shardings.
 
 An objective is anything with `loss(params, batch_stats, batch, key) -> (loss, batch_stats)`
 (`classification.Classification`); the batch is a dict of arrays with the batch leading.
@@ -107,24 +107,81 @@ def init_state(
   return state
 
 
-def make_train_step(
-    loss_fn: Callable[..., tuple[Any, Any]],
+def make_update(
     optimizer: optax.GradientTransformation,
     schedule_fn: optax.Schedule,
     *,
-    grad_accum_steps: int = 1,
     ema_decay: float = 0.0,
     ema_warmup: bool = False,
+):
+  """The jit-able (state, loss, grads, batch_stats) -> (state, TrainMetrics, health) that
+  applies one step's gradients: AdamW, the EMA and the non-finite guard (everything of a
+  training step after the backward pass; `make_train_step` ends with it).
+
+  Args:
+    optimizer: updates the params from the gradients.
+    schedule_fn: the learning rate by step (logged).
+    ema_decay, ema_warmup: the EMA's decay and whether it warms up (`optim.ema_decay_at`);
+      used when the state has 'ema_params'.
+  """
+
+  def update(state, loss, grads, batch_stats):
+    params = state[PARAMS]
+    with jax.named_scope('optimizer'):
+      updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+      new_params = optax.apply_updates(params, updates)
+    updated = {PARAMS: new_params, 'opt_state': opt_state}
+    if batch_stats is not None:
+      updated[BATCH_STATS] = batch_stats
+    if EMA_PARAMS in state:
+      with jax.named_scope('ema'):
+        decay = optim.ema_decay_at(state['step'], ema_decay, ema_warmup)
+        updated[EMA_PARAMS] = optim.update_ema(state[EMA_PARAMS], new_params, decay)
+    with jax.named_scope('guard'):
+      grad_norm = optax.tree.norm(grads)
+      new_param_norm = optax.tree.norm(new_params)
+      # The non-finite guard: a step whose loss, gradients or new weights are not all finite
+      # changes nothing but the step count (the selects fuse into the update's elementwise
+      # work), so the state never holds a NaN or inf to be saved. The optimizer's own count
+      # (bias correction, its schedule) stays too: a skipped step is as if not taken. The
+      # running averages count as weights: an infinite variance can leave the loss finite.
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(new_param_norm)
+      if batch_stats is not None:
+        finite &= jnp.isfinite(optax.tree.norm(batch_stats))
+      new_state = dict(state, step=state['step'] + 1)
+      new_state.update(
+          jax.tree.map(
+              lambda new, old: jnp.where(finite, new, old),
+              updated,
+              {k: state[k] for k in updated},
+          )
+      )
+      # The norm of the weights the step leaves: the guard's, so a step reads its weights
+      # once more only when it was skipped (a cond runs one branch).
+      param_norm = jax.lax.cond(
+          finite, lambda: new_param_norm, lambda: optax.tree.norm(state[PARAMS])
+      )
+    step_metrics = TrainMetrics.single_from_model_output(
+        loss=loss,
+        grad_norm=grad_norm,
+        param_norm=param_norm,
+        lr=schedule_fn(state['step']),
+        finite=finite,
+    )
+    return new_state, step_metrics, {'finite': finite, 'loss': loss, 'grad_norm': grad_norm}
+
+  return update
+
+
+def make_train_step(
+    loss_fn: Callable[..., tuple[Any, Any]], update: Callable[..., Any], *, grad_accum_steps=1
 ):
   """The jit-able (state, batch) -> (state, TrainMetrics, health) of one optimizer update.
 
   Args:
     loss_fn: the objective's (params, batch_stats, batch, key) -> (loss, new batch_stats).
-    optimizer: updates the params from the gradients.
-    schedule_fn: the learning rate by step (logged).
+    update: applies the gradients (`make_update`).
     grad_accum_steps: micro-batches per update; example i goes to micro-batch i % accum.
-    ema_decay, ema_warmup: the EMA's decay and whether it warms up (`optim.ema_decay_at`);
-      used when the state has 'ema_params'.
 
   Returns:
     The step. `health` holds the guard's verdict and the loss and gradient norm it judged.
@@ -159,42 +216,6 @@ def make_train_step(
           (jax.tree.map(split, batch), jax.random.split(key, accum)),
       )
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
-    updates, opt_state = optimizer.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
-    updated = {PARAMS: new_params, 'opt_state': opt_state}
-    if batch_stats is not None:
-      updated[BATCH_STATS] = batch_stats
-    if EMA_PARAMS in state:
-      decay = optim.ema_decay_at(state['step'], ema_decay, ema_warmup)
-      updated[EMA_PARAMS] = optim.update_ema(state[EMA_PARAMS], new_params, decay)
-    grad_norm = optax.tree.norm(grads)
-    new_param_norm = optax.tree.norm(new_params)
-    # The non-finite guard: a step whose loss, gradients or new weights are not all finite
-    # changes nothing but the step count (the selects fuse into the update's elementwise
-    # work), so the state never holds a NaN or inf to be saved. The optimizer's own count
-    # (bias correction, its schedule) stays too: a skipped step is as if not taken. The
-    # running averages count as weights: an infinite variance can leave the loss finite.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(new_param_norm)
-    if batch_stats is not None:
-      finite &= jnp.isfinite(optax.tree.norm(batch_stats))
-    new_state = dict(state, step=state['step'] + 1)
-    new_state.update(
-        jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), updated, {k: state[k] for k in updated}
-        )
-    )
-    # The norm of the weights the step leaves: the guard's, so a step reads its weights once
-    # more only when it was skipped (a cond runs one branch).
-    param_norm = jax.lax.cond(
-        finite, lambda: new_param_norm, lambda: optax.tree.norm(state[PARAMS])
-    )
-    step_metrics = TrainMetrics.single_from_model_output(
-        loss=loss,
-        grad_norm=grad_norm,
-        param_norm=param_norm,
-        lr=schedule_fn(state['step']),
-        finite=finite,
-    )
-    return new_state, step_metrics, {'finite': finite, 'loss': loss, 'grad_norm': grad_norm}
+    return update(state, loss, grads, batch_stats)
 
   return step

@@ -83,6 +83,16 @@ def test_every_field_is_printed(runs, command):
       ),
       lines[2],
   ), lines[2]
+  if command == 'train':  # The same step with the work PyTorch's does not do turned off.
+    assert re.fullmatch(
+        LINE.format(
+            name=re.escape('jax train, work-matched (float32)'),
+            compile=r'\d+\.\d s',
+            tflops=r'\d+\.\d{3}',
+            memory=r'\d+ MiB/device \(XLA plan\)',
+        ),
+        lines[3],
+    ), lines[3]
   assert re.fullmatch(
       LINE.format(
           name=re.escape(f'torch eager {command} (float32)'),
@@ -90,15 +100,18 @@ def test_every_field_is_printed(runs, command):
           tflops='n/a',
           memory='n/a',
       ),
-      lines[3],
-  ), lines[3]
+      lines[-1],
+  ), lines[-1]
 
 
 @pytest.mark.parametrize('command', ['train', 'infer'])
 def test_lines_and_records(runs, command):
   record = runs[command][0]
-  jax_result, torch_result = record['results']
+  jax_result, *matched, torch_result = record['results']
   assert jax_result['name'] == f'jax {command} (float32)'
+  assert [r['name'] for r in matched] == (
+      ['jax train, work-matched (float32)'] if command == 'train' else []
+  )
   assert torch_result['name'] == f'torch eager {command} (float32)'
   assert jax_result['devices'] == 1 and jax_result['batch'] == BATCH
   assert jax_result['compile_s'] > 0 and jax_result['seconds'] > 0
@@ -315,3 +328,69 @@ def test_compile_takes_a_comma_separated_list():
       'convnext_atto',
       'convnextv2_huge',
   ]
+
+
+def test_profile_attributes_ops_to_their_part_and_layer():
+  from convnext_jax.benchmark import profile  # pylint: disable=g-import-not-at-top
+
+  # Op names as jax writes them into the compiled step's metadata.
+  step = 'jit(step)/'
+  cases = {
+      step + 'jvp(augment)/vmap(jit(_where))/select_n': ('augmentation', ''),
+      step + 'jvp(ConvNeXt)/stages.0.1/gelu/erf': ('forward', 'gelu'),
+      step + 'transpose(jvp(ConvNeXt))/stages.2.4/pwconv1/dot_general': ('backward', 'pwconv1'),
+      step
+      + 'jvp(ConvNeXt)/stages.0.0/dwconv/cond/branch_0_fun/depthwise_backward/stack': (
+          'backward',
+          'dwconv',
+      ),
+      step
+      + 'transpose(jvp(ConvNeXt))/downsample_layers.1.1/conv_general_dilated': (
+          'backward',
+          'downsample',
+      ),
+      step + 'optimizer/add': ('optimizer+EMA+guard', ''),
+      step + 'guard/jit(_where)/select_n': ('optimizer+EMA+guard', ''),
+      '': ('unnamed', ''),
+  }
+  for op_name, (part, layer) in cases.items():
+    assert (profile.part_of(op_name), profile.layer_of(op_name)) == (part, layer), op_name
+
+
+def test_profile_prints_the_parts_and_the_traced_ops(runs):
+  del runs  # Compiles the step `benchmark train` compiled: the session's cache has it.
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    cli.main(
+        [
+            'profile',
+            '--model',
+            'convnext_atto',
+            '--batch',
+            str(BATCH),
+            '--size',
+            str(SIZE),
+            '--devices',
+            '1',
+            '--warmup',
+            '1',
+            '--iters',
+            '1',
+            '--top',
+            '40',
+        ]
+    )
+  out = printed.getvalue()
+  for row in (
+      'on-device augmentation',
+      'forward (loss, less augmentation)',
+      'backward (the rest of the step)',
+      'optimizer+EMA+guard',
+      'train step',
+  ):
+    assert re.search(rf'^  {re.escape(row)} +-?\d+\.\d ms +-?\d+\.\d%$', out, re.M), row
+  # Every part of the step shows in the trace, and the depthwise conv in both passes.
+  for row in ('forward', 'backward', 'optimizer+EMA+guard', 'augmentation'):
+    assert re.search(rf'^  {re.escape(row)} +\d+\.\d ms', out, re.M), row
+  for row in ('forward: dwconv', 'backward: dwconv', 'forward: gelu', 'backward: pwconv1'):
+    assert re.search(rf'^  {re.escape(row)} +\d+\.\d ms +\d+\.\d% +\d+ events$', out, re.M), row

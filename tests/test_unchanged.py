@@ -15,11 +15,11 @@ state is read back from the run's last checkpoint with orbax (`helpers.saved_sta
 metrics from its TensorBoard events: neither goes through the project's own checkpoint or
 metrics code.
 
-On the machine kind the values were recorded on (the same jax and jaxlib, the same CPU
-instruction-set flags, the same XLA flags) every array must be bit-identical (SHA-256 of its
-bytes) and every metric equal. On another CPU XLA:CPU vectorises reductions differently, so
-there the arrays' norms, sums and leading values and the metrics are compared to float
-rounding instead (rtol 1e-4 after 4 steps).
+The arrays' norms, sums and leading values and the metrics are compared to float rounding
+(rtol 1e-4 after 4 steps). Until issue 26 they were bit-identical (SHA-256 of their bytes) on
+the machine kind they were recorded on; issue 26 rewrote the depthwise conv's backward pass
+and the exact GELU for speed (the same functions, their additions in another order), so the
+bits moved while the values stayed within rounding of these, the code before issue 25's.
 """
 
 import hashlib
@@ -155,20 +155,12 @@ def test_training_gives_the_recorded_state_and_metrics(case, shapes_dir, tmp_pat
   assert sorted(measured['metrics']) == sorted(expected['metrics'])
   # The run really trained: the loss was logged at both log steps and the weights moved.
   assert {f'{s}:train/loss' for s in (2, STEPS)} <= set(measured['metrics'])
-  exact = record['platform'] == platform()
   for name, want in expected['state'].items():
     got = measured['state'][name]
     assert (got['dtype'], got['shape']) == (want['dtype'], want['shape']), name
-    if exact:
-      assert got['sha256'] == want['sha256'], f'{case}: {name} differs from the recorded bits'
-    else:
-      np.testing.assert_allclose(got['norm'], want['norm'], rtol=1e-4, err_msg=name)
-      scale = max(want['norm'], 1e-12)
-      np.testing.assert_allclose(got['sum'], want['sum'], atol=1e-4 * scale, err_msg=name)
-      np.testing.assert_allclose(got['first'], want['first'], atol=1e-4 * scale, err_msg=name)
+    np.testing.assert_allclose(got['norm'], want['norm'], rtol=1e-4, err_msg=name)
+    scale = max(want['norm'], 1e-12)
+    np.testing.assert_allclose(got['sum'], want['sum'], atol=1e-4 * scale, err_msg=name)
+    np.testing.assert_allclose(got['first'], want['first'], atol=1e-4 * scale, err_msg=name)
   for key, want in expected['metrics'].items():
-    if exact:
-      assert measured['metrics'][key] == want, key
-    else:
-      np.testing.assert_allclose(measured['metrics'][key], want, rtol=1e-4, err_msg=key)
-  print(f'{case}: {"bit-identical" if exact else "within float rounding"}', file=sys.stderr)
+    np.testing.assert_allclose(measured['metrics'][key], want, rtol=1e-4, err_msg=key)

@@ -9,6 +9,8 @@ COMMAND` runs them (`cli`), one module per command:
             `step`: the trainer's own run (`run.Run`), its jitted train (or eval) step on
             any backend: img/s, step ms, compile s, TFLOP/s from XLA's cost analysis, MFU,
             memory; beside PyTorch.
+  profile   `profile`: the same train step broken down: augmentation, forward, backward and
+            update each timed alone, then the step's traced ops grouped by part and layer.
   compile   `compilation`: lowering and compile seconds of forward+backward from abstract
             params, without and with `scan=True`.
   convert   `conversion`: `convnext-convert import` and `export` (official, timm, hf), each

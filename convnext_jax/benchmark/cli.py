@@ -1,9 +1,9 @@
 """`python -m convnext_jax.benchmark COMMAND`: the command line of the benchmarks.
 
 Each command's flags and its work live in its own module (`forward`, `conversion`,
-`preprocessing` for `input`, `step` for `train` and `infer`, `compilation` for `compile`,
-`resume`); this one only dispatches, and imports no TensorFlow (only `input` does, when it
-runs).
+`preprocessing` for `input`, `step` for `train` and `infer`, `profile`, `compilation` for
+`compile`, `resume`); this one only dispatches, and imports no TensorFlow (only `input` does,
+when it runs).
 """
 
 import argparse
@@ -13,6 +13,7 @@ from convnext_jax.benchmark import compilation
 from convnext_jax.benchmark import conversion
 from convnext_jax.benchmark import forward
 from convnext_jax.benchmark import preprocessing
+from convnext_jax.benchmark import profile
 from convnext_jax.benchmark import resume
 from convnext_jax.benchmark import step
 
@@ -30,6 +31,9 @@ def main(argv=None) -> None:
   p = sub.add_parser('infer', help='the jitted forward: img/s, FLOPs, MFU, memory')
   step.add_arguments(p)
   p.set_defaults(run=lambda args: step.run(args, False, common.versions()))
+  p = sub.add_parser('profile', help="where the trainer's step spends its time, part by part")
+  profile.add_arguments(p)
+  p.set_defaults(run=lambda args: profile.run(args, common.versions()))
   p = sub.add_parser(
       'compile',
       help='forward+backward lowering and compile s, without and with scan over blocks',

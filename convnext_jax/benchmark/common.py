@@ -169,6 +169,21 @@ def time_calls(step, warmup: int, iters: int) -> float:
   return float(np.median(times))
 
 
+def time_interleaved(steps: dict, warmup: int, iters: int) -> dict[str, float]:
+  """Median wall seconds of each `steps[name]()` (each must wait for its result), called in
+  turn round after round, so that a shared host's slow spells fall on all of them alike."""
+  for _ in range(warmup):
+    for step in steps.values():
+      step()
+  times = {name: [] for name in steps}
+  for _ in range(iters):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def planned_mib(compiled) -> float | None:
   """XLA's memory plan of a compiled program on one device, in MiB (None if it has none)."""
   plan = compiled.memory_analysis()

@@ -15,7 +15,9 @@ forward pass of evaluation). `--remat POLICY` rematerialises each block ('full',
 runs each stage's blocks as one `lax.scan`, `--depthwise-impl conv|shift` forces a depthwise
 convolution form (default: the backend's); each shows in the result's name. Each prints, per
 configuration, one line in the format of `benchmark forward`: img/s and ms per step (median
-wall time of `--iters` steps after `--warmup`, each waited for with `block_until_ready`), the
+wall time of `--iters` steps after `--warmup`, each waited for with `block_until_ready`; the
+configurations' steps are called in turn, so that a shared host's slow spells, which move
+single runs by tens of percent, fall on all of them alike), the
 ratio to PyTorch eager when compared, compile seconds, TFLOP/s from XLA's cost analysis of the
 step as jax lowers it (before XLA's optimizations; per device, times the devices; with
 `--scan`, of the same step unscanned, since XLA counts a loop's body once), MFU against the
@@ -26,10 +28,15 @@ device.
 `--compare torch` adds transformers' PyTorch ConvNeXt of the same size (no Mixup, EMA or
 drop path: its plain AdamW step), at the same batch, channels_last, bfloat16 through
 autocast when `--dtype bfloat16`, eager and, on a GPU, `torch.compile`; on a CPU eager only.
+For `train` it also times our step work-matched: the trainer's same step function built with
+Mixup/CutMix, Random Erasing and the EMA off (drop path, label smoothing and the guard stay),
+so that both ratios show: the recipe's step, and the same work as PyTorch's.
 
 No TensorFlow is imported: this runs on GPU machines that have none.
 """
 
+from collections.abc import Callable
+import dataclasses
 import time
 
 import jax
@@ -74,10 +81,15 @@ NUM_STEPS = 1000
 WARMUP_STEPS = 10
 
 
-def _config(args, scan: bool | None = None):
+def _config(args, scan: bool | None = None, work_matched: bool = False):
   """The base config with `args`' model, batch, size, dtype and mesh; `scan` overrides
-  `args.scan`."""
+  `args.scan`; `work_matched` turns Mixup/CutMix, Random Erasing and the EMA off (the work
+  PyTorch's plain step does not do)."""
   config = config_lib.base()
+  if work_matched:
+    config.input.mixup_alpha = config.input.cutmix_alpha = 0.0
+    config.input.random_erasing = 0.0
+    config.ema.decay = 0.0
   config.model.name = args.model
   config.model.dtype = args.dtype
   config.model.remat = args.remat
@@ -93,15 +105,17 @@ def _config(args, scan: bool | None = None):
   return config
 
 
-def _build(args, mesh, scan: bool | None = None) -> run_lib.Run:
-  """The trainer's run of `_config(args, scan)` on `mesh`.
+def _build(args, mesh, scan: bool | None = None, work_matched: bool = False) -> run_lib.Run:
+  """The trainer's run of `_config(args, scan, work_matched)` on `mesh`.
 
   Raises:
     SystemExit: the config fails a check (e.g. a batch the mesh cannot split), one line.
   """
   try:
     return run_lib.Run.build(
-        _config(args, scan), DatasetFacts(NUM_STEPS * args.batch, NUM_CLASSES), mesh
+        _config(args, scan, work_matched),
+        DatasetFacts(NUM_STEPS * args.batch, NUM_CLASSES),
+        mesh,
     )
   except validation.ConfigError as e:
     raise SystemExit(f'benchmark: {e}') from None
@@ -132,7 +146,8 @@ def _variant(args) -> str:
 
 
 def _jax_result(kind, args, mesh, peak, seconds, compile_s, flops, compiled) -> Result:
-  """The Result of a timed jax program (`kind` 'train' or 'infer'); `flops` is one device's."""
+  """The Result of a timed jax program (`kind` 'train', 'train, work-matched' or 'infer');
+  `flops` is one device's."""
   return Result(
       f'jax {kind} ({_variant(args)})',
       args.batch,
@@ -145,8 +160,17 @@ def _jax_result(kind, args, mesh, peak, seconds, compile_s, flops, compiled) -> 
   )
 
 
-def _jax_train(args, mesh, peak) -> Result:
-  r = _build(args, mesh)
+@dataclasses.dataclass(frozen=True)
+class _Timed:
+  """A configuration to time: its `step()` (which waits for its result) and `result(seconds)`,
+  the Result it is once its median step time is known."""
+
+  step: Callable[[], None]
+  result: Callable[[float], Result]
+
+
+def _jax_train(args, mesh, peak, work_matched: bool = False) -> _Timed:
+  r = _build(args, mesh, work_matched=work_matched)
   state = r.init_state()
   batch = _batch(r, args, training=True)
   start = time.perf_counter()
@@ -154,18 +178,22 @@ def _jax_train(args, mesh, peak) -> Result:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   if args.scan:
-    lowered = _build(args, mesh, scan=False).train_step.lower(state, batch)
+    lowered = _build(args, mesh, False, work_matched).train_step.lower(state, batch)
+  flops = _flops(lowered)
 
   def step():
     nonlocal state
     state, _, _ = compiled(state, batch)
     jax.block_until_ready(state)
 
-  seconds = time_calls(step, args.warmup, args.iters)
-  return _jax_result('train', args, mesh, peak, seconds, compile_s, _flops(lowered), compiled)
+  kind = 'train, work-matched' if work_matched else 'train'
+  return _Timed(
+      step,
+      lambda seconds: _jax_result(kind, args, mesh, peak, seconds, compile_s, flops, compiled),
+  )
 
 
-def _jax_infer(args, mesh, peak) -> Result:
+def _jax_infer(args, mesh, peak) -> _Timed:
   r = _build(args, mesh)
   state = r.init_state()
   params = {'raw': state[train_step.PARAMS]}
@@ -178,12 +206,17 @@ def _jax_infer(args, mesh, peak) -> Result:
   compile_s = time.perf_counter() - start
   if args.scan:
     lowered = _build(args, mesh, scan=False).eval_step.lower(*inputs)
-  seconds = time_calls(lambda: jax.block_until_ready(compiled(*inputs)), args.warmup, args.iters)
-  return _jax_result('infer', args, mesh, peak, seconds, compile_s, _flops(lowered), compiled)
+  flops = _flops(lowered)
+  return _Timed(
+      lambda: jax.block_until_ready(compiled(*inputs)),
+      lambda seconds: _jax_result('infer', args, mesh, peak, seconds, compile_s, flops, compiled),
+  )
 
 
-def _torch_results(args, training: bool) -> list[Result]:
-  """transformers' ConvNeXt of the same size: eager, and `torch.compile` on a GPU."""
+def _torch(args, training: bool) -> tuple[_Timed, Result | None]:
+  """transformers' ConvNeXt of the same size: its eager step to time beside ours, and on a
+  GPU the Result of its `torch.compile` step (timed here, alone: it needs its own warm-up
+  and peak-memory count)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
@@ -233,30 +266,25 @@ def _torch_results(args, training: bool) -> list[Result]:
     return train
 
   what = 'train' if training else 'infer'
-  results = [
-      Result(
-          f'torch eager {what} ({args.dtype})',
-          args.batch,
-          time_calls(make_step(model), args.warmup, args.iters),
-      )
-  ]
-  if device == 'cuda':
-    step = make_step(torch.compile(model))
-    start = time.perf_counter()
-    step()  # Compiles.
-    compile_s = time.perf_counter() - start
-    torch.cuda.reset_peak_memory_stats()
-    seconds = time_calls(step, args.warmup, args.iters)
-    results.append(
-        Result(
-            f'torch.compile {what} ({args.dtype})',
-            args.batch,
-            seconds,
-            compile_s,
-            memory=f'{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB peak',
-        )
-    )
-  return results
+  eager = _Timed(
+      make_step(model),
+      lambda seconds: Result(f'torch eager {what} ({args.dtype})', args.batch, seconds),
+  )
+  if device != 'cuda':
+    return eager, None
+  step = make_step(torch.compile(model))
+  start = time.perf_counter()
+  step()  # Compiles.
+  compile_s = time.perf_counter() - start
+  torch.cuda.reset_peak_memory_stats()
+  seconds = time_calls(step, args.warmup, args.iters)
+  return eager, Result(
+      f'torch.compile {what} ({args.dtype})',
+      args.batch,
+      seconds,
+      compile_s,
+      memory=f'{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB peak',
+  )
 
 
 def run(args, training: bool, versions: str) -> list[Result]:
@@ -272,9 +300,17 @@ def run(args, training: bool, versions: str) -> list[Result]:
       f'{device.device_kind} x {mesh.size}, mesh {dict(mesh.shape)}; median of '
       f'{args.iters} after {args.warmup} warm-up'
   )
-  results = [(_jax_train if training else _jax_infer)(args, mesh, peak)]
+  timed = [(_jax_train if training else _jax_infer)(args, mesh, peak)]
+  compiled_torch = None
   if args.compare == 'torch':
-    results += _torch_results(args, training)
+    if training:
+      timed.append(_jax_train(args, mesh, peak, work_matched=True))
+    eager, compiled_torch = _torch(args, training)
+    timed.append(eager)
+  seconds = common.time_interleaved(dict(enumerate(t.step for t in timed)), args.warmup, args.iters)
+  results = [t.result(seconds[i]) for i, t in enumerate(timed)]
+  if compiled_torch is not None:
+    results.append(compiled_torch)
   torch_seconds = next((r.seconds for r in results if r.name.startswith('torch eager')), None)
   for result in results:
     print(result.line(torch_seconds, device.platform), flush=True)
@@ -290,7 +326,8 @@ def run(args, training: bool, versions: str) -> list[Result]:
   return results
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser, compare: bool = True) -> None:
+  """The flags of `train` and `infer` (`compare`: with `--compare` and `--json`)."""
   common.add_model_argument(parser, 'convnext_tiny')
   parser.add_argument('--batch', type=int, default=32, help='global batch (all devices)')
   parser.add_argument('--size', type=int, default=224)
@@ -311,5 +348,6 @@ def add_arguments(parser) -> None:
   )
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--iters', type=int, default=10)
-  parser.add_argument('--compare', choices=('torch',), help='also time PyTorch')
-  parser.add_argument('--json', metavar='FILE', help='write the results as JSON')
+  if compare:
+    parser.add_argument('--compare', choices=('torch',), help='also time PyTorch')
+    parser.add_argument('--json', metavar='FILE', help='write the results as JSON')

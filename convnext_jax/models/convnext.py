@@ -120,7 +120,7 @@ class Block(nn.Module):
     )(x)
     x = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, 'norm')(x)
     x = dense(4 * self.dim, name='pwconv1')(x)
-    x = nn.gelu(x, approximate=False)
+    x = layers.gelu(x)
     if self.use_grn:
       x = layers.GlobalResponseNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='grn')(x)
     x = dense(self.dim, name='pwconv2')(x)

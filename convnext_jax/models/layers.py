@@ -50,51 +50,110 @@ def _depthwise_lax_conv(x, kernel, padding, stride=1):
   )
 
 
-def _shifted_sum(x, kernel, padding):
-  """sum over (i, j) of x padded and shifted by (i, j), times kernel[i, j, 0] per channel."""
+def _shifted_sum(x, kernel, padding: int, stride: int = 1):
+  """sum over (i, j) of x padded and shifted by (i, j), times kernel[i, j, 0] per channel: the
+  depthwise correlation, every `stride`-th output row and column."""
   kh, kw = kernel.shape[:2]
-  h, w = x.shape[1] + 2 * padding - kh + 1, x.shape[2] + 2 * padding - kw + 1
+  h = (x.shape[1] + 2 * padding - kh) // stride + 1
+  w = (x.shape[2] + 2 * padding - kw) // stride + 1
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   out = None
   for i in range(kh):
-    rows = xp[:, i : i + h]
+    rows = xp[:, i : i + stride * (h - 1) + 1 : stride]
     for j in range(kw):
-      term = rows[:, :, j : j + w] * kernel[i, j, 0]
+      term = rows[:, :, j : j + stride * (w - 1) + 1 : stride] * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_shifted_sum(x, kernel, padding):
+def _fusion_boundary(x):
+  """`x` unchanged, as a boundary XLA:CPU's YNNPACK library fusions stop at.
+
+  Such a fusion grows from a reduction (the following LayerNorm's, or a sum over the batch)
+  through the elementwise ops that produce its input, and it takes the kh*kw shifted slices
+  feeding a depthwise sum as separate materialised inputs: several times the work of XLA's
+  own single fused loop over them. `reduce_precision` to the dtype's own precision is an exact
+  identity (NaN and inf included) that those fusions do not accept and that XLA keeps, so
+  XLA fuses the shifted sum into one loop on its side of it. (`lax.optimization_barrier` does
+  not do this: XLA:CPU removes barriers before fusion.)
+  """
+  info = jnp.finfo(x.dtype)
+  return lax.reduce_precision(x, info.nexp, info.nmant)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shifted_sum(x, kernel, padding, stride):
   """Depthwise conv as a sum of kh*kw shifted copies of x, each scaled per channel.
 
   The arithmetic is that of the grouped convolution (up to the order of the additions). The
-  hand-written backward pass keeps the gradient in the same shifted form (dx is a shifted
-  sum of dy with the flipped kernel; dkernel[i, j] a channel-wise sum of x shifted by (i, j)
-  times dy). Autodiff of the kh*kw slices instead builds a much larger backward program,
-  slower both to compile and to run.
+  hand-written backward pass keeps both gradients in fused elementwise form
+  (`_depthwise_backward`); autodiff of the kh*kw slices instead builds a much larger backward
+  program, slower both to compile and to run.
   """
-  return _shifted_sum(x, kernel, padding)
+  return _fusion_boundary(_shifted_sum(x, kernel, padding, stride))
 
 
-def _depthwise_forward(x, kernel, padding):
-  return _shifted_sum(x, kernel, padding), (x, kernel)
+def _depthwise_forward(x, kernel, padding, stride):
+  return _fusion_boundary(_shifted_sum(x, kernel, padding, stride)), (x, kernel)
 
 
-def _depthwise_backward(padding, residuals, dy):
-  x, kernel = residuals
-  kh, kw, _, channels = kernel.shape
-  h, w = dy.shape[1:3]
-  dx = _shifted_sum(dy, kernel[::-1, ::-1], kh - 1 - padding)
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  dkernel = jnp.stack(
-      [
-          (xp[:, i : i + h, j : j + w] * dy).reshape(-1, channels).sum(axis=0)
-          for i in range(kh)
-          for j in range(kw)
-      ]
+def _kernel_gradient(x, dy, kernel_shape, padding: int, stride: int):
+  """dkernel[i, j, c] = sum over n, h, w of xp[n, s*h + i, s*w + j, c] * dy[n, h, w, c].
+
+  Written as kh*kw separate reductions (one per kernel tap, each reading x and dy whole), this
+  costs about 20x the forward pass on XLA:CPU. Here the sum along each output row (and over
+  `rows` consecutive rows, so that every output sums about kh*kw products, as the forward's
+  do) is a sum of shifted slices: one elementwise fusion per kernel row i whose output
+  partial[n, block, j, c] holds every column tap j at once, computed while those rows of x and
+  dy are in cache. Only the partial sums, about the size of x or less, are then reduced over
+  the batch and the row blocks. Products and sums run in float32 whatever the compute dtype.
+  """
+  kh, kw = kernel_shape[:2]
+  ho, wo = dy.shape[1:3]
+  rows = max(1, min(ho, -(-(kh * kw) // wo)))
+  blocks = -(-ho // rows)
+  # Zero rows of dy up to whole blocks, and as many rows of x as those read.
+  dy = jnp.pad(dy.astype(jnp.float32), ((0, 0), (0, blocks * rows - ho), (0, 0), (0, 0)))
+  short = max(0, stride * (blocks * rows - 1) + kh - (x.shape[1] + 2 * padding))
+  xp = jnp.pad(
+      x.astype(jnp.float32),
+      ((0, 0), (padding, padding + short), (padding, padding), (0, 0)),
   )
-  return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+  step = stride * rows  # Between the first x rows of consecutive blocks.
+  partials = []
+  for i in range(kh):
+    partial = None
+    for r in range(rows):
+      start = stride * r + i
+      x_rows = xp[:, start : start + step * (blocks - 1) + 1 : step]
+      dy_rows = dy[:, r : r + rows * (blocks - 1) + 1 : rows]
+      for t in range(wo):
+        term = x_rows[:, :, stride * t : stride * t + kw] * dy_rows[:, :, t : t + 1]
+        partial = term if partial is None else partial + term
+    partials.append(_fusion_boundary(partial))  # (n, blocks, kw, channels)
+  return jnp.stack(partials, axis=2).sum(axis=(0, 1)).reshape(kernel_shape)
+
+
+def _depthwise_backward(padding, stride, residuals, dy):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  ho, wo = dy.shape[1:3]
+  with jax.named_scope('depthwise_backward'):  # Custom VJPs run under the forward's names.
+    # dx is the correlation of dy, dilated by the stride, with the flipped kernel: dy padded
+    # so that row a of dx reads dy rows (a + padding - i) / stride.
+    dilated = lax.pad(
+        dy,
+        jnp.zeros((), dy.dtype),
+        (
+            (0, 0, 0),
+            (kh - 1 - padding, x.shape[1] + padding - 1 - stride * (ho - 1), stride - 1),
+            (kw - 1 - padding, x.shape[2] + padding - 1 - stride * (wo - 1), stride - 1),
+            (0, 0, 0),
+        ),
+    )
+    dx = _fusion_boundary(_shifted_sum(dilated, kernel[::-1, ::-1], 0))
+    dkernel = _kernel_gradient(x, dy, kernel.shape, padding, stride)
+  return dx, dkernel.astype(kernel.dtype)
 
 
 _depthwise_shifted_sum.defvjp(_depthwise_forward, _depthwise_backward)
@@ -108,9 +167,8 @@ def depthwise_conv2d(x, kernel, padding: int, impl: str = 'auto', stride: int = 
   (docs/benchmarks.md has the figures). On GPU (cuDNN) and TPU the grouped convolution is the
   fast, native path.
   `impl='auto'` picks per backend at lowering time (`lax.platform_dependent`), so one jitted
-  function is right wherever it is compiled. Both are exact to float32 rounding. A strided
-  'shift' conv is the stride-1 one subsampled (equal where the kernel is odd and the padding
-  k // 2): more arithmetic, still far faster on XLA:CPU than its grouped-convolution loop.
+  function is right wherever it is compiled. Both are exact to float32 rounding, strided or
+  not, with both gradients.
 
   Args:
     x: (N, H, W, C) input.
@@ -127,8 +185,7 @@ def depthwise_conv2d(x, kernel, padding: int, impl: str = 'auto', stride: int = 
     return _depthwise_lax_conv(x, k, padding, stride)
 
   def shift(x, k):
-    y = _depthwise_shifted_sum(x, k, padding)
-    return y if stride == 1 else y[:, ::stride, ::stride]
+    return _depthwise_shifted_sum(x, k, padding, stride)
 
   if impl == 'conv':
     return conv(x, kernel)
@@ -162,6 +219,43 @@ class DepthwiseConv(nn.Module):
       bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
       y = y + jnp.asarray(bias, y.dtype)
     return y
+
+
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+def gelu(x):
+  """Exact (erf) GELU, x * Phi(x), written as PyTorch's `F.gelu` computes it:
+  0.5 * x * (1 + erf(x / sqrt(2))).
+
+  `nn.gelu(approximate=False)` writes the same function with erfc, which XLA expands into two
+  polynomial branches and a select: about twice the forward cost on XLA:CPU, and autodiff then
+  differentiates that expansion. The backward pass here is the closed form
+  dy * (Phi(x) + x * phi(x)) from the saved input (`jax.custom_vjp`), one fused elementwise
+  pass, and the forward pass computes nothing for it. Both agree with PyTorch to float
+  rounding.
+  """
+  with jax.named_scope('gelu'):
+    return _gelu(x)
+
+
+@jax.custom_vjp
+def _gelu(x):
+  return 0.5 * x * (1 + lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
+def _gelu_forward(x):
+  return _gelu(x), x
+
+
+def _gelu_backward(x, dy):
+  cdf = 0.5 * (1 + lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+  pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(_INV_SQRT_2PI, x.dtype)
+  return ((cdf + x * pdf) * dy,)
+
+
+_gelu.defvjp(_gelu_forward, _gelu_backward)
 
 
 class GlobalResponseNorm(nn.Module):

@@ -54,7 +54,7 @@ from convnext_jax.models import layers
 
 STEMS = ('resnet', 'patchify')
 BLOCKS = ('bottleneck', 'inverted', 'dw_first')
-ACTIVATIONS = {'relu': nn.relu, 'gelu': functools.partial(nn.gelu, approximate=False)}
+ACTIVATIONS = {'relu': nn.relu, 'gelu': layers.gelu}
 NORMS = ('batch', 'layer')
 
 
