@@ -174,7 +174,10 @@ def make_update(
 
 
 def make_train_step(
-    loss_fn: Callable[..., tuple[Any, Any]], update: Callable[..., Any], *, grad_accum_steps=1
+    loss_fn: Callable[..., tuple[Any, Any]],
+    update: Callable[..., Any],
+    *,
+    grad_accum_steps: int = 1,
 ):
   """The jit-able (state, batch) -> (state, TrainMetrics, health) of one optimizer update.
 

@@ -212,8 +212,8 @@ def run(args, versions: str) -> None:
   events = collections.Counter()
   for op in ops:
     by_part[op.part] += op.seconds
-    by_layer[(op.part, op.layer or '(outside the model)')] += op.seconds
-    events[(op.part, op.layer or '(outside the model)')] += op.count
+    by_layer[(op.part, op.layer or '(other)')] += op.seconds
+    events[(op.part, op.layer or '(other)')] += op.count
   print('by part:')
   for part, seconds in by_part.most_common():
     print(_row(part, seconds, traced))
