@@ -21,6 +21,9 @@ from convnext_jax.benchmark import compilation
 from convnext_jax.benchmark import step
 
 SIZE, BATCH = 64, 16
+# The flags of the step benchmarks' runs here: one device, one timed step after one warm-up.
+SMALL_RUN = ('--model', 'convnext_atto', '--batch', str(BATCH), '--size', str(SIZE))
+SMALL_RUN += ('--devices', '1', '--warmup', '1', '--iters', '1')
 ATTO_GMACS_224 = 0.55
 
 
@@ -37,18 +40,7 @@ def runs(tmp_path_factory):
       cli.main(
           [
               command,
-              '--model',
-              'convnext_atto',
-              '--batch',
-              str(BATCH),
-              '--size',
-              str(SIZE),
-              '--devices',
-              '1',
-              '--warmup',
-              '1',
-              '--iters',
-              '1',
+              *SMALL_RUN,
               '--compare',
               'torch',
               '--json',
@@ -361,25 +353,7 @@ def test_profile_prints_the_parts_and_the_traced_ops(runs):
   del runs  # Compiles the step `benchmark train` compiled: the session's cache has it.
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    cli.main(
-        [
-            'profile',
-            '--model',
-            'convnext_atto',
-            '--batch',
-            str(BATCH),
-            '--size',
-            str(SIZE),
-            '--devices',
-            '1',
-            '--warmup',
-            '1',
-            '--iters',
-            '1',
-            '--top',
-            '40',
-        ]
-    )
+    cli.main(['profile', *SMALL_RUN, '--top', '40'])
   out = printed.getvalue()
   for row in (
       'on-device augmentation',

@@ -142,23 +142,24 @@ def parts(r, step, state, batch, warmup: int, iters: int) -> dict[str, float]:
   turn (`common.time_interleaved`)."""
   objective = r.objective
   key = jax.random.key(0)
-  params = jax.tree.map(jnp.copy, state['params'])
-  stats = state.get('batch_stats')
-
-  loss, new_stats = jax.jit(objective.loss)(params, stats, batch, key)
+  params, stats = state['params'], state.get('batch_stats')
+  loss_args = (params, stats, batch, key)
+  loss_program = jax.jit(objective.loss).lower(*loss_args).compile()
+  loss, new_stats = loss_program(*loss_args)
   grads = jax.tree.map(jnp.ones_like, params)  # The update's cost does not depend on them.
+  augment_args, update_args = (batch, key), (state, loss, grads, new_stats)
+  augment_program = jax.jit(
+      lambda batch, key: objective.augment(key, batch['image'], batch['label'])
+  )
   programs = {
-      'augment': (
-          lambda batch, key: objective.augment(key, batch['image'], batch['label']),
-          (batch, key),
-      ),
-      'loss': (objective.loss, (params, stats, batch, key)),
-      'update': (r.update, (jax.tree.map(jnp.copy, state), loss, grads, new_stats)),
+      'augment': (augment_program.lower(*augment_args).compile(), augment_args),
+      'loss': (loss_program, loss_args),
+      'update': (jax.jit(r.update).lower(*update_args).compile(), update_args),
   }
-  calls = {}
-  for name, (fn, args) in programs.items():
-    compiled = jax.jit(fn).lower(*args).compile()
-    calls[name] = functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
+  calls = {
+      name: functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
+      for name, (compiled, args) in programs.items()
+  }
   calls['step'] = step
   return common.time_interleaved(calls, warmup, iters)
 
