@@ -100,6 +100,10 @@ class Classification:
   augmentation: Augmentation
   data_parallel_size: int
 
+  # The evaluation metric that ranks checkpoints, and which way is better.
+  main_metric = 'top1'
+  higher_is_better = True
+
   def augment(self, key, images, labels):
     """(normalised and augmented images in the compute dtype, soft targets) of a uint8
     training batch: Random Erasing, Mixup/CutMix and label smoothing as configured."""

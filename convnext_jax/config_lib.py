@@ -8,6 +8,8 @@ an argument string after the file name, e.g. `--config configs/convnext_t_in1k.p
   res=384    the training/evaluation resolution (fine-tuning configs).
 """
 
+from typing import Any
+
 import ml_collections
 
 from convnext_jax.data import IMAGENET_MEAN_FILL
@@ -25,6 +27,13 @@ def parse_arg(arg: str | None) -> dict[str, str]:
       key, _, value = part.partition('=')
       out[key] = value
   return out
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`config.model.overrides` as `models.create_model` arguments (lists made tuples)."""
+  return {
+      k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.model.overrides.items()
+  }
 
 
 def base() -> ml_collections.ConfigDict:
@@ -252,6 +261,109 @@ def finetune_recipe(
   c.init_from.params = args.get('params') or 'ema'
   c.init_from.step = int(args.get('step') or -1)
   c.input.image_size = int(args.get('res') or default_res)
+
+
+# ConvNeXt-V2 sizes (their FCMAE models are 'fcmae_convnextv2_<size>').
+V2_SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base', 'large', 'huge')
+
+
+def _v2_size(args: dict[str, str], default: str = 'atto') -> str:
+  size = args.get('model') or default
+  if size not in V2_SIZES:
+    raise ValueError(f'model={size}: expected one of {", ".join(V2_SIZES)}')
+  return size
+
+
+def fcmae_pretrain(arg: str | None = None) -> ml_collections.ConfigDict:
+  """FCMAE pre-training of a ConvNeXt-V2 on ImageNet-1K, the official recipe (fcmae.md):
+  1600 epochs at batch 4096, AdamW betas (0.9, 0.95), weight decay 0.05 (kernels, GRN and
+  the mask token), lr 1.5e-4 x batch / 256, 40 warmup epochs, per-step cosine to 0, float32;
+  RandomResizedCrop(0.2-1) and flips only; no labels, Mixup, EMA or accuracy (evaluation is
+  the masked reconstruction loss on the validation split, with a picture of the
+  reconstructions).
+
+  Arguments: model=atto|...|huge (default atto), epochs=N (800 is the paper's ablation length).
+  """
+  args = parse_arg(arg)
+  c = base()
+  c.model.name = f'fcmae_convnextv2_{_v2_size(args)}'
+  c.model.drop_path_rate = 0.0
+  c.model.dtype = 'float32'
+  c.global_batch_size = 4096
+  c.num_epochs = float(args.get('epochs') or 1600)
+  c.optim.lr = 1.5e-4 * c.global_batch_size / 256
+  c.optim.min_lr = 0.0
+  c.optim.warmup_epochs = 40.0
+  c.optim.weight_decay = 0.05
+  c.optim.b2 = 0.95
+  c.input.scale = (0.2, 1.0)
+  c.input.randaugment = ''
+  c.input.random_erasing = 0.0
+  c.input.mixup_alpha = 0.0
+  c.input.cutmix_alpha = 0.0
+  c.input.label_smoothing = 0.0
+  c.ema.decay = 0.0
+  c.eval_every_epochs = 20.0
+  c.keep_best_checkpoint = False  # The latest pre-trained encoder is the one to fine-tune.
+  return finalize(c, arg)
+
+
+# Fine-tuning after FCMAE, ConvNeXt-V2's TRAINING.md (batch 1024, lr = blr x 1024 / 256):
+# size -> (epochs, blr, warmup epochs, layer decay, its scheme, weight decay, drop path,
+# mixup, cutmix, label smoothing). Atto, tiny and base are the published rows; the other
+# sizes take the nearest one (femto, pico, nano: atto's; small: tiny's; large, huge: base's).
+_FCMAE_FINETUNE = {
+    'atto': (600, 2e-4, 0, 0.9, 'single', 0.3, 0.1, 0.0, 0.0, 0.2),
+    'tiny': (300, 8e-4, 40, 0.9, 'single', 0.05, 0.2, 0.8, 1.0, 0.1),
+    'base': (100, 6.25e-4, 20, 0.6, 'group', 0.05, 0.1, 0.8, 1.0, 0.1),
+}
+_FCMAE_FINETUNE_ROW = {
+    'atto': 'atto',
+    'femto': 'atto',
+    'pico': 'atto',
+    'nano': 'atto',
+    'tiny': 'tiny',
+    'small': 'tiny',
+    'base': 'base',
+    'large': 'base',
+    'huge': 'base',
+}
+
+
+def fcmae_finetune(arg: str | None = None) -> ml_collections.ConfigDict:
+  """ImageNet-1K fine-tuning of `convnextv2_<size>` from its FCMAE pre-training, the
+  official recipe (`_FCMAE_FINETUNE`): RandAugment m9, Random Erasing 0.25, EMA 0.9999
+  evaluated, bfloat16, the decoder dropped and a new head (trunc normal std 2e-5 =
+  0.02 x head_init_scale 0.001), its final norm fresh.
+
+  Arguments: model=atto|...|huge (default atto), init=PATH (required: an FCMAE training
+  workdir, or a converted encoder), step=N, res=224|384.
+  """
+  args = parse_arg(arg)
+  size = _v2_size(args)
+  epochs, blr, warmup, layer_decay, scheme, wd, drop_path, mixup, cutmix, smoothing = (
+      _FCMAE_FINETUNE[_FCMAE_FINETUNE_ROW[size]]
+  )
+  c = base()
+  c.model.name = f'convnextv2_{size}'
+  c.model.drop_path_rate = drop_path
+  c.model.head_init_scale = 0.001
+  c.global_batch_size = 1024
+  c.num_epochs = float(epochs)
+  c.optim.lr = blr * c.global_batch_size / 256
+  c.optim.warmup_epochs = float(warmup)
+  c.optim.layer_decay = layer_decay
+  c.optim.layer_decay_scheme = scheme
+  c.optim.weight_decay = wd
+  c.input.mixup_alpha = mixup
+  c.input.cutmix_alpha = cutmix
+  c.input.label_smoothing = smoothing
+  c.input.image_size = int(args.get('res') or 224)
+  c.init_from.path = args.get('init', '')
+  c.init_from.params = 'raw'  # Pre-training keeps no EMA.
+  c.init_from.step = int(args.get('step') or -1)
+  require_init(c, arg)
+  return finalize(c, arg)
 
 
 def require_init(c: ml_collections.ConfigDict, arg: str | None) -> None:

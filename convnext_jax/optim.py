@@ -84,6 +84,18 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: len(jnp.shape(p)) >= 2, params)
 
 
+def pretraining_weight_decay_mask(params):
+  """FCMAE pre-training's decay (fcmae.md): timm's `add_weight_decay` over the official
+  model, which skips 1-D tensors and biases only, so it decays the kernels, the mask token
+  and GRN's gamma and beta (stored (1, C) there, (C,) here)."""
+
+  def decayed(path, p):
+    name = trees.name(path)
+    return len(jnp.shape(p)) >= 2 or name.endswith(('grn/gamma', 'grn/beta'))
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(
     schedule: optax.Schedule,
     params,
@@ -99,6 +111,9 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
   """AdamW (PyTorch's decoupled, lr-scaled weight decay) with optional clipping and layer decay.
 
+  Weight decay applies to the kernels (`weight_decay_mask`); in FCMAE pre-training also to
+  the mask token and GRN, as the official code has it (`pretraining_weight_decay_mask`).
+
   With layer decay, each layer group is an `optax.partition` group running AdamW at
   `schedule(step) * scale`, like a PyTorch param group with its own lr.
 
@@ -112,9 +127,11 @@ def make_optimizer(
     grad_clip_norm: clip gradients to this global norm first; 0 disables.
   """
 
+  mask = pretraining_weight_decay_mask if spec.masked_autoencoder else weight_decay_mask
+
   def adamw(scale: float = 1.0):
     lr = schedule if scale == 1.0 else (lambda step: schedule(step) * scale)
-    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
+    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
 
   if layer_decay == 1.0:
     core = adamw()

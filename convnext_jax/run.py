@@ -4,7 +4,8 @@ jitted train and eval steps. No TensorFlow.
 `Run.build(config, data, mesh)` checks the config (`validation.check`, every rule in one
 place), resolves every sentinel of it once (-1 class count, epochs into steps, the eval
 batch and crop, the BatchNorm statistics group), and builds, in this order: the model, the
-objective (what a step computes from a batch: `classification.Classification`), the learning
+objective (what a step computes from a batch: `classification.Classification`, or
+`pretraining.MaskedAutoencoding` for an FCMAE model), the learning
 rate schedule and the optimizer, the state's shardings and its abstract shapes, and the
 jitted steps. It materialises nothing: `Run.init_state` creates the state directly sharded on
 the mesh (optionally around weights read from a checkpoint), and a resumed state is restored
@@ -26,8 +27,10 @@ import ml_collections
 import optax
 
 from convnext_jax import classification
+from convnext_jax import config_lib
 from convnext_jax import models
 from convnext_jax import optim
+from convnext_jax import pretraining
 from convnext_jax import sharding
 from convnext_jax import train_step
 from convnext_jax import validation
@@ -121,17 +124,10 @@ def eval_input(config: ml_collections.ConfigDict) -> EvalInput:
   return EvalInput(size, *eval_crop(size, cin.crop_pct, cin.crop_mode))
 
 
-def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`config.model.overrides` as `models.create_model` arguments (lists made tuples)."""
-  return {
-      k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.model.overrides.items()
-  }
-
-
 def model_spec(config: ml_collections.ConfigDict) -> models.ModelSpec:
   """The configured architecture: the model's spec with `config.model.overrides` applied
   (what layer decay and the parameter count see)."""
-  return models.get_spec(config.model.name).with_overrides(**model_overrides(config))
+  return models.get_spec(config.model.name).with_overrides(**config_lib.model_overrides(config))
 
 
 def model_from_config(
@@ -146,20 +142,17 @@ def model_from_config(
       the whole batch of each call); `Batches.bn_group` is the run's.
   """
   cm = config.model
-  kwargs = dict(
-      num_classes=num_classes,
-      drop_path_rate=cm.drop_path_rate,
-      head_init_scale=cm.head_init_scale,
-      dtype=jnp.dtype(cm.dtype),
-      remat=cm.remat,
-  )
-  if models.get_spec(cm.name).roadmap:
+  spec = models.get_spec(cm.name)
+  kwargs = dict(drop_path_rate=cm.drop_path_rate, dtype=jnp.dtype(cm.dtype), remat=cm.remat)
+  if not spec.masked_autoencoder:  # FCMAE models have no classifier head.
+    kwargs.update(num_classes=num_classes, head_init_scale=cm.head_init_scale)
+  if spec.roadmap:
     kwargs['bn_group_size'] = bn_group
   else:
     kwargs['scan'] = cm.scan
   if cm.layer_scale_init_value >= 0:  # -1: the variant's own.
     kwargs['layer_scale_init_value'] = cm.layer_scale_init_value
-  kwargs.update(model_overrides(config))
+  kwargs.update(config_lib.model_overrides(config))
   return models.create_model(cm.name, **kwargs)
 
 
@@ -179,12 +172,14 @@ class Run:
     mesh: the device mesh.
     feed: which rows of each global batch this process feeds.
     data: the training data's facts.
-    num_classes: classifier outputs.
+    num_classes: classifier outputs (0 for a pre-training run).
     schedule: durations in steps.
     batches: batch sizes.
     eval_input: evaluation preprocessing.
     model: the Flax module (training and evaluation).
-    objective: what a step computes from a batch and what evaluation measures.
+    objective: what a step computes from a batch and what evaluation measures:
+      `classification.Classification`, or `pretraining.MaskedAutoencoding` for an FCMAE
+      model.
     lr_fn: the learning rate by step.
     optimizer: AdamW with the recipe's weight decay, layer decay and clipping.
     use_ema: whether the state holds an EMA of the params.
@@ -205,7 +200,7 @@ class Run:
   batches: Batches
   eval_input: EvalInput
   model: nn.Module
-  objective: classification.Classification
+  objective: classification.Classification | pretraining.MaskedAutoencoding
   lr_fn: optax.Schedule
   optimizer: optax.GradientTransformation
   use_ema: bool
@@ -241,19 +236,25 @@ class Run:
       mesh = validation.config_mesh(config)
     if feed is None:
       feed = validation.check(config, mesh)
+    pretraining_run = models.get_spec(config.model.name).masked_autoencoder
     num_classes = config.model.num_classes if config.model.num_classes > 0 else data.num_classes
+    if pretraining_run:
+      num_classes = 0  # Labels are not used.
     sched = schedule(config, data.num_train_examples)
     dp = sharding.data_parallel_size(mesh)
     sizes = batches(config, feed, dp)
     model = model_from_config(config, num_classes, sizes.bn_group)
     compute_dtype = jnp.dtype(config.model.dtype)
-    objective = classification.Classification(
-        model,
-        num_classes,
-        compute_dtype,
-        classification.Augmentation.from_config(config.input),
-        dp,
-    )
+    if pretraining_run:
+      objective = pretraining.MaskedAutoencoding(model, compute_dtype)
+    else:
+      objective = classification.Classification(
+          model,
+          num_classes,
+          compute_dtype,
+          classification.Augmentation.from_config(config.input),
+          dp,
+      )
     co = config.optim
     lr_fn = optim.lr_schedule(co.lr, co.min_lr, sched.warmup_steps, sched.total_steps)
     image_size = config.input.image_size

@@ -20,6 +20,7 @@ created.
 """
 
 import contextlib
+import functools
 import signal
 import time
 from typing import Any
@@ -28,11 +29,13 @@ from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
+from etils import epath
 from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+import PIL.Image
 
 from convnext_jax import checkpoints
 from convnext_jax import console
@@ -46,6 +49,8 @@ from convnext_jax import validation
 from convnext_jax import workdir_lock
 from convnext_jax.data import DatasetError
 from convnext_jax.data import inputs as inputs_lib
+from convnext_jax.data import pipeline
+from convnext_jax.models import fcmae
 
 
 class TrainingError(RuntimeError):
@@ -252,13 +257,16 @@ def _train_holding(
       workdir,
       save_interval_steps=config.checkpoint_every_steps,
       keep=config.keep_checkpoints,
-      best_metric='top1' if config.keep_best_checkpoint else None,
+      best_metric=r.objective.main_metric if config.keep_best_checkpoint else None,
+      best_mode='max' if r.objective.higher_is_better else 'min',
   )
   state, start_position = _initial_state(r, ckpts)
   start_step = int(state['step'])
 
   # ---- Evaluators. ----
   evaluators = inputs.evaluators(feed, r.batches.eval_global, r.eval_input)
+  # Pre-training: a picture of what the model reconstructs, at every evaluation.
+  preview = _Preview(r, evaluators[0], workdir) if hasattr(r.objective, 'preview') else None
 
   def run_evals(step):
     params_by_name = {'raw': state[train_step.PARAMS]}
@@ -286,9 +294,11 @@ def _train_holding(
           ev.name,
           ev.num_examples,
           time.perf_counter() - start,
-          _accuracies(values),
+          _metrics_line(values),
       )
     writer.write_scalars(step, results)
+    if preview is not None:
+      preview.write(step, state[train_step.EMA_PARAMS if r.use_ema else train_step.PARAMS], writer)
     return results
 
   # ---- The loop. ----
@@ -337,14 +347,15 @@ def _train_holding(
       if done % sched.eval_every == 0 or final:
         with progress.paused(evaluating=True):
           last_eval = run_evals(done)
-        main_eval = f'{evaluators[0].name}/{"ema" if r.use_ema else "raw"}/top1'
-        ckpt_metrics = {'top1': last_eval.get(main_eval, 0.0)}
+        metric = r.objective.main_metric
+        main_eval = f'{evaluators[0].name}/{"ema" if r.use_ema else "raw"}/{metric}'
+        ckpt_metrics = {metric: last_eval[main_eval]} if main_eval in last_eval else None
       # A SIGTERM flag is per process; with several processes, orbax's preemption notice
       # (synchronised through jax.distributed) decides, so that all of them stop together.
       preempted = ckpts.reached_preemption(done) or (
           preemption.requested and jax.process_count() == 1
       )
-      force = final or preempted or ckpt_metrics is not None
+      force = final or preempted or done % sched.eval_every == 0
       if force or ckpts.should_save(done):
         guard.flush()  # Stops here, before saving, if this step ends a run of skipped ones.
         _check_lock_held(lock, workdir, done)
@@ -365,7 +376,7 @@ def _train_holding(
   ckpts.close()  # Waits for the last save; raises if it failed.
   writer.close()
   logging.info(
-      'done: step %d%s', int(state['step']), f', {_accuracies(last_eval)}' if last_eval else ''
+      'done: step %d%s', int(state['step']), f', {_metrics_line(last_eval)}' if last_eval else ''
   )
   return last_eval
 
@@ -407,14 +418,17 @@ def _nbytes(tree) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
-def _accuracies(results: dict[str, float]) -> str:
-  """{'raw/top1': 0.5, 'ema/top1': ...} -> 'raw top-1 50.0% top-5 ..., ema top-1 ...'."""
+def _metrics_line(results: dict[str, float]) -> str:
+  """{'raw/top1': 0.5, 'ema/top1': ...} -> 'raw top-1 50.0% top-5 ..., ema top-1 ...';
+  {'raw/loss': 0.61} -> 'raw loss 0.6100' (pre-training)."""
   parts = {}
   for key, value in results.items():
     *prefix, weights, metric = key.split('/')
+    name = ' '.join(prefix + [weights])
     if metric.startswith('top'):
-      name = ' '.join(prefix + [weights])
       parts.setdefault(name, []).append(f'top-{metric[3:]} {100 * value:.1f}%')
+    elif metric == 'loss':
+      parts.setdefault(name, []).append(f'loss {value:.4f}')
   return ', '.join(f'{name} {" ".join(values)}' for name, values in parts.items())
 
 
@@ -492,6 +506,40 @@ class _Progress:
         'steps_per_sec': steps_per_sec,
         'train/epoch': step / self._sched.steps_per_epoch,
     }
+
+
+class _Preview:
+  """Pre-training's picture of its progress, at every evaluation: the first images of the
+  evaluation split, masked as the evaluation masks them, with the model's reconstruction
+  (`fcmae.reconstruction_grid`), to TensorBoard ('reconstruction') and as
+  `workdir/reconstructions/step_<step>.png` (process 0)."""
+
+  COUNT = 4  # Images shown.
+
+  def __init__(self, r: run_lib.Run, evaluator, workdir: str):
+    batches = evaluator.dataset.as_numpy_iterator()
+    batch = next(batches)
+    pipeline.release(batches)
+    self._batch = pipeline.to_global_arrays(batch, r.feed)  # Every process holds its rows.
+    self._program = jax.jit(
+        functools.partial(r.objective.preview, count=self.COUNT),
+        out_shardings=sharding.replicated(r.mesh),
+    )
+    self._model = r.model
+    self._directory = epath.Path(workdir) / 'reconstructions'
+
+  def write(self, step: int, params, writer) -> None:
+    images, pred, mask = (np.asarray(x) for x in self._program(params, self._batch))
+    grid = fcmae.reconstruction_grid(
+        images, pred, mask, self._model.patch_size, self._model.norm_pix_loss, self.COUNT
+    )
+    writer.write_images(step, {'reconstruction': grid[None]})
+    if jax.process_index() == 0:
+      self._directory.mkdir(parents=True, exist_ok=True)
+      path = self._directory / f'step_{step:08d}.png'
+      with path.open('wb') as f:
+        PIL.Image.fromarray(grid).save(f, format='PNG')
+      logging.info('reconstructions of step %d: %s', step, path)
 
 
 def _check_lock_held(lock: workdir_lock.WorkdirLock, workdir: str, step: int) -> None:

@@ -35,6 +35,7 @@ from convnext_jax import optim
 from convnext_jax import sharding
 from convnext_jax.data import CROP_MODES
 from convnext_jax.data import randaugment_spec
+from convnext_jax.models import fcmae
 
 # Sub-dicts whose keys are arguments passed on, not config keys.
 FREE_FORM = ('model.overrides', 'dataset.builder_kwargs')
@@ -128,6 +129,8 @@ def check(
   _model(c)
   _dataset(c)
   _input(c)
+  if models.get_spec(c.model.name).masked_autoencoder:
+    _masked_autoencoder(c)
 
   _integer(c, 'global_batch_size', 1)
   _integer(c, 'grad_accum_steps', 1)
@@ -336,6 +339,39 @@ def _overrides(c) -> None:
           f'config.model.overrides.{key} is not an argument of {c.model.name}'
           f'{_did_you_mean(key, fields)}; its arguments are {", ".join(sorted(fields))}'
       )
+
+
+def _masked_autoencoder(c) -> None:
+  """FCMAE pre-training: images of whole 32-px cells, some removed and some kept; no labels
+  to mix, no classifier to decay layer by layer."""
+  model = models.create_model(c.model.name, **config_lib.model_overrides(c))
+  ratio = model.mask_ratio
+  for key in ('image_size', 'eval_image_size'):
+    size = c.input[key]
+    if size > 0 and size % model.patch_size:
+      raise ConfigError(
+          f'config.input.{key} {size}: {c.model.name} masks {model.patch_size}x'
+          f'{model.patch_size}-pixel cells, so the image size must be a multiple of '
+          f'{model.patch_size} (e.g. {size // model.patch_size * model.patch_size or 32})'
+      )
+  cells = (c.input.image_size // model.patch_size) ** 2
+  kept = fcmae.num_kept(cells, ratio)
+  if not 0 < kept < cells:
+    raise ConfigError(
+        f'config.model.overrides.mask_ratio {ratio} keeps {kept} of the {cells} cells of a '
+        f'{c.input.image_size}-px image; it must keep at least one and remove at least one '
+        '(the recipe: 0.6)'
+    )
+  for key in ('mixup_alpha', 'cutmix_alpha'):
+    if c.input[key] > 0:
+      raise ConfigError(
+          f'config.input.{key} must be 0 for {c.model.name}: pre-training has no labels to mix'
+      )
+  if c.optim.layer_decay != 1.0:
+    raise ConfigError(
+        f'config.optim.layer_decay must be 1.0 for {c.model.name}: layer-wise decay is a '
+        'fine-tuning setting'
+    )
 
 
 def _has_batchnorm(c) -> bool:

@@ -37,6 +37,7 @@ ATTO_ARGUMENTS = (
     'drop_path_rate',
     'dtype',
     'head_init_scale',
+    'init_scheme',
     'layer_scale_init_value',
     'norm_eps',
     'num_classes',
@@ -292,6 +293,12 @@ SHIPPED_CONFIG_ARGS = {
     'convnext_xl_in22k.py': ('',),
     'convnext_xl_in22k_ft_in1k.py': ('init={init},res=224', 'init={init},res=384'),
     'demo.py': ('',),
+    'fcmae_finetune.py': (
+        'init={init}',
+        'model=tiny,init={init}',
+        'model=huge,init={init},res=384',
+    ),
+    'fcmae_pretrain.py': ('', 'model=base', 'model=huge,epochs=800'),
     'finetune_folder.py': (
         'root={root},init={init}',
         'root={root},init={init},model=convnextv2_atto,res=64,epochs=2,batch=8',
@@ -310,8 +317,8 @@ def test_every_config_file_is_in_the_table():
   assert sorted(path.name for path in (REPO / 'configs').glob('[!_]*.py')) == sorted(
       SHIPPED_CONFIG_ARGS
   )
-  # t, s, b, l, xl in22k_ft_in1k; b, l in1k_ft_384; finetune_folder.
-  assert len(FINETUNING_CONFIGS) == 8
+  # t, s, b, l, xl in22k_ft_in1k; b, l in1k_ft_384; finetune_folder; fcmae_finetune.
+  assert len(FINETUNING_CONFIGS) == 9
 
 
 @pytest.mark.parametrize('name', sorted(path.name for path in (REPO / 'configs').glob('[!_]*.py')))

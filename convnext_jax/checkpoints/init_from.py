@@ -48,22 +48,29 @@ def load_params_into(
     CheckpointError: as `load_params`, or the trees differ (see `compare_params`).
   """
   item_dir, key, stats_key, metadata = params.params_location(path, which, step)
-
-  def stored_name(name: str) -> str:  # Where a weight of `initial` is in the orbax item.
-    if key is None:
-      return name
-    is_stat = stats_key is not None and _is_batch_stat(name)
-    return f'{stats_key if is_stat else key}/{name}'
-
   tree = params.tree_metadata(item_dir)
   if key is not None:
     tree = models.merge_batch_stats(tree[key], tree.get(stats_key))
+  # An FCMAE model's weights: its encoder is the backbone, its decoder is left behind.
+  encoder = FCMAE_ENCODER if is_fcmae_tree(tree) else ''
+  fresh = FCMAE_FRESH if encoder else ()
+  if encoder:
+    tree = tree[encoder.rstrip('/')]
+
+  def stored_name(name: str) -> str:  # Where a weight of `initial` is in the orbax item.
+    if key is None:
+      return encoder + name
+    is_stat = stats_key is not None and _is_batch_stat(name)
+    return f'{stats_key if is_stat else key}/{encoder}{name}'
+
   stored = trees.shapes(tree)
   flat_initial = _flat_by_name(initial)
   if not any(_is_batch_stat(n) for n in flat_initial):
     # Params only: the checkpoint's statistics are not asked for.
     stored = {n: v for n, v in stored.items() if not _is_batch_stat(n)}
-  report = compare_params(trees.shapes(initial), stored, strict=strict, reinit_head=reinit_head)
+  report = compare_params(
+      trees.shapes(initial), stored, strict=strict, reinit_head=reinit_head, fresh=fresh
+  )
   taken = {stored_name(n): flat_initial[n] for n in report['taken']}
   item = traverse_util.unflatten_dict(
       {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in taken.items()}, sep='/'
@@ -86,6 +93,18 @@ def load_params_into(
   return merged, report, metadata
 
 
+# Where an FCMAE model keeps its encoder, and what a classifier built on that encoder has
+# that pre-training does not: the final norm (the head is new anyway). The official
+# fine-tuning starts both fresh.
+FCMAE_ENCODER = 'encoder/'
+FCMAE_FRESH = ('norm/',)
+
+
+def is_fcmae_tree(tree) -> bool:
+  """Whether a weights tree is an FCMAE model's (`models.FCMAE`: encoder, mask token, ...)."""
+  return isinstance(tree, dict) and 'encoder' in tree and 'mask_token' in tree
+
+
 def _is_batch_stat(name: str) -> bool:
   return name.rsplit('/', 1)[-1] in BATCH_STATS_LEAVES
 
@@ -100,6 +119,7 @@ def compare_params(
     *,
     reinit_head: bool = True,
     strict: bool = True,
+    fresh: tuple[str, ...] = (),
 ) -> dict[str, list[str]]:
   """Which loaded parameters can replace a fresh model's, by name and shape.
 
@@ -113,6 +133,8 @@ def compare_params(
     loaded: the same for the checkpoint's.
     reinit_head: re-initialise a head that does not fit instead of failing.
     strict: raise on any other difference.
+    fresh: prefixes of names the checkpoint is known to lack, which keep their
+      initialisation like a new head (an FCMAE encoder's classifier: its final norm).
 
   Returns:
     {'taken': names to load, 'missing', 'unexpected', 'misshaped', 'reinitialized': lists
@@ -123,11 +145,11 @@ def compare_params(
   """
   difference = trees.compare(initial, loaded)
   heads = tuple(f'{name}/' for name in models.HEAD_NAMES)
-  new_heads = set()
+  new_heads = {n for n in difference.missing if fresh and n.startswith(fresh)}
   if reinit_head:
-    new_heads = {n for n, _, _ in difference.misshaped if n.startswith(heads)}
+    new_heads.update(n for n, _, _ in difference.misshaped if n.startswith(heads))
     # A checkpoint without a head (num_classes 0) feeding a classifier: a new head.
-    if all(n.startswith(heads) for n in difference.missing):
+    if all(n.startswith(heads) for n in difference.missing if n not in new_heads):
       new_heads.update(difference.missing)
   problems = difference.without(new_heads)
   if problems and strict:

@@ -29,13 +29,14 @@ class TrainingCheckpoints:
   """The trainer's checkpoints in `workdir/checkpoints`: saved asynchronously by an orbax
   CheckpointManager, sealed with checksums, verified before they are used.
 
-  Keeps the last `keep` steps and, with `best_metric`, the step with its highest value
-  (orbax writes the metrics of a step into it, so the best step is still known after a
-  restart). Each step is sealed before orbax commits it: `checksums.json` lists the size
-  and SHA-256 of every file, written by process 0 in orbax's background thread once every
-  process has written its part (`seal_step`). Resuming takes the newest step that verifies
-  (`find_usable_step`); newer damaged ones are moved to `workdir/checkpoints_damaged/`,
-  with a warning naming each, so that they are neither used nor overwritten nor deleted.
+  Keeps the last `keep` steps and, with `best_metric`, the step with its highest value (its
+  lowest with best_mode 'min', e.g. a loss; orbax writes the metrics of a step into it, so
+  the best step is still known after a restart). Each step is sealed before orbax commits
+  it: `checksums.json` lists the size and SHA-256 of every file, written by process 0 in
+  orbax's background thread once every process has written its part (`seal_step`).
+  Resuming takes the newest step that verifies (`find_usable_step`); newer damaged ones are
+  moved to `workdir/checkpoints_damaged/`, with a warning naming each, so that they are
+  neither used nor overwritten nor deleted.
   Errors of a background save surface, with their cause, at the next save or at `close`.
   """
 
@@ -46,6 +47,7 @@ class TrainingCheckpoints:
       save_interval_steps: int,
       keep: int,
       best_metric: str | None = None,
+      best_mode: str = 'max',
       enable_async: bool = True,
   ):
     self.workdir = workdir
@@ -54,8 +56,13 @@ class TrainingCheckpoints:
     policies = [ocp.checkpoint_managers.LatestN(keep)]
     self._track_best = bool(best_metric)
 
+    if best_mode not in ('max', 'min'):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    sign = 1.0 if best_mode == 'max' else -1.0
+
     def best_fn(metrics):  # A step saved without evaluation ranks below any evaluated one.
-      return metrics.get(best_metric, -math.inf)
+      value = metrics.get(best_metric)
+      return -math.inf if value is None else sign * value
 
     if best_metric:
       policies.append(

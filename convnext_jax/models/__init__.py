@@ -1,11 +1,13 @@
 """ConvNeXt models in Flax linen: `create_model(name, ...)` and `list_models()`; the paper's
-roadmap networks (`roadmap_*`, `RoadmapNet`)."""
+roadmap networks (`roadmap_*`, `RoadmapNet`); ConvNeXt-V2's masked autoencoder
+(`fcmae_convnextv2_*`, `FCMAE`)."""
 
 from convnext_jax.models.convnext import REMAT_POLICIES
 from convnext_jax.models.convnext import Block
 from convnext_jax.models.convnext import ConvNeXt
 from convnext_jax.models.convnext import ConvNeXtIsotropic
 from convnext_jax.models.convnext import remat_policy
+from convnext_jax.models.fcmae import FCMAE
 from convnext_jax.models.registry import MODEL_SPECS
 from convnext_jax.models.registry import ModelSpec
 from convnext_jax.models.registry import create_model
@@ -24,6 +26,7 @@ from convnext_jax.models.utils import split_batch_stats
 from convnext_jax.models.utils import weight_shapes
 
 __all__ = [
+    'FCMAE',
     'HEAD_NAMES',
     'MODEL_SPECS',
     'REMAT_POLICIES',

@@ -96,9 +96,42 @@ def remat_policy(remat: bool | str) -> Callable[..., bool] | None:
   )
 
 
+# How a model's weights are initialised (`init_scheme`): 'zoo', the official ConvNeXt code's
+# trunc normal std 0.02 for every conv and linear kernel; 'fcmae', what the official FCMAE
+# code's `_init_weights` ends up with for its encoder: std 1.0 (timm's `trunc_normal_`
+# without a std, cut at +-2) for the stem conv, the depthwise convs and the pointwise
+# linears, std 0.02 for the 2x2 downsampling convs. A `Block` also takes 'fcmae_decoder',
+# the FCMAE decoder's block: its depthwise conv std 1.0, its linears PyTorch's default init
+# (which that `_init_weights` leaves alone), biases included.
+INIT_SCHEMES = ('zoo', 'fcmae')
+
+
+def _kernel_init(scheme: str, kind: str):
+  """The kernel initialiser of a layer `kind` ('stem', 'downsample', 'dwconv', 'pwconv')."""
+  if scheme not in INIT_SCHEMES + ('fcmae_decoder',):
+    raise ValueError(f'init_scheme must be one of {INIT_SCHEMES}, got {scheme!r}')
+  if scheme != 'zoo' and kind != 'downsample':
+    return layers.trunc_normal_init(1.0)
+  return layers.dense_init
+
+
+def stage_visibility(mask: jax.Array, scale: int, dtype) -> jax.Array:
+  """(N, h * scale, w * scale, 1) `dtype` 1 where visible, 0 where masked: a (N, h, w) mask
+  (1 = masked) on the model's coarsest grid repeated `scale` times along each axis."""
+  visible = (1 - mask.astype(dtype))[..., None]
+  return jnp.repeat(jnp.repeat(visible, scale, axis=1), scale, axis=2)
+
+
 class Block(nn.Module):
   """dwconv 7x7 -> LayerNorm -> Linear C->4C -> GELU (erf) [-> GRN] -> Linear 4C->C
-  [-> * gamma] -> drop path -> + shortcut."""
+  [-> * gamma] -> drop path -> + shortcut.
+
+  Masked (`visible` given, FCMAE's sparse encoder on dense maps): the input is zero at the
+  masked sites; GRN's statistics are taken over the visible sites only (its input zeroed at
+  the masked ones), and the residual branch is zeroed there, so the output is zero at the
+  masked sites again and no masked site ever reaches a visible one (the depthwise conv reads
+  zeros there, as a sparse submanifold conv reads nothing).
+  """
 
   dim: int
   drop_path_rate: float | jax.Array = 0.0  # A traced scalar when scanned over.
@@ -106,24 +139,36 @@ class Block(nn.Module):
   use_grn: bool = False
   norm_eps: float = 1e-6
   depthwise_impl: str = 'auto'
+  init_scheme: str = 'zoo'
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    dense = functools.partial(
-        nn.Dense, kernel_init=layers.dense_init, dtype=self.dtype, param_dtype=self.param_dtype
-    )
+  def __call__(self, x, train: bool = False, visible: jax.Array | None = None):
+    def dense(features, fan_in, name):
+      inits = dict(kernel_init=_kernel_init(self.init_scheme, 'pwconv'))
+      if self.init_scheme == 'fcmae_decoder':
+        init = layers.torch_default_init(fan_in)
+        inits = dict(kernel_init=init, bias_init=init)
+      return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **inits)
+
     shortcut = x
     x = layers.DepthwiseConv(
-        7, impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name='dwconv'
+        7,
+        impl=self.depthwise_impl,
+        kernel_init=_kernel_init(self.init_scheme, 'dwconv'),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='dwconv',
     )(x)
     x = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, 'norm')(x)
-    x = dense(4 * self.dim, name='pwconv1')(x)
+    x = dense(4 * self.dim, self.dim, 'pwconv1')(x)
     x = layers.gelu(x)
     if self.use_grn:
+      if visible is not None:
+        x = x * visible.astype(x.dtype)
       x = layers.GlobalResponseNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='grn')(x)
-    x = dense(self.dim, name='pwconv2')(x)
+    x = dense(self.dim, 4 * self.dim, 'pwconv2')(x)
     if self.layer_scale_init_value:
       gamma = self.param(
           'gamma',
@@ -136,6 +181,8 @@ class Block(nn.Module):
     if train and (not isinstance(self.drop_path_rate, (int, float)) or self.drop_path_rate > 0):
       # make_rng folds in this block's path, so every block draws its own mask.
       x = layers.drop_path(x, self.drop_path_rate, self.make_rng('drop_path'))
+    if visible is not None:
+      x = x * visible.astype(x.dtype)
     return shortcut + x
 
 
@@ -146,6 +193,8 @@ def _block_kwargs(module) -> dict[str, Any]:
       use_grn=module.use_grn,
       norm_eps=module.norm_eps,
       depthwise_impl=module.depthwise_impl,
+      # Only the hierarchical ConvNeXt has a choice (FCMAE's encoder).
+      init_scheme=getattr(module, 'init_scheme', 'zoo'),
       dtype=module.dtype,
       param_dtype=module.param_dtype,
   )
@@ -159,16 +208,25 @@ def _make_block(module, dim, drop_path_rate, name):
   return cls(dim, drop_path_rate=drop_path_rate, name=name, **_block_kwargs(module))
 
 
-def _blocks(module, x, train: bool, dim: int, names: Sequence[str], rates: Sequence[float]):
+def _blocks(
+    module,
+    x,
+    train: bool,
+    dim: int,
+    names: Sequence[str],
+    rates: Sequence[float],
+    visible: jax.Array | None = None,
+):
   """The blocks `names` (with drop-path `rates`) applied in turn, in `module`'s scope.
 
   Unscanned, or at init (which creates the params under these names), one submodule each.
   With `module.scan`, one `lax.scan` over the stacked params of the already created blocks,
-  with an unbound Block applied in the body: XLA sees one block.
+  with an unbound Block applied in the body: XLA sees one block. `visible`: the blocks'
+  visibility map when masked (`Block`).
   """
   if not module.scan or module.is_initializing() or not names:
     for name, rate in zip(names, rates):
-      x = _make_block(module, dim, rate, name)(x, train)
+      x = _make_block(module, dim, rate, name)(x, train, visible)
     return x
   params = module.variables['params']
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *(params[name] for name in names))
@@ -181,7 +239,7 @@ def _blocks(module, x, train: bool, dim: int, names: Sequence[str], rates: Seque
     block_params, rate, index = inputs
     block = Block(dim, drop_path_rate=rate if drop else 0.0, parent=None, **block_kwargs)
     rngs = {'drop_path': jax.random.fold_in(key, index)} if drop else None
-    return block.apply({'params': block_params}, x, train, rngs=rngs), None
+    return block.apply({'params': block_params}, x, train, visible, rngs=rngs), None
 
   policy = remat_policy(module.remat)
   if policy is not None:
@@ -278,35 +336,68 @@ class ConvNeXt(ConvNeXtBase):
   Attributes (besides those of `ConvNeXtBase`):
     depths: blocks per stage.
     dims: channels per stage.
+    init_scheme: 'zoo' or 'fcmae' (`INIT_SCHEMES`): how the weights are initialised.
   """
 
   depths: Sequence[int] = (3, 3, 9, 3)
   dims: Sequence[int] = (96, 192, 384, 768)
+  init_scheme: str = 'zoo'
+
+  @property
+  def total_stride(self) -> int:
+    """Input pixels per cell of the last stage's map along each axis (32 with four stages)."""
+    return 4 * 2 ** (len(self.depths) - 1)
 
   @nn.compact
-  def __call__(self, x, train: bool = False, output: str = 'logits'):
+  def __call__(self, x, train: bool = False, output: str = 'logits', mask: jax.Array | None = None):
+    """The model on NHWC images `x`.
+
+    Args:
+      x: (N, H, W, 3) images.
+      train: training mode (drop path).
+      output: see the module docstring.
+      mask: FCMAE's masked encoding: (N, H / s, W / s), s = `total_stride`, 1 where a cell of
+        the image is removed. The network then computes on dense maps exactly what the
+        official sparse encoder computes on the visible cells (stem dense, then every map
+        zeroed at the masked sites; `Block`), and the stage maps are zero at masked sites.
+        Needs output='stages'.
+    """
     check_output(output)
     if len(self.depths) != len(self.dims):
       raise ValueError(f'depths {tuple(self.depths)} and dims {tuple(self.dims)} differ in length')
+    if mask is not None and output != 'stages':
+      raise ValueError(f"a masked encoding returns output='stages', got output={output!r}")
     norm = functools.partial(layers.layer_norm, self.norm_eps, self.dtype, self.param_dtype)
-    conv = functools.partial(
-        nn.Conv,
-        padding='VALID',
-        kernel_init=layers.dense_init,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-    )
+
+    def conv(features, size, name, kind):
+      return nn.Conv(
+          features,
+          (size, size),
+          strides=(size, size),
+          padding='VALID',
+          kernel_init=_kernel_init(self.init_scheme, kind),
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=name,
+      )
+
     rates = layers.drop_path_rates(self.drop_path_rate, sum(self.depths))
 
     x = jnp.asarray(x, self.dtype)
     stage_maps = []
+    visible = None
     for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
       if i == 0:
-        x = conv(dim, (4, 4), strides=(4, 4), name='downsample_layers.0.0')(x)
+        x = conv(dim, 4, 'downsample_layers.0.0', 'stem')(x)
         x = norm('downsample_layers.0.1')(x)
       else:
         x = norm(f'downsample_layers.{i}.0')(x)
-        x = conv(dim, (2, 2), strides=(2, 2), name=f'downsample_layers.{i}.1')(x)
+        x = conv(dim, 2, f'downsample_layers.{i}.1', 'downsample')(x)
+      if mask is not None:
+        # A cell is visible or masked as a whole at every scale; zeroing the masked sites
+        # after the stem and each downsampling conv (their biases) keeps every map zero there.
+        visible = stage_visibility(mask, 2 ** (len(self.depths) - 1 - i), x.dtype)
+        x = x * visible
       start = sum(self.depths[:i])
       x = _blocks(
           self,
@@ -315,6 +406,7 @@ class ConvNeXt(ConvNeXtBase):
           dim,
           [f'stages.{i}.{j}' for j in range(depth)],
           rates[start : start + depth],
+          visible,
       )
       stage_maps.append(x)
     if output == 'stages':

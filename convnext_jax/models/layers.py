@@ -4,6 +4,7 @@ BatchNorm, GRN, drop path and its rates, inits.
 Everything here is written NHWC (channels last), the layout XLA prefers on TPU and GPU.
 """
 
+from collections.abc import Callable
 import functools
 
 import flax.linen as nn
@@ -26,6 +27,38 @@ def dense_init(key, shape, dtype=jnp.float32):
   """Conv and linear weight init of the official ConvNeXt code: N(0, 0.02^2) within +-2."""
   normal = jax.random.normal(key, shape, jnp.float32) * _INIT_STD
   return jnp.clip(normal, -_INIT_BOUND, _INIT_BOUND).astype(dtype)
+
+
+def trunc_normal_init(std: float, bound: float = _INIT_BOUND):
+  """timm's `trunc_normal_(w, std=std)`: N(0, std^2) cut at +-`bound` (absolute, as timm's a
+  and b are). Far bounds (the zoo's std 0.02: +-100 std) are `dense_init`'s clipped normal;
+  near ones (FCMAE's std 1.0: +-2 std) a truncated normal."""
+  if std == _INIT_STD and bound == _INIT_BOUND:
+    return dense_init
+  if bound / std > 6:
+
+    def clipped(key, shape, dtype=jnp.float32):
+      normal = jax.random.normal(key, shape, jnp.float32) * std
+      return jnp.clip(normal, -bound, bound).astype(dtype)
+
+    return clipped
+
+  def truncated(key, shape, dtype=jnp.float32):
+    unit = jax.random.truncated_normal(key, -bound / std, bound / std, shape, jnp.float32)
+    return (unit * std).astype(dtype)
+
+  return truncated
+
+
+def torch_default_init(fan_in: int):
+  """PyTorch's default init of an `nn.Linear` weight (and bias) with `fan_in` inputs:
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5))."""
+  bound = 1.0 / float(np.sqrt(fan_in))
+
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+  return uniform
 
 
 def scaled_init(init, scale: float):
@@ -204,6 +237,7 @@ class DepthwiseConv(nn.Module):
   impl: str = 'auto'
   stride: int = 1
   use_bias: bool = True
+  kernel_init: Callable[..., jax.Array] = dense_init
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -211,7 +245,10 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x):
     channels = x.shape[-1]
     kernel = self.param(
-        'kernel', dense_init, (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype
+        'kernel',
+        self.kernel_init,
+        (self.kernel_size, self.kernel_size, 1, channels),
+        self.param_dtype,
     )
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = depthwise_conv2d(x, kernel, self.kernel_size // 2, self.impl, self.stride)
@@ -277,7 +314,12 @@ class GlobalResponseNorm(nn.Module):
     x, gamma, beta = nn.dtypes.promote_dtype(x, gamma, beta, dtype=self.dtype)
     # The spatial sum of squares runs in float32 even under bfloat16 compute: it sums H*W terms.
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    gx = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True))
+    squares = jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True)
+    # A channel that is zero everywhere (exact zeros from GELU, or FCMAE's masked maps with
+    # few visible sites) has norm 0, where sqrt's derivative is infinite: its gradient is
+    # taken as 0 there, as PyTorch's `vector_norm` takes it, instead of NaN.
+    nonzero = squares > 0
+    gx = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
     nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + self.eps)
     return gamma * (x * nx.astype(x.dtype)) + beta + x
 

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from convnext_jax.models import fcmae
 from convnext_jax.models import roadmap_net
 from convnext_jax.models.convnext import ConvNeXt
 from convnext_jax.models.convnext import ConvNeXtIsotropic
@@ -25,6 +26,15 @@ class ModelSpec:
   norm_eps: float = 1e-6
   # Roadmap steps (`roadmap_net.RoadmapNet`): all its design attributes, sorted (item pairs).
   roadmap: tuple[tuple[str, Any], ...] = ()
+  # FCMAE pre-training models (`fcmae.FCMAE`): the masked autoencoder around the V2 backbone
+  # of `encoder_name` (same depths, dims and blocks).
+  masked_autoencoder: bool = False
+
+  @property
+  def encoder_name(self) -> str:
+    """The classifier whose backbone an FCMAE model pre-trains ('convnextv2_atto' for
+    'fcmae_convnextv2_atto'); the name itself for any other model."""
+    return self.name.removeprefix(FCMAE_PREFIX) if self.masked_autoencoder else self.name
 
   @property
   def version(self) -> int:
@@ -39,6 +49,8 @@ class ModelSpec:
   def module_class(self) -> type[nn.Module]:
     if self.roadmap:
       return roadmap_net.RoadmapNet
+    if self.masked_autoencoder:
+      return fcmae.FCMAE
     return ConvNeXtIsotropic if self.isotropic else ConvNeXt
 
   def with_overrides(self, **overrides: Any) -> 'ModelSpec':
@@ -112,6 +124,8 @@ _HIERARCHICAL = {
     'xxlarge': ((3, 4, 30, 3), (384, 768, 1536, 3072)),
     'huge': ((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
+# FCMAE pre-training models are named after the backbone they pre-train.
+FCMAE_PREFIX = 'fcmae_'
 _V1_SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base', 'large', 'xlarge', 'xxlarge')
 _V2_SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base', 'large', 'huge')
 # Official isotropic models: layer scale off for S and B, 1e-6 for L (as released and trained).
@@ -140,6 +154,10 @@ def _build_specs() -> dict[str, ModelSpec]:
       specs[name] = ModelSpec(
           name, isotropic=False, layer_scale_init_value=1e-6, **_roadmap_shape(dict(step.arch))
       )
+  for size in _V2_SIZES:
+    depths, dims = _HIERARCHICAL[size]
+    name = f'{FCMAE_PREFIX}convnextv2_{size}'
+    specs[name] = ModelSpec(name, False, depths, dims, None, use_grn=True, masked_autoencoder=True)
   return specs
 
 
@@ -179,10 +197,10 @@ _DEFAULT = object()
 def create_model(
     name: str,
     *,
-    num_classes: int = 1000,
+    num_classes: Any = _DEFAULT,
     drop_path_rate: float = 0.0,
     layer_scale_init_value: Any = _DEFAULT,
-    head_init_scale: float = 1.0,
+    head_init_scale: Any = _DEFAULT,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     **overrides,
@@ -191,12 +209,14 @@ def create_model(
 
   Args:
     name: one of `list_models()`, e.g. 'convnext_tiny', 'convnextv2_base',
-      'convnext_isotropic_small'.
-    num_classes: classifier outputs; 0 builds no head (pooled features are returned).
+      'convnext_isotropic_small', 'fcmae_convnextv2_atto'.
+    num_classes: classifier outputs (default 1000); 0 builds no head (pooled features are
+      returned). FCMAE models have no head and take neither this nor head_init_scale.
     drop_path_rate: stochastic depth rate of the last block (linear from 0).
     layer_scale_init_value: layer-scale init; default is the variant's own (1e-6 for V1,
       none for V2 and isotropic S/B, 1e-6 for isotropic L). 0 or None disables it.
-    head_init_scale: scales the initial head weights (0.001 when fine-tuning a new head).
+    head_init_scale: scales the initial head weights (default 1; 0.001 when fine-tuning a
+      new head).
     dtype: compute dtype, e.g. `jnp.bfloat16` for mixed precision.
     param_dtype: parameter dtype.
     **overrides: any other module attribute (`remat='full'` or a policy name such as
@@ -215,13 +235,16 @@ def create_model(
     overrides['layer_scale_init_value'] = layer_scale_init_value
   spec = get_spec(name).with_overrides(**overrides)
   kwargs = dict(
-      spec.module_kwargs(),
-      num_classes=num_classes,
-      drop_path_rate=drop_path_rate,
-      head_init_scale=head_init_scale,
-      dtype=dtype,
-      param_dtype=param_dtype,
+      spec.module_kwargs(), drop_path_rate=drop_path_rate, dtype=dtype, param_dtype=param_dtype
   )
+  head = {'num_classes': num_classes, 'head_init_scale': head_init_scale}
+  if spec.masked_autoencoder:
+    given = sorted(k for k, v in head.items() if v is not _DEFAULT)
+    if given:
+      raise ValueError(f'{name} is a pre-training model without a classifier head: no {given}')
+  else:
+    kwargs['num_classes'] = 1000 if num_classes is _DEFAULT else num_classes
+    kwargs['head_init_scale'] = 1.0 if head_init_scale is _DEFAULT else head_init_scale
   # What the spec does not hold passes through as is (and is checked below).
   kwargs.update((k, v) for k, v in overrides.items() if k not in kwargs)
   fields = module_arguments(name)
