@@ -282,7 +282,8 @@ def fcmae_pretrain(arg: str | None = None) -> ml_collections.ConfigDict:
   the masked reconstruction loss on the validation split, with a picture of the
   reconstructions).
 
-  Arguments: model=atto|...|huge (default atto), epochs=N (800 is the paper's ablation length).
+  Arguments: model=atto|...|huge (default atto), epochs=N (800 is the paper's ablation length),
+  mini (the CPU preset, `fcmae_mini`).
   """
   args = parse_arg(arg)
   c = base()
@@ -305,7 +306,40 @@ def fcmae_pretrain(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ema.decay = 0.0
   c.eval_every_epochs = 20.0
   c.keep_best_checkpoint = False  # The latest pre-trained encoder is the one to fine-tune.
+  if 'mini' in args:
+    fcmae_mini(c, pretraining=True, epochs=float(args.get('epochs') or FCMAE_MINI_EPOCHS[0]))
   return finalize(c, arg)
+
+
+# The --mini track's epochs of the built-in dataset: pre-training, then fine-tuning (each of
+# the two fine-tuning runs, from the pre-trained encoder and from scratch).
+FCMAE_MINI_EPOCHS = (6.0, 10.0)
+FCMAE_MINI_SIZES = (96, 64)  # Pre-training: 3x3 cells of 32 px; fine-tuning as fast as fits.
+
+
+def fcmae_mini(c: ml_collections.ConfigDict, pretraining: bool, epochs: float) -> None:
+  """In place: the FCMAE --mini CPU preset on the built-in `convnext_shapes` (5000 images of
+  64 px, 10 classes): pre-training at 96 px (3x3 cells, 3 kept), lr 1e-3 at batch 64; the
+  fine-tuning runs at 64 px with the demo's recipe (`shapes_on_cpu`, EMA 0.995), the same
+  for the pre-trained and the from-scratch run. The recipe's learning rates, scaled to batch
+  64 over a few epochs, would barely move the weights; so would its 40 warmup epochs."""
+  shapes_on_cpu(c, FCMAE_MINI_SIZES[0] if pretraining else FCMAE_MINI_SIZES[1])
+  c.num_epochs = epochs
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 200
+  c.eval_batch_size = 200
+  if pretraining:
+    c.input.scale = (0.2, 1.0)  # The recipe's crops.
+    c.optim.lr = 1e-3
+    c.eval_every_epochs = epochs / 3
+  else:
+    c.optim.layer_decay = 1.0  # As from scratch: the two runs differ by their start only.
+    c.ema.decay = 0.995
+    c.ema.warmup = True
+    c.input.mixup_alpha = c.input.cutmix_alpha = 0.0
+    c.input.random_erasing = 0.0
+    c.input.label_smoothing = 0.1
+    c.eval_every_epochs = epochs / 2
 
 
 # Fine-tuning after FCMAE, ConvNeXt-V2's TRAINING.md (batch 1024, lr = blr x 1024 / 256):
@@ -337,7 +371,9 @@ def fcmae_finetune(arg: str | None = None) -> ml_collections.ConfigDict:
   0.02 x head_init_scale 0.001), its final norm fresh.
 
   Arguments: model=atto|...|huge (default atto), init=PATH (required: an FCMAE training
-  workdir, or a converted encoder), step=N, res=224|384.
+  workdir, or a converted encoder), step=N, res=224|384; mini (the CPU preset,
+  `fcmae_mini`), with which scratch (no init: the same run from random weights) may replace
+  init.
   """
   args = parse_arg(arg)
   size = _v2_size(args)
@@ -362,7 +398,13 @@ def fcmae_finetune(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init_from.path = args.get('init', '')
   c.init_from.params = 'raw'  # Pre-training keeps no EMA.
   c.init_from.step = int(args.get('step') or -1)
-  require_init(c, arg)
+  if 'mini' in args:
+    fcmae_mini(c, pretraining=False, epochs=float(args.get('epochs') or FCMAE_MINI_EPOCHS[1]))
+  if 'scratch' in args:
+    if 'mini' not in args or c.init_from.path:
+      raise ValueError('scratch goes with mini and without init= (the --mini track baseline)')
+  else:
+    require_init(c, arg)
   return finalize(c, arg)
 
 

@@ -4,15 +4,19 @@ between PyTorch files and orbax params checkpoints; `convnext_jax.convert` conve
 
   convnext-convert import SRC DEST [--model NAME] [--ema] [--overwrite]
       SRC: official .pth ({'model': ...} / {'model_ema': ...}), timm .safetensors/.pth/.bin,
-      torchvision .pth, or a Hugging Face model directory (ConvNeXt, ConvNeXt V2, ResNet).
+      torchvision .pth, a Hugging Face model directory (ConvNeXt, ConvNeXt V2, ResNet), or
+      ConvNeXt-V2's FCMAE weights (a released `..._fcmae.pt` encoder, or a checkpoint of the
+      official pre-training code, decoder included).
       DEST: an orbax params checkpoint directory. The model is detected, except for the
       roadmap steps that are neither a ResNet nor ConvNeXt: name those with --model.
-  convnext-convert export SRC DEST [--layout official|timm|hf] [--params ema|raw]
-                                   [--step N] [--overwrite]
+  convnext-convert export SRC DEST [--layout official|timm|hf|fcmae|fcmae_training]
+                                   [--params ema|raw] [--step N] [--overwrite]
       SRC: an orbax params checkpoint, or a training workdir (its EMA or raw weights, at the
       latest or a given step; with BatchNorm's running statistics). DEST: .pth (official;
       torchvision for ResNets), .safetensors (timm) or a directory (Hugging Face); --layout
-      overrides the guess from DEST's suffix.
+      overrides the guess from DEST's suffix. An FCMAE model is written as the released
+      encoder (fcmae), or with --layout fcmae_training as the official pre-training code's
+      checkpoint ({'model': ...}, decoder included; the official code starts from it).
   convnext-convert inspect SRC
       Prints what SRC holds: layout, model, classes, parameter count (BatchNorm statistics
       not counted).
@@ -74,10 +78,12 @@ def run_export(args) -> str:
   params, metadata = checkpoints.load_params(args.src, which=args.params, step=args.step)
   model_name = metadata['model_name']
   layout = args.layout or _guess_layout(args.dest)
+  if not args.layout and models.get_spec(model_name).masked_autoencoder:
+    layout = 'fcmae'  # The released encoder's form, unless asked for the training one.
   num_classes = layouts.num_classes_of(params)
   state_dict = layouts.flax_to_torch(params, model_name, layout)
   del params
-  if layout == 'official':
+  if layout in ('official',) + layouts.FCMAE_LAYOUTS:
     files.save_official_pth(state_dict, args.dest, overwrite=args.overwrite)
   elif layout == 'timm':
     files.save_safetensors(state_dict, args.dest, overwrite=args.overwrite)
@@ -157,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
       '--layout',
-      choices=layouts.LAYOUTS,
-      help='output key layout (default: from the suffix of DEST); roadmap steps '
-      'other than the ResNets and ConvNeXt have only official',
+      choices=layouts.ALL_LAYOUTS,
+      help='output key layout (default: from the suffix of DEST; fcmae for FCMAE models); '
+      'roadmap steps other than the ResNets and ConvNeXt have only official; FCMAE models '
+      'fcmae (the released encoder) and fcmae_training (the official pre-training '
+      "checkpoint's, with the decoder)",
   )
   p.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')
   p.set_defaults(run=run_export)

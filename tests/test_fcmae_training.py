@@ -12,9 +12,12 @@ from test_batchnorm_training import _sigterm_at  # The trainer's own SIGTERM pat
 
 from convnext_jax import checkpoints
 from convnext_jax import config_lib
+from convnext_jax import models
+from convnext_jax import optim
 from convnext_jax import run as run_lib
 from convnext_jax import sharding
 from convnext_jax import train
+from convnext_jax import trees
 from convnext_jax import validation
 from convnext_jax.data import DatasetFacts
 
@@ -72,19 +75,20 @@ def one_device():
   return _steps((1, 1, 1), jax.devices()[:1], _batches(3))
 
 
-@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 4, 1)], ids=['data8', 'data2_fsdp4'])
-def test_fcmae_steps_on_eight_devices_equal_one_device(one_device, mesh_shape):
+def test_fcmae_steps_on_eight_devices_equal_one_device(one_device):
+  """2-way data parallel x 4-way FSDP: each axis alone is a special case of the two together
+  (test_sharding.py covers every axis, for the classification objective)."""
   ref_losses, ref_state, _ = one_device
-  losses, state, device_state = _steps(mesh_shape, jax.devices(), _batches(3))
+  losses, state, device_state = _steps((2, 4, 1), jax.devices(), _batches(3))
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
   flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
   for key in ('params', 'opt_state'):
     np.testing.assert_allclose(
         flat(state[key]), flat(ref_state[key]), rtol=1e-4, atol=2e-5, err_msg=key
     )
-  if mesh_shape[1] > 1:  # The decoder's kernels are split over 'fsdp' too.
-    pred = device_state['params']['pred']['kernel']
-    assert 'fsdp' in jax.tree.leaves(tuple(pred.sharding.spec))
+  # The batch is split over 'data' and 'fsdp'; the decoder's kernels over 'fsdp' too.
+  pred = device_state['params']['pred']['kernel']
+  assert 'fsdp' in jax.tree.leaves(tuple(pred.sharding.spec))
 
 
 def test_every_step_draws_new_masks():
@@ -203,3 +207,20 @@ def test_pretraining_config_mistakes_are_one_line():
   c.input.mixup_alpha = 0.8
   with pytest.raises(validation.ConfigError, match='no labels to mix'):
     validation.check(c)
+
+
+def test_pretraining_decays_kernels_grn_and_the_mask_token_only():
+  """fcmae.md: timm's `add_weight_decay` over the official model skips 1-D tensors and
+  biases; GRN's gamma and beta ((1, C) there) and the mask token are decayed."""
+  shapes = models.param_shapes(models.create_model('fcmae_convnextv2_atto'), 64)
+  mask = {
+      trees.name(p): m
+      for p, m in jax.tree_util.tree_flatten_with_path(optim.pretraining_weight_decay_mask(shapes))[
+          0
+      ]
+  }
+  decayed = {n for n, m in mask.items() if m}
+  assert 'mask_token' in decayed
+  assert {'encoder/stages.0.0/grn/gamma', 'decoder.0/grn/beta', 'pred/kernel'} <= decayed
+  assert {n.rsplit('/', 1)[-1] for n in decayed} == {'kernel', 'gamma', 'beta', 'mask_token'}
+  assert {n.rsplit('/', 1)[-1] for n in set(mask) - decayed} == {'bias', 'scale'}

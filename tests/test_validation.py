@@ -297,8 +297,10 @@ SHIPPED_CONFIG_ARGS = {
         'init={init}',
         'model=tiny,init={init}',
         'model=huge,init={init},res=384',
+        'mini,init={init}',
+        'mini,scratch',
     ),
-    'fcmae_pretrain.py': ('', 'model=base', 'model=huge,epochs=800'),
+    'fcmae_pretrain.py': ('', 'model=base', 'model=huge,epochs=800', 'mini'),
     'finetune_folder.py': (
         'root={root},init={init}',
         'root={root},init={init},model=convnextv2_atto,res=64,epochs=2,batch=8',
@@ -334,11 +336,18 @@ def test_check_accepts_every_shipped_config(name, tmp_path):
 
 @pytest.mark.parametrize('name', FINETUNING_CONFIGS)
 def test_finetuning_config_without_init_raises_one_line(name, tmp_path):
-  for arg in SHIPPED_CONFIG_ARGS[name]:
+  # fcmae_finetune's 'mini,scratch' is the --mini track's baseline: random weights on purpose.
+  for arg in (a for a in SHIPPED_CONFIG_ARGS[name] if 'scratch' not in a):
     without_init = ','.join(p for p in arg.split(',') if not p.startswith('init='))
     with pytest.raises(ValueError) as e:
       _config_file(name, without_init.format(root=tmp_path) or None)
     assert str(e.value) == FINETUNE_NEEDS_INIT, arg
+
+
+def test_fcmae_scratch_is_the_mini_baseline_only(tmp_path):
+  for arg in (f'mini,scratch,init={tmp_path}', 'scratch'):
+    with pytest.raises(ValueError, match='scratch goes with mini and without init='):
+      _config_file('fcmae_finetune.py', arg)
 
 
 def test_finetune_folder_without_root_asks_for_it(tmp_path):

@@ -86,7 +86,8 @@ def _config(args, scan: bool | None = None, work_matched: bool = False):
   `args.scan`; `work_matched` turns Mixup/CutMix, Random Erasing and the EMA off (the work
   PyTorch's plain step does not do)."""
   config = config_lib.base()
-  if work_matched:
+  if work_matched or models.get_spec(args.model).masked_autoencoder:
+    # FCMAE pre-training's recipe has none of these either (`config_lib.fcmae_pretrain`).
     config.input.mixup_alpha = config.input.cutmix_alpha = 0.0
     config.input.random_erasing = 0.0
     config.ema.decay = 0.0
@@ -300,6 +301,11 @@ def run(args, training: bool, versions: str) -> list[Result]:
       f'{device.device_kind} x {mesh.size}, mesh {dict(mesh.shape)}; median of '
       f'{args.iters} after {args.warmup} warm-up'
   )
+  if args.compare == 'torch' and models.get_spec(args.model).masked_autoencoder:
+    raise SystemExit(
+        f'benchmark: --compare torch has no PyTorch {args.model} to time (the official FCMAE '
+        'needs MinkowskiEngine); drop --compare'
+    )
   timed = [(_jax_train if training else _jax_infer)(args, mesh, peak)]
   compiled_torch = None
   if args.compare == 'torch':

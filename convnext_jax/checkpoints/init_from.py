@@ -101,8 +101,9 @@ FCMAE_FRESH = ('norm/',)
 
 
 def is_fcmae_tree(tree) -> bool:
-  """Whether a weights tree is an FCMAE model's (`models.FCMAE`: encoder, mask token, ...)."""
-  return isinstance(tree, dict) and 'encoder' in tree and 'mask_token' in tree
+  """Whether a weights tree is an FCMAE model's (`models.FCMAE`: 'encoder', and the decoder
+  unless imported from a released encoder alone); no classifier has an 'encoder'."""
+  return isinstance(tree, dict) and 'encoder' in tree
 
 
 def _is_batch_stat(name: str) -> bool:

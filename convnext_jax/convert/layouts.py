@@ -12,7 +12,8 @@ statistics beside its scale and bias (`models.merge_batch_stats`), as a PyTorch 
 keeps them. PyTorch's `num_batches_tracked` counter has no Flax counterpart: it is skipped on
 import and written as 0 on export (see `NUM_BATCHES_TRACKED`).
 
-Model families, by the names their parameters carry:
+Model families, by the names their parameters carry (FCMAE models have layouts of their own,
+`FCMAE_LAYOUTS`):
   - ConvNeXt (every `convnext*` model, and the roadmap's last step, which is ConvNeXt):
     official (facebookresearch/ConvNeXt), timm and Hugging Face `ConvNext(V2)` keys.
   - ResNet (the roadmap steps that are torchvision's ResNet v1.5: `roadmap_*_baseline` and
@@ -37,6 +38,12 @@ from convnext_jax import trees
 from convnext_jax.models import roadmap_net
 
 LAYOUTS = ('official', 'timm', 'hf')
+# FCMAE models (`fcmae_convnextv2_*`): 'fcmae', the released pre-trained encoders
+# (`pt_only/convnextv2_<size>_1k_224_fcmae.pt`: the dense backbone's official keys, no final
+# norm, head or decoder); 'fcmae_training', the official pre-training code's checkpoints
+# (MinkowskiEngine names and kernel shapes under 'encoder.', with the decoder).
+FCMAE_LAYOUTS = ('fcmae', 'fcmae_training')
+ALL_LAYOUTS = LAYOUTS + FCMAE_LAYOUTS
 
 # timm builds these with `conv_mlp=True`: fc1/fc2 are 1x1 convs stored as (out, in, 1, 1).
 TIMM_CONV_MLP = frozenset(
@@ -90,9 +97,45 @@ _TRANSFORMS = {
         lambda a: a.reshape(1, 1, 1, -1), lambda a: a.reshape(-1), lambda s: (1, 1, 1) + tuple(s)
     ),
     'vector': _Transform(lambda a: a, lambda a: a, tuple),
+    # MinkowskiEngine's convolution kernel (k*k, in, out), the tap index column-major
+    # (column * k + row), as the official `remap_checkpoint_keys` reads it.
+    'me_conv': _Transform(
+        lambda a: np.transpose(a, (1, 0, 2, 3)).reshape(-1, a.shape[2], a.shape[3]),
+        lambda a: _me_taps_to_hw(a).reshape(_me_side(a), _me_side(a), a.shape[1], a.shape[2]),
+        lambda s: (s[0] * s[1], s[2], s[3]),
+    ),
+    # MinkowskiEngine's depthwise kernel (k*k, C) <-> (kh, kw, 1, C).
+    'me_dwconv': _Transform(
+        lambda a: np.transpose(a[:, :, 0, :], (1, 0, 2)).reshape(-1, a.shape[3]),
+        lambda a: _me_taps_to_hw(a)[:, :, None, :],
+        lambda s: (s[0] * s[1], s[3]),
+    ),
+    # MinkowskiEngine's biases and GRN parameters (1, C) <-> (C,).
+    'row': _Transform(
+        lambda a: a.reshape(1, -1), lambda a: a.reshape(-1), lambda s: (1,) + tuple(s)
+    ),
+    # FCMAE's mask token (1, 1, 1, D) <-> (1, D, 1, 1).
+    'mask_token': _Transform(
+        lambda a: np.transpose(a, (0, 3, 1, 2)),
+        lambda a: np.transpose(a, (0, 2, 3, 1)),
+        lambda s: (s[0], s[3], s[1], s[2]),
+    ),
     # BatchNorm's num_batches_tracked: PyTorch only (int64 scalar), no Flax leaf.
     'count': _Transform(lambda a: np.asarray(NUM_BATCHES_TRACKED, np.int64), None, lambda s: ()),
 }
+
+
+def _me_side(a: np.ndarray) -> int:
+  side = round(a.shape[0] ** 0.5)
+  if side * side != a.shape[0]:
+    raise ConversionError(f'a MinkowskiEngine kernel of {a.shape[0]} taps is not square')
+  return side
+
+
+def _me_taps_to_hw(a: np.ndarray) -> np.ndarray:
+  """(k*k, ...) taps, column-major, -> (k, k, ...) indexed [row, column]."""
+  side = _me_side(a)
+  return np.swapaxes(a.reshape((side, side) + a.shape[1:]), 0, 1)
 
 
 def family(spec: models.ModelSpec) -> str:
@@ -112,6 +155,8 @@ def family(spec: models.ModelSpec) -> str:
 def layouts_of(model_name: str) -> tuple[str, ...]:
   """The layouts that can represent a registered model."""
   spec = models.get_spec(model_name)
+  if spec.masked_autoencoder:
+    return FCMAE_LAYOUTS
   if family(spec) == 'roadmap' or spec.isotropic:
     return ('official',)
   if family(spec) == 'convnext' and spec.norm_eps != HF_NORM_EPS:
@@ -209,6 +254,37 @@ def _kind(path: tuple[str, ...], ndim: int, layout: str, model_name: str) -> str
   return 'vector'
 
 
+def _fcmae_key_and_kind(path: tuple[str, ...], ndim: int, layout: str) -> tuple[str, str]:
+  """(PyTorch key, transform) of an FCMAE weight path in an FCMAE layout."""
+  if path[0] != 'encoder':  # The decoder: the official module names, dense.
+    if path == ('mask_token',):
+      return 'mask_token', 'mask_token'
+    return _official_key(path), _kind(path, ndim, 'official', '')
+  rest = path[1:]
+  key = _official_key(rest)
+  if layout == 'fcmae':  # The released encoders: the dense backbone's keys.
+    return key, _kind(rest, ndim, 'official', '')
+  top, leaf = rest[0], rest[-1]
+  if top.startswith('downsample_layers.0.'):  # The stem: dense in the sparse encoder too.
+    return f'encoder.{key}', _kind(rest, ndim, 'official', '')
+  if m := re.fullmatch(r'downsample_layers\.\d+\.(\d)', top):
+    # A sparse downsampler: LayerNorm (.0), then the 2x2 conv (.1).
+    if m.group(1) == '0':
+      return f'encoder.{top}.ln.{_OFFICIAL_LEAF.get(leaf, leaf)}', 'vector'
+    return f'encoder.{top}.{leaf}', 'me_conv' if leaf == 'kernel' else 'row'
+  layer = rest[1]  # A block's sublayer.
+  if layer == 'dwconv':
+    return f'encoder.{top}.dwconv.{leaf}', 'me_dwconv' if leaf == 'kernel' else 'row'
+  if layer == 'norm':
+    return f'encoder.{top}.norm.ln.{_OFFICIAL_LEAF.get(leaf, leaf)}', 'vector'
+  if layer in ('pwconv1', 'pwconv2'):
+    kind = 'linear' if leaf == 'kernel' else 'vector'
+    return f'encoder.{top}.{layer}.linear.{_OFFICIAL_LEAF.get(leaf, leaf)}', kind
+  if layer == 'grn':
+    return f'encoder.{top}.grn.{leaf}', 'row'
+  raise ConversionError(f'no {layout} key for the FCMAE weight {"/".join(path)}')
+
+
 def torch_key(path: tuple[str, ...], layout: str, spec: models.ModelSpec) -> str:
   """The PyTorch state-dict key of a Flax weight path in `layout`.
 
@@ -216,8 +292,15 @@ def torch_key(path: tuple[str, ...], layout: str, spec: models.ModelSpec) -> str
     ConversionError: `layout` cannot represent the model (isotropic ConvNeXt and roadmap
       steps other than ResNet and ConvNeXt exist in the official layout only).
   """
-  if layout not in LAYOUTS:
-    raise ValueError(f'unknown layout {layout!r}; expected one of {LAYOUTS}')
+  if layout not in ALL_LAYOUTS:
+    raise ValueError(f'unknown layout {layout!r}; expected one of {ALL_LAYOUTS}')
+  if spec.masked_autoencoder != (layout in FCMAE_LAYOUTS):
+    raise ConversionError(
+        f'{spec.name}: the {layout} layout has no such model; its layouts are '
+        f'{", ".join(layouts_of(spec.name))}'
+    )
+  if spec.masked_autoencoder:
+    return _fcmae_key_and_kind(path, 0, layout)[0]
   key = _official_key(path)
   if layout == 'official':
     return key
@@ -242,7 +325,10 @@ def torch_key(path: tuple[str, ...], layout: str, spec: models.ModelSpec) -> str
 
 @functools.cache
 def _flax_shapes(model_name: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
-  model = models.create_model(model_name, num_classes=num_classes)
+  if models.get_spec(model_name).masked_autoencoder:  # No head.
+    model = models.create_model(model_name)
+  else:
+    model = models.create_model(model_name, num_classes=num_classes)
   weights = traverse_util.flatten_dict(models.weight_shapes(model))
   return {path: tuple(leaf.shape) for path, leaf in weights.items()}
 
@@ -261,6 +347,12 @@ def maps_from_shapes(
   spec = models.get_spec(model_name)
   maps = []
   for path, shape in shapes.items():
+    if spec.masked_autoencoder:
+      if layout == 'fcmae' and path[0] != 'encoder':
+        continue  # The released encoders have no decoder.
+      key, kind = _fcmae_key_and_kind(path, len(shape), layout)
+      maps.append(TensorMap(path, key, kind, tuple(shape)))
+      continue
     maps.append(
         TensorMap(
             path,
@@ -352,6 +444,11 @@ def detect_layout(keys) -> str:
     return 'hf'
   if 'stem.0.weight' in keys:
     return 'timm'
+  if 'encoder.downsample_layers.0.0.weight' in keys:
+    return 'fcmae_training'
+  encoder_only = not keys & {'norm.weight', 'head.weight'}
+  if 'downsample_layers.0.0.weight' in keys and encoder_only and any('.grn.' in k for k in keys):
+    return 'fcmae'  # A V2 backbone without final norm and head: an FCMAE encoder.
   if {'downsample_layers.0.0.weight', 'stem.weight', _RESNET_STEM['official']} & keys:
     return 'official'
   sample = ', '.join(sorted(keys)[:5])
@@ -359,8 +456,9 @@ def detect_layout(keys) -> str:
       'not a ConvNeXt state dict of a known layout (nor a ResNet one): expected keys like '
       "'downsample_layers.0.0.weight' (official), 'stem.0.weight' (timm), "
       "'convnext.embeddings.patch_embeddings.weight' (Hugging Face), 'conv1.weight' "
-      "(torchvision/timm ResNet) or 'resnet.embedder.embedder.convolution.weight' (Hugging "
-      f'Face ResNet); found {sample}'
+      "(torchvision/timm ResNet), 'resnet.embedder.embedder.convolution.weight' (Hugging "
+      "Face ResNet) or 'encoder.downsample_layers.0.0.weight' (FCMAE training); found "
+      f'{sample}'
   )
 
 
@@ -421,6 +519,32 @@ def _detect_resnet(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int
   )
 
 
+_FCMAE_DWCONV = {
+    'fcmae': (re.compile(r'^stages\.(\d+)\.(\d+)\.dwconv\.weight$'), 0),
+    'fcmae_training': (re.compile(r'^encoder\.stages\.(\d+)\.(\d+)\.dwconv\.kernel$'), 1),
+}
+
+
+def _detect_fcmae(state_dict: Mapping[str, Any], layout: str) -> str:
+  """The FCMAE model of an encoder (or pre-training) state dict: its V2 size, from the
+  blocks per stage and each stage's width."""
+  pattern, channel_axis = _FCMAE_DWCONV[layout]
+  per_stage: dict[int, dict[int, int]] = {}
+  for k, v in state_dict.items():
+    if m := pattern.match(k):
+      per_stage.setdefault(int(m.group(1)), {})[int(m.group(2))] = _shape(v)[channel_axis]
+  depths = tuple(len(per_stage[i]) for i in sorted(per_stage))
+  dims = tuple(per_stage[i][min(per_stage[i])] for i in sorted(per_stage))
+  known = {n: s for n, s in models.MODEL_SPECS.items() if s.masked_autoencoder}
+  for name, spec in known.items():
+    if (spec.depths, spec.dims) == (depths, dims):
+      return name
+  raise ConversionError(
+      f'no ConvNeXt-V2 size has depths {depths} and dims {dims} ({layout} layout); known '
+      f'FCMAE models: {", ".join(known)}'
+  )
+
+
 def detect_model(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int]:
   """(model name, num_classes) of a state dict in a known layout.
 
@@ -433,6 +557,8 @@ def detect_model(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int]:
   """
   if _is_resnet(state_dict, layout):
     return _detect_resnet(state_dict, layout)
+  if layout in FCMAE_LAYOUTS:
+    return _detect_fcmae(state_dict, layout), 0
   keys = list(state_dict)
   use_grn = any('.grn.' in k for k in keys)
   head = state_dict.get(_HEAD_WEIGHT[layout])
@@ -451,7 +577,11 @@ def detect_model(state_dict: Mapping[str, Any], layout: str) -> tuple[str, int]:
     depths = tuple(len(per_stage[i]) for i in stages)
     dims = tuple(per_stage[i][min(per_stage[i])][0] for i in stages)
     found, wanted = dict(isotropic=False, depths=depths, dims=dims), 'hierarchical'
-  convnexts = [name for name, spec in models.MODEL_SPECS.items() if not spec.roadmap]
+  convnexts = [
+      name
+      for name, spec in models.MODEL_SPECS.items()
+      if not spec.roadmap and not spec.masked_autoencoder
+  ]
   for name in convnexts:
     spec = models.MODEL_SPECS[name]
     if (spec.isotropic, spec.depths, spec.dims, spec.use_grn) == (
@@ -554,7 +684,22 @@ def torch_to_flax(
     detected = None  # Named by the caller: the keys below say whether it fits.
   if model_name:  # Its head's key may differ from the detected model's.
     spec = models.get_spec(model_name)
-    head = state_dict.get(torch_key(_head_path(spec), layout, spec))
+    if layout in FCMAE_LAYOUTS and not spec.masked_autoencoder:
+      raise ConversionError(
+          f'this is an FCMAE state dict ({layout} layout), not {model_name}: import it as an '
+          'fcmae_convnextv2_* model (drop --model), then fine-tune from it with '
+          'config.init_from'
+      )
+    if spec.masked_autoencoder and layout not in FCMAE_LAYOUTS:
+      raise ConversionError(
+          f'a {layout} state dict cannot hold {model_name}, whose layouts are '
+          f'{", ".join(layouts_of(model_name))}'
+      )
+    head = (
+        None
+        if spec.masked_autoencoder
+        else state_dict.get(torch_key(_head_path(spec), layout, spec))
+    )
     num_classes = _shape(head)[0] if head is not None else 0
   model_name = model_name or detected
   maps = tensor_maps(model_name, num_classes, layout)
@@ -581,7 +726,9 @@ def flax_to_torch(
       in for a model with BatchNorm (`models.merge_batch_stats`); numpy or jax arrays.
     model_name: registered name the weights belong to.
     layout: 'official' (facebookresearch/ConvNeXt; torchvision for ResNets), 'timm' or 'hf'
-      (transformers); `layouts_of(model_name)` says which can represent the model.
+      (transformers); for FCMAE models 'fcmae' (the released encoder: the weights' decoder
+      is left out) or 'fcmae_training' (the official pre-training checkpoint's);
+      `layouts_of(model_name)` says which can represent the model.
 
   Returns:
     key -> contiguous numpy array (float32; int64 for BatchNorm's num_batches_tracked), in
@@ -591,9 +738,16 @@ def flax_to_torch(
     ConversionError: the weights do not match `model_name`, or the layout cannot represent
       it.
   """
-  if layout not in LAYOUTS:
-    raise ValueError(f'unknown layout {layout!r}; expected one of {LAYOUTS}')
+  if layout not in ALL_LAYOUTS:
+    raise ValueError(f'unknown layout {layout!r}; expected one of {ALL_LAYOUTS}')
   spec = models.get_spec(model_name)
+  if spec.masked_autoencoder != (layout in FCMAE_LAYOUTS):
+    raise ConversionError(
+        f'{model_name} cannot be written in the {layout} layout; its layouts are '
+        f'{", ".join(layouts_of(model_name))}'
+    )
+  if layout == 'fcmae':  # The released form: the encoder alone.
+    params = {'encoder': params['encoder']} if 'encoder' in params else params
   if layout == 'hf' and family(spec) == 'convnext' and spec.norm_eps != HF_NORM_EPS:
     raise ConversionError(
         f'{model_name} uses LayerNorm eps {spec.norm_eps}, but transformers fixes the block and '

@@ -27,14 +27,8 @@ class ModelSpec:
   # Roadmap steps (`roadmap_net.RoadmapNet`): all its design attributes, sorted (item pairs).
   roadmap: tuple[tuple[str, Any], ...] = ()
   # FCMAE pre-training models (`fcmae.FCMAE`): the masked autoencoder around the V2 backbone
-  # of `encoder_name` (same depths, dims and blocks).
+  # of the same depths and dims ('fcmae_convnextv2_atto' pre-trains 'convnextv2_atto').
   masked_autoencoder: bool = False
-
-  @property
-  def encoder_name(self) -> str:
-    """The classifier whose backbone an FCMAE model pre-trains ('convnextv2_atto' for
-    'fcmae_convnextv2_atto'); the name itself for any other model."""
-    return self.name.removeprefix(FCMAE_PREFIX) if self.masked_autoencoder else self.name
 
   @property
   def version(self) -> int:
