@@ -12,6 +12,7 @@ from test_batchnorm_training import _sigterm_at  # The trainer's own SIGTERM pat
 
 from convnext_jax import checkpoints
 from convnext_jax import config_lib
+from convnext_jax import fcmae_study
 from convnext_jax import models
 from convnext_jax import optim
 from convnext_jax import run as run_lib
@@ -224,3 +225,40 @@ def test_pretraining_decays_kernels_grn_and_the_mask_token_only():
   assert {'encoder/stages.0.0/grn/gamma', 'decoder.0/grn/beta', 'pred/kernel'} <= decayed
   assert {n.rsplit('/', 1)[-1] for n in decayed} == {'kernel', 'gamma', 'beta', 'mask_token'}
   assert {n.rsplit('/', 1)[-1] for n in set(mask) - decayed} == {'bias', 'scale'}
+
+
+def test_mini_study_needs_mini_and_reports_its_runs(pretrained, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    fcmae_study.main(['--workdir', str(tmp_path)])
+  assert e.value.code == 2
+  assert 'only the --mini CPU track is defined' in capsys.readouterr().err
+  results = [
+      {
+          'name': 'pretrain',
+          'model': 'fcmae_convnextv2_atto',
+          'image_size': 96,
+          'epochs': 6.0,
+          'eval': {'convnext_shapes/raw/loss': 0.51234},
+          'seconds': 600.0,
+      },
+      {
+          'name': 'scratch',
+          'model': 'convnextv2_atto',
+          'image_size': 64,
+          'epochs': 10.0,
+          'eval': {'convnext_shapes/ema/top1': 0.9, 'convnext_shapes/raw/top1': 0.875},
+          'seconds': 330.0,
+      },
+  ]
+  rows = fcmae_study.table(results).splitlines()
+  assert rows[2] == (
+      '| pretrain | fcmae_convnextv2_atto | 96 | 6 | raw loss 0.5123 | 10 min 00 s |'
+  )
+  assert rows[3] == (
+      '| scratch | convnextv2_atto | 64 | 10 | ema top-1 90.0%, raw top-1 87.5% | 5 min 30 s |'
+  )
+  # The loss curve from a pre-training run's TensorBoard events (its 4 steps, logged every 2).
+  (tmp_path / 'study').mkdir()
+  (tmp_path / 'study' / 'pretrain').symlink_to(pretrained[0])
+  assert [step for step, _ in fcmae_study._losses(str(tmp_path / 'study' / 'pretrain'))] == [2, 4]
+  assert fcmae_study.chart(str(tmp_path / 'study')).startswith(b'\x89PNG')
