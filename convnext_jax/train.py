@@ -5,7 +5,10 @@ Reads top to bottom: logging and process facts; mesh and the config's checks (ev
 input; the run (`run.Run`: model, optimizer, shardings, abstract state, jitted steps, built
 once); the state: resumed from the newest intact checkpoint straight into its shardings, or
 created around converted weights (`init_from`), or fresh, decided before any state exists;
-evaluators; the loop (log, evaluate, checkpoint, stop on preemption or divergence).
+evaluators; the loop (log, evaluate, checkpoint, stop on preemption or divergence). The run's
+objective decides what a step computes and what evaluation measures: classification (top-1,
+top-5), or FCMAE pre-training (the masked loss, with a picture of the reconstructions at every
+evaluation).
 
 The train state is `train_step`'s plain pytree {'params', 'opt_state', 'ema_params', 'step',
 'rng'} ('ema_params' only with an EMA; 'batch_stats', BatchNorm's running averages, only for

@@ -10,7 +10,9 @@ EMA and non-finite guard: a step whose loss, gradients, new params or new runnin
 are not finite leaves the state as it was. `run.Run` jits both with the run's shardings.
 
 An objective is anything with `loss(params, batch_stats, batch, key) -> (loss, batch_stats)`
-(`classification.Classification`); the batch is a dict of arrays with the batch leading.
+(`classification.Classification`, `pretraining.MaskedAutoencoding`); the batch is a dict of
+arrays with the batch leading. The trainer also reads its `eval_step`, `main_metric` and
+`higher_is_better` (which evaluation ranks checkpoints), and `preview` where it has one.
 """
 
 from collections.abc import Callable

@@ -503,6 +503,11 @@ def _mesh(c) -> None:
 def _init_from(c) -> None:
   _string(c, 'init_from.path', empty_ok=True)
   path = c.init_from.path
+  if path.endswith(('.pt', '.pth', '.bin', '.safetensors')):
+    raise ConfigError(
+        f'config.init_from.path {path} is a PyTorch file; convert it first '
+        f'(convnext-convert import {path} DIR) and give DIR'
+    )
   if path and not epath.Path(path).exists():
     raise ConfigError(
         f'config.init_from.path {path} does not exist; give a training workdir '

@@ -213,6 +213,11 @@ CHECK_CASES = [
         'config.nonfinite.max_consecutive must be a positive integer, got 0',
     ),
     (
+        {'init_from.path': '/x/convnextv2_atto_1k_224_fcmae.pt'},
+        'config.init_from.path /x/convnextv2_atto_1k_224_fcmae.pt is a PyTorch file; convert it '
+        'first (convnext-convert import /x/convnextv2_atto_1k_224_fcmae.pt DIR) and give DIR',
+    ),
+    (
         {'init_from.path': '/nonexistent/convnext_ckpt'},
         'config.init_from.path /nonexistent/convnext_ckpt does not exist; give a training workdir '
         "or a `convnext-convert import` directory, or '' to start from scratch",
