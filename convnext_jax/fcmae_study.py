@@ -131,8 +131,9 @@ def chart(workdir: str) -> bytes:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-  steps, losses = zip(*_losses(str(epath.Path(workdir) / 'pretrain'))) or ((), ())
-  left.plot(steps, losses, color='tab:purple')
+  points = _losses(str(epath.Path(workdir) / 'pretrain'))
+  if points:
+    left.plot(*zip(*points), color='tab:purple')
   left.set(title='FCMAE pre-training', xlabel='step', ylabel='masked reconstruction loss')
   for name, color in (('finetune', 'tab:blue'), ('scratch', 'tab:gray')):
     points = _losses(str(epath.Path(workdir) / name))
@@ -143,7 +144,8 @@ def chart(workdir: str) -> bytes:
           label={'finetune': 'from FCMAE', 'scratch': 'from scratch'}[name],
       )
   right.set(title='fine-tuning', xlabel='step', ylabel='training loss')
-  right.legend()
+  if right.lines:
+    right.legend()
   fig.tight_layout()
   out = io.BytesIO()
   fig.savefig(out, format='png', dpi=110)
