@@ -11,12 +11,15 @@ config, the parameter table, the sharding of every parameter group).
 `train.train_and_evaluate` itself keeps whatever logging it set up, and sees everything.
 """
 
+import atexit
 import contextlib
 import io
 import logging as std_logging
 import os
 import sys
 import tempfile
+import threading
+import time
 
 from absl import logging
 
@@ -112,3 +115,40 @@ def duration(seconds: float) -> str:
     return f'{minutes} min {seconds:02d} s'
   hours, minutes = divmod(minutes, 60)
   return f'{hours} h {minutes:02d} min'
+
+
+# How long threads still running after a failed run get to end before the process exits
+# without them.
+_STUCK_THREADS_GRACE_S = 5.0
+
+
+def exit_without_stuck_threads(status: int) -> int:
+  """Ends a failed run's process with `status` even if threads it started would hold the exit;
+  returns `status` when none would.
+
+  When a checkpoint save fails before its directory exists (Cloud Storage refusing the write,
+  say), orbax's save threads go on waiting for that directory's signal until their
+  coordination timeout, many minutes; Python waits for such threads before it exits, so the
+  run would print its error and hang instead of exiting for its launcher to act. After a short
+  grace, the exit handlers run (jax's distributed shutdown among them) and the process exits
+  without those threads.
+  """
+
+  def left():
+    return [
+        t
+        for t in threading.enumerate()
+        if t is not threading.current_thread() and not t.daemon and t.is_alive()
+    ]
+
+  # Polled, not joined: orbax's threads raise from a join that times out.
+  deadline = time.monotonic() + _STUCK_THREADS_GRACE_S
+  while left() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  if left():
+    logging.flush()
+    atexit._run_exitfuncs()  # pylint: disable=protected-access (the handlers os._exit skips)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  return status

@@ -183,7 +183,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   start = time.perf_counter()
   try:
-    with fileio.quiet_disk_full_echoes():
+    with fileio.quiet_write_error_echoes():
       message = args.run(args)
   except (layouts.ConversionError, checkpoints.CheckpointError, OSError) as e:
     print(f'{PROG}: error: {e}', file=sys.stderr)

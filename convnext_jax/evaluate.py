@@ -23,6 +23,7 @@ def evaluate(
     feed: sharding.BatchFeed,
     num_examples: int,
     batch_stats=None,
+    name: str = '',
 ) -> tuple[dict[str, float], int]:
   """Runs one pass; returns ({'<name>/top1': ..., '<name>/top5': ...}, skipped records).
 
@@ -35,10 +36,11 @@ def evaluate(
     feed: the `sharding.BatchFeed` that assembles them into global arrays.
     num_examples: the data shard's records, to count undecodable ones at the end.
     batch_stats: BatchNorm running averages for every entry of `params_by_name`, or None.
+    name: the evaluation's name, for the warning line of each skipped record.
   """
   start = time.perf_counter()
   totals = None
-  tracker = pipeline.StreamTracker()
+  tracker = pipeline.StreamTracker(name=name)
   batches: Iterable = dataset.as_numpy_iterator()
   for batch in batches:
     tracker.update(batch['position'])

@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
       console_line(f'{name}: {config.model.name} in {epath.Path(args.workdir) / name}')
       results.append(train_one(name, config, args.workdir))
   except train.RUN_ERRORS as e:
-    print(f'{PROG}: error: {e}', file=sys.stderr)
-    return 1
+    print(f'{PROG}: error: {e}', file=sys.stderr, flush=True)
+    return console.exit_without_stuck_threads(1)
   directory = epath.Path(args.workdir)
   (directory / TABLE_FILE).write_text(table(results))
   (directory / CHART_FILE).write_bytes(chart(args.workdir))

@@ -112,6 +112,13 @@ def report(message, status: int, prog: str = PROG) -> int:
   return status
 
 
+def fail(message, prog: str = PROG) -> int:
+  """Reports a run that cannot go on (`report`, exit status 1) and ends the process then,
+  even if threads of the failed operation would hold its exit
+  (`console.exit_without_stuck_threads`)."""
+  return console.exit_without_stuck_threads(report(message, 1, prog))
+
+
 def parse_flags(argv: list[str], prog: str = PROG, usage: str = USAGE) -> list[str]:
   """absl's flag parsing, with a mistake in the flags or the config reported as one line (exit
   status 2) instead of a usage dump or a traceback (`validation.command_line`).
@@ -150,12 +157,17 @@ def main(argv):
   )
   try:
     # A full disk is the one line below, without orbax's echoes of it from other threads.
-    with fileio.quiet_disk_full_echoes():
+    with fileio.quiet_write_error_echoes():
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except validation.ConfigError as e:
     return report(e, 2)
   except train.RUN_ERRORS as e:
-    return report(e, 1)
+    return fail(e)
+  except Exception as e:  # pylint: disable=broad-except
+    storage = fileio.describe_storage_error(e)  # A bucket's refusal, from any path of the run.
+    if storage is None:
+      raise
+    return fail(storage)
   return 0
 
 

@@ -217,7 +217,7 @@ def run_step(
       f'{"resuming" if before else "training"} {config.model.name} in {workdir}'
   )
   start = time.perf_counter()
-  with fileio.quiet_disk_full_echoes():
+  with fileio.quiet_write_error_echoes():
     last_eval = train.train_and_evaluate(config, workdir)
   wall_s = time.perf_counter() - start
   facts = inputs_lib.Inputs(config).facts
@@ -545,7 +545,7 @@ def main(argv):
     try:
       finished = run_step(study, step, configs_by_step[step.name], f'[{i}/{len(steps)}]')
     except train.RUN_ERRORS as e:
-      return report(f'step {step.name}: {e}', 1)
+      return cli.fail(f'step {step.name}: {e}', PROG)
     if not finished:
       return 0
   if jax.process_index() == 0:

@@ -287,6 +287,7 @@ def _train_holding(
           feed,
           ev.num_examples,
           state.get(train_step.BATCH_STATS),
+          name=ev.name,
       )
       results.update({f'{ev.name}/{k}': v for k, v in values.items()})
       if skipped:

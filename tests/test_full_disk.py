@@ -189,7 +189,7 @@ def _closed_loop_echo():
   return _Unraisable('Event loop is closed')
 
 
-def test_quiet_disk_full_echoes_drops_only_the_echoes_of_a_full_disk(monkeypatch):
+def test_quiet_write_error_echoes_drops_only_the_echoes_of_a_full_disk(monkeypatch):
   printed = []
   monkeypatch.setattr(sys, 'unraisablehook', printed.append)
   records = []
@@ -203,7 +203,7 @@ def test_quiet_disk_full_echoes_drops_only_the_echoes_of_a_full_disk(monkeypatch
   handler = Collect()
   absl_logger.addHandler(handler)
   try:
-    with pytest.raises(fileio.DiskFullError), fileio.quiet_disk_full_echoes():
+    with pytest.raises(fileio.DiskFullError), fileio.quiet_write_error_echoes():
       sys.unraisablehook(_closed_loop_echo())
       try:
         raise ValueError(_TENSORSTORE_ENOSPC)
@@ -220,7 +220,7 @@ def test_quiet_disk_full_echoes_drops_only_the_echoes_of_a_full_disk(monkeypatch
     monkeypatch.setattr(sys, 'unraisablehook', printed.append)
 
     # Any other failure: the held echoes are printed after all.
-    with pytest.raises(ValueError), fileio.quiet_disk_full_echoes():
+    with pytest.raises(ValueError), fileio.quiet_write_error_echoes():
       sys.unraisablehook(_closed_loop_echo())
       raise ValueError('RESOURCE_EXHAUSTED: Out of memory')
     assert [str(u.exc_value) for u in printed] == ['Event loop is closed']
@@ -228,7 +228,7 @@ def test_quiet_disk_full_echoes_drops_only_the_echoes_of_a_full_disk(monkeypatch
   finally:
     absl_logger.removeHandler(handler)
     for logger in (logging.getLogger('asyncio'), absl_logger):  # Left by the disk-full exit.
-      logger.removeFilter(fileio._not_disk_full_record)  # pylint: disable=protected-access
+      logger.removeFilter(fileio._not_a_reported_write_error)  # pylint: disable=protected-access
 
 
 def test_asyncio_records_of_a_disk_full_error_are_dropped_during_and_after(monkeypatch):
@@ -247,7 +247,7 @@ def test_asyncio_records_of_a_disk_full_error_are_dropped_during_and_after(monke
   asyncio_logger.addHandler(handler)
   error = ValueError(_TENSORSTORE_ENOSPC)
   try:
-    with pytest.raises(ValueError), fileio.quiet_disk_full_echoes():
+    with pytest.raises(ValueError), fileio.quiet_write_error_echoes():
       asyncio_logger.error('Task exception was never retrieved', exc_info=(ValueError, error, None))
       raise error
     asyncio_logger.error('Future exception was never retrieved', exc_info=(ValueError, error, None))
@@ -255,5 +255,5 @@ def test_asyncio_records_of_a_disk_full_error_are_dropped_during_and_after(monke
   finally:
     asyncio_logger.removeHandler(handler)
     for logger in (asyncio_logger, logging.getLogger('absl')):  # Left by the disk-full exit.
-      logger.removeFilter(fileio._not_disk_full_record)  # pylint: disable=protected-access
+      logger.removeFilter(fileio._not_a_reported_write_error)  # pylint: disable=protected-access
   assert records == ['unrelated']

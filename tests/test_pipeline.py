@@ -2,8 +2,11 @@
 determinism, resuming mid-epoch, and skipping undecodable images."""
 
 import io
+import logging
 import os
+import pathlib
 import re
+import struct
 import subprocess
 import sys
 
@@ -465,6 +468,69 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
   # Positions 0..23 are 4 epochs; the undecodable ones after the last kept one are not
   # counted yet (their batch has not come).
   assert tracker.next_position - 16 == tracker.skipped and 6 <= tracker.skipped <= 8
+
+
+def _record_offsets(path) -> list[tuple[int, int]]:
+  """(offset, data length) of each record of a TFRecord file, read from its framing by hand:
+  an 8-byte little-endian length, its 4-byte CRC, the data, the data's 4-byte CRC."""
+  data = path.read_bytes()
+  offsets, at = [], 0
+  while at < len(data):
+    (length,) = struct.unpack('<Q', data[at : at + 8])
+    offsets.append((at, length))
+    at += 8 + 4 + length + 4
+  assert at == len(data)
+  return offsets
+
+
+def test_a_damaged_record_is_counted_and_warned_of_and_a_missing_file_refused(tmp_path, caplog):
+  n = 40
+  examples = [(fake_tfds.jpeg_bytes(fake_tfds.numbered_image(i)), i % 5) for i in range(n)]
+  builder = fake_tfds.build(tmp_path, {'train': examples}, 5, num_shards=1, name='damaged')
+  (path,) = [pathlib.Path(f) for f in pipeline.host_shard(builder, 'train', 0, 1).files]
+  offsets = _record_offsets(path)
+  assert len(offsets) == n
+  # One byte of record 15's data flipped: its checksum fails, and TensorFlow's reader cannot
+  # go on past it, so records 15..39 are lost to each epoch: 25 per epoch, counted.
+  damaged = 15
+  at, length = offsets[damaged]
+  data = bytearray(path.read_bytes())
+  data[at + 12 + length // 2] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+  ds = pipeline.train_dataset(
+      builder,
+      'train',
+      per_host_batch=5,
+      seed=0,
+      preprocess=pipeline.TrainPreprocess(32, randaugment=None),
+      shuffle_buffer=8,
+  )
+  tracker = pipeline.StreamTracker(name='damaged train')
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    for batch in ds.as_numpy_iterator():
+      tracker.update(batch['position'])
+      if tracker.next_position > 2 * n:  # Into the third epoch: two epochs' losses seen.
+        break
+  assert tracker.skipped == 2 * (n - damaged)
+  warnings = [r.getMessage() for r in caplog.records if 'could not be read' in r.getMessage()]
+  assert warnings, caplog.text
+  assert all(w.startswith('damaged train: ') for w in warnings)
+  assert warnings[-1].endswith(f'skipped, {2 * (n - damaged)} so far'), warnings
+
+  path.unlink()  # A file that is gone (a 404 on a bucket): refused up front, by name.
+  for make in (
+      lambda: _train_batches(builder, 1),
+      lambda: pipeline.eval_dataset(
+          builder, 'train', per_host_batch=4, preprocess=pipeline.EvalPreprocess(32, 1.0)
+      ),
+  ):
+    with pytest.raises(data_lib.DatasetError) as error:
+      make()
+    assert str(error.value) == (
+        f'dataset damaged: {path} does not exist; prepare the dataset again (or restore '
+        'the file) in its data dir'
+    )
 
 
 def test_input_benchmark_command(tmp_path):

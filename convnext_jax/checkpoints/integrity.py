@@ -23,6 +23,7 @@ CHECKSUMS_FILE = 'checksums.json'
 # sealed (the commit time, the commit marker): checked for form instead of by checksum.
 _STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 _UNSEALED_FILES = (CHECKSUMS_FILE, _STEP_METADATA_FILE, 'commit_success.txt')
+_HASH_BLOCK = 8 << 20
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -69,8 +70,13 @@ def _files_under(directory: epath.Path):
 
 
 def _sha256(path: epath.Path) -> str:
+  # Read in blocks, not hashlib.file_digest: TensorFlow's gs:// files (epath's backend
+  # whenever TensorFlow is installed) have no readinto, which file_digest requires.
+  digest = hashlib.sha256()
   with path.open('rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()
+    while block := f.read(_HASH_BLOCK):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def verify_step(step_dir: epath.Path) -> str | None:

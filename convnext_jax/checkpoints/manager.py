@@ -185,10 +185,10 @@ class TrainingCheckpoints:
             f'{fileio.describe_disk_full(code)}; the steps before it are intact: free space '
             '(or lower config.keep_checkpoints) and run again to resume from the newest'
         ) from e
+      reason = fileio.describe_storage_error(e) or _first_line(e)
       raise CheckpointError(
           f'checkpoint step {self._saving} could not be written to {self.directory}: '
-          f'{_first_line(e)}; the steps before it are intact and a new run resumes from the '
-          'newest'
+          f'{reason}; the steps before it are intact and a new run resumes from the newest'
       ) from e
 
   def restore(self, step: int, abstract_state):

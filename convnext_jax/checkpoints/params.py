@@ -21,6 +21,7 @@ from convnext_jax.checkpoints.base import METADATA_ITEM
 from convnext_jax.checkpoints.base import STATE_ITEM
 from convnext_jax.checkpoints.base import CheckpointError
 from convnext_jax.fileio import atomic_output
+from convnext_jax.fileio import is_remote
 
 PARAMS_ITEM = 'params'
 PARAMS_FORMAT = 'convnext_jax.params'
@@ -59,7 +60,7 @@ def save_params(path: str, params: Any, metadata: dict[str, Any], overwrite: boo
           METADATA_ITEM: ocp.args.JsonSave(metadata),
       }
   )
-  if '://' in path:
+  if is_remote(path):
     # Orbax commits remote checkpoints itself (a success marker is written last).
     if epath.Path(path).exists() and not overwrite:
       raise FileExistsError(f'{path} already exists; pass --overwrite to replace it')
@@ -139,7 +140,7 @@ def params_location(path: str, which: str, step: int | None):
   """
   if which not in STATE_KEYS:
     raise CheckpointError(f"params must be 'ema' or 'raw', got {which!r}")
-  if '://' not in path:
+  if not is_remote(path):
     path = os.path.abspath(path)  # Orbax finds no metadata under a relative path.
   if not epath.Path(path).exists():
     raise CheckpointError(f'{path} does not exist')

@@ -20,6 +20,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from convnext_jax import fileio
 from convnext_jax import models
 from convnext_jax.convert.layouts import HF_NORM_EPS
 from convnext_jax.convert.layouts import ConversionError
@@ -160,6 +161,12 @@ def load_torch_checkpoint(path: str, ema: bool = False) -> tuple[dict[str, Any],
   Raises:
     ConversionError: missing, unreadable or truncated file; no EMA weights when asked.
   """
+  if fileio.is_remote(path):
+    with fileio.local_copy(path) as local:
+      if local == path:
+        raise ConversionError(f'{path} does not exist')
+      state_dict, info = load_torch_checkpoint(local, ema)
+    return state_dict, dict(info, source=path)
   info: dict[str, Any] = {'source': os.path.abspath(path), 'ema': False, 'class_names': None}
   if os.path.isdir(path):
     config_path = os.path.join(path, HF_CONFIG)

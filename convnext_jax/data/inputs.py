@@ -84,10 +84,12 @@ def _split_size(builder, name: str, split: str) -> int:
 class TrainIterator:
   """Global `jax.Array` batches of the training stream; tracks its position and skips."""
 
-  def __init__(self, dataset: tf.data.Dataset, feed: sharding.BatchFeed, start_position: int):
+  def __init__(
+      self, dataset: tf.data.Dataset, feed: sharding.BatchFeed, start_position: int, name: str
+  ):
     self._iterator = dataset.as_numpy_iterator()
     self._feed = feed
-    self._tracker = pipeline.StreamTracker(start_position)
+    self._tracker = pipeline.StreamTracker(start_position, name)
 
   def __iter__(self):
     return self
@@ -162,7 +164,8 @@ class Inputs:
         label_key=c.dataset.label_key,
         threads=c.input.threads or None,
     )
-    return TrainIterator(dataset, feed, start_position)
+    name = f'{c.dataset.name} {c.dataset.train_split}'
+    return TrainIterator(dataset, feed, start_position, name)
 
   def evaluators(
       self, feed: sharding.BatchFeed, global_batch: int, eval_input: EvalInput

@@ -15,11 +15,15 @@ common number of batches, so that every example of the split is counted exactly 
 whatever the host and device counts.
 
 Images that cannot be decoded are dropped (`ignore_errors`) and counted: each example
-carries its stream position, so a gap between consecutive positions is a skipped record.
+carries its stream position, so a gap between consecutive positions is a skipped record
+(and a warning line). A damaged record ends TensorFlow's reading of its file; training
+positions are numbered within each epoch, so the records lost with it are counted the same
+way. A data file that cannot be opened at all is an error, before reading starts.
 Batches hold uint8 images; normalisation and the batch-level augmentations run on device
 (`convnext_jax.data.batch_ops`).
 """
 
+import concurrent.futures
 import dataclasses
 import math
 import threading
@@ -32,6 +36,7 @@ import tensorflow_datasets as tfds
 
 from convnext_jax.data import DEFAULT_CROP_PCT
 from convnext_jax.data import IMAGENET_MEAN_FILL
+from convnext_jax.data import DatasetError
 from convnext_jax.data import check_eval_crop
 from convnext_jax.data import image_ops
 from convnext_jax.data import randaugment as randaugment_lib
@@ -185,6 +190,38 @@ def host_shard(
   return shard
 
 
+def check_readable(name: str, shard: HostShard) -> None:
+  """Every file of a data shard can be opened and is not empty, checked before reading.
+
+  tf.data would drop a file it cannot open with the undecodable images (`ignore_errors`),
+  and the run would go on without it; a missing or forbidden file (404, 403 on a bucket) is
+  a mistake to fix instead. The files are checked in parallel (one request each on GCS).
+
+  Raises:
+    DatasetError: the first file that cannot be read, and why.
+  """
+
+  def problem(path):
+    try:
+      if tf.io.gfile.stat(path).length <= 0:
+        return f'{path} is empty'
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        f.read(1)
+    except tf.errors.NotFoundError:
+      return f'{path} does not exist'
+    except tf.errors.OpError as e:
+      return f'{path} cannot be read: {type(e).__name__}: {e.message.splitlines()[0]}'
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(min(32, len(shard.files))) as pool:
+    for reason in pool.map(problem, shard.files):
+      if reason:
+        raise DatasetError(
+            f'dataset {name}: {reason}; prepare the dataset again (or restore the file) '
+            'in its data dir'
+        )
+
+
 def _read_records(shard: HostShard, file_seed=None, cycle_length: int = 16):
   """Serialized records of a shard; file order shuffled by `file_seed` (a tensor) if given."""
   files = tf.data.Dataset.from_tensor_slices(
@@ -302,7 +339,9 @@ def train_dataset(
   def epoch_records(epoch):
     epoch_seed = tf.cast(seed_host, tf.int64) * 100_003 + epoch
     records = _read_records(shard, file_seed=epoch_seed)
-    return records.shuffle(shuffle_buffer, seed=epoch_seed + 1)
+    # Numbered within the epoch: records that could not be read (a damaged file ends early)
+    # leave a gap before the next epoch's first position, so they count as skipped too.
+    return records.shuffle(shuffle_buffer, seed=epoch_seed + 1).enumerate(epoch * epoch_size)
 
   def example(position, record):
     image_bytes, label = _parse(builder, record, label_key)
@@ -313,8 +352,8 @@ def train_dataset(
         'position': position,
     }
 
+  check_readable(builder.name, shard)
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records).skip(offset)
-  ds = ds.enumerate(start=int(start_position))
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(per_host_batch, drop_remainder=True)
@@ -386,6 +425,7 @@ def eval_dataset(
       label = tf.cast(label, tf.int32)
     return {'image': preprocess(image_bytes), 'label': label, 'mask': mask, 'position': position}
 
+  check_readable(builder.name, shard)
   ds = _read_records(shard).enumerate()
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
@@ -410,22 +450,39 @@ class StreamTracker:
   """Follows a batch stream's positions: where to resume, and how many records were skipped.
 
   Positions of consecutive kept examples increase by one unless records in between could
-  not be decoded, so the skipped count is exact once their batches have been consumed.
+  not be read or decoded, so the skipped count is exact once their batches have been
+  consumed. Each skip is also one warning line, if the stream has a `name`.
   """
 
-  def __init__(self, start_position: int = 0):
+  def __init__(self, start_position: int = 0, name: str = ''):
     self.next_position = int(start_position)
     self.skipped = 0
+    self._name = name
+
+  def _skip(self, count: int, before: int) -> None:
+    if count <= 0:
+      return
+    self.skipped += count
+    if self._name:
+      logging.warning(
+          '%s: %d record(s) before stream position %d could not be read or decoded (a '
+          'damaged record or image, or a file that ended early): skipped, %d so far',
+          self._name,
+          count,
+          before,
+          self.skipped,
+      )
 
   def update(self, positions: np.ndarray) -> None:
     positions = np.asarray(positions)
-    positions = positions[positions >= 0]  # Evaluation padding has position -1.
+    positions = np.sort(positions[positions >= 0])  # Evaluation padding has position -1.
     if positions.size:
-      last = int(positions.max())
-      self.skipped += (last + 1 - self.next_position) - positions.size
-      self.next_position = last + 1
+      gaps = np.diff(positions, prepend=self.next_position - 1) - 1
+      for i in np.flatnonzero(gaps):
+        self._skip(int(gaps[i]), int(positions[i]))
+      self.next_position = int(positions[-1]) + 1
 
   def close(self, end_position: int) -> None:
     """Counts records skipped after the last kept one (a finite pass ending at `end`)."""
-    self.skipped += max(0, int(end_position) - self.next_position)
+    self._skip(int(end_position) - self.next_position, int(end_position))
     self.next_position = max(self.next_position, int(end_position))
