@@ -23,6 +23,10 @@ Each library is pointed at it by its own standard settings, nothing patched in-p
 The proxy also injects the faults of docs/reliability.md's "Cloud Storage" table: every
 request of every client passes through `GcsProxy.handle`, which a test replaces to delay,
 fail with a status, drop the connection, or (`GcsProxy.down`) refuse connections altogether.
+It runs on threads of the process that starts it, so a client in that same process that
+holds the GIL while it waits on the network (TensorFlow's TFRecordWriter.flush does) would
+wait forever: the tests run the trainer and the dataset builders as subprocesses, and only
+read back, or make single requests, in process.
 """
 
 import contextlib

@@ -85,18 +85,23 @@ class TrainIterator:
   """Global `jax.Array` batches of the training stream; tracks its position and skips."""
 
   def __init__(
-      self, dataset: tf.data.Dataset, feed: sharding.BatchFeed, start_position: int, name: str
+      self,
+      dataset: tf.data.Dataset,
+      feed: sharding.BatchFeed,
+      start_position: int,
+      name: str,
+      shard: pipeline.HostShard,
   ):
     self._iterator = dataset.as_numpy_iterator()
     self._feed = feed
-    self._tracker = pipeline.StreamTracker(start_position, name)
+    self._tracker = pipeline.StreamTracker(start_position, name, shard)
 
   def __iter__(self):
     return self
 
   def __next__(self):
     batch = next(self._iterator)
-    self._tracker.update(batch['position'])
+    self._tracker.update(batch['position'], batch['file'])
     return pipeline.to_global_arrays(batch, self._feed)
 
   @property
@@ -165,7 +170,10 @@ class Inputs:
         threads=c.input.threads or None,
     )
     name = f'{c.dataset.name} {c.dataset.train_split}'
-    return TrainIterator(dataset, feed, start_position, name)
+    shard = pipeline.host_shard(
+        self.builder, c.dataset.train_split, feed.shard_index, feed.shard_count
+    )
+    return TrainIterator(dataset, feed, start_position, name, shard)
 
   def evaluators(
       self, feed: sharding.BatchFeed, global_batch: int, eval_input: EvalInput

@@ -26,6 +26,7 @@ Batches hold uint8 images; normalisation and the batch-level augmentations run o
 import concurrent.futures
 import dataclasses
 import math
+import re
 import threading
 from typing import Any
 
@@ -202,11 +203,9 @@ def check_readable(name: str, shard: HostShard) -> None:
   """
 
   def problem(path):
-    try:
+    try:  # A stat needs the same permission as a read (storage.objects.get on GCS).
       if tf.io.gfile.stat(path).length <= 0:
         return f'{path} is empty'
-      with tf.io.gfile.GFile(path, 'rb') as f:
-        f.read(1)
     except tf.errors.NotFoundError:
       return f'{path} does not exist'
     except tf.errors.OpError as e:
@@ -223,14 +222,25 @@ def check_readable(name: str, shard: HostShard) -> None:
 
 
 def _read_records(shard: HostShard, file_seed=None, cycle_length: int = 16):
-  """Serialized records of a shard; file order shuffled by `file_seed` (a tensor) if given."""
+  """(file index in the shard, serialized record) of a shard's records; file order shuffled by
+  `file_seed` (a tensor) if given."""
   files = tf.data.Dataset.from_tensor_slices(
-      (list(shard.files), np.asarray(shard.skips, np.int64), np.asarray(shard.takes, np.int64))
+      (
+          np.arange(len(shard.files), dtype=np.int32),
+          list(shard.files),
+          np.asarray(shard.skips, np.int64),
+          np.asarray(shard.takes, np.int64),
+      )
   )
   if file_seed is not None:
     files = files.shuffle(len(shard.files), seed=file_seed)
+
+  def records(index, f, skip, take):
+    read = tf.data.TFRecordDataset(f, buffer_size=8 << 20).skip(skip).take(take)
+    return read.map(lambda record: (index, record))
+
   return files.interleave(
-      lambda f, skip, take: tf.data.TFRecordDataset(f, buffer_size=8 << 20).skip(skip).take(take),
+      records,
       cycle_length=min(cycle_length, len(shard.files)),
       block_length=1,
       num_parallel_calls=tf.data.AUTOTUNE,
@@ -275,9 +285,9 @@ def release(iterator) -> None:
 def to_global_arrays(batch: dict[str, np.ndarray], feed) -> dict[str, Any]:
   """This process's batch as global `jax.Array`s (`feed`: a `sharding.BatchFeed`).
 
-  `position` stays on the host (it is bookkeeping, see `StreamTracker`).
+  `position` and `file` stay on the host (they are bookkeeping, see `StreamTracker`).
   """
-  return feed.global_arrays({k: v for k, v in batch.items() if k != 'position'})
+  return feed.global_arrays({k: v for k, v in batch.items() if k not in ('position', 'file')})
 
 
 def host_seed(seed: int, shard_index: int) -> int:
@@ -315,7 +325,8 @@ def train_dataset(
     threads: tf.data thread-pool size (None: TensorFlow's default).
 
   Returns:
-    Batches {'image': (B, S, S, 3) uint8, 'label': (B,) int32, 'position': (B,) int64}.
+    Batches {'image': (B, S, S, 3) uint8, 'label': (B,) int32, 'position': (B,) int64,
+    'file': (B,) int32 (each example's file, an index into `host_shard(...).files`)}.
   """
   shard = host_shard(builder, split, shard_index, shard_count)
   epoch_size = shard.num_examples
@@ -343,13 +354,15 @@ def train_dataset(
     # leave a gap before the next epoch's first position, so they count as skipped too.
     return records.shuffle(shuffle_buffer, seed=epoch_seed + 1).enumerate(epoch * epoch_size)
 
-  def example(position, record):
+  def example(position, file_and_record):
+    file_index, record = file_and_record
     image_bytes, label = _parse(builder, record, label_key)
     seed_pair = tf.stack([tf.constant(seed_host, tf.int64), position])
     return {
         'image': preprocess(image_bytes, seed_pair),
         'label': tf.cast(label, tf.int32),
         'position': position,
+        'file': file_index,
     }
 
   check_readable(builder.name, shard)
@@ -415,7 +428,8 @@ def eval_dataset(
   if multi_label and not num_classes:
     raise ValueError(f'{builder.name}: {label_key!r} holds label lists; pass num_classes')
 
-  def example(position, record):
+  def example(position, file_and_record):
+    _, record = file_and_record
     image_bytes, label = _parse(builder, record, label_key)
     if multi_label:
       mask = tf.size(label) > 0
@@ -451,19 +465,58 @@ class StreamTracker:
 
   Positions of consecutive kept examples increase by one unless records in between could
   not be read or decoded, so the skipped count is exact once their batches have been
-  consumed. Each skip is also one warning line, if the stream has a `name`.
+  consumed. If the stream has a `name`, skips are warning lines too: given the `shard` (the
+  training stream, whose batches say each example's file), one per file and epoch, naming the
+  file, and the byte at which a damaged record stops TensorFlow's reader; otherwise one per
+  gap in the positions.
   """
 
-  def __init__(self, start_position: int = 0, name: str = ''):
+  def __init__(
+      self,
+      start_position: int = 0,
+      name: str = '',
+      shard: HostShard | None = None,
+  ):
     self.next_position = int(start_position)
     self.skipped = 0
     self._name = name
+    self._shard = shard
+    if shard is not None:
+      self._epoch, into = divmod(int(start_position), shard.num_examples)
+      self._whole_epoch = into == 0  # Files are checked only in epochs seen from the start.
+      self._counts = np.zeros(len(shard.files), np.int64)
+      self._damage = {}  # file -> what TensorFlow's reader says of it
+
+  def update(self, positions: np.ndarray, files: np.ndarray | None = None) -> None:
+    """Takes a batch's `position` (and, for the training stream, `file`) entries."""
+    positions = np.asarray(positions)
+    keep = positions >= 0  # Evaluation padding has position -1.
+    order = np.argsort(positions[keep], kind='stable')
+    positions = positions[keep][order]
+    if not positions.size:
+      return
+    gaps = np.diff(positions, prepend=self.next_position - 1) - 1
+    for i in np.flatnonzero(gaps):
+      self._skip(int(gaps[i]), int(positions[i]))
+    self.next_position = int(positions[-1]) + 1
+    if self._shard is not None and files is not None:
+      files = np.asarray(files)[keep][order]
+      epochs = positions // self._shard.num_examples
+      for epoch in np.unique(epochs):
+        while self._epoch < epoch:
+          self._end_epoch()
+        np.add.at(self._counts, files[epochs == epoch], 1)
+
+  def close(self, end_position: int) -> None:
+    """Counts records skipped after the last kept one (a finite pass ending at `end`)."""
+    self._skip(int(end_position) - self.next_position, int(end_position))
+    self.next_position = max(self.next_position, int(end_position))
 
   def _skip(self, count: int, before: int) -> None:
     if count <= 0:
       return
     self.skipped += count
-    if self._name:
+    if self._name and self._shard is None:
       logging.warning(
           '%s: %d record(s) before stream position %d could not be read or decoded (a '
           'damaged record or image, or a file that ended early): skipped, %d so far',
@@ -473,16 +526,39 @@ class StreamTracker:
           self.skipped,
       )
 
-  def update(self, positions: np.ndarray) -> None:
-    positions = np.asarray(positions)
-    positions = np.sort(positions[positions >= 0])  # Evaluation padding has position -1.
-    if positions.size:
-      gaps = np.diff(positions, prepend=self.next_position - 1) - 1
-      for i in np.flatnonzero(gaps):
-        self._skip(int(gaps[i]), int(positions[i]))
-      self.next_position = int(positions[-1]) + 1
+  def _end_epoch(self) -> None:
+    if self._whole_epoch and self._name:
+      takes = np.asarray(self._shard.takes)
+      for i in np.flatnonzero(self._counts < takes):
+        path = self._shard.files[i]
+        logging.warning(
+            '%s: %d of the %d records of %s could not be read or decoded in epoch %d%s: '
+            'skipped, %d so far',
+            self._name,
+            takes[i] - self._counts[i],
+            takes[i],
+            path,
+            self._epoch,
+            self._damage_of(path),
+            self.skipped,
+        )
+    self._counts[:] = 0
+    self._epoch += 1
+    self._whole_epoch = True
 
-  def close(self, end_position: int) -> None:
-    """Counts records skipped after the last kept one (a finite pass ending at `end`)."""
-    self._skip(int(end_position) - self.next_position, int(end_position))
-    self.next_position = max(self.next_position, int(end_position))
+  def _damage_of(self, path: str) -> str:
+    """' (a damaged record at byte N: ...)' if TensorFlow's reader stops in `path`, else ''
+    (the file reads to its end: its lost records were undecodable images). Read once."""
+    if path not in self._damage:
+      self._damage[path] = ''
+      try:
+        for _ in tf.compat.v1.io.tf_record_iterator(path):
+          pass
+      except tf.errors.OpError as e:
+        where = re.search(r'record at (\d+)', e.message)
+        at = f' at byte {where.group(1)}' if where else ''
+        self._damage[path] = (
+            f" (a damaged record: TensorFlow's reader stops{at}; prepare the dataset again, "
+            'or restore the file)'
+        )
+    return self._damage[path]
