@@ -73,7 +73,10 @@ def gcs(tmp_path_factory):
 class Trainer:
   """`python -m convnext_jax.main` on a workdir, its stderr collected line by line."""
 
+  started = []  # Every trainer of the module, for the fixture's clean-up.
+
   def __init__(self, gcs, workdir, *flags):
+    Trainer.started.append(self)
     self.workdir = workdir
     self.lines = []
     self.proc = subprocess.Popen(
@@ -175,44 +178,50 @@ class Faults:
 def runs(gcs):
   faults = Faults(gcs.proxy)
   out = {}
+  release = threading.Event()  # Lets the held writes of `stopped`'s step 4 through.
+  try:
+    # straight: 503s, then dropped connections, on step 4's first writes; a minute's outage
+    # while step 8 is saved.
+    step4 = _writes_to('straight/checkpoints/4/')
+    faults.add(step4, ('status', 503), count=3)
+    faults.add(step4, ('drop',), count=3)
+    straight = Trainer(gcs, f'{ROOT}/straight')
+    straight.wait_for('checkpoint step 8: writing in the background')
+    with gcs.proxy.down():
+      time.sleep(OUTAGE_S)
+    out['straight'] = straight.finish()
+    out['straight_faults'] = list(faults.done)
+    faults.clear()
 
-  # straight: 503s, then dropped connections, on step 4's first writes; a minute's outage
-  # while step 8 is saved.
-  step4 = _writes_to('straight/checkpoints/4/')
-  faults.add(step4, ('status', 503), count=3)
-  faults.add(step4, ('drop',), count=3)
-  straight = Trainer(gcs, f'{ROOT}/straight')
-  straight.wait_for('checkpoint step 8: writing in the background')
-  with gcs.proxy.down():
-    time.sleep(OUTAGE_S)
-  out['straight'] = straight.finish()
-  out['straight_faults'] = list(faults.done)
-  faults.clear()
+    # stopped: a second trainer on its workdir, then SIGTERM during step 4's (slowed) save.
+    faults.add(_writes_to('stopped/checkpoints/4/'), None, delay_s=0.2, hold=release)
+    stopped = Trainer(gcs, f'{ROOT}/stopped')
+    stopped.wait_for('Holding the workdir lock')
+    out['second'] = Trainer(gcs, f'{ROOT}/stopped').finish()
+    stopped.wait_for('checkpoint step 4: writing in the background')
+    stopped.proc.send_signal(signal.SIGTERM)
+    release.set()
+    out['stopped'] = stopped.finish()
+    out['stopped_steps'] = checkpoints.workdir_steps(f'{ROOT}/stopped')
+    out['slowed'] = sum(action is None for action, _ in faults.done)
+    faults.clear()
 
-  # stopped: a second trainer on its workdir, then SIGTERM during step 4's (slowed) save.
-  release = threading.Event()
-  faults.add(_writes_to('stopped/checkpoints/4/'), None, delay_s=0.2, hold=release)
-  stopped = Trainer(gcs, f'{ROOT}/stopped')
-  stopped.wait_for('Holding the workdir lock')
-  out['second'] = Trainer(gcs, f'{ROOT}/stopped').finish()
-  stopped.wait_for('checkpoint step 4: writing in the background')
-  stopped.proc.send_signal(signal.SIGTERM)
-  release.set()
-  out['stopped'] = stopped.finish()
-  out['stopped_steps'] = checkpoints.workdir_steps(f'{ROOT}/stopped')
-  out['slowed'] = sum(action is None for action, _ in faults.done)
-  faults.clear()
+    # refused: the bucket refuses the next save's writes (a service account without write
+    # access). The run stopped at step k (5 to 11; 9 if it was waiting to save step 8).
+    out['refused_step'] = (out['stopped_steps'][-1] // 4 + 1) * 4
+    faults.add(_writes_to(f'stopped/checkpoints/{out["refused_step"]}/'), ('status', 403))
+    # It ends at once (not held by orbax's threads waiting on the refused step's signals).
+    out['refused'] = Trainer(gcs, f'{ROOT}/stopped').finish(timeout=120)
+    out['refused_steps'] = checkpoints.workdir_steps(f'{ROOT}/stopped')
+    faults.clear()
 
-  # refused: the bucket refuses the next save's writes (a service account without write
-  # access). The run stopped at step k (5 to 11; 9 if it was waiting to save step 8).
-  out['refused_step'] = (out['stopped_steps'][-1] // 4 + 1) * 4
-  faults.add(_writes_to(f'stopped/checkpoints/{out["refused_step"]}/'), ('status', 403))
-  # It ends at once (not held by orbax's threads waiting on the refused step's signals).
-  out['refused'] = Trainer(gcs, f'{ROOT}/stopped').finish(timeout=120)
-  out['refused_steps'] = checkpoints.workdir_steps(f'{ROOT}/stopped')
-  faults.clear()
-
-  out['resumed'] = Trainer(gcs, f'{ROOT}/stopped').finish()
+    out['resumed'] = Trainer(gcs, f'{ROOT}/stopped').finish()
+  finally:  # A failed step leaves no trainer running and no request held.
+    release.set()
+    for trainer in Trainer.started:
+      if trainer.proc.poll() is None:
+        trainer.proc.kill()
+        trainer.proc.wait()
   return out
 
 
