@@ -156,7 +156,8 @@ def main(argv):
       jax.devices(),
   )
   try:
-    # A full disk is the one line below, without orbax's echoes of it from other threads.
+    # A full disk or a bucket's refusal is the one line below, without orbax's echoes of it
+    # from other threads.
     with fileio.quiet_write_error_echoes():
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except validation.ConfigError as e:
