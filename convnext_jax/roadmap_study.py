@@ -324,11 +324,7 @@ def images_per_sec(workdir: str) -> float | None:
 
 
 def _write_atomically(path: epath.Path, data: bytes) -> None:
-  """Writes `path` whole or not at all (a local temporary file renamed; a GCS object is
-  written whole anyway)."""
-  if '://' in os.fspath(path):
-    path.write_bytes(data)
-    return
+  """Writes `path` whole or not at all (`fileio.atomic_output`: local or remote)."""
   with fileio.atomic_output(os.fspath(path), overwrite=True) as tmp, open(tmp, 'wb') as f:
     f.write(data)
 

@@ -58,6 +58,8 @@ from absl import logging
 from etils import epath
 import tensorstore as ts
 
+from convnext_jax import fileio
+
 LOCK_NAME = 'LOCK'
 LOCK_FORMAT = 'convnext_jax.workdir_lock/1'
 # Storage generation of an absent key: a write conditional on it creates the key only if
@@ -92,7 +94,7 @@ def kvstore_spec(workdir: epath.PathLike) -> dict[str, str]:
     if not bucket:
       raise ValueError(f'workdir {text} names no bucket; expected gs://BUCKET/PATH')
     return {'driver': 'gcs', 'bucket': bucket, 'path': prefix + '/' if prefix else ''}
-  if '://' in text:
+  if fileio.is_remote(text):
     raise ValueError(f'workdir {text}: only local paths and gs:// are supported for the lock')
   return {'driver': 'file', 'path': os.path.abspath(text) + '/'}
 

@@ -1,6 +1,7 @@
 """Faults a long run meets, tried on the real trainer (`python -m convnext_jax.main`): a run
-that diverges, a damaged newest checkpoint, a second trainer on the same workdir. Each ends
-with what stays on disk, the exit status and the last line of stderr checked.
+that diverges, a damaged newest checkpoint, a full disk. Each ends with what stays on disk,
+the exit status and the last line of stderr checked. (A second trainer on a workdir in use:
+test_workdir_lock's, and end to end test_multihost's and test_gcs's.)
 
 The runs train `tests/mp_config.py` (a 1-1-2-1 ConvNeXt at 32 px) on one CPU device.
 """
@@ -10,7 +11,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import time
 
 import helpers
 import jax
@@ -136,39 +136,6 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(
   assert not (damaged / 'LOCK').exists()
   # Trained on from step 4 (that a resume continues exactly is test_batchnorm_training's).
   assert checkpoints.workdir_steps(str(damaged))[-1] == 8
-
-
-def test_a_second_trainer_on_the_same_workdir_is_refused(six_steps, shapes_dir, tmp_path):
-  workdir = tmp_path / 'run'
-  shutil.copytree(six_steps, workdir)
-  before = sorted(p.name for p in (workdir / checkpoints.CHECKPOINT_DIR).iterdir())
-  first = subprocess.Popen(
-      _command(workdir, shapes_dir, '--config.num_steps=100000'),
-      env=_env(),
-      cwd=REPO,
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
-  try:
-    deadline = time.monotonic() + TIMEOUT
-    while not (workdir / 'LOCK').exists():
-      assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
-      time.sleep(0.2)
-    second = train(workdir, shapes_dir, '--config.num_steps=100000')
-    assert second.returncode == 1, second.stderr[-3000:]
-    line = last_line(second.stderr)
-    assert line.startswith(
-        f'convnext-train: error: workdir {workdir} is in use by another trainer: host '
-    ), line
-    assert f'pid {first.pid},' in line and f'(lock {workdir}/LOCK)' in line, line
-    # The second one wrote nothing: the first one's checkpoints are as they were.
-    assert sorted(p.name for p in (workdir / checkpoints.CHECKPOINT_DIR).iterdir()) == before
-  finally:
-    # (The other tests see the lock released at a normal end and at an error; a lock left by
-    # a killed trainer is taken over, in test_workdir_lock.)
-    first.kill()
-    first.communicate(timeout=TIMEOUT)
 
 
 def _disk_usage(path) -> int:

@@ -5,9 +5,10 @@ with the tiny config of `tests/mp_config.py`.
 
 Shown here: 2 processes train with identical losses on both and end with the parameters of
 1 process fed the same global batches; every axis of the mesh spanning the 2 processes (data,
-FSDP, model) trains identically on both (FSDP: the init_from runs), and
+FSDP, model) trains identically on both (FSDP: the init_from run), and
 a mesh the processes cannot feed is refused up front; `init_from` under FSDP spanning
-processes, from a converted checkpoint and from a training workdir; evaluation counts every
+processes (a converted checkpoint; a training workdir is read by the same restore, from
+another item: test_checkpoints, test_fcmae_training); evaluation counts every
 example exactly once over 3 processes; a dataset prepared on first use while one process
 arrives 30 s late; SIGTERM to one process, then an exact resume (and a resume on 1 process);
 SIGKILL during an async save, after which every reader uses the previous step.
@@ -39,7 +40,7 @@ TIMEOUT = 600  # Seconds per launch before it counts as hung: they take 20-150 s
 STEPS = 6
 # (data, fsdp, model) meshes over 2 processes x 4 devices, each axis spanning the processes:
 # data parallel (each process feeds its half of the batch) and tensor parallel (each process
-# feeds the whole batch); FSDP is the init_from runs' mesh. That each mesh, and their mixes,
+# feeds the whole batch); FSDP is the init_from run's mesh. That each mesh, and their mixes,
 # train as one device does is test_sharding's; here, that both processes run it as one.
 MESHES = {
     'data8': (8, 1, 1),
@@ -86,8 +87,10 @@ def assert_trees_equal(a, b):
 def two_processes(shapes_dir, tmp_path_factory):
   """2 processes x 4 devices train, one after the other: every mesh of MESHES ('data8' for
   STEPS steps: the uninterrupted reference of the resume test; the others for 3), then
-  FSDP runs initialised from a converted checkpoint (1000 classes) and from 'data8's workdir,
-  at lr 0, so that their one step keeps the parameters as loaded."""
+  an FSDP run initialised from a converted checkpoint (1000 classes) at lr 0, so that its
+  one step keeps the parameters as loaded; last, 'killed' (a checkpoint every 2 steps),
+  whose process 1 SIGKILLs itself once the save of step 4 has started, which ends the launch.
+  """
   root = tmp_path_factory.mktemp('two_processes')
   config = mp_config.get_config()
   converted = helpers.random_params(run.model_from_config(config, 1000))
@@ -115,15 +118,22 @@ def two_processes(shapes_dir, tmp_path_factory):
           'name': 'from_converted',
           'overrides': dict(frozen, **{'init_from.path': str(root / 'converted')}),
       },
-      {
-          'name': 'from_workdir',
-          'overrides': dict(frozen, **{'init_from.path': str(root / 'data8')}),
-      },
+      {'name': 'killed', 'overrides': {'checkpoint_every_steps': 2}},
   ]
-  results = multiprocess.run(
-      worker(shapes_dir, root, runs), 2, 4, log_dir=root / 'logs', timeout=TIMEOUT
-  )
-  return root, [r.log for r in results], converted
+  results = multiprocess.launch(
+      worker(shapes_dir, root, runs, '--signal_process=1', '--sigkill_at_save=4'),
+      2,
+      4,
+      log_dir=root / 'logs',
+      timeout=TIMEOUT,
+      grace=5,
+  ).wait()
+  # Every run before 'killed' ended on both processes (each test checks how).
+  for name in (r['name'] for r in runs[:-1]):
+    for p in (0, 1):
+      if not (root / f'{name}_outcome_p{p}.jsonl').exists():
+        raise multiprocess.Failed(f'{name} did not end\n{multiprocess.describe(results)}')
+  return root, results, converted
 
 
 class _Replay:
@@ -176,7 +186,7 @@ def test_two_processes_end_as_one_does_fed_the_same_global_batches(
 
 @pytest.mark.parametrize('name', list(MESHES))
 def test_every_mesh_trains_identically_on_both_processes(two_processes, name):
-  root, logs, _ = two_processes
+  root, results, _ = two_processes
   outcomes = [records(root, f'{name}_outcome', p)[0] for p in (0, 1)]
   assert [o['outcome'] for o in outcomes] == ['trained', 'trained'], outcomes
   assert outcomes[0]['eval'] == outcomes[1]['eval']
@@ -190,29 +200,25 @@ def test_every_mesh_trains_identically_on_both_processes(two_processes, name):
       f"mesh {{'data': {data}, 'fsdp': {fsdp}, 'model': {model}}}; global batch 16 = "
       f'{16 // shards} per process (data shard '
   )
-  for p, log in enumerate(logs):
+  for p, log in enumerate(r.log for r in results):
     assert f'{line}{min(p, shards - 1)} of {shards})' in log, name
 
 
 def test_init_from_under_fsdp_spanning_processes(two_processes):
-  """A converted checkpoint and a training workdir, loaded into a model whose parameters are
-  split over the 8 devices of 2 processes."""
-  root, logs, converted = two_processes
-  for log in logs:  # Parameters really were split over both processes' devices.
+  """A converted checkpoint loaded into a model whose parameters are split over the 8
+  devices of 2 processes, the new head initialised."""
+  root, results, converted = two_processes
+  for log in (r.log for r in results):  # Parameters really were split over both processes' devices.
     assert "mesh {'data': 1, 'fsdp': 8, 'model': 1}" in log and "P(None, 'fsdp')" in log
-  for name in ('from_converted', 'from_workdir'):  # Both processes ran it as one.
-    outcomes = [records(root, f'{name}_outcome', p)[0] for p in (0, 1)]
-    assert [o['outcome'] for o in outcomes] == ['trained', 'trained'], outcomes
-    assert outcomes[0]['eval'] == outcomes[1]['eval'] and losses(root, name, 0) == losses(
-        root, name, 1
-    )
+  outcomes = [records(root, 'from_converted_outcome', p)[0] for p in (0, 1)]
+  assert [o['outcome'] for o in outcomes] == ['trained', 'trained'], outcomes  # As one.
+  assert outcomes[0]['eval'] == outcomes[1]['eval']
+  assert losses(root, 'from_converted', 0) == losses(root, 'from_converted', 1)
   raw, _ = raw_and_ema(root / 'from_converted')
   head = raw.pop('head')
   assert head['kernel'].shape == (128, 10)  # A new 10-class head, at its initialisation.
   assert 0.8 * 0.02 < head['kernel'].std() < 1.2 * 0.02 and not head['bias'].any()
   assert_trees_equal(raw, {k: v for k, v in converted.items() if k != 'head'})
-  raw, _ = raw_and_ema(root / 'from_workdir')
-  assert_trees_equal(raw, raw_and_ema(root / 'data8')[1])  # Its EMA weights, exactly.
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
@@ -275,21 +281,11 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
   assert meta['data_positions'] == [STEPS * 16]  # From the estimate, 16 per step.
 
 
-def test_sigkill_during_an_async_save_leaves_the_previous_step_to_every_reader(
-    shapes_dir, tmp_path
-):
-  workdir = tmp_path / 'killed'
-  runs = [{'name': 'killed', 'workdir': str(workdir), 'overrides': {'checkpoint_every_steps': 2}}]
-  results = multiprocess.launch(
-      worker(shapes_dir, tmp_path, runs, '--signal_process=1', '--sigkill_at_save=4'),
-      2,
-      4,
-      log_dir=tmp_path / 'logs',
-      timeout=TIMEOUT,
-      grace=5,
-  ).wait()
+def test_sigkill_during_an_async_save_leaves_the_previous_step_to_every_reader(two_processes):
+  root, results, _ = two_processes
   assert results[1].returncode == -9, multiprocess.describe(results)
   assert results[0].returncode != 0  # Killed, or failed on losing its peer.
+  workdir = root / 'killed'
   directory = workdir / checkpoints.CHECKPOINT_DIR
   assert any(p.name.startswith('4.orbax-checkpoint-tmp') for p in directory.iterdir()), sorted(
       p.name for p in directory.iterdir()

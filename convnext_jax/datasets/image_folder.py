@@ -32,6 +32,7 @@ from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
+from convnext_jax import fileio
 from convnext_jax.datasets import image_codec
 from convnext_jax.datasets import tfds_compat
 
@@ -46,7 +47,7 @@ def _is_hidden(path: epath.Path) -> bool:
 
 def _root_string(root: epath.PathLike) -> str:
   root = os.fspath(root)
-  return root if '://' in root else os.path.abspath(root)
+  return root if fileio.is_remote(root) else os.path.abspath(root)
 
 
 def default_config_name(root: epath.PathLike) -> str:
