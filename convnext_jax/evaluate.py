@@ -21,7 +21,7 @@ def evaluate(
     dataset,
     num_batches: int,
     feed: sharding.BatchFeed,
-    num_examples: int,
+    shard: pipeline.HostShard,
     batch_stats=None,
     name: str = '',
 ) -> tuple[dict[str, float], int]:
@@ -34,16 +34,17 @@ def evaluate(
     dataset: this process's padded batches (of its data shard).
     num_batches: batches each process yields.
     feed: the `sharding.BatchFeed` that assembles them into global arrays.
-    num_examples: the data shard's records, to count undecodable ones at the end.
+    shard: the data shard `dataset` reads (`pipeline.host_shard`), to count the records that
+      could not be read or decoded and name their files.
     batch_stats: BatchNorm running averages for every entry of `params_by_name`, or None.
-    name: the evaluation's name, for the warning line of each skipped record.
+    name: the evaluation's name, for the warning line of each file that lost records.
   """
   start = time.perf_counter()
   totals = None
-  tracker = pipeline.StreamTracker(name=name)
+  tracker = pipeline.StreamTracker(name=name, shard=shard)
   batches: Iterable = dataset.as_numpy_iterator()
   for batch in batches:
-    tracker.update(batch['position'])
+    tracker.update(batch['position'], batch['file'])
     batch = pipeline.to_global_arrays(batch, feed)
     # No running averages: the two-argument call, which other eval steps also accept.
     step_metrics = (
@@ -58,7 +59,7 @@ def evaluate(
     )
   pipeline.release(batches)  # Not waiting for tf.data's autotuning thread (up to a minute).
   del batches
-  tracker.close(num_examples)
+  tracker.close(shard.num_examples)
   results = {}
   for name, collection in (totals or {}).items():
     for metric, value in collection.compute().items():

@@ -285,7 +285,7 @@ def _train_holding(
           ev.dataset,
           ev.num_batches,
           feed,
-          ev.num_examples,
+          ev.shard,
           state.get(train_step.BATCH_STATS),
           name=ev.name,
       )

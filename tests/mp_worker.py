@@ -190,9 +190,7 @@ def _count_eval() -> None:
   eval_step = jax.jit(step, out_shardings=sharding.replicated(mesh))
   sizes = run_lib.batches(config, feed, sharding.data_parallel_size(mesh))
   for ev in inputs.evaluators(feed, sizes.eval_global, run_lib.eval_input(config)):
-    values, skipped = evaluate.evaluate(
-        eval_step, {}, ev.dataset, ev.num_batches, feed, ev.num_examples
-    )
+    values, skipped = evaluate.evaluate(eval_step, {}, ev.dataset, ev.num_batches, feed, ev.shard)
     _record(
         'evaluate',
         {

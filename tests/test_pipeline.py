@@ -421,7 +421,8 @@ def test_evaluate_averages_over_real_examples_only(numbered):
       'constant': jnp.array([5.0, 2.0, 1.0, 3.0, 4.0]),
       'other': jnp.array([0.0, 1.0, 0.0, 0.0, 0.0]),
   }
-  results, skipped = evaluate.evaluate(step, params, dataset, num_batches, feed, 23)
+  shard = pipeline.host_shard(numbered, 'validation', 0, 1)
+  results, skipped = evaluate.evaluate(step, params, dataset, num_batches, feed, shard)
   assert skipped == 0
   assert results['constant/top1'] == pytest.approx(5 / 23, rel=1e-6)
   assert results['constant/top5'] == 1.0
@@ -523,6 +524,24 @@ def test_a_damaged_record_is_counted_and_warned_of_and_a_missing_file_refused(tm
       f'{at + 12}; prepare the dataset again, or restore the file): skipped, '
       f'{(epoch + 1) * (n - damaged)} so far'
       for epoch in (0, 1)
+  ], warnings
+
+  # Evaluation reads the file once: the same line, for its one pass (`evaluate` itself).
+  caplog.clear()
+  dataset, num_batches = pipeline.eval_dataset(
+      builder, 'train', per_host_batch=8, preprocess=pipeline.EvalPreprocess(32, 1.0)
+  )
+  feed = sharding.batch_feed(sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    _, skipped = evaluate.evaluate(
+        lambda params, batch: {}, {}, dataset, num_batches, feed, shard, name='damaged eval'
+    )
+  assert skipped == n - damaged
+  warnings = [r.getMessage() for r in caplog.records if 'could not be read' in r.getMessage()]
+  assert warnings == [
+      f'damaged eval: {n - damaged} of the {n} records of {path} could not be read or decoded '
+      f"(a damaged record: TensorFlow's reader stops at byte {at + 12}; prepare the dataset "
+      f'again, or restore the file): skipped, {n - damaged} so far'
   ], warnings
 
   path.unlink()  # A file that is gone (a 404 on a bucket): refused up front, by name.

@@ -125,7 +125,11 @@ class Evaluator:
   name: str
   dataset: tf.data.Dataset
   num_batches: int
-  num_examples: int  # This data shard's records (to count undecodable ones).
+  shard: pipeline.HostShard  # This process's data shard (to name what could not be read).
+
+  @property
+  def num_examples(self) -> int:
+    return self.shard.num_examples
 
 
 class Inputs:
@@ -205,8 +209,6 @@ class Inputs:
       )
       shard = pipeline.host_shard(builder, split, feed.shard_index, feed.shard_count)
       out.append(
-          Evaluator(
-              f'{name}_{split}' if len(sets) > 1 else name, dataset, num_batches, shard.num_examples
-          )
+          Evaluator(f'{name}_{split}' if len(sets) > 1 else name, dataset, num_batches, shard)
       )
     return out

@@ -407,8 +407,8 @@ def eval_dataset(
     num_classes: needed for sequence labels.
 
   Returns:
-    (dataset, num_batches): batches {'image', 'label', 'mask' (bool), 'position'};
-    padding examples have mask False and position -1.
+    (dataset, num_batches): batches {'image', 'label', 'mask' (bool), 'position', 'file' (as
+    for training)}; padding examples have mask False, position and file -1.
   """
   shard = host_shard(builder, split, shard_index, shard_count)
   num_batches = eval_num_batches(builder, split, per_host_batch, shard_count)
@@ -429,7 +429,7 @@ def eval_dataset(
     raise ValueError(f'{builder.name}: {label_key!r} holds label lists; pass num_classes')
 
   def example(position, file_and_record):
-    _, record = file_and_record
+    file_index, record = file_and_record
     image_bytes, label = _parse(builder, record, label_key)
     if multi_label:
       mask = tf.size(label) > 0
@@ -437,7 +437,13 @@ def eval_dataset(
     else:
       mask = tf.constant(True)
       label = tf.cast(label, tf.int32)
-    return {'image': preprocess(image_bytes), 'label': label, 'mask': mask, 'position': position}
+    return {
+        'image': preprocess(image_bytes),
+        'label': label,
+        'mask': mask,
+        'position': position,
+        'file': file_index,
+    }
 
   check_readable(builder.name, shard)
   ds = _read_records(shard).enumerate()
@@ -448,6 +454,7 @@ def eval_dataset(
       'label': tf.zeros([num_classes], tf.float32) if multi_label else tf.constant(0, tf.int32),
       'mask': tf.constant(False),
       'position': tf.constant(-1, tf.int64),
+      'file': tf.constant(-1, tf.int32),
   }
   # Padding after the real examples; `take` fixes the count even if some were skipped.
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat())
@@ -465,10 +472,10 @@ class StreamTracker:
 
   Positions of consecutive kept examples increase by one unless records in between could
   not be read or decoded, so the skipped count is exact once their batches have been
-  consumed. If the stream has a `name`, skips are warning lines too: given the `shard` (the
-  training stream, whose batches say each example's file), one per file and epoch, naming the
-  file, and the byte at which a damaged record stops TensorFlow's reader; otherwise one per
-  gap in the positions.
+  consumed. If the stream has a `name`, skips are warning lines too: given the `shard` (whose
+  batches say each example's file), one per file and epoch (or pass, for a finite one that
+  `close` ends), naming the file and the byte at which a damaged record stops TensorFlow's
+  reader; otherwise one per gap in the positions.
   """
 
   def __init__(
@@ -488,7 +495,7 @@ class StreamTracker:
       self._damage = {}  # file -> what TensorFlow's reader says of it
 
   def update(self, positions: np.ndarray, files: np.ndarray | None = None) -> None:
-    """Takes a batch's `position` (and, for the training stream, `file`) entries."""
+    """Takes a batch's `position` (and, with a `shard`, `file`) entries."""
     positions = np.asarray(positions)
     keep = positions >= 0  # Evaluation padding has position -1.
     order = np.argsort(positions[keep], kind='stable')
@@ -508,9 +515,12 @@ class StreamTracker:
         np.add.at(self._counts, files[epochs == epoch], 1)
 
   def close(self, end_position: int) -> None:
-    """Counts records skipped after the last kept one (a finite pass ending at `end`)."""
+    """Counts records skipped after the last kept one (a finite pass ending at `end`) and,
+    with a `shard`, warns of each file that lost records in the pass."""
     self._skip(int(end_position) - self.next_position, int(end_position))
     self.next_position = max(self.next_position, int(end_position))
+    if self._shard is not None:
+      self._end_epoch(when='')
 
   def _skip(self, count: int, before: int) -> None:
     if count <= 0:
@@ -526,19 +536,23 @@ class StreamTracker:
           self.skipped,
       )
 
-  def _end_epoch(self) -> None:
+  def _end_epoch(self, when: str | None = None) -> None:
+    """Warns of each file that lost records in the epoch (`when`: how the line says which;
+    default ' in epoch N'), then starts the next."""
+    if when is None:
+      when = f' in epoch {self._epoch}'
     if self._whole_epoch and self._name:
       takes = np.asarray(self._shard.takes)
       for i in np.flatnonzero(self._counts < takes):
         path = self._shard.files[i]
         logging.warning(
-            '%s: %d of the %d records of %s could not be read or decoded in epoch %d%s: '
-            'skipped, %d so far',
+            '%s: %d of the %d records of %s could not be read or decoded%s%s: skipped, %d '
+            'so far',
             self._name,
             takes[i] - self._counts[i],
             takes[i],
             path,
-            self._epoch,
+            when,
             self._damage_of(path),
             self.skipped,
         )
