@@ -15,8 +15,9 @@ common number of batches, so that every example of the split is counted exactly 
 whatever the host and device counts.
 
 Images that cannot be decoded are dropped (`ignore_errors`) and counted: each example
-carries its stream position, so a gap between consecutive positions is a skipped record
-(and a warning line). A damaged record ends TensorFlow's reading of its file; training
+carries its stream position and file, so a gap between consecutive positions is a skipped
+record, and a file that yielded fewer than its records lost some (a warning line per file and
+epoch, `StreamTracker`). A damaged record ends TensorFlow's reading of its file; training
 positions are numbered within each epoch, so the records lost with it are counted the same
 way. A data file that cannot be opened at all is an error, before reading starts.
 Batches hold uint8 images; normalisation and the batch-level augmentations run on device
