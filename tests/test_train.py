@@ -103,9 +103,9 @@ def test_short_demo_learns_evaluates_and_checkpoints(demo_run):
   assert checkpoints.workdir_steps(workdir) == [CHECKPOINT_EVERY, DEMO_STEPS]
 
 
-# An absl log line: level, date, time, thread, then `file.py:line]`.
 # console.duration: '42 s', '1 min 05 s' (a compile on a busy machine), '3 h 12 min'.
 DURATION = r'(\d+ s|\d+ min \d\d s|\d+ h \d\d min)'
+# An absl log line: level, date, time, thread, then `file.py:line]`.
 _LOG_LINE = re.compile(r'([IWEF])\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] (.*)')
 
 

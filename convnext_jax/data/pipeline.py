@@ -473,10 +473,9 @@ class StreamTracker:
 
   Positions of consecutive kept examples increase by one unless records in between could
   not be read or decoded, so the skipped count is exact once their batches have been
-  consumed. If the stream has a `name`, skips are warning lines too: given the `shard` (whose
-  batches say each example's file), one per file and epoch (or pass, for a finite one that
-  `close` ends), naming the file and the byte at which a damaged record stops TensorFlow's
-  reader; otherwise one per gap in the positions.
+  consumed. Given the `shard` (whose batches say each example's file) and a `name`, skips are
+  warning lines too: one per file and epoch (or pass, for a finite one that `close` ends),
+  naming the file and the byte at which a damaged record stops TensorFlow's reader.
   """
 
   def __init__(
@@ -504,8 +503,7 @@ class StreamTracker:
     if not positions.size:
       return
     gaps = np.diff(positions, prepend=self.next_position - 1) - 1
-    for i in np.flatnonzero(gaps):
-      self._skip(int(gaps[i]), int(positions[i]))
+    self.skipped += int(np.maximum(gaps, 0).sum())
     self.next_position = int(positions[-1]) + 1
     if self._shard is not None and files is not None:
       files = np.asarray(files)[keep][order]
@@ -518,24 +516,10 @@ class StreamTracker:
   def close(self, end_position: int) -> None:
     """Counts records skipped after the last kept one (a finite pass ending at `end`) and,
     with a `shard`, warns of each file that lost records in the pass."""
-    self._skip(int(end_position) - self.next_position, int(end_position))
+    self.skipped += max(0, int(end_position) - self.next_position)
     self.next_position = max(self.next_position, int(end_position))
     if self._shard is not None:
       self._end_epoch(when='')
-
-  def _skip(self, count: int, before: int) -> None:
-    if count <= 0:
-      return
-    self.skipped += count
-    if self._name and self._shard is None:
-      logging.warning(
-          '%s: %d record(s) before stream position %d could not be read or decoded (a '
-          'damaged record or image, or a file that ended early): skipped, %d so far',
-          self._name,
-          count,
-          before,
-          self.skipped,
-      )
 
   def _end_epoch(self, when: str | None = None) -> None:
     """Warns of each file that lost records in the epoch (`when`: how the line says which;
