@@ -344,6 +344,14 @@ def _overrides(c) -> None:
 def _masked_autoencoder(c) -> None:
   """FCMAE pre-training: images of whole 32-px cells, some removed and some kept; no labels
   to mix, no classifier to decay layer by layer."""
+  # The masking and decoder arguments, before the model is built from them.
+  overrides = c.model.overrides
+  if 'mask_ratio' in overrides:
+    _number(c, 'model.overrides.mask_ratio', 'in (0, 1) (the recipe: 0.6)', lambda v: 0 < v < 1)
+  if 'decoder_depth' in overrides:
+    _integer(c, 'model.overrides.decoder_depth', 0)
+  if 'decoder_dim' in overrides:
+    _integer(c, 'model.overrides.decoder_dim', 1)
   model = models.create_model(c.model.name, **config_lib.model_overrides(c))
   ratio = model.mask_ratio
   for key in ('image_size', 'eval_image_size'):

@@ -208,6 +208,18 @@ def test_pretraining_config_mistakes_are_one_line():
   c.input.mixup_alpha = 0.8
   with pytest.raises(validation.ConfigError, match='no labels to mix'):
     validation.check(c)
+  # The masking and decoder arguments are checked before the model is built from them.
+  for key, value, message in (
+      ('mask_ratio', '0.6', 'must be a number in (0, 1) (the recipe: 0.6), got '),
+      ('mask_ratio', 1.0, 'must be a number in (0, 1) (the recipe: 0.6), got '),
+      ('decoder_depth', -1, 'must be an integer >= 0, got '),
+      ('decoder_dim', 0, 'must be a positive integer, got '),
+  ):
+    c = _pretrain_config()
+    c.model.overrides[key] = value
+    with pytest.raises(validation.ConfigError) as e:
+      validation.check(c)
+    assert str(e.value) == f'config.model.overrides.{key} {message}{value!r}'
 
 
 def test_pretraining_decays_kernels_grn_and_the_mask_token_only():

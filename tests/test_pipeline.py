@@ -13,6 +13,7 @@ import sys
 import fake_tfds
 import jax
 import jax.numpy as jnp
+import mp_config
 import numpy as np
 from PIL import Image
 import pytest
@@ -23,7 +24,9 @@ from convnext_jax import data as data_lib
 from convnext_jax import evaluate
 from convnext_jax import sharding
 from convnext_jax.data import image_ops
+from convnext_jax.data import inputs as inputs_lib
 from convnext_jax.data import pipeline
+from convnext_jax.data import randaugment as randaugment_lib
 
 
 def _photo(height=375, width=500, seed=0) -> np.ndarray:
@@ -247,6 +250,31 @@ def test_train_crop_and_resize_match_pillow():
     top, left, h, w = image_ops.random_resized_crop_window([375, 500, 3], crop_seed).numpy()
     reference = image.crop((left, top, left + w, top + h)).resize((224, 224), Image.BICUBIC)
     _assert_pillow_equal(out, np.asarray(reference), f'seed {i}: window {(top, left, h, w)}')
+
+
+def test_the_configs_randaugment_runs_in_the_training_stream(shapes_dir):
+  """`config.input.randaugment` reaches the trainer's stream: with it, each image of the first
+  batch is the one without it RandAugmented with the last of its example's three seeds (crop,
+  flip, RandAugment), as `TrainPreprocess` splits them. (The trainer tests' tiny config runs
+  without RandAugment.)"""
+  spec = 'rand-m9-mstd0.5-inc1'
+  feed = sharding.batch_feed(sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  first = []
+  for randaugment in ('', spec):
+    config = mp_config.tiny(shapes_dir)
+    config.input.randaugment = randaugment
+    stream = inputs_lib.Inputs(config).train_iterator(feed, 0)
+    first.append(np.asarray(next(stream)['image']))
+    stream.close()
+  plain, augmented = first
+  seed = pipeline.host_seed(config.seed, 0)
+  for position, (image, out) in enumerate(zip(plain, augmented)):  # Positions 0, 1, ...
+    seeds = tf.random.experimental.stateless_split(tf.constant([seed, position], tf.int64), 3)
+    expected = randaugment_lib.rand_augment(
+        image, seeds[2], randaugment_lib.RandAugmentConfig.parse(spec), tuple(config.input.fill)
+    )
+    np.testing.assert_array_equal(out, expected.numpy(), err_msg=f'position {position}')
+  assert not np.array_equal(plain, augmented)
 
 
 @pytest.mark.parametrize(

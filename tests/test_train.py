@@ -250,20 +250,16 @@ def test_finetune_from_converted_checkpoint_with_a_new_head(demo_run, shapes_dir
   with pytest.raises(checkpoints.CheckpointError, match='unexpected 1: extra/kernel'):
     checkpoints.load_params_into(str(tmp_path / 'extra'), fresh['params'])
 
-  # Fine-tuning through the training entry point. The new head starts at chance (its logits
-  # are ~1e-3 of the backbone's); 60 steps take it well above.
+  # Fine-tuning through the training entry point, with the short demo's schedule (so its train
+  # step is the demo run's program, read from the suite's compilation cache). The new head
+  # starts at chance (its logits are ~1e-3 of the backbone's); the run takes it well above.
   finetune_dir = str(tmp_path / 'finetune')
   run_main(
       finetune_dir,
       shapes_dir,
       f'--config.init_from.path={ckpt}',
       '--config.model.head_init_scale=0.001',
-      '--config.input.image_size=32',
-      '--config.num_steps=60',
-      '--config.optim.lr=1e-3',
-      '--config.optim.warmup_steps=0',
-      '--config.eval_every_steps=60',
-      '--config.checkpoint_every_steps=60',
+      *SHORT_DEMO_FLAGS,
   )
   tuned, meta = checkpoints.load_params(finetune_dir, which='raw')
   assert meta['num_classes'] == 10 and tuned['head']['kernel'].shape == (320, 10)

@@ -109,8 +109,10 @@ def count_macs(model: nn.Module, image_size: int = 224, **apply_kwargs) -> int:
   CPU's shifted-sum path is elementwise arithmetic). Of a `cond`'s branches, the largest.
   """
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, **apply_kwargs))(variables, images)
+  # One trace: `init` runs the forward pass too, and its initialisers multiply nothing.
+  jaxpr = jax.make_jaxpr(lambda x: model.init_with_output(jax.random.key(0), x, **apply_kwargs))(
+      images
+  )
   return _jaxpr_macs(jaxpr.jaxpr)
 
 
