@@ -22,8 +22,10 @@ from convnext_jax.benchmark import step
 
 SIZE, BATCH = 64, 16
 # The flags of the step benchmarks' runs here: one device, one timed step after one warm-up.
+# The depthwise conv as XLA's grouped convolution: on CPU it compiles in about half the time of
+# the shifted sum 'auto' picks there (docs/benchmarks.md), and the fields are the same.
 SMALL_RUN = ('--model', 'convnext_atto', '--batch', str(BATCH), '--size', str(SIZE))
-SMALL_RUN += ('--devices', '1', '--warmup', '1', '--iters', '1')
+SMALL_RUN += ('--devices', '1', '--warmup', '1', '--iters', '1', '--depthwise-impl', 'conv')
 ATTO_GMACS_224 = 0.55
 
 
@@ -68,7 +70,7 @@ def test_every_field_is_printed(runs, command):
   )
   assert re.fullmatch(
       LINE.format(
-          name=re.escape(f'jax {command} (float32)'),
+          name=re.escape(f'jax {command} (float32, depthwise conv)'),
           compile=r'\d+\.\d s',
           tflops=r'\d+\.\d{3}',
           memory=r'\d+ MiB/device \(XLA plan\)',
@@ -78,7 +80,7 @@ def test_every_field_is_printed(runs, command):
   if command == 'train':  # The same step with the work PyTorch's does not do turned off.
     assert re.fullmatch(
         LINE.format(
-            name=re.escape('jax train, work-matched (float32)'),
+            name=re.escape('jax train, work-matched (float32, depthwise conv)'),
             compile=r'\d+\.\d s',
             tflops=r'\d+\.\d{3}',
             memory=r'\d+ MiB/device \(XLA plan\)',
@@ -100,9 +102,9 @@ def test_every_field_is_printed(runs, command):
 def test_lines_and_records(runs, command):
   record = runs[command][0]
   jax_result, *matched, torch_result = record['results']
-  assert jax_result['name'] == f'jax {command} (float32)'
+  assert jax_result['name'] == f'jax {command} (float32, depthwise conv)'
   assert [r['name'] for r in matched] == (
-      ['jax train, work-matched (float32)'] if command == 'train' else []
+      ['jax train, work-matched (float32, depthwise conv)'] if command == 'train' else []
   )
   assert torch_result['name'] == f'torch eager {command} (float32)'
   assert jax_result['devices'] == 1 and jax_result['batch'] == BATCH
@@ -114,9 +116,10 @@ def test_lines_and_records(runs, command):
 
 def test_train_step_flops_are_three_forwards(runs):
   per_image = {c: runs[c][0]['results'][0]['flops'] / BATCH for c in ('train', 'infer')}
-  # Forward: the convolutions' 2 FLOPs per multiply-add, plus norms, GELU and the rest.
+  # Forward: the convolutions' 2 FLOPs per multiply-add, plus norms, GELU and the rest (the
+  # published 0.55 GMACs are 0.547 rounded).
   published = 2 * ATTO_GMACS_224 * 1e9 * (SIZE / 224) ** 2
-  assert 1.0 <= per_image['infer'] / published <= 1.4, per_image
+  assert 0.99 <= per_image['infer'] / published <= 1.4, per_image
   # Backward about twice the forward; Mixup, AdamW and the EMA add a little.
   assert 0.9 * 3 <= per_image['train'] / per_image['infer'] <= 1.1 * 3, per_image
 
@@ -142,12 +145,14 @@ def test_scanned_steps_count_every_block(runs, tmp_path):
             '--iters',
             '1',
             '--scan',
+            '--depthwise-impl',
+            'conv',
             '--json',
             str(path),
         ]
     )
   scanned = json.loads(path.read_text())['results'][0]
-  assert scanned['name'] == 'jax infer (float32, scan)'
+  assert scanned['name'] == 'jax infer (float32, scan, depthwise conv)'
   unscanned = runs['infer'][0]['results'][0]['flops']
   assert scanned['flops'] == pytest.approx(unscanned, rel=0.02), (scanned['flops'], unscanned)
 
