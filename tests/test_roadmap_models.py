@@ -340,8 +340,14 @@ def test_strided_depthwise_conv_is_pytorchs_grouped_conv(impl, size):
 def test_every_step_runs_and_trains_its_batch_statistics():
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   for name in models.list_models('roadmap_r50_*'):
+    # Run op by op, where the grouped conv is one op and the CPU's shifted sum a hundred.
     model = models.create_model(
-        name, num_classes=3, depths=(1, 1, 1, 1), widths=(8, 8, 8, 8), drop_path_rate=0.1
+        name,
+        num_classes=3,
+        depths=(1, 1, 1, 1),
+        widths=(8, 8, 8, 8),
+        drop_path_rate=0.1,
+        depthwise_impl='conv',
     )
     variables = model.init(jax.random.key(0), images)
     logits, updated = model.apply(
