@@ -109,7 +109,8 @@ def count_macs(model: nn.Module, image_size: int = 224, **apply_kwargs) -> int:
   CPU's shifted-sum path is elementwise arithmetic). Of a `cond`'s branches, the largest.
   """
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  # One trace: `init` runs the forward pass too, and its initialisers multiply nothing.
+  # One trace: `init` runs the forward pass too, and its initialisers multiply nothing. (It
+  # runs a scanned model's blocks unscanned, so each block is counted, not a scan body once.)
   jaxpr = jax.make_jaxpr(lambda x: model.init_with_output(jax.random.key(0), x, **apply_kwargs))(
       images
   )
