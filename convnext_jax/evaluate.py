@@ -5,7 +5,6 @@ Batches come from `data.pipeline.eval_dataset`, padded with masked examples so e
 runs the same number of steps; clu `Average` metrics weigh each example by its mask.
 """
 
-from collections.abc import Iterable
 import time
 
 from absl import logging
@@ -42,23 +41,24 @@ def evaluate(
   start = time.perf_counter()
   totals = None
   tracker = pipeline.StreamTracker(name=name, shard=shard)
-  batches: Iterable = dataset.as_numpy_iterator()
-  for batch in batches:
-    tracker.update(batch['position'], batch['file'])
-    batch = pipeline.to_global_arrays(batch, feed)
-    # No running averages: the two-argument call, which other eval steps also accept.
-    step_metrics = (
-        eval_step(params_by_name, batch)
-        if batch_stats is None
-        else eval_step(params_by_name, batch, batch_stats)
-    )
-    totals = (
-        step_metrics
-        if totals is None
-        else {name: totals[name].merge(m) for name, m in step_metrics.items()}
-    )
-  pipeline.release(batches)  # Not waiting for tf.data's autotuning thread (up to a minute).
-  del batches
+  batches = pipeline.Batches(dataset)
+  try:
+    for batch in batches:
+      tracker.update(batch['position'], batch['file'])
+      batch = pipeline.to_global_arrays(batch, feed)
+      # No running averages: the two-argument call, which other eval steps also accept.
+      step_metrics = (
+          eval_step(params_by_name, batch)
+          if batch_stats is None
+          else eval_step(params_by_name, batch, batch_stats)
+      )
+      totals = (
+          step_metrics
+          if totals is None
+          else {name: totals[name].merge(m) for name, m in step_metrics.items()}
+      )
+  finally:
+    batches.close()  # Not waiting for tf.data's autotuning thread (up to a minute).
   tracker.close(shard.num_examples)
   results = {}
   for name, collection in (totals or {}).items():

@@ -521,9 +521,11 @@ class _Preview:
   COUNT = 4  # Images shown.
 
   def __init__(self, r: run_lib.Run, evaluator, workdir: str):
-    batches = evaluator.dataset.as_numpy_iterator()
-    batch = next(batches)
-    pipeline.release(batches)
+    batches = pipeline.Batches(evaluator.dataset)
+    try:
+      batch = next(batches)
+    finally:
+      batches.close()
     self._batch = pipeline.to_global_arrays(batch, r.feed)  # Every process holds its rows.
     self._program = jax.jit(
         functools.partial(r.objective.preview, count=self.COUNT),

@@ -9,6 +9,8 @@ import re
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import fake_tfds
 import jax
@@ -656,24 +658,69 @@ def test_configure_tensorflow_runs_ops_on_one_thread():
     assert ('intra-op thread pool' in result.stderr) == warns, result.stderr[-2000:]
 
 
-def test_release_drops_an_iterator_without_waiting_for_it():
-  """`pipeline.release`: the last reference goes on a daemon thread, so a deletion that waits
-  (tf.data's autotuning thread: up to a minute) does not hold the caller."""
-  import threading
-  import time
+class _SlowToDelete:
+  """Stands in for a tf.data dataset whose numpy iterator takes a second to delete, as a
+  tf.data iterator waits up to a minute for its autotuning thread; it records the thread
+  that deleted it."""
 
-  deleted = threading.Event()
-  where = []
+  def __init__(self):
+    self.deleting = threading.Event()
+    self.deleted_on = []
 
-  class SlowToDelete:
+  def as_numpy_iterator(self):
+    dataset = self
 
-    def __del__(self):
-      time.sleep(1.0)
-      where.append(threading.current_thread())
-      deleted.set()
+    class Iterator:
 
-  start = time.monotonic()
-  pipeline.release(SlowToDelete())
-  assert time.monotonic() - start < 0.5 and not deleted.is_set()
-  assert deleted.wait(10)
-  assert where[0] is not threading.main_thread() and where[0].daemon
+      def __iter__(self):
+        return self
+
+      def __next__(self):
+        raise StopIteration
+
+      def __del__(self):
+        dataset.deleting.set()
+        time.sleep(1.0)
+        dataset.deleted_on.append(threading.current_thread())
+
+    return Iterator()
+
+
+# What the fake datasets stand for: one file of 4 records.
+_SHARD = pipeline.HostShard('train', ('train.tfrecord',), (0,), (4,))
+
+
+def _close_train_stream(dataset):
+  inputs_lib.TrainIterator(dataset, None, 0, 'train', _SHARD).close()
+
+
+def _evaluate(dataset):
+  evaluate.evaluate(None, {}, dataset, 0, None, _SHARD)  # No batches: 4 records skipped.
+
+
+@pytest.mark.parametrize('done_with', [_close_train_stream, _evaluate])
+def test_the_trainer_never_waits_for_a_tf_data_iterator_to_delete(done_with, monkeypatch):
+  """The training stream's close and an evaluation return at once, and their iterator is
+  deleted on a daemon thread, even when that thread runs first: each `Thread.start` here
+  returns only once its thread has ended or begun a deletion. (Before, the caller still held
+  a reference while the thread dropped its own, so the caller deleted the iterator and
+  waited: a demo run's exit waited 40 s.)"""
+  dataset = _SlowToDelete()
+  start_thread = threading.Thread.start
+
+  def runs_first(thread):
+    start_thread(thread)
+    while thread.is_alive() and not dataset.deleting.wait(0.01):
+      pass
+
+  monkeypatch.setattr(threading.Thread, 'start', runs_first)
+  started = time.monotonic()
+  done_with(dataset)
+  assert time.monotonic() - started < 0.5
+  monkeypatch.undo()
+  assert dataset.deleting.wait(5)
+  for _ in range(500):
+    if dataset.deleted_on:
+      break
+    time.sleep(0.01)
+  assert dataset.deleted_on and dataset.deleted_on[0].daemon, dataset.deleted_on

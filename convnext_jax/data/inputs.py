@@ -92,7 +92,7 @@ class TrainIterator:
       name: str,
       shard: pipeline.HostShard,
   ):
-    self._iterator = dataset.as_numpy_iterator()
+    self._batches = pipeline.Batches(dataset)
     self._feed = feed
     self._tracker = pipeline.StreamTracker(start_position, name, shard)
 
@@ -100,7 +100,7 @@ class TrainIterator:
     return self
 
   def __next__(self):
-    batch = next(self._iterator)
+    batch = next(self._batches)
     self._tracker.update(batch['position'], batch['file'])
     return pipeline.to_global_arrays(batch, self._feed)
 
@@ -114,10 +114,8 @@ class TrainIterator:
     return self._tracker.skipped
 
   def close(self) -> None:
-    """Releases the pipeline (its threads stop once tf.data deletes the iterator)."""
-    if self._iterator is not None:
-      pipeline.release(self._iterator)
-      self._iterator = None
+    """Releases the pipeline without waiting for its threads (`pipeline.Batches`)."""
+    self._batches.close()
 
 
 @dataclasses.dataclass

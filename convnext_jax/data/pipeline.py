@@ -265,22 +265,38 @@ def _options(threads: int | None) -> tf.data.Options:
   return options
 
 
+class Batches:
+  """A tf.data dataset's numpy batches, whose iterator `close()` deletes off this thread.
+
+  Deleting a tf.data iterator waits until tf.data's autotuning thread ends its current
+  sleep, which grows to a minute once a pipeline has run a minute or two: in the thread that
+  drops the last reference, it would hold the trainer after every evaluation and at its
+  exit (docs/benchmarks.md). The iterator is held only here, in a one-item list that
+  `close()` hands to a daemon thread to empty: every other reference is a temporary of
+  `__next__`, gone by then, so the deletion (and its wait) is always that thread's; the
+  process does not wait for it. Closing twice, or iterating after closing, is harmless.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._held = [dataset.as_numpy_iterator()]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if not self._held:
+      raise StopIteration
+    return next(self._held[0])
+
+  def close(self) -> None:
+    held, self._held = self._held, []
+    if held:
+      threading.Thread(target=held.clear, name='release-tf-data-iterator', daemon=True).start()
+
+
 # ----------------------------------------------------------------------------------------
 # Training stream.
 # ----------------------------------------------------------------------------------------
-
-
-def release(iterator) -> None:
-  """Drops a tf.data iterator without waiting for it.
-
-  Deleting one in the calling thread waits until tf.data's autotuning thread ends its
-  current sleep, which grows to a minute once a pipeline has run a minute or two, and would
-  hold the trainer's exit as long (docs/benchmarks.md). The last reference is dropped on a
-  daemon thread instead; the process does not wait for it.
-  """
-  holder = [iterator]
-  del iterator
-  threading.Thread(target=holder.clear, name='release-tf-data-iterator', daemon=True).start()
 
 
 def to_global_arrays(batch: dict[str, np.ndarray], feed) -> dict[str, Any]:
