@@ -14,7 +14,7 @@ Instrumentation, for the tests only:
                      batch rows it fed (`<run>_p<i>_batches.npz`), and each run's outcome;
   --delay_process / --delay_s   that process sleeps after joining, before any work;
   --signal_process with --sigterm_at_step (SIGTERM to itself after that step, when the
-                     next batch is read) or
+                     next batch is read; the steps after it are slowed) or
                      --sigkill_at_save (SIGKILL to itself once that step's save has started).
 """
 
@@ -57,6 +57,10 @@ flags.DEFINE_integer('sigterm_at_step', -1, 'SIGTERM after this step (see --sign
 flags.DEFINE_integer('sigkill_at_save', -1, 'SIGKILL once the save of this step has started.')
 
 _run_name = ['']
+# jax's SIGTERM listener looks for the signal once a second, and the processes then agree on
+# a step to stop at: the steps after the signal take at least this long (as a pod's steps
+# do), so that the run stops well before its last step however fast this machine runs it.
+_STEP_AFTER_SIGTERM_S = 1.0
 
 
 def _record(name: str, line: dict) -> None:
@@ -91,8 +95,11 @@ def _instrument() -> dict[str, list]:
       batches = fed.setdefault(_run_name[0], [])
       batches.append({k: np.asarray(batch[k]) for k in ('image', 'label')})
       # Batch k + 1 is read once step k has been dispatched.
-      if len(batches) == FLAGS.sigterm_at_step + 1 and jax.process_index() == FLAGS.signal_process:
-        os.kill(os.getpid(), signal.SIGTERM)
+      if jax.process_index() == FLAGS.signal_process and FLAGS.sigterm_at_step >= 0:
+        if len(batches) == FLAGS.sigterm_at_step + 1:
+          os.kill(os.getpid(), signal.SIGTERM)
+        elif len(batches) > FLAGS.sigterm_at_step + 1:
+          time.sleep(_STEP_AFTER_SIGTERM_S)
     return to_global(batch, feed)
 
   pipeline.to_global_arrays = recording_to_global
@@ -106,17 +113,6 @@ def _instrument() -> dict[str, list]:
     return started
 
   checkpoints.TrainingCheckpoints.save = killing_save
-
-  # An iterator's destructor waits for tf.data's autotuning thread, which sleeps for seconds
-  # between rounds: each run of a multi-run process would end with that wait.
-  options = pipeline._options  # pylint: disable=protected-access
-
-  def untuned_options(threads):
-    out = options(threads)
-    out.autotune.enabled = False
-    return out
-
-  pipeline._options = untuned_options  # pylint: disable=protected-access
   return fed
 
 

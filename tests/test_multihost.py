@@ -1,17 +1,17 @@
 """Multi-process training, as on a TPU pod slice or a multi-node GPU cluster, on one machine:
-processes with 4 (or 2) CPU devices each, joined by `jax.distributed` on 127.0.0.1
+processes with 2 CPU devices each, joined by `jax.distributed` on 127.0.0.1
 (`tests/multiprocess.py`), each running `tests/mp_worker.py` or `python -m convnext_jax.main`
 with the tiny config of `tests/mp_config.py`.
 
 Shown here: 2 processes train with identical losses on both and end with the parameters of
 1 process fed the same global batches; every axis of the mesh spanning the 2 processes (data,
-FSDP, model) trains identically on both (FSDP: the init_from run), and
-a mesh the processes cannot feed is refused up front; `init_from` under FSDP spanning
-processes (a converted checkpoint; a training workdir is read by the same restore, from
-another item: test_checkpoints, test_fcmae_training); evaluation counts every
-example exactly once over 3 processes; a dataset prepared on first use while one process
-arrives 30 s late; SIGTERM to one process, then an exact resume (and a resume on 1 process);
-SIGKILL during an async save, after which every reader uses the previous step.
+FSDP, model) trains identically on both, and a mesh the processes cannot feed is refused up
+front; `init_from` into parameters split over both processes (a converted checkpoint; a
+training workdir is read by the same restore, from another item: test_checkpoints,
+test_fcmae_training); evaluation counts every example exactly once over 3 processes; a
+dataset prepared on first use while one process arrives 30 s late; SIGTERM to one process,
+then an exact resume (and a resume on 1 process); SIGKILL during an async save, after which
+every reader uses the previous step.
 """
 
 import json
@@ -36,16 +36,21 @@ from convnext_jax import workdir_lock
 from convnext_jax.data import inputs as inputs_lib
 
 CONFIG = 'tests/mp_config.py'
+DEVICES = 2  # Per process: more only cost each step and first save more CPU.
 TIMEOUT = 600  # Seconds per launch before it counts as hung: they take 20-150 s on 2 cores.
 STEPS = 6
-# (data, fsdp, model) meshes over 2 processes x 4 devices, each axis spanning the processes:
-# data parallel (each process feeds its half of the batch) and tensor parallel (each process
-# feeds the whole batch); FSDP is the init_from run's mesh. That each mesh, and their mixes,
-# train as one device does is test_sharding's; here, that both processes run it as one.
+# (data, fsdp, model) meshes over 2 processes x 2 devices, each axis spanning the processes:
+# data parallel (each process feeds its half of the batch; the reference run), tensor parallel
+# (each process feeds the whole batch; initialised from a converted checkpoint) and FSDP (the
+# run killed mid-save). That each mesh, and their mixes, train as one device does is
+# test_sharding's; here, that both processes run it as one.
 MESHES = {
-    'data8': (8, 1, 1),
-    'model8': (1, 1, 8),
+    'data4': (4, 1, 1),
+    'model4': (1, 1, 4),
+    'killed': (1, 4, 1),
 }
+MODEL4_STEPS = 3
+KILLED_AT = 4  # Process 1 SIGKILLs itself once the save of this step has started.
 
 
 def worker(data_dir, workdir, runs=(), *flags, config=CONFIG):
@@ -85,11 +90,12 @@ def assert_trees_equal(a, b):
 
 @pytest.fixture(scope='module')
 def two_processes(shapes_dir, tmp_path_factory):
-  """2 processes x 4 devices train, one after the other: every mesh of MESHES ('data8' for
-  STEPS steps: the uninterrupted reference of the resume test; the others for 3), then
-  an FSDP run initialised from a converted checkpoint (1000 classes) at lr 0, so that its
-  one step keeps the parameters as loaded; last, 'killed' (a checkpoint every 2 steps),
-  whose process 1 SIGKILLs itself once the save of step 4 has started, which ends the launch.
+  """2 processes x 2 devices train three runs, one after the other: 'data4' for STEPS steps
+  (the uninterrupted reference of the resume test); 'model4', initialised from a converted
+  checkpoint (1000 classes), for MODEL4_STEPS steps with a checkpoint at each, the first at
+  lr 0 (warmup starts at 0), so that step 1 keeps the weights as loaded; last 'killed'
+  (a checkpoint every 2 steps), whose process 1 SIGKILLs itself once the save of step
+  KILLED_AT has started, which ends the launch.
   """
   root = tmp_path_factory.mktemp('two_processes')
   config = mp_config.get_config()
@@ -98,32 +104,26 @@ def two_processes(shapes_dir, tmp_path_factory):
       str(root / 'converted'), converted, {'model_name': 'convnext_atto', 'num_classes': 1000}
   )
   runs = [
+      {'name': 'data4', 'overrides': {'mesh': list(MESHES['data4'])}},
       {
-          'name': name,
-          'overrides': {'mesh': list(shape)}
-          if name == 'data8'
-          else {'mesh': list(shape), 'num_steps': 3},
-      }
-      for name, shape in MESHES.items()
-  ]
-  frozen = {
-      'mesh': [1, 8, 1],
-      'num_steps': 1,
-      'optim.lr': 0.0,
-      'optim.min_lr': 0.0,
-      'optim.warmup_steps': 0,
-  }
-  runs += [
-      {
-          'name': 'from_converted',
-          'overrides': dict(frozen, **{'init_from.path': str(root / 'converted')}),
+          'name': 'model4',
+          'overrides': {
+              'mesh': list(MESHES['model4']),
+              'num_steps': MODEL4_STEPS,
+              'optim.warmup_steps': 2,
+              'checkpoint_every_steps': 1,
+              'init_from.path': str(root / 'converted'),
+          },
       },
-      {'name': 'killed', 'overrides': {'checkpoint_every_steps': 2}},
+      {
+          'name': 'killed',
+          'overrides': {'mesh': list(MESHES['killed']), 'checkpoint_every_steps': 2},
+      },
   ]
   results = multiprocess.launch(
-      worker(shapes_dir, root, runs, '--signal_process=1', '--sigkill_at_save=4'),
+      worker(shapes_dir, root, runs, '--signal_process=1', f'--sigkill_at_save={KILLED_AT}'),
       2,
-      4,
+      DEVICES,
       log_dir=root / 'logs',
       timeout=TIMEOUT,
       grace=5,
@@ -161,10 +161,10 @@ def test_two_processes_end_as_one_does_fed_the_same_global_batches(
     two_processes, shapes_dir, tmp_path, monkeypatch
 ):
   root, _, _ = two_processes
-  two = [losses(root, 'data8', p) for p in (0, 1)]
+  two = [losses(root, 'data4', p) for p in (0, 1)]
   assert sorted(two[0]) == list(range(1, STEPS + 1)) and two[0] == two[1]
   # The global batch of each step: process 0's rows, then process 1's (disjoint halves).
-  fed = [np.load(root / f'data8_p{p}_batches.npz') for p in (0, 1)]
+  fed = [np.load(root / f'data4_p{p}_batches.npz') for p in (0, 1)]
   global_batches = [
       {k: np.concatenate([f[f'{k}_{i}'] for f in fed]) for k in ('image', 'label')}
       for i in range(STEPS)
@@ -180,20 +180,25 @@ def test_two_processes_end_as_one_does_fed_the_same_global_batches(
       lambda self, feed, start: _Replay(global_batches, feed),
   )
   train.train_and_evaluate(config, str(tmp_path / 'one'))  # 1 process x 8 devices.
-  for one, two_ in zip(raw_and_ema(tmp_path / 'one'), raw_and_ema(root / 'data8')):
+  for one, two_ in zip(raw_and_ema(tmp_path / 'one'), raw_and_ema(root / 'data4')):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, two_)
 
 
 @pytest.mark.parametrize('name', list(MESHES))
 def test_every_mesh_trains_identically_on_both_processes(two_processes, name):
   root, results, _ = two_processes
-  outcomes = [records(root, f'{name}_outcome', p)[0] for p in (0, 1)]
-  assert [o['outcome'] for o in outcomes] == ['trained', 'trained'], outcomes
-  assert outcomes[0]['eval'] == outcomes[1]['eval']
   per_process = [losses(root, name, p) for p in (0, 1)]
-  assert per_process[0] == per_process[1] and len(per_process[0]) == (
-      STEPS if name == 'data8' else 3
-  )
+  if name == 'killed':  # Until the kill: both logged every step before the save of KILLED_AT.
+    per_process = [{s: v for s, v in pp.items() if s <= KILLED_AT} for pp in per_process]
+    assert sorted(per_process[1]) == list(range(1, KILLED_AT + 1)), per_process
+  else:
+    outcomes = [records(root, f'{name}_outcome', p)[0] for p in (0, 1)]
+    assert [o['outcome'] for o in outcomes] == ['trained', 'trained'], outcomes
+    assert outcomes[0]['eval'] == outcomes[1]['eval']
+    assert sorted(per_process[1]) == list(
+        range(1, (STEPS if name == 'data4' else MODEL4_STEPS) + 1)
+    )
+  assert per_process[0] == per_process[1]
   data, fsdp, model = MESHES[name]
   shards = 1 if data * fsdp == 1 else 2
   line = (
@@ -202,23 +207,26 @@ def test_every_mesh_trains_identically_on_both_processes(two_processes, name):
   )
   for p, log in enumerate(r.log for r in results):
     assert f'{line}{min(p, shards - 1)} of {shards})' in log, name
+  # The parameters really were split over both processes' devices.
+  spec = {'data4': None, 'model4': "P(None, 'model')", 'killed': "P(None, 'fsdp')"}[name]
+  if spec:
+    assert all(spec in r.log for r in results), name
 
 
-def test_init_from_under_fsdp_spanning_processes(two_processes):
-  """A converted checkpoint loaded into a model whose parameters are split over the 8
-  devices of 2 processes, the new head initialised."""
-  root, results, converted = two_processes
-  for log in (r.log for r in results):  # Parameters really were split over both processes' devices.
-    assert "mesh {'data': 1, 'fsdp': 8, 'model': 1}" in log and "P(None, 'fsdp')" in log
-  outcomes = [records(root, 'from_converted_outcome', p)[0] for p in (0, 1)]
-  assert [o['outcome'] for o in outcomes] == ['trained', 'trained'], outcomes  # As one.
-  assert outcomes[0]['eval'] == outcomes[1]['eval']
-  assert losses(root, 'from_converted', 0) == losses(root, 'from_converted', 1)
-  raw, _ = raw_and_ema(root / 'from_converted')
+def test_init_from_into_parameters_split_over_both_processes(two_processes):
+  """A converted checkpoint loaded into a model whose MLP kernels are split over the 4
+  devices of 2 processes (tensor parallel), the new head initialised: step 1 (at lr 0)
+  keeps exactly the weights as loaded."""
+  root, _, converted = two_processes
+  assert checkpoints.workdir_steps(str(root / 'model4')) == list(range(1, MODEL4_STEPS + 1))
+  raw, _ = raw_and_ema(root / 'model4', step=1)
   head = raw.pop('head')
   assert head['kernel'].shape == (128, 10)  # A new 10-class head, at its initialisation.
   assert 0.8 * 0.02 < head['kernel'].std() < 1.2 * 0.02 and not head['bias'].any()
   assert_trees_equal(raw, {k: v for k, v in converted.items() if k != 'head'})
+  trained, _ = raw_and_ema(root / 'model4')  # Then it trains, the backbone too.
+  stem = 'downsample_layers.0.0'
+  assert not np.array_equal(trained[stem]['kernel'], converted[stem]['kernel'])
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
@@ -226,11 +234,13 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
 ):
   root, _, _ = two_processes
   stopped = tmp_path / 'stopped'
-  runs = [{'name': 'stopped', 'workdir': str(stopped), 'overrides': {'mesh': [8, 1, 1]}}]
+  runs = [
+      {'name': 'stopped', 'workdir': str(stopped), 'overrides': {'mesh': list(MESHES['data4'])}}
+  ]
   results = multiprocess.run(
       worker(shapes_dir, tmp_path, runs, '--signal_process=1', '--sigterm_at_step=2'),
       2,
-      4,
+      DEVICES,
       log_dir=tmp_path / 'logs',
       timeout=TIMEOUT,
   )
@@ -252,7 +262,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
   ]
   with workdir_lock.WorkdirLock(str(stopped)):
     refused = multiprocess.launch(
-        command, 2, 4, log_dir=tmp_path / 'refused_logs', timeout=TIMEOUT
+        command, 2, DEVICES, log_dir=tmp_path / 'refused_logs', timeout=TIMEOUT
     ).wait()
   for r in refused:
     assert r.returncode == 1, multiprocess.describe(refused)
@@ -265,10 +275,10 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
         )
     ), multiprocess.describe(refused)
   assert checkpoints.workdir_steps(str(stopped)) == steps  # Nothing written meanwhile.
-  multiprocess.run(command, 2, 4, log_dir=tmp_path / 'resume_logs', timeout=TIMEOUT)
+  multiprocess.run(command, 2, DEVICES, log_dir=tmp_path / 'resume_logs', timeout=TIMEOUT)
   assert not (stopped / workdir_lock.LOCK_NAME).exists()  # Released at the end.
   assert checkpoints.workdir_steps(str(stopped)) == [steps[0], STEPS]
-  for resumed, straight in zip(raw_and_ema(stopped), raw_and_ema(root / 'data8')):
+  for resumed, straight in zip(raw_and_ema(stopped), raw_and_ema(root / 'data4')):
     assert_trees_equal(resumed, straight)
 
   # On 1 process (of 8 devices): the data is split differently, so its position is estimated.
@@ -287,13 +297,16 @@ def test_sigkill_during_an_async_save_leaves_the_previous_step_to_every_reader(t
   assert results[0].returncode != 0  # Killed, or failed on losing its peer.
   workdir = root / 'killed'
   directory = workdir / checkpoints.CHECKPOINT_DIR
-  assert any(p.name.startswith('4.orbax-checkpoint-tmp') for p in directory.iterdir()), sorted(
+  assert any(
+      p.name.startswith(f'{KILLED_AT}.orbax-checkpoint-tmp') for p in directory.iterdir()
+  ), sorted(
       p.name for p in directory.iterdir()
-  )  # Step 4 was being written.
-  assert checkpoints.workdir_steps(str(workdir)) == [2]
-  assert checkpoints.load_params(str(workdir))[1]['step'] == 2  # Export, predict.
+  )  # Step KILLED_AT was being written.
+  before = KILLED_AT - 2
+  assert checkpoints.workdir_steps(str(workdir)) == [before]
+  assert checkpoints.load_params(str(workdir))[1]['step'] == before  # Export, predict.
   ckpts = checkpoints.TrainingCheckpoints(str(workdir), save_interval_steps=2, keep=3)
-  assert ckpts.latest_step() == 2  # Where training resumes.
+  assert ckpts.latest_step() == before  # Where training resumes.
   ckpts.close()
 
 
