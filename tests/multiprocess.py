@@ -44,6 +44,19 @@ def cpu_env(devices: int = 1, fast_compile: bool = True, **extra: str) -> dict[s
   )
 
 
+def trainer_args(config, workdir, data_dir, *flags: str) -> list[str]:
+  """The interpreter's arguments for `python -m convnext_jax.main` training `config` (a file,
+  with its `:arg` if any) in `workdir` on the datasets of `data_dir`, then `flags`."""
+  return [
+      '-m',
+      'convnext_jax.main',
+      f'--config={config}',
+      f'--workdir={workdir}',
+      f'--config.dataset.data_dir={data_dir}',
+      *flags,
+  ]
+
+
 def free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(('127.0.0.1', 0))

@@ -22,6 +22,7 @@ from convnext_jax import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300
+CONFIG = REPO / 'tests' / 'mp_config.py'
 # Checkpoints every 2 steps, the last 3 kept (and the best), no evaluation unless asked.
 SAVE_FLAGS = (
     '--config.checkpoint_every_steps=2',
@@ -34,15 +35,7 @@ SAVE_FLAGS = (
 def _command(workdir, data_dir, *flags):
   return [
       sys.executable,
-      '-m',
-      'convnext_jax.main',
-      '--config',
-      str(REPO / 'tests' / 'mp_config.py'),
-      '--workdir',
-      str(workdir),
-      f'--config.dataset.data_dir={data_dir}',
-      *SAVE_FLAGS,
-      *flags,
+      *multiprocess.trainer_args(CONFIG, workdir, data_dir, *SAVE_FLAGS, *flags),
   ]
 
 

@@ -253,13 +253,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
   # The same command again, through the entry point itself, resumes and ends exactly as the
   # uninterrupted run did; first while another trainer (this test) holds the workdir's lock:
   # process 0 finds it held and both processes stop with its one line.
-  command = [
-      '-m',
-      'convnext_jax.main',
-      f'--config={CONFIG}',
-      f'--config.dataset.data_dir={shapes_dir}',
-      f'--workdir={stopped}',
-  ]
+  command = multiprocess.trainer_args(CONFIG, stopped, shapes_dir)
   with workdir_lock.WorkdirLock(str(stopped)):
     refused = multiprocess.launch(
         command, 2, DEVICES, log_dir=tmp_path / 'refused_logs', timeout=TIMEOUT

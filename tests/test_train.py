@@ -63,14 +63,7 @@ def run_main(workdir: str, data_dir: str, *flags: str) -> str:
   env.pop('TF_CPP_MIN_LOG_LEVEL')  # The suite's (conftest.py): the console a user sees.
   command = [
       sys.executable,
-      '-m',
-      'convnext_jax.main',
-      '--config',
-      str(REPO / 'configs' / 'demo.py'),
-      '--workdir',
-      workdir,
-      f'--config.dataset.data_dir={data_dir}',
-      *flags,
+      *multiprocess.trainer_args(REPO / 'configs' / 'demo.py', workdir, data_dir, *flags),
   ]
   proc = subprocess.run(command, env=env, cwd=REPO, check=False, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-4000:]

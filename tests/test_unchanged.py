@@ -109,15 +109,7 @@ def _metrics(workdir: str) -> dict[str, float]:
 
 
 def _measure(case: str, data_dir: str, workdir: str) -> dict:
-  command = [
-      sys.executable,
-      '-m',
-      'convnext_jax.main',
-      f'--config={CASES[case]}',
-      f'--workdir={workdir}',
-      f'--config.dataset.data_dir={data_dir}',
-      *SHORT,
-  ]
+  command = [sys.executable, *multiprocess.trainer_args(CASES[case], workdir, data_dir, *SHORT)]
   proc = subprocess.run(
       command,
       env=multiprocess.cpu_env(),
