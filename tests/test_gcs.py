@@ -16,6 +16,7 @@ model, 12 steps, a checkpoint every 4) on a bucket:
   refused   `stopped` resumed while the bucket answers 403 to its next save's writes;
   resumed   `stopped` resumed again once the bucket accepts writes: it must end exactly
             as `straight`.
+The server itself ends with the test run that started it, even one killed with SIGKILL.
 """
 
 import io
@@ -82,15 +83,9 @@ class Trainer:
     self.proc = subprocess.Popen(
         [
             sys.executable,
-            '-m',
-            'convnext_jax.main',
-            '--config',
-            str(REPO / 'tests' / 'mp_config.py'),
-            '--workdir',
-            workdir,
-            f'--config.dataset.data_dir={DATA_DIR}',
-            *FLAGS,
-            *flags,
+            *multiprocess.trainer_args(
+                REPO / 'tests' / 'mp_config.py', workdir, DATA_DIR, *FLAGS, *flags
+            ),
         ],
         env=multiprocess.cpu_env(**gcs.env),
         cwd=REPO,
@@ -457,3 +452,52 @@ def test_a_refusal_is_one_line_whichever_client_met_it(gcs):
       f'permission denied by Cloud Storage (HTTP 403): {todo}'
   )
   assert fileio.describe_storage_error(ValueError('HTTP/1.1 403 somewhere else')) is None
+
+
+def _children(pid: int) -> list[int]:
+  out = []
+  for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = stat.read_text().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:  # Field 4 of /proc/PID/stat, the parent's pid.
+      out.append(int(stat.parent.name))
+  return out
+
+
+def _running(pid: int) -> bool:
+  try:  # A zombie (ended, not yet reaped by whoever adopted it) is not running.
+    return (pathlib.Path('/proc') / str(pid) / 'stat').read_text().rsplit(')', 1)[1].split()[
+        0
+    ] != 'Z'
+  except OSError:
+    return False
+
+
+def test_the_server_ends_with_the_test_run_that_started_it_even_when_killed(tmp_path):
+  """SIGKILL to the process that started fake-gcs-server (a test run killed by a CI timeout)
+  ends the server too, instead of leaving it serving on its port."""
+  env = {k: v for k, v in os.environ.items() if k != 'STORAGE_EMULATOR_HOST'}
+  starter = subprocess.Popen(
+      [sys.executable, str(REPO / 'tests' / 'gcs_server.py'), str(tmp_path), BUCKET],
+      env=env,
+      stdout=subprocess.PIPE,
+      text=True,
+  )
+  servers = []
+  try:
+    assert 'STORAGE_EMULATOR_HOST=' in starter.stdout.readline()  # Serving.
+    servers = _children(starter.pid)
+    assert len(servers) == 1, servers
+    starter.kill()
+    starter.wait()
+    deadline = time.monotonic() + 10
+    while _running(servers[0]) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert not _running(servers[0])
+  finally:
+    starter.kill()
+    for pid in servers:  # Only if the server outlived its starter: the test failed.
+      if _running(pid):
+        os.kill(pid, signal.SIGKILL)
