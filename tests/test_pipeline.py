@@ -356,11 +356,9 @@ def test_eval_counts_every_example_exactly_once(numbered, shard_count, batch):
   for index in range(shard_count):
     ds, num_batches = pipeline.eval_dataset(
         numbered,
-        'train',
+        pipeline.host_shard(numbered, 'train', index, shard_count),
         per_host_batch=batch,
         preprocess=preprocess,
-        shard_index=index,
-        shard_count=shard_count,
     )
     batches = list(ds.as_numpy_iterator())
     assert len(batches) == num_batches
@@ -376,14 +374,15 @@ def test_eval_counts_every_example_exactly_once(numbered, shard_count, batch):
   assert sorted(seen) == list(range(NUM))
 
 
-def _train_batches(builder, n, **kwargs):
+def _train_batches(builder, n, shard_index=0, shard_count=1, **kwargs):
   args = dict(
       per_host_batch=8,
       seed=0,
       preprocess=pipeline.TrainPreprocess(32, scale=(0.5, 1.0), randaugment=None),
   )
   args.update(kwargs)
-  ds = pipeline.train_dataset(builder, 'train', **args)
+  shard = pipeline.host_shard(builder, 'train', shard_index, shard_count)
+  ds = pipeline.train_dataset(builder, shard, **args)
   return [b for _, b in zip(range(n), ds.as_numpy_iterator())]
 
 
@@ -437,8 +436,9 @@ def test_evaluate_averages_over_real_examples_only(numbered):
   """23 validation examples in batches of 8: one padded example, whose label is 0, like the
   constant prediction below. Top-1 is 5/23 (labels i % 5 == 0 for i in 0, 5, ..., 20), not
   6/24 (padding counted) or 5/24 (divided by the padded count)."""
+  shard = pipeline.host_shard(numbered, 'validation', 0, 1)
   dataset, num_batches = pipeline.eval_dataset(
-      numbered, 'validation', per_host_batch=8, preprocess=pipeline.EvalPreprocess(32, 0.875)
+      numbered, shard, per_host_batch=8, preprocess=pipeline.EvalPreprocess(32, 0.875)
   )
   assert num_batches == 3
   feed = sharding.batch_feed(sharding.make_mesh((-1, 1, 1)))
@@ -451,7 +451,6 @@ def test_evaluate_averages_over_real_examples_only(numbered):
       'constant': jnp.array([5.0, 2.0, 1.0, 3.0, 4.0]),
       'other': jnp.array([0.0, 1.0, 0.0, 0.0, 0.0]),
   }
-  shard = pipeline.host_shard(numbered, 'validation', 0, 1)
   results, skipped = evaluate.evaluate(step, params, dataset, num_batches, feed, shard)
   assert skipped == 0
   assert results['constant/top1'] == pytest.approx(5 / 23, rel=1e-6)
@@ -480,7 +479,10 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
   ]
   builder = fake_tfds.build(tmp_path, {'train': examples}, 3, num_shards=1, name='broken')
   ds, num_batches = pipeline.eval_dataset(
-      builder, 'train', per_host_batch=4, preprocess=pipeline.EvalPreprocess(32, 1.0)
+      builder,
+      pipeline.host_shard(builder, 'train', 0, 1),
+      per_host_batch=4,
+      preprocess=pipeline.EvalPreprocess(32, 1.0),
   )
   tracker = pipeline.StreamTracker()
   kept = []
@@ -529,15 +531,15 @@ def test_a_damaged_record_is_counted_and_warned_of_and_a_missing_file_refused(tm
   data[at + 12 + length // 2] ^= 0xFF
   path.write_bytes(bytes(data))
 
+  shard = pipeline.host_shard(builder, 'train', 0, 1)
   ds = pipeline.train_dataset(
       builder,
-      'train',
+      shard,
       per_host_batch=5,
       seed=0,
       preprocess=pipeline.TrainPreprocess(32, randaugment=None),
       shuffle_buffer=8,
   )
-  shard = pipeline.host_shard(builder, 'train', 0, 1)
   tracker = pipeline.StreamTracker(name='damaged train', shard=shard)
   with caplog.at_level(logging.WARNING, logger='absl'):
     for batch in ds.as_numpy_iterator():
@@ -559,7 +561,7 @@ def test_a_damaged_record_is_counted_and_warned_of_and_a_missing_file_refused(tm
   # Evaluation reads the file once: the same line, for its one pass (`evaluate` itself).
   caplog.clear()
   dataset, num_batches = pipeline.eval_dataset(
-      builder, 'train', per_host_batch=8, preprocess=pipeline.EvalPreprocess(32, 1.0)
+      builder, shard, per_host_batch=8, preprocess=pipeline.EvalPreprocess(32, 1.0)
   )
   feed = sharding.batch_feed(sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
   with caplog.at_level(logging.WARNING, logger='absl'):
@@ -578,7 +580,7 @@ def test_a_damaged_record_is_counted_and_warned_of_and_a_missing_file_refused(tm
   for make in (
       lambda: _train_batches(builder, 1),
       lambda: pipeline.eval_dataset(
-          builder, 'train', per_host_batch=4, preprocess=pipeline.EvalPreprocess(32, 1.0)
+          builder, shard, per_host_batch=4, preprocess=pipeline.EvalPreprocess(32, 1.0)
       ),
   ):
     with pytest.raises(data_lib.DatasetError) as error:

@@ -158,23 +158,21 @@ class Inputs:
         randaugment=c.input.randaugment or None,
         fill=tuple(c.input.fill),
     )
+    shard = pipeline.host_shard(
+        self.builder, c.dataset.train_split, feed.shard_index, feed.shard_count
+    )
     dataset = pipeline.train_dataset(
         self.builder,
-        c.dataset.train_split,
+        shard,
         per_host_batch=feed.local_batch(c.global_batch_size),
         preprocess=preprocess,
         seed=c.seed,
         start_position=start_position,
         shuffle_buffer=c.input.shuffle_buffer,
-        shard_index=feed.shard_index,
-        shard_count=feed.shard_count,
         label_key=c.dataset.label_key,
         threads=c.input.threads or None,
     )
     name = f'{c.dataset.name} {c.dataset.train_split}'
-    shard = pipeline.host_shard(
-        self.builder, c.dataset.train_split, feed.shard_index, feed.shard_count
-    )
     return TrainIterator(dataset, feed, start_position, name, shard)
 
   def evaluators(
@@ -194,18 +192,16 @@ class Inputs:
     out = []
     for name, builder, split, label_key in sets:
       _split_size(builder, name, split)  # A split the dataset lacks: one line, before reading.
+      shard = pipeline.host_shard(builder, split, feed.shard_index, feed.shard_count)
       dataset, num_batches = pipeline.eval_dataset(
           builder,
-          split,
+          shard,
           per_host_batch=feed.local_batch(global_batch),
           preprocess=preprocess,
-          shard_index=feed.shard_index,
-          shard_count=feed.shard_count,
           label_key=label_key,
           num_classes=self.facts.num_classes,
           threads=self._config.input.threads or None,
       )
-      shard = pipeline.host_shard(builder, split, feed.shard_index, feed.shard_count)
       out.append(
           Evaluator(f'{name}_{split}' if len(sets) > 1 else name, dataset, num_batches, shard)
       )

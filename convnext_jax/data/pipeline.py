@@ -149,16 +149,33 @@ class EvalPreprocess:
 
 @dataclasses.dataclass(frozen=True)
 class HostShard:
-  """The records of one data shard: (file, skip, take) triples, in split order."""
+  """The records of one data shard: (file, skip, take) triples, in split order.
+
+  Attributes:
+    split: the split it is a share of, e.g. 'train'.
+    files, skips, takes: where its records are.
+    index, count: it is data shard `index` of `count` (`sharding.BatchFeed`'s).
+  """
 
   split: str
   files: tuple[str, ...]
   skips: tuple[int, ...]
   takes: tuple[int, ...]
+  index: int = 0
+  count: int = 1
 
   @property
   def num_examples(self) -> int:
     return sum(self.takes)
+
+  @property
+  def share(self) -> str:
+    """The share of `split` it reads, as tfds names it."""
+    return str(_share(self.split, self.index, self.count))
+
+
+def _share(split: str, index: int, count: int):
+  return tfds.even_splits(split, n=count, drop_remainder=False)[index]
 
 
 def host_shard(
@@ -176,13 +193,14 @@ def host_shard(
         f'{builder.name}: the input pipeline reads TFRecord datasets, this one is '
         f'stored as {file_format}; prepare it with --file_format=tfrecord'
     )
-  sub_split = tfds.even_splits(split, n=shard_count, drop_remainder=False)[shard_index]
-  instructions = builder.info.splits[sub_split].file_instructions
+  instructions = builder.info.splits[_share(split, shard_index, shard_count)].file_instructions
   shard = HostShard(
-      str(sub_split),
+      split,
       tuple(i.filename for i in instructions),
       tuple(int(i.skip) for i in instructions),
       tuple(int(i.take) for i in instructions),
+      shard_index,
+      shard_count,
   )
   if not shard.num_examples:
     raise ValueError(
@@ -314,15 +332,13 @@ def host_seed(seed: int, shard_index: int) -> int:
 
 def train_dataset(
     builder: tfds.core.DatasetBuilder,
-    split: str,
+    shard: HostShard,
     *,
     per_host_batch: int,
     preprocess: TrainPreprocess,
     seed: int,
     start_position: int = 0,
     shuffle_buffer: int = 10_000,
-    shard_index: int = 0,
-    shard_count: int = 1,
     label_key: str = 'label',
     threads: int | None = None,
 ) -> tf.data.Dataset:
@@ -330,39 +346,36 @@ def train_dataset(
 
   Args:
     builder: a prepared tfds builder.
-    split: e.g. 'train'.
+    shard: the data shard to read (`host_shard`).
     per_host_batch: examples per batch of this shard (global batch / shard count).
     preprocess: the per-example transform.
     seed: run seed; epoch order and augmentation derive from it.
     start_position: stream position to start at (0, or a checkpoint's `next_position`).
     shuffle_buffer: examples in the shuffle buffer (after a per-epoch file shuffle).
-    shard_index: the data shard to read (`sharding.BatchFeed.shard_index`).
-    shard_count: the number of data shards the split is read in.
     label_key: the label feature.
     threads: tf.data thread-pool size (None: TensorFlow's default).
 
   Returns:
     Batches {'image': (B, S, S, 3) uint8, 'label': (B,) int32, 'position': (B,) int64,
-    'file': (B,) int32 (each example's file, an index into `host_shard(...).files`)}.
+    'file': (B,) int32 (each example's file, an index into `shard.files`)}.
   """
-  shard = host_shard(builder, split, shard_index, shard_count)
   epoch_size = shard.num_examples
   start_epoch, offset = divmod(int(start_position), epoch_size)
   logging.info(
       '%s %s: data shard %d/%d reads %s (%d examples, %d per batch) from position %d '
       '(epoch %d + %d)',
       builder.name,
-      split,
-      shard_index,
-      shard_count,
       shard.split,
+      shard.index,
+      shard.count,
+      shard.share,
       epoch_size,
       per_host_batch,
       start_position,
       start_epoch,
       offset,
   )
-  seed_host = host_seed(seed, shard_index)
+  seed_host = host_seed(seed, shard.index)
 
   def epoch_records(epoch):
     epoch_seed = tf.cast(seed_host, tf.int64) * 100_003 + epoch
@@ -403,20 +416,18 @@ def eval_num_batches(builder, split: str, per_host_batch: int, shard_count: int)
 
 def eval_dataset(
     builder: tfds.core.DatasetBuilder,
-    split: str,
+    shard: HostShard,
     *,
     per_host_batch: int,
     preprocess: EvalPreprocess,
-    shard_index: int = 0,
-    shard_count: int = 1,
     label_key: str = 'label',
     num_classes: int | None = None,
     threads: int | None = None,
 ) -> tuple[tf.data.Dataset, int]:
-  """One pass over a data shard of `split`, padded to a common batch count.
+  """One pass over a data shard, padded to the batch count every shard of its split runs.
 
   Args:
-    builder, split, per_host_batch, shard_index, shard_count, threads: as for training.
+    builder, shard, per_host_batch, threads: as for training.
     preprocess: the evaluation transform.
     label_key: the label feature. A sequence feature (e.g. ImageNet-ReaL's 'real_label')
       becomes a multi-hot (B, num_classes) float32 label, and examples with no label are
@@ -427,15 +438,14 @@ def eval_dataset(
     (dataset, num_batches): batches {'image', 'label', 'mask' (bool), 'position', 'file' (as
     for training)}; padding examples have mask False, position and file -1.
   """
-  shard = host_shard(builder, split, shard_index, shard_count)
-  num_batches = eval_num_batches(builder, split, per_host_batch, shard_count)
+  num_batches = eval_num_batches(builder, shard.split, per_host_batch, shard.count)
   logging.info(
       '%s %s: data shard %d/%d evaluates %s (%d examples) in %d batches of %d',
       builder.name,
-      split,
-      shard_index,
-      shard_count,
       shard.split,
+      shard.index,
+      shard.count,
+      shard.share,
       shard.num_examples,
       num_batches,
       per_host_batch,
