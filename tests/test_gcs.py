@@ -454,23 +454,25 @@ def test_a_refusal_is_one_line_whichever_client_met_it(gcs):
   assert fileio.describe_storage_error(ValueError('HTTP/1.1 403 somewhere else')) is None
 
 
+def _stat(path: pathlib.Path) -> list[str]:
+  """The fields of /proc/PID/stat after the command name: state, parent pid, ..."""
+  return path.read_text().rsplit(')', 1)[1].split()
+
+
 def _children(pid: int) -> list[int]:
   out = []
   for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
     try:
-      fields = stat.read_text().rsplit(')', 1)[1].split()
+      if int(_stat(stat)[1]) == pid:
+        out.append(int(stat.parent.name))
     except OSError:
       continue
-    if int(fields[1]) == pid:  # Field 4 of /proc/PID/stat, the parent's pid.
-      out.append(int(stat.parent.name))
   return out
 
 
 def _running(pid: int) -> bool:
   try:  # A zombie (ended, not yet reaped by whoever adopted it) is not running.
-    return (pathlib.Path('/proc') / str(pid) / 'stat').read_text().rsplit(')', 1)[1].split()[
-        0
-    ] != 'Z'
+    return _stat(pathlib.Path('/proc') / str(pid) / 'stat')[0] != 'Z'
   except OSError:
     return False
 
