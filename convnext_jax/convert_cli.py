@@ -16,7 +16,9 @@ between PyTorch files and orbax params checkpoints; `convnext_jax.convert` conve
       torchvision for ResNets), .safetensors (timm) or a directory (Hugging Face); --layout
       overrides the guess from DEST's suffix. An FCMAE model is written as the released
       encoder (fcmae), or with --layout fcmae_training as the official pre-training code's
-      checkpoint ({'model': ...}, decoder included; the official code starts from it).
+      checkpoint ({'model': ...}, decoder included; the official code starts from it), or
+      with --layout timm or hf as the V2 backbone it pre-trains, no head (timm's
+      convnextv2_<size> with num_classes=0, transformers' ConvNextV2Model).
   convnext-convert inspect SRC
       Prints what SRC holds: layout, model, classes, parameter count (BatchNorm statistics
       not counted).
@@ -83,6 +85,9 @@ def run_export(args) -> str:
   num_classes = layouts.num_classes_of(params)
   state_dict = layouts.flax_to_torch(params, model_name, layout)
   del params
+  written = model_name
+  if models.get_spec(model_name).masked_autoencoder and layout not in layouts.FCMAE_LAYOUTS:
+    written = models.get_spec(model_name).backbone  # `layouts.encoder_as_backbone`.
   if layout in ('official',) + layouts.FCMAE_LAYOUTS:
     files.save_official_pth(state_dict, args.dest, overwrite=args.overwrite)
   elif layout == 'timm':
@@ -91,7 +96,7 @@ def run_export(args) -> str:
     files.save_hf_directory(
         state_dict,
         args.dest,
-        model_name,
+        written,
         num_classes,
         metadata.get('class_names'),
         overwrite=args.overwrite,
@@ -99,7 +104,11 @@ def run_export(args) -> str:
   weights = (
       f", {metadata['weights']} weights of step {metadata['step']}" if 'step' in metadata else ''
   )
-  return f'wrote {args.dest}: {model_name}, {num_classes} classes, {layout} layout{weights}'
+  if written != model_name:
+    what = f"{model_name}'s encoder as {written} without a head (final norm at identity)"
+  else:
+    what = f'{model_name}, {num_classes} classes'
+  return f'wrote {args.dest}: {what}, {layout} layout{weights}'
 
 
 def run_inspect(args) -> str:
@@ -166,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
       choices=layouts.ALL_LAYOUTS,
       help='output key layout (default: from the suffix of DEST; fcmae for FCMAE models); '
       'roadmap steps other than the ResNets and ConvNeXt have only official; FCMAE models '
-      'fcmae (the released encoder) and fcmae_training (the official pre-training '
-      "checkpoint's, with the decoder)",
+      'fcmae (the released encoder), fcmae_training (the official pre-training '
+      "checkpoint's, with the decoder), timm and hf (the encoder as the V2 backbone)",
   )
   p.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')
   p.set_defaults(run=run_export)

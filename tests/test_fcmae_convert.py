@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch_reference
+import transformers
 
 from convnext_jax import checkpoints
 from convnext_jax import convert_cli
@@ -167,6 +169,43 @@ def test_released_encoder_round_trips_and_gives_the_official_models_features(off
       params['encoder'], helpers.nhwc(images), np.zeros((2, 2, 3), np.float32)
   )
   np.testing.assert_allclose(np.asarray(ours), helpers.nhwc(stages[-1].numpy()), atol=1e-4, rtol=0)
+
+
+def test_an_encoder_exports_as_the_backbone_that_transformers_and_timm_load(official, tmp_path):
+  """A released encoder, imported, then exported with --layout hf and --layout timm as
+  convnextv2_atto without a head: transformers' ConvNextV2Model loads the directory with no
+  weight missing, unexpected or mis-shaped, and its last hidden state is the official
+  backbone's last stage; the timm file loads strictly into timm's module names (num_classes
+  0) and gives the same features."""
+  backbone, dense, _, _ = official
+  torch.save({'model': dense}, tmp_path / 'encoder.pt')
+  _cli('import', tmp_path / 'encoder.pt', tmp_path / 'encoder')
+  images = torch.from_numpy(helpers.images(2, 64, 96, seed=8))
+  with torch.no_grad():
+    expected = backbone(images)[1][-1]
+
+  _cli('export', tmp_path / 'encoder', tmp_path / 'hf', '--layout', 'hf')
+  hf, info = transformers.ConvNextV2Model.from_pretrained(tmp_path / 'hf', output_loading_info=True)
+  assert not any(info.values()), info
+  with torch.no_grad():
+    hidden = hf.eval()(pixel_values=images).last_hidden_state
+  torch.testing.assert_close(hidden, expected, atol=1e-4, rtol=0)
+  _cli('import', tmp_path / 'hf', tmp_path / 'back')  # And back: the backbone, no head.
+  back, metadata = checkpoints.load_params(str(tmp_path / 'back'))
+  assert (metadata['model_name'], metadata['num_classes']) == ('convnextv2_atto', 0)
+  norm = back.pop('norm')
+  np.testing.assert_array_equal(norm['scale'], 1.0)
+  np.testing.assert_array_equal(norm['bias'], 0.0)
+  encoder = checkpoints.load_params(str(tmp_path / 'encoder'))[0]['encoder']
+  jax.tree.map(np.testing.assert_array_equal, back, encoder)
+
+  _cli('export', tmp_path / 'encoder', tmp_path / 'timm.safetensors', '--layout', 'timm')
+  timm_like = torch_reference.TimmConvNeXt(
+      DEPTHS, DIMS, num_classes=0, layer_scale=0, use_grn=True, conv_mlp=True
+  )
+  timm_like.load_state_dict(safetensors.torch.load_file(tmp_path / 'timm.safetensors'))
+  with torch.no_grad():
+    torch.testing.assert_close(timm_like(images)[1][-1], expected, atol=1e-4, rtol=0)
 
 
 def test_fcmae_layouts_and_models_do_not_mix(official, tmp_path):

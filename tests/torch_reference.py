@@ -184,7 +184,7 @@ class TimmHead(nn.Module):
   def __init__(self, dim, num_classes, eps):
     super().__init__()
     self.norm = ChannelsFirstLayerNorm(dim, eps)
-    self.fc = nn.Linear(dim, num_classes)
+    self.fc = nn.Linear(dim, num_classes) if num_classes else nn.Identity()  # As timm's.
 
   def forward(self, x):
     return self.fc(self.norm(x.mean((-2, -1), keepdim=True)).flatten(1))

@@ -176,10 +176,17 @@ def load_torch_checkpoint(path: str, ema: bool = False) -> tuple[dict[str, Any],
           'Face model directory or a checkpoint file'
       )
     with open(config_path) as f:
-      info['class_names'] = _class_names(json.load(f))
+      config = json.load(f)
+    info['class_names'] = _class_names(config)
     state_dict = {}
     for file in _hf_weights_files(path):
       state_dict.update(load_torch_checkpoint(file)[0])
+    # A base model without a head (`ConvNextV2Model`, `ResNetModel`) saves its keys without
+    # the prefix that the classifier puts before them (transformers' `base_model_prefix`, the
+    # model type); read both alike.
+    prefix = f"{config.get('model_type')}."
+    if state_dict and not any(k.startswith(prefix) for k in state_dict):
+      state_dict = {prefix + k: v for k, v in state_dict.items()}
     return state_dict, info
   if not os.path.exists(path):
     raise ConversionError(f'{path} does not exist')

@@ -13,7 +13,8 @@ keeps them. PyTorch's `num_batches_tracked` counter has no Flax counterpart: it 
 import and written as 0 on export (see `NUM_BATCHES_TRACKED`).
 
 Model families, by the names their parameters carry (FCMAE models have layouts of their own,
-`FCMAE_LAYOUTS`):
+`FCMAE_LAYOUTS`, and their encoders export to timm and Hugging Face as the backbone they
+pre-train, `encoder_as_backbone`):
   - ConvNeXt (every `convnext*` model, and the roadmap's last step, which is ConvNeXt):
     official (facebookresearch/ConvNeXt), timm and Hugging Face `ConvNext(V2)` keys.
   - ResNet (the roadmap steps that are torchvision's ResNet v1.5: `roadmap_*_baseline` and
@@ -153,7 +154,8 @@ def family(spec: models.ModelSpec) -> str:
 
 
 def layouts_of(model_name: str) -> tuple[str, ...]:
-  """The layouts that can represent a registered model."""
+  """The layouts that can represent a registered model (an FCMAE model's encoder is also
+  exported to `BACKBONE_EXPORT_LAYOUTS`, as its backbone: `encoder_as_backbone`)."""
   spec = models.get_spec(model_name)
   if spec.masked_autoencoder:
     return FCMAE_LAYOUTS
@@ -716,6 +718,23 @@ def num_classes_of(params: Mapping[str, Any]) -> int:
   return 0
 
 
+# The layouts an FCMAE model's encoder is exported to as its backbone (`encoder_as_backbone`).
+BACKBONE_EXPORT_LAYOUTS = ('timm', 'hf')
+
+
+def encoder_as_backbone(params: Mapping[str, Any], model_name: str) -> tuple[str, dict[str, Any]]:
+  """An FCMAE model's encoder as the weights of the V2 model it pre-trains, without a head:
+  (that model's name, weights). The encoder has no final LayerNorm; it is added at the
+  initialisation timm's and transformers' models (and fine-tuning) give it: scale 1, bias 0.
+  So the file loads strictly into timm's `convnextv2_<size>` with `num_classes=0` and into
+  transformers' `ConvNextV2Model`, whose features (before that norm) are the encoder's."""
+  spec = models.get_spec(model_name)
+  width = models.get_spec(spec.backbone).dims[-1]
+  weights = dict(params['encoder'])
+  weights['norm'] = {'scale': np.ones(width, np.float32), 'bias': np.zeros(width, np.float32)}
+  return spec.backbone, weights
+
+
 def flax_to_torch(
     params: Mapping[str, Any], model_name: str, layout: str = 'official'
 ) -> dict[str, np.ndarray]:
@@ -727,8 +746,9 @@ def flax_to_torch(
     model_name: registered name the weights belong to.
     layout: 'official' (facebookresearch/ConvNeXt; torchvision for ResNets), 'timm' or 'hf'
       (transformers); for FCMAE models 'fcmae' (the released encoder: the weights' decoder
-      is left out) or 'fcmae_training' (the official pre-training checkpoint's);
-      `layouts_of(model_name)` says which can represent the model.
+      is left out) or 'fcmae_training' (the official pre-training checkpoint's), or 'timm'
+      or 'hf' (the encoder as its backbone, `encoder_as_backbone`); `layouts_of(model_name)`
+      says which can represent the model.
 
   Returns:
     key -> contiguous numpy array (float32; int64 for BatchNorm's num_batches_tracked), in
@@ -741,10 +761,18 @@ def flax_to_torch(
   if layout not in ALL_LAYOUTS:
     raise ValueError(f'unknown layout {layout!r}; expected one of {ALL_LAYOUTS}')
   spec = models.get_spec(model_name)
+  if spec.masked_autoencoder and layout in BACKBONE_EXPORT_LAYOUTS:
+    backbone, weights = encoder_as_backbone(params, model_name)
+    return flax_to_torch(weights, backbone, layout)
   if spec.masked_autoencoder != (layout in FCMAE_LAYOUTS):
+    encoder = (
+        f' (its encoder: also {", ".join(BACKBONE_EXPORT_LAYOUTS)})'
+        if spec.masked_autoencoder
+        else ''
+    )
     raise ConversionError(
         f'{model_name} cannot be written in the {layout} layout; its layouts are '
-        f'{", ".join(layouts_of(model_name))}'
+        f'{", ".join(layouts_of(model_name))}{encoder}'
     )
   if layout == 'fcmae':  # The released form: the encoder alone.
     params = {'encoder': params['encoder']} if 'encoder' in params else params

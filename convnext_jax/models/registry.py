@@ -35,6 +35,12 @@ class ModelSpec:
     return 2 if self.use_grn else 1
 
   @property
+  def backbone(self) -> str:
+    """The classifier whose backbone this model's weights are: for an FCMAE model the V2
+    model it pre-trains ('convnextv2_atto' for 'fcmae_convnextv2_atto'), else itself."""
+    return self.name.removeprefix(FCMAE_PREFIX) if self.masked_autoencoder else self.name
+
+  @property
   def uses_batchnorm(self) -> bool:
     """Whether the model has BatchNorm (and so running averages, 'batch_stats')."""
     return dict(self.roadmap).get('norm') == 'batch'
