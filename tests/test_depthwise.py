@@ -13,8 +13,9 @@ import torch
 
 from convnext_jax.models import layers
 
-# (height, width): odd, even, mixed, and smaller than the largest kernel.
-SIZES = ((9, 11), (8, 8), (13, 6), (2, 3))
+# (height, width): odd, even, mixed, and smaller than the kernels, down to the one row of
+# ConvNeXt's last stage at 32 px (kernel taps that read padding only are skipped there).
+SIZES = ((9, 11), (8, 8), (13, 6), (2, 3), (1, 5))
 
 
 def _torch_conv(x, kernel, dy, stride):

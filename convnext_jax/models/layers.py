@@ -83,18 +83,46 @@ def _depthwise_lax_conv(x, kernel, padding, stride=1):
   )
 
 
-def _shifted_sum(x, kernel, padding: int, stride: int = 1):
-  """sum over (i, j) of x padded and shifted by (i, j), times kernel[i, j, 0] per channel: the
-  depthwise correlation, every `stride`-th output row and column."""
+def _taps(size: int, k: int, lo: int, hi: int, stride: int) -> tuple[int, int, int, int]:
+  """The taps of a `k`-tap kernel (along one axis) that can read the input in a correlation
+  of `size` elements padded by `lo` and `hi`, with `stride`: (first, last, lo', hi'), where
+  taps first..last read it and `lo'`, `hi'` (negative: a crop) are the padding that the
+  correlation with just those taps reads. Every other tap reads padding only, so its terms
+  are zeros: on a map smaller than the kernel (a 7x7 kernel on the last stage's 2x2 map at
+  64 px, or 1x1 at 32 px) they are most of the work, forward and backward."""
+  out = (size + lo + hi - k) // stride + 1
+  first = max(0, lo - stride * (out - 1))  # Its last output reads row >= 0.
+  last = min(k - 1, size - 1 + lo)  # Its first output reads row <= size - 1.
+  if first > last:  # No tap reaches the input: keep them all (the output is zeros anyway).
+    first, last = 0, k - 1
+  return first, last, lo - first, stride * (out - 1) + last - lo - (size - 1)
+
+
+def _pad(x, rows: tuple[int, int], cols: tuple[int, int], interior: int = 0):
+  """x (N, H, W, C) zero-padded (negative: cropped) by `rows` and `cols`, with `interior`
+  zeros between neighbouring rows and columns."""
+  return lax.pad(
+      x,
+      jnp.zeros((), x.dtype),
+      ((0, 0, 0), (*rows, interior), (*cols, interior), (0, 0, 0)),
+  )
+
+
+def _shifted_sum(x, kernel, rows: tuple[int, int], cols: tuple[int, int], stride: int = 1):
+  """sum over the taps (i, j) of x padded by `rows` and `cols` and shifted by (i, j), times
+  kernel[i, j, 0] per channel: the depthwise correlation, every `stride`-th output row and
+  column. Only the taps that can read x are summed (`_taps`); the others add zeros."""
   kh, kw = kernel.shape[:2]
-  h = (x.shape[1] + 2 * padding - kh) // stride + 1
-  w = (x.shape[2] + 2 * padding - kw) // stride + 1
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  i0, i1, top, bottom = _taps(x.shape[1], kh, *rows, stride)
+  j0, j1, left, right = _taps(x.shape[2], kw, *cols, stride)
+  h = (x.shape[1] + top + bottom - (i1 - i0 + 1)) // stride + 1
+  w = (x.shape[2] + left + right - (j1 - j0 + 1)) // stride + 1
+  xp = _pad(x, (top, bottom), (left, right))
   out = None
-  for i in range(kh):
-    rows = xp[:, i : i + stride * (h - 1) + 1 : stride]
-    for j in range(kw):
-      term = rows[:, :, j : j + stride * (w - 1) + 1 : stride] * kernel[i, j, 0]
+  for i in range(i0, i1 + 1):
+    row = xp[:, i - i0 : i - i0 + stride * (h - 1) + 1 : stride]
+    for j in range(j0, j1 + 1):
+      term = row[:, :, j - j0 : j - j0 + stride * (w - 1) + 1 : stride] * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
 
@@ -123,11 +151,12 @@ def _depthwise_shifted_sum(x, kernel, padding, stride):
   (`_depthwise_backward`); autodiff of the kh*kw slices instead builds a much larger backward
   program, slower both to compile and to run.
   """
-  return _fusion_boundary(_shifted_sum(x, kernel, padding, stride))
+  return _depthwise_forward(x, kernel, padding, stride)[0]
 
 
 def _depthwise_forward(x, kernel, padding, stride):
-  return _fusion_boundary(_shifted_sum(x, kernel, padding, stride)), (x, kernel)
+  pads = (padding, padding)
+  return _fusion_boundary(_shifted_sum(x, kernel, pads, pads, stride)), (x, kernel)
 
 
 def _kernel_gradient(x, dy, kernel_shape, padding: int, stride: int):
@@ -140,31 +169,32 @@ def _kernel_gradient(x, dy, kernel_shape, padding: int, stride: int):
   partial[n, block, j, c] holds every column tap j at once, computed while those rows of x and
   dy are in cache. Only the partial sums, about the size of x or less, are then reduced over
   the batch and the row blocks. Products and sums run in float32 whatever the compute dtype.
+  Taps that read padding only (`_taps`) have a zero gradient and are not computed.
   """
   kh, kw = kernel_shape[:2]
   ho, wo = dy.shape[1:3]
+  i0, i1, top, bottom = _taps(x.shape[1], kh, padding, padding, stride)
+  j0, j1, left, right = _taps(x.shape[2], kw, padding, padding, stride)
   rows = max(1, min(ho, -(-(kh * kw) // wo)))
   blocks = -(-ho // rows)
   # Zero rows of dy up to whole blocks, and as many rows of x as those read.
   dy = jnp.pad(dy.astype(jnp.float32), ((0, 0), (0, blocks * rows - ho), (0, 0), (0, 0)))
-  short = max(0, stride * (blocks * rows - 1) + kh - (x.shape[1] + 2 * padding))
-  xp = jnp.pad(
-      x.astype(jnp.float32),
-      ((0, 0), (padding, padding + short), (padding, padding), (0, 0)),
-  )
+  short = max(0, stride * (blocks * rows - 1) + i1 - i0 + 1 - (x.shape[1] + top + bottom))
+  xp = _pad(x.astype(jnp.float32), (top, bottom + short), (left, right))
   step = stride * rows  # Between the first x rows of consecutive blocks.
   partials = []
-  for i in range(kh):
+  for i in range(i1 - i0 + 1):
     partial = None
     for r in range(rows):
       start = stride * r + i
       x_rows = xp[:, start : start + step * (blocks - 1) + 1 : step]
       dy_rows = dy[:, r : r + rows * (blocks - 1) + 1 : rows]
       for t in range(wo):
-        term = x_rows[:, :, stride * t : stride * t + kw] * dy_rows[:, :, t : t + 1]
+        term = x_rows[:, :, stride * t : stride * t + j1 - j0 + 1] * dy_rows[:, :, t : t + 1]
         partial = term if partial is None else partial + term
-    partials.append(_fusion_boundary(partial))  # (n, blocks, kw, channels)
-  return jnp.stack(partials, axis=2).sum(axis=(0, 1)).reshape(kernel_shape)
+    partials.append(_fusion_boundary(partial))  # (n, blocks, taps j0..j1, channels)
+  taps = jnp.stack(partials, axis=2).sum(axis=(0, 1))  # (taps i0..i1, taps j0..j1, channels)
+  return jnp.pad(taps, ((i0, kh - 1 - i1), (j0, kw - 1 - j1), (0, 0))).reshape(kernel_shape)
 
 
 def _depthwise_backward(padding, stride, residuals, dy):
@@ -174,17 +204,10 @@ def _depthwise_backward(padding, stride, residuals, dy):
   with jax.named_scope('depthwise_backward'):  # Custom VJPs run under the forward's names.
     # dx is the correlation of dy, dilated by the stride, with the flipped kernel: dy padded
     # so that row a of dx reads dy rows (a + padding - i) / stride.
-    dilated = lax.pad(
-        dy,
-        jnp.zeros((), dy.dtype),
-        (
-            (0, 0, 0),
-            (kh - 1 - padding, x.shape[1] + padding - 1 - stride * (ho - 1), stride - 1),
-            (kw - 1 - padding, x.shape[2] + padding - 1 - stride * (wo - 1), stride - 1),
-            (0, 0, 0),
-        ),
-    )
-    dx = _fusion_boundary(_shifted_sum(dilated, kernel[::-1, ::-1], 0))
+    dilated = dy if stride == 1 else _pad(dy, (0, 0), (0, 0), interior=stride - 1)
+    rows = (kh - 1 - padding, x.shape[1] + padding - 1 - stride * (ho - 1))
+    cols = (kw - 1 - padding, x.shape[2] + padding - 1 - stride * (wo - 1))
+    dx = _fusion_boundary(_shifted_sum(dilated, kernel[::-1, ::-1], rows, cols))
     dkernel = _kernel_gradient(x, dy, kernel.shape, padding, stride)
   return dx, dkernel.astype(kernel.dtype)
 
