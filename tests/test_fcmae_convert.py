@@ -162,24 +162,31 @@ def test_released_encoder_round_trips_and_gives_the_official_models_features(off
   images = helpers.images(2, 64, 96, seed=8)
   with torch.no_grad():
     _, stages = backbone(torch.from_numpy(images))
+  ours = _encoder_features(params['encoder'], images)
+  np.testing.assert_allclose(ours, helpers.nhwc(stages[-1].numpy()), atol=1e-4, rtol=0)
+
+
+def _encoder_features(params, images: np.ndarray) -> np.ndarray:
+  """Our encoder's last stage (NHWC) on NCHW `images`, nothing masked."""
   encoder = models.ConvNeXt(
       num_classes=0, depths=DEPTHS, dims=DIMS, use_grn=True, layer_scale_init_value=None
   )
-  ours = jax.jit(lambda p, x, m: encoder.apply({'params': p}, x, output='stages', mask=m)[-1])(
-      params['encoder'], helpers.nhwc(images), np.zeros((2, 2, 3), np.float32)
-  )
-  np.testing.assert_allclose(np.asarray(ours), helpers.nhwc(stages[-1].numpy()), atol=1e-4, rtol=0)
+  n, _, height, width = images.shape
+  mask = np.zeros((n, height // 32, width // 32), np.float32)
+  apply = jax.jit(lambda p, x, m: encoder.apply({'params': p}, x, output='stages', mask=m)[-1])
+  return np.asarray(apply(params, helpers.nhwc(images), mask))
 
 
 def test_an_encoder_exports_as_the_backbone_that_transformers_and_timm_load(official, tmp_path):
   """A released encoder, imported, then exported with --layout hf and --layout timm as
   convnextv2_atto without a head: transformers' ConvNextV2Model loads the directory with no
-  weight missing, unexpected or mis-shaped, and its last hidden state is the official
-  backbone's last stage; the timm file loads strictly into timm's module names (num_classes
-  0) and gives the same features."""
+  weight missing, unexpected or mis-shaped, and its last hidden state is our encoder's
+  features and the official backbone's last stage; the timm file loads strictly into timm's
+  module names (num_classes 0) and gives the same features."""
   backbone, dense, _, _ = official
   torch.save({'model': dense}, tmp_path / 'encoder.pt')
   _cli('import', tmp_path / 'encoder.pt', tmp_path / 'encoder')
+  encoder = checkpoints.load_params(str(tmp_path / 'encoder'))[0]['encoder']
   images = torch.from_numpy(helpers.images(2, 64, 96, seed=8))
   with torch.no_grad():
     expected = backbone(images)[1][-1]
@@ -190,13 +197,14 @@ def test_an_encoder_exports_as_the_backbone_that_transformers_and_timm_load(offi
   with torch.no_grad():
     hidden = hf.eval()(pixel_values=images).last_hidden_state
   torch.testing.assert_close(hidden, expected, atol=1e-4, rtol=0)
+  ours = _encoder_features(encoder, images.numpy())
+  np.testing.assert_allclose(helpers.nhwc(hidden.numpy()), ours, atol=1e-4, rtol=0)
   _cli('import', tmp_path / 'hf', tmp_path / 'back')  # And back: the backbone, no head.
   back, metadata = checkpoints.load_params(str(tmp_path / 'back'))
   assert (metadata['model_name'], metadata['num_classes']) == ('convnextv2_atto', 0)
   norm = back.pop('norm')
   np.testing.assert_array_equal(norm['scale'], 1.0)
   np.testing.assert_array_equal(norm['bias'], 0.0)
-  encoder = checkpoints.load_params(str(tmp_path / 'encoder'))[0]['encoder']
   jax.tree.map(np.testing.assert_array_equal, back, encoder)
 
   _cli('export', tmp_path / 'encoder', tmp_path / 'timm.safetensors', '--layout', 'timm')
