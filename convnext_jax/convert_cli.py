@@ -79,15 +79,17 @@ def run_import(args) -> str:
 def run_export(args) -> str:
   params, metadata = checkpoints.load_params(args.src, which=args.params, step=args.step)
   model_name = metadata['model_name']
+  spec = models.get_spec(model_name)
   layout = args.layout or _guess_layout(args.dest)
-  if not args.layout and models.get_spec(model_name).masked_autoencoder:
+  if not args.layout and spec.masked_autoencoder:
     layout = 'fcmae'  # The released encoder's form, unless asked for the training one.
   num_classes = layouts.num_classes_of(params)
   state_dict = layouts.flax_to_torch(params, model_name, layout)
   del params
-  written = model_name
-  if models.get_spec(model_name).masked_autoencoder and layout not in layouts.FCMAE_LAYOUTS:
-    written = models.get_spec(model_name).backbone  # `layouts.encoder_as_backbone`.
+  # An FCMAE encoder in timm's or transformers' layout is its backbone's weights
+  # (`layouts.encoder_as_backbone`).
+  as_backbone = spec.masked_autoencoder and layout in layouts.BACKBONE_EXPORT_LAYOUTS
+  written = spec.backbone if as_backbone else model_name
   if layout in ('official',) + layouts.FCMAE_LAYOUTS:
     files.save_official_pth(state_dict, args.dest, overwrite=args.overwrite)
   elif layout == 'timm':
@@ -104,7 +106,7 @@ def run_export(args) -> str:
   weights = (
       f", {metadata['weights']} weights of step {metadata['step']}" if 'step' in metadata else ''
   )
-  if written != model_name:
+  if as_backbone:
     what = f"{model_name}'s encoder as {written} without a head (final norm at identity)"
   else:
     what = f'{model_name}, {num_classes} classes'
