@@ -31,6 +31,7 @@ from etils import epath
 from convnext_jax import config_lib
 from convnext_jax import configs
 from convnext_jax import console
+from convnext_jax import host_malloc
 
 PROG = 'convnext_jax.fcmae_study'
 RESULT_FILE = 'fcmae_result.json'
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         'only the --mini CPU track is defined; pre-train at full scale with '
         'configs/fcmae_pretrain.py and fine-tune with configs/fcmae_finetune.py'
     )
+  host_malloc.configure()  # Before the backend and TensorFlow start their threads.
   absl_flags.FLAGS([PROG])  # absl's own flags (logging) at their defaults.
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)

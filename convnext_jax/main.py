@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from convnext_jax import console
 from convnext_jax import fileio
+from convnext_jax import host_malloc
 from convnext_jax import validation  # No TensorFlow: flag mistakes are reported without it.
 
 PROG = 'convnext-train'
@@ -143,6 +144,7 @@ def parse_flags(argv: list[str], prog: str = PROG, usage: str = USAGE) -> list[s
 def main(argv):
   if len(argv) > 1:
     return report(f'unexpected arguments {argv[1:]}; flags take the form --name=value', 2)
+  host_malloc.configure()  # Before the backend and TensorFlow start their threads.
   with console.native_notices_dropped():  # What TensorFlow prints while it loads (oneDNN).
     from convnext_jax import train  # TensorFlow, for the input pipeline: once flags are right.
 

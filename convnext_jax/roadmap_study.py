@@ -54,6 +54,7 @@ from convnext_jax import config_lib
 from convnext_jax import configs
 from convnext_jax import console
 from convnext_jax import fileio
+from convnext_jax import host_malloc
 
 # Imported first: it sets TensorFlow's log level, loads TensorFlow without its start-up
 # notices, and defines the flags this command shares with it (--config, --workdir, ...).
@@ -513,6 +514,7 @@ def main(argv):
   report = functools.partial(cli.report, prog=PROG)
   if len(argv) > 1:
     return report(f'unexpected arguments {argv[1:]}; flags take the form --name=value', 2)
+  host_malloc.configure()  # Before the backend starts its threads.
   console.configure(FLAGS.verbose)
   preset = 'mini' if FLAGS.mini else ''
   config_argument = config_flags.get_config_filename(FLAGS['config'])

@@ -43,6 +43,7 @@ import PIL.Image
 from convnext_jax import checkpoints
 from convnext_jax import console
 from convnext_jax import evaluate
+from convnext_jax import host_malloc
 from convnext_jax import models
 from convnext_jax import multihost
 from convnext_jax import run as run_lib
@@ -326,6 +327,8 @@ def _train_holding(
   # cold input pipeline these take minutes.
   if start_step < sched.total_steps:
     first_batch, update = _compile_update(update, state, train_iter, config, mesh)
+  # Set up and restored: from here each step's scratch is the last one's, already mapped.
+  host_malloc.reuse_large_allocations()
   progress = _Progress(sched, config.global_batch_size)
   try:
     for step in range(start_step, sched.total_steps):

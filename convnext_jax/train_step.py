@@ -159,9 +159,11 @@ def make_update(
           )
       )
       # The norm of the weights the step leaves: the guard's, so a step reads its weights
-      # once more only when it was skipped (a cond runs one branch).
+      # once more only when it was skipped (a cond runs one branch). Read from the state it
+      # leaves (the same weights then): a read of the old ones after the selects have
+      # overwritten their donated buffers would make XLA copy every weight first.
       param_norm = jax.lax.cond(
-          finite, lambda: new_param_norm, lambda: optax.tree.norm(state[PARAMS])
+          finite, lambda: new_param_norm, lambda: optax.tree.norm(new_state[PARAMS])
       )
     step_metrics = TrainMetrics.single_from_model_output(
         loss=loss,

@@ -15,6 +15,7 @@ from convnext_jax import config_lib
 from convnext_jax import models
 from convnext_jax import optim
 from convnext_jax import run
+from convnext_jax import train_step
 from convnext_jax import trees
 
 # Layer ids written out by hand, {PyTorch module name prefix: layer id}; a parameter takes the
@@ -335,3 +336,37 @@ def test_ema_by_hand():
   assert float(optim.ema_decay_at(0, 0.9999, warmup=True)) == pytest.approx(1 / 10)
   assert float(optim.ema_decay_at(90, 0.9999, warmup=True)) == pytest.approx(91 / 100)
   assert float(optim.ema_decay_at(10**6, 0.9999, warmup=True)) == pytest.approx(0.9999)
+
+
+def test_the_guard_skips_a_non_finite_update_and_reports_the_kept_weights_norm():
+  """The update as the step applies it (jitted, its state donated): gradients with an inf
+  change nothing but the step count, and the logged weight norm is that of the weights kept
+  (13 = |(3, 4, 12)|, by hand); a finite update logs the norm of the new weights."""
+  params = {'a': jnp.array([3.0, 4.0]), 'b': {'kernel': jnp.array([[12.0]])}}
+  optimizer = optax.adamw(0.1, weight_decay=0.0)
+  update = jax.jit(train_step.make_update(optimizer, lambda step: 0.1), donate_argnums=0)
+
+  def fresh_state():
+    return {
+        'params': jax.tree.map(jnp.copy, params),
+        'opt_state': optimizer.init(params),
+        'step': jnp.zeros((), jnp.int32),
+    }
+
+  bad = {'a': jnp.array([jnp.inf, 1.0]), 'b': {'kernel': jnp.array([[1.0]])}}
+  new, step_metrics, health = update(fresh_state(), jnp.float32(1.0), bad, None)
+  assert not health['finite'] and int(new['step']) == 1
+  jax.tree.map(np.testing.assert_array_equal, new['params'], params)
+  assert float(step_metrics.compute()['param_norm']) == pytest.approx(13.0)
+  assert int(step_metrics.compute()['skipped_steps']) == 1
+
+  good = {'a': jnp.array([1.0, -1.0]), 'b': {'kernel': jnp.array([[1.0]])}}
+  new, step_metrics, health = update(fresh_state(), jnp.float32(1.0), good, None)
+  assert health['finite']
+  # Adam's first step moves each weight by lr against its gradient's sign.
+  expected = np.array([3.0 - 0.1, 4.0 + 0.1, 12.0 - 0.1])
+  np.testing.assert_allclose(
+      np.concatenate([np.ravel(x) for x in jax.tree.leaves(new['params'])]), expected, rtol=1e-5
+  )
+  norm = float(np.linalg.norm(expected))
+  assert float(step_metrics.compute()['param_norm']) == pytest.approx(norm, rel=1e-5)

@@ -8,6 +8,7 @@ when it runs).
 
 import argparse
 
+from convnext_jax import host_malloc
 from convnext_jax.benchmark import common
 from convnext_jax.benchmark import compilation
 from convnext_jax.benchmark import conversion
@@ -50,4 +51,5 @@ def main(argv=None) -> None:
   resume.add_arguments(p)
   p.set_defaults(run=resume.run)
   args = parser.parse_args(argv)
+  host_malloc.configure()  # As the trainer does, before the backend starts its threads.
   args.run(args)

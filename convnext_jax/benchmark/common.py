@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from convnext_jax import host_malloc
 from convnext_jax import models
 
 
@@ -171,7 +172,12 @@ def time_calls(step, warmup: int, iters: int) -> float:
 
 def time_interleaved(steps: dict, warmup: int, iters: int) -> dict[str, float]:
   """Median wall seconds of each `steps[name]()` (each must wait for its result), called in
-  turn round after round, so that a shared host's slow spells fall on all of them alike."""
+  turn round after round, so that a shared host's slow spells fall on all of them alike.
+
+  The steps run as the trainer's loop runs its own: with the allocator set up for repeated
+  steps (`host_malloc.reuse_large_allocations`; PyTorch's steps in the same process too).
+  """
+  host_malloc.reuse_large_allocations()
   for _ in range(warmup):
     for step in steps.values():
       step()
