@@ -9,8 +9,6 @@ import tempfile
 
 import pytest
 
-from convnext_jax import host_malloc  # Imports no jax until called.
-
 sys.path.insert(0, os.path.dirname(__file__))  # torch_reference, helpers, multiprocess
 
 from multiprocess import FAST_COMPILE
@@ -37,10 +35,6 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # compiles a dozen small ones (its init, evaluation, checkpoint helpers) that the runs before
 # it compiled already; read back, they save it about 2.5 of its 17 CPU-seconds.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-# As the trainer does, before the backend starts: each execution's scratch reused, not mapped
-# and faulted in anew (host_malloc; nothing above imports jax).
-host_malloc.configure()
-host_malloc.reuse_large_allocations()
 
 
 @pytest.fixture(scope='session')
