@@ -25,8 +25,8 @@ compilation of convnext_atto's train step took 20.3-21.8 s against 16.6-16.9 s (
 processes), and at the demo's 40 px, where the step's scratch is smaller, the demo ran 235 s
 against 212 s without; the steps repeat, the compile does not, and larger steps gain far
 more: convnext_tiny's at 224 px, batch 8, 1815 -> 1379 ms (its 1.8 GiB scratch faulted in
-every step: 469,000 faults, 879 ms of kernel time; docs/benchmarks.md). The tests do not call these (their
-steps are small); the trainers they start do.
+every step: 469,000 faults, 879 ms of kernel time; docs/benchmarks.md). The tests do not
+call these (their steps are small); the trainers they start do.
 
 Together they do what `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` does
 from the environment, for the steps only. They apply only where it helps and nothing else is
