@@ -60,7 +60,7 @@ def _runs_on_cpu() -> bool:
   """Whether JAX will run on the CPU, decided without starting a backend."""
   import jax  # pylint: disable=g-import-not-at-top (only the config is read)
 
-  platforms = jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')
+  platforms = jax.config.jax_platforms  # JAX_PLATFORMS, unless set in code.
   if platforms:
     return platforms.split(',')[0].strip().lower() == 'cpu'
   has_plugin = bool(importlib.metadata.entry_points(group='jax_plugins'))
@@ -71,15 +71,15 @@ def _runs_on_cpu() -> bool:
   )
 
 
-def _user_settings() -> list[str]:
-  """The environment's malloc settings that `configure` leaves in charge."""
-  names = [n for n in os.environ if n.startswith(_USER_SETTINGS) and os.environ[n]]
-  if 'glibc.malloc' in os.environ.get('GLIBC_TUNABLES', ''):
-    names.append('GLIBC_TUNABLES')
-  return sorted(names)
+def _user_sets_malloc() -> bool:
+  """Whether the environment sets malloc options of its own (then it stays in charge)."""
+  return any(n.startswith(_USER_SETTINGS) and v for n, v in os.environ.items()) or (
+      'glibc.malloc' in os.environ.get('GLIBC_TUNABLES', '')
+  )
 
 
-_configured = False
+# glibc's `mallopt` once `configure` has applied (the decision is taken once, there).
+_mallopt_applied = None
 
 
 def configure() -> bool:
@@ -89,12 +89,12 @@ def configure() -> bool:
   Returns:
     Whether it did (then `reuse_large_allocations` applies too).
   """
-  global _configured
-  if _configured:
-    return True
-  mallopt = _mallopt()
-  _configured = bool(mallopt and mallopt(_M_ARENA_MAX, 1))
-  return _configured
+  global _mallopt_applied
+  if _mallopt_applied is None:
+    mallopt = _mallopt()
+    if mallopt and mallopt(_M_ARENA_MAX, 1):
+      _mallopt_applied = mallopt
+  return _mallopt_applied is not None
 
 
 def reuse_large_allocations() -> bool:
@@ -104,7 +104,7 @@ def reuse_large_allocations() -> bool:
   Returns:
     Whether it did.
   """
-  mallopt = _mallopt() if _configured else None
+  mallopt = _mallopt_applied
   # Both, or the scratch still comes and goes: an allocation over the mmap threshold is
   # mapped, and a heap trimmed at its top faults its pages in again.
   return bool(mallopt and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
@@ -113,7 +113,7 @@ def reuse_large_allocations() -> bool:
 def _mallopt():
   """glibc's `mallopt`, or None where it does not apply (accelerators, the user's own
   malloc settings, no glibc)."""
-  if _user_settings() or not _runs_on_cpu():
+  if _user_sets_malloc() or not _runs_on_cpu():
     return None
   try:
     mallopt = ctypes.CDLL(None).mallopt  # The C library the process runs on.
