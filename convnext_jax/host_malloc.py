@@ -1,44 +1,52 @@
 """glibc's malloc set up for JAX on the CPU: each step's scratch memory reused, not mapped anew.
 
 XLA:CPU gives every execution of a compiled program its scratch memory as one allocation
-(`posix_memalign`, from one of its worker threads): 187 MiB for convnext_atto's training step
-at 64 px, batch 32. glibc serves an allocation that large from a fresh `mmap` (anything over
-32 MiB, and a worker thread's own arena cannot hold more than 64 MiB anyway) and unmaps it
-when it is freed, so each step faults every page of its scratch in again and the kernel
-zeroes them: measured on a 2-core host, 49,000 page faults and 90-120 ms of kernel time per
-step of 150-200 ms, a third of the step's CPU time. PyTorch's eager step, whose tensors are
-each under glibc's mmap threshold, faults a few hundred pages per step.
+(`posix_memalign`): 187 MiB for convnext_atto's training step at 64 px, batch 32. glibc serves
+an allocation that large from a fresh `mmap` and unmaps it when it is freed, so each step
+faults every page of its scratch in again and the kernel zeroes them: measured on a 2-core
+host, 49,000 page faults and 90-120 ms of kernel time per step of 150-200 ms, a third of the
+step's CPU time. PyTorch's eager step, whose tensors are each under glibc's mmap threshold,
+faults a few hundred pages per step.
 
 Two calls, as an entry point runs:
-- `configure()`, before JAX starts its CPU backend (a thread takes its arena at its first
-  allocation): every thread allocates from glibc's main arena, the one whose heap can grow
-  past 64 MiB. Alone this changes little.
+- `configure()`, before JAX starts its CPU backend: JAX runs a single-device program in the
+  thread that calls it (`jax_cpu_enable_async_dispatch` off), so its scratch comes from that
+  thread's arena, the main one. By default a worker thread runs it, and a worker thread's
+  arena cannot hold more than 64 MiB: there glibc maps anything larger whatever its options
+  say. And glibc's mmap threshold stays at its initial 128 KiB: by default it rises to the
+  size of each mapped block freed (up to 32 MiB), after which a restore's transient host
+  buffers come from the heap, where they fragment it and stay. Kept mapped, each goes back
+  when freed: convnext_large resuming peaks at 1.16 train states above the imports, against
+  1.45-1.47 by glibc's default (`benchmark resume`; docs/benchmarks.md).
 - `reuse_large_allocations()`, once the run is set up and about to repeat its steps (the
   trainer's loop, a benchmark's timing): no more `mmap`, and freed memory is never given back
   to the system, so the scratch of one step is the scratch of the next, already mapped (0
-  page faults per step; docs/benchmarks.md has the step's times). Not earlier: a restore's
-  transient host buffers, each mapped and unmapped on its own, would otherwise fragment the
-  heap and raise the restore's peak (convnext_large resuming: 1.45 -> 1.58 train states).
+  page faults per step; docs/benchmarks.md has the step's times). Not earlier: the restore's
+  buffers would stay in the heap (above).
 
-The price: with one arena, threads that allocate at once wait for each other. XLA's
-compilation of convnext_atto's train step took 20.3-21.8 s against 16.6-16.9 s (alternating
-processes), and at the demo's 40 px, where the step's scratch is smaller, the demo ran 235 s
-against 212 s without; the steps repeat, the compile does not, and larger steps gain far
-more: convnext_tiny's at 224 px, batch 8, 1815 -> 1379 ms (its 1.8 GiB scratch faulted in
-every step: 469,000 faults, 879 ms of kernel time; docs/benchmarks.md). The tests do not
-call these (their steps are small); the trainers they start do.
+The first version put every thread on the main arena instead (`M_ARENA_MAX=1`): the same 0
+faults per step, but threads that allocate at once then wait for each other, and XLA's
+compilation, many threads allocating, took a quarter longer (a 4-step demo run: 56 CPU-s
+against 45 without). Dispatching in the caller keeps glibc's per-thread arenas for everyone
+else, and the step gains too: convnext_atto's step at 64 px, batch 32, 111 and 90 ms against
+129 and 185 ms with one arena and 148 and 179 ms by default (two rounds, one process each;
+docs/benchmarks.md).
 
-Together they do what `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` does
-from the environment, for the steps only. They apply only where it helps and nothing else is
-in charge:
+A program sharded over several CPU devices is dispatched to worker threads whatever the
+setting (JAX's flag covers single-device programs): its per-device scratch is still mapped
+afresh where it is over glibc's threshold. One CPU device is what a CPU host trains on; the
+virtual devices of `--xla_force_host_platform_device_count` are for testing sharding.
+
+Together they do, for the steps only, what no environment variable alone does. They apply
+only where it helps and nothing else is in charge:
 - JAX will run on the CPU: `JAX_PLATFORMS` (or `jax.config.jax_platforms`) names `cpu`
   first, or no accelerator plugin is installed (no `jax_plugins` entry point, no `libtpu`).
-  On TPU and GPU hosts the scratch lives in device memory and the input pipeline's many
-  threads are better served by glibc's per-thread arenas: nothing changes there.
+  On TPU and GPU hosts the scratch lives in device memory: nothing changes there.
 - The C library has `mallopt` (glibc).
 - The user has not set glibc's malloc options or preloaded another allocator (a `MALLOC_*`
   variable, `glibc.malloc` in `GLIBC_TUNABLES`, `LD_PRELOAD`): theirs win. So
-  `MALLOC_ARENA_MAX=8 convnext-train ...` leaves glibc to the environment.
+  `MALLOC_ARENA_MAX=8 convnext-train ...` leaves glibc and JAX's dispatch as they are.
+  `JAX_CPU_ENABLE_ASYNC_DISPATCH`, where set, keeps the dispatch the user chose.
 """
 
 import ctypes
@@ -48,12 +56,15 @@ import os
 
 # mallopt's parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
+# glibc's initial mmap threshold, which `configure` keeps from rising.
+_MMAP_THRESHOLD = 128 * 1024
 # The largest trim threshold mallopt takes (an int): freed memory is never returned.
 _NEVER_TRIM = 2**31 - 1
 
 _USER_SETTINGS = ('MALLOC_', 'LD_PRELOAD')
+_ASYNC_DISPATCH_ENV = 'JAX_CPU_ENABLE_ASYNC_DISPATCH'
 
 
 def _runs_on_cpu() -> bool:
@@ -83,16 +94,21 @@ _mallopt_applied = None
 
 
 def configure() -> bool:
-  """Puts every thread on glibc's main arena, where JAX runs on the CPU and the environment
-  sets no malloc options (the module docstring). Call before JAX starts its backend.
+  """Has JAX run single-device programs in the calling thread and keeps glibc's mmap
+  threshold where it starts, where JAX runs on the CPU and the environment sets no malloc
+  options (the module docstring). Call before JAX starts its backend.
 
   Returns:
-    Whether it did (then `reuse_large_allocations` applies too).
+    Whether it applies (then `reuse_large_allocations` does too).
   """
   global _mallopt_applied
   if _mallopt_applied is None:
     mallopt = _mallopt()
-    if mallopt and mallopt(_M_ARENA_MAX, 1):
+    if mallopt and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD):
+      import jax  # pylint: disable=g-import-not-at-top (as in _runs_on_cpu)
+
+      if _ASYNC_DISPATCH_ENV not in os.environ:
+        jax.config.update('jax_cpu_enable_async_dispatch', False)
       _mallopt_applied = mallopt
   return _mallopt_applied is not None
 
