@@ -54,6 +54,8 @@ import importlib.metadata
 import importlib.util
 import os
 
+import jax
+
 # mallopt's parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -68,9 +70,7 @@ _ASYNC_DISPATCH_ENV = 'JAX_CPU_ENABLE_ASYNC_DISPATCH'
 
 
 def _runs_on_cpu() -> bool:
-  """Whether JAX will run on the CPU, decided without starting a backend."""
-  import jax  # pylint: disable=g-import-not-at-top (only the config is read)
-
+  """Whether JAX will run on the CPU, decided without starting a backend (from its config)."""
   platforms = jax.config.jax_platforms  # JAX_PLATFORMS, unless set in code.
   if platforms:
     return platforms.split(',')[0].strip().lower() == 'cpu'
@@ -105,8 +105,6 @@ def configure() -> bool:
   if _mallopt_applied is None:
     mallopt = _mallopt()
     if mallopt and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD):
-      import jax  # pylint: disable=g-import-not-at-top (as in _runs_on_cpu)
-
       if _ASYNC_DISPATCH_ENV not in os.environ:
         jax.config.update('jax_cpu_enable_async_dispatch', False)
       _mallopt_applied = mallopt

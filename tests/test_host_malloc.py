@@ -50,7 +50,9 @@ _PROBE = textwrap.dedent("""
 
 
 def _probe(mode: str, **env) -> dict:
-  environ = {k: v for k, v in os.environ.items() if not k.startswith(('MALLOC_', 'GLIBC_TUNABLES'))}
+  # The settings the module defers to, unset unless a case sets them.
+  deferred = ('MALLOC_', 'GLIBC_TUNABLES', 'JAX_CPU_ENABLE_ASYNC_DISPATCH')
+  environ = {k: v for k, v in os.environ.items() if not k.startswith(deferred)}
   # XLA's default optimisation (not the suite's fast compile, under which the calls take
   # 10x as long) on one device.
   environ['XLA_FLAGS'] = ''
