@@ -24,6 +24,8 @@ for _flag in ('--xla_force_host_platform_device_count=8', FAST_COMPILE):
 os.environ['XLA_FLAGS'] = ' '.join(_flags)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# PyTorch's OpenMP threads sleep when idle instead of spinning for a core another test needs.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 # One persistent XLA compilation cache for the session, shared with the xdist workers and the
 # tests' subprocesses: the training tests compile the same train and eval steps in several
 # runs.
